@@ -1,0 +1,92 @@
+"""dlt source for Redox's FHIR R4 surface.
+
+One resource per entity. Each pages ``POST {Type}/_search`` Bundles (following
+``next`` links) inside a ``_lastUpdated`` window, lands every page as received,
+normalizes the resources into the common model and yields Arrow tables. Live runs
+keep their cursor in dlt state (in the destination); a backfill passes an explicit
+``[start, end)`` window, which dlt treats as stateless, so it never moves the cursor.
+No orchestrator imports here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import dlt
+import orjson
+
+from pipelines.batches import EntityBatcher, incremental_for
+from pipelines.fhir.normalize import NORMALIZERS
+from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES, fhir_instant
+from pipelines.landing import RawLanding
+from pipelines.model import ENTITIES
+from pipelines.resource_hints import staged_resource_hints
+from pipelines.sync_context import SyncWindow
+
+
+def _search_params(window_start: datetime | None, window_end: datetime | None, page_size: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"_count": str(page_size)}
+    bounds = []
+    if window_start is not None:
+        # ge, not gt: dlt de-duplicates the boundary rows it has already seen (shared/STACK.md).
+        bounds.append(f"ge{fhir_instant(window_start)}")
+    if window_end is not None:
+        bounds.append(f"lt{fhir_instant(window_end)}")
+    if not bounds:
+        bounds.append("ge1900-01-01T00:00:00Z")
+    params["_lastUpdated"] = bounds
+    return params
+
+
+def fetch_entity(
+    client: Any,
+    landing: RawLanding,
+    connection_id: str,
+    entity: str,
+    window_start: datetime | None,
+    window_end: datetime | None,
+    page_size: int,
+    batcher: EntityBatcher,
+) -> Iterator[Any]:
+    """Page every resource type that feeds ``entity``; yield Arrow tables of staged rows."""
+    for resource_type in ENTITY_RESOURCE_TYPES[entity]:
+        params = _search_params(window_start, window_end, page_size)
+        for body in client.fhir_search_pages(resource_type, params, entity=entity):
+            page = landing.land(connection_id, "fhir", entity, body)
+            bundle = orjson.loads(body)
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource") or {}
+                rtype = resource.get("resourceType")
+                if rtype not in NORMALIZERS:
+                    continue
+                batcher.add_resource(resource, NORMALIZERS[rtype][1], page.raw_ref, resource_type=rtype)
+            yield from batcher.drain(final=False)
+    yield from batcher.drain(final=True)
+
+
+@dlt.source(name="fhir", max_table_nesting=0)
+def fhir_source(
+    client: Any,
+    landing: RawLanding,
+    connection_id: str,
+    entities: tuple[str, ...] = ENTITIES,
+    window: SyncWindow | None = None,
+    page_size: int = 200,
+    lookback_s: float = 3600.0,
+) -> Any:
+    """The FHIR surface of one connection: resources ``patients`` … ``documents``."""
+    window = window or SyncWindow()
+
+    def make(entity: str) -> Any:
+        def extract(
+            updated: dlt.sources.incremental[datetime] = incremental_for(window, lookback_s),
+        ) -> Iterator[Any]:
+            start = window.start if window.is_backfill else updated.start_value
+            batcher = EntityBatcher(entity, connection_id, "fhir", client=client, landing=landing)
+            yield from fetch_entity(client, landing, connection_id, entity, start, window.end, page_size, batcher)
+
+        return dlt.resource(extract, name=entity, **staged_resource_hints("fhir", entity))
+
+    return [make(e) for e in entities]

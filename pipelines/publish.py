@@ -1,0 +1,211 @@
+"""Publish the staged per-surface tables (``raw.<surface>_<entity>``) into the common
+model (``redox.<entity>``) and the identity crosswalk (``redox.patient_identifiers``).
+
+Reconciliation rules (documented in warehouse/README.md):
+
+* A patient's ``patient_key`` is derived from the connection and its local MRN (both
+  surfaces carry it), so the same patient seen through FHIR and the Data Model in one
+  connection is one key. Without an MRN the key falls back to the surface's own id.
+  Demographics never link two records: near-duplicates stay apart.
+* Every identifier seen (FHIR logical id, MR, EHRID, NIST, EPI) maps to that key in
+  ``redox.patient_identifiers``; rows of other entities resolve their patient through it.
+* A record exposed through both surfaces is one row, keyed by its business id (visit
+  number, result id, order id, document id); the most recently updated version wins
+  (FHIR on ties) and ``source_surface`` becomes ``both``.
+* ``redox.persons`` links patient keys across connections on the shared enterprise id.
+
+Each connection is rebuilt inside one transaction, so a killed publish leaves the
+previous state; re-running it is idempotent.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from pipelines.model import ENTITIES, ENTITY_COLUMNS, ENTITY_KEY, LINEAGE, identifiers_schema, published_schema
+from pipelines.resource_hints import staged_table_name
+
+SURFACES = ("fhir", "datamodel")
+STAGING_SCHEMA = "raw"
+MODEL_SCHEMA = "redox"
+
+
+def _patient_key_sql(alias: str) -> str:
+    return (
+        f"CASE WHEN {alias}.mrn IS NOT NULL "
+        f"THEN 'pk_' || substr(md5({alias}.connection_id || '|MR|' || {alias}.mrn), 1, 24) "
+        f"ELSE 'pk_' || substr(md5({alias}.connection_id || '|' || {alias}.source_surface || '|' "
+        f"|| {alias}.source_id), 1, 24) END"
+    )
+
+
+def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
+    for entity in ENTITIES:
+        _create_from_schema(con, f"{MODEL_SCHEMA}.{entity}", published_schema(entity))
+    _create_from_schema(con, f"{MODEL_SCHEMA}.patient_identifiers", identifiers_schema())
+    con.execute(
+        f"""CREATE OR REPLACE VIEW {MODEL_SCHEMA}.persons AS
+        SELECT coalesce('ep_' || enterprise_id, connection_id || ':' || patient_key) AS person_key,
+               connection_id, patient_key, enterprise_id
+        FROM {MODEL_SCHEMA}.patients"""
+    )
+
+
+def _create_from_schema(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) -> None:
+    empty = schema.empty_table()  # noqa: F841 - referenced by name in the SQL below
+    con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM empty LIMIT 0")
+
+
+def _existing_staged(con: duckdb.DuckDBPyConnection, entity: str) -> list[str]:
+    tables = {
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", [STAGING_SCHEMA]
+        ).fetchall()
+    }
+    return [s for s in SURFACES if staged_table_name(s, entity) in tables]
+
+
+def _staged_union(con: duckdb.DuckDBPyConnection, entity: str, columns: list[str]) -> str | None:
+    surfaces = _existing_staged(con, entity)
+    if not surfaces:
+        return None
+    cols = ", ".join(f'"{c}"' for c in columns)
+    parts = [
+        f"SELECT {cols} FROM {STAGING_SCHEMA}.{staged_table_name(s, entity)} WHERE connection_id = $conn"
+        for s in surfaces
+    ]
+    return " UNION ALL ".join(parts)
+
+
+def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> dict[str, int]:
+    """Rebuild ``redox.*`` rows of one connection from its staged rows. Returns row counts."""
+    ensure_model_tables(con)
+    counts: dict[str, int] = {}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        _publish_identity(con, connection_id)
+        counts["patients"] = _publish_patients(con, connection_id)
+        for entity in ENTITIES:
+            if entity != "patients":
+                counts[entity] = _publish_entity(con, connection_id, entity)
+        counts["patient_identifiers"] = con.execute(
+            f"SELECT count(*) FROM {MODEL_SCHEMA}.patient_identifiers WHERE connection_id = ?", [connection_id]
+        ).fetchone()[0]
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    return counts
+
+
+_PATIENT_STAGE_COLS = [c for c, _ in LINEAGE if c not in ("patient_key",)] + [
+    "patient_ref_type",
+    "patient_ref_value",
+] + [c for c, _ in ENTITY_COLUMNS["patients"]]
+
+
+def _patient_rows_sql(con: duckdb.DuckDBPyConnection) -> str | None:
+    union = _staged_union(con, "patients", _PATIENT_STAGE_COLS)
+    if union is None:
+        return None
+    return f"SELECT *, {_patient_key_sql('s')} AS patient_key FROM ({union}) s"
+
+
+def _publish_identity(con: duckdb.DuckDBPyConnection, connection_id: str) -> None:
+    con.execute(f"DELETE FROM {MODEL_SCHEMA}.patient_identifiers WHERE connection_id = $conn", {"conn": connection_id})
+    rows = _patient_rows_sql(con)
+    if rows is None:
+        return
+    id_columns = [("fhir", "CASE WHEN source_surface = 'fhir' THEN source_id END")] + [
+        (t, c) for t, c in (("MR", "mrn"), ("EPI", "enterprise_id"), ("EHRID", "ehr_id"), ("NIST", "nist_id"))
+    ]
+    unpivot = " UNION ALL ".join(
+        f"SELECT connection_id, '{t}' AS id_system, {expr} AS id_value, patient_key, source_surface, "
+        f"ingested_at, source_updated_at FROM p"
+        for t, expr in id_columns
+    )
+    con.execute(
+        f"""INSERT INTO {MODEL_SCHEMA}.patient_identifiers
+        WITH p AS ({rows}), ids AS ({unpivot})
+        SELECT connection_id, id_system, id_value,
+               arg_max(patient_key, source_updated_at) AS patient_key,
+               id_system AS id_type,
+               CASE WHEN count(DISTINCT source_surface) > 1 THEN 'both' ELSE min(source_surface) END,
+               min(ingested_at), max(ingested_at)
+        FROM ids WHERE id_value IS NOT NULL
+        GROUP BY connection_id, id_system, id_value""",
+        {"conn": connection_id},
+    )
+
+
+def _publish_patients(con: duckdb.DuckDBPyConnection, connection_id: str) -> int:
+    con.execute(f"DELETE FROM {MODEL_SCHEMA}.patients WHERE connection_id = $conn", {"conn": connection_id})
+    rows = _patient_rows_sql(con)
+    if rows is None:
+        return 0
+    out_cols = [f.name for f in published_schema("patients")]
+    select = ", ".join(_pick("latest", c) for c in out_cols)
+    con.execute(
+        f"""INSERT INTO {MODEL_SCHEMA}.patients
+        WITH p AS ({rows}),
+        ranked AS (
+            SELECT *, row_number() OVER (PARTITION BY connection_id, patient_key
+                         ORDER BY source_updated_at DESC NULLS LAST, source_surface = 'fhir' DESC, ingested_at DESC) AS rn,
+                      count(DISTINCT source_surface) OVER (PARTITION BY connection_id, patient_key) AS n_surfaces,
+                      first_value(source_id) OVER (PARTITION BY connection_id, patient_key ORDER BY ingested_at,
+                         source_surface = 'fhir' DESC) AS first_source_id
+            FROM p)
+        SELECT {select} FROM ranked latest WHERE rn = 1""",
+        {"conn": connection_id},
+    )
+    return con.execute(
+        f"SELECT count(*) FROM {MODEL_SCHEMA}.patients WHERE connection_id = ?", [connection_id]
+    ).fetchone()[0]
+
+
+def _pick(alias: str, column: str) -> str:
+    if column == "source_surface":
+        return f"CASE WHEN {alias}.n_surfaces > 1 THEN 'both' ELSE {alias}.source_surface END AS source_surface"
+    if column == "source_id":
+        return f"{alias}.first_source_id AS source_id"
+    return f'{alias}."{column}"'
+
+
+def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: str) -> int:
+    con.execute(f"DELETE FROM {MODEL_SCHEMA}.{entity} WHERE connection_id = $conn", {"conn": connection_id})
+    stage_cols = [c for c, _ in LINEAGE if c != "patient_key"] + ["patient_ref_type", "patient_ref_value"] + [
+        c for c, _ in ENTITY_COLUMNS[entity]
+    ]
+    union = _staged_union(con, entity, stage_cols)
+    if union is None:
+        return 0
+    key = ENTITY_KEY[entity]
+    out_cols = [f.name for f in published_schema(entity)]
+    select = ", ".join(
+        "x.patient_key AS patient_key" if c == "patient_key" else _pick("latest", c) for c in out_cols
+    )
+    con.execute(
+        f"""INSERT INTO {MODEL_SCHEMA}.{entity}
+        WITH s AS ({union}),
+        ranked AS (
+            SELECT *, row_number() OVER (PARTITION BY connection_id, "{key}"
+                         ORDER BY source_updated_at DESC NULLS LAST, source_surface = 'fhir' DESC, ingested_at DESC) AS rn,
+                      count(DISTINCT source_surface) OVER (PARTITION BY connection_id, "{key}") AS n_surfaces,
+                      first_value(source_id) OVER (PARTITION BY connection_id, "{key}" ORDER BY ingested_at,
+                         source_surface = 'fhir' DESC) AS first_source_id
+            FROM s)
+        SELECT {select}
+        FROM ranked latest
+        LEFT JOIN {MODEL_SCHEMA}.patient_identifiers x
+          ON x.connection_id = latest.connection_id
+         AND x.id_system = latest.patient_ref_type
+         AND x.id_value = latest.patient_ref_value
+        WHERE latest.rn = 1""",
+        {"conn": connection_id},
+    )
+    return con.execute(
+        f"SELECT count(*) FROM {MODEL_SCHEMA}.{entity} WHERE connection_id = ?", [connection_id]
+    ).fetchone()[0]

@@ -1,0 +1,71 @@
+"""Compose the sandbox: population, auth, faults, webhooks and the route modules."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from sandbox import control
+from sandbox.auth import AuthServer
+from sandbox.config import SandboxConfig
+from sandbox.datamodel import routes as datamodel_routes
+from sandbox.datamodel.render import render_event
+from sandbox.faults import Faults
+from sandbox.fhir import routes as fhir_routes
+from sandbox.population.store import RecordStore
+from sandbox.state import SandboxState
+from sandbox.webhooks import WebhookSender
+
+log = logging.getLogger("sandbox")
+
+
+def build_store(config: SandboxConfig, seed_from: str | Path | None = None) -> tuple[SandboxConfig, RecordStore]:
+    """The synthetic population, or (``seed_from``) one connection served from FHIR files."""
+    if seed_from is not None:
+        from sandbox.fhir.seed_from import load_seed_dir
+        from sandbox.population.static import StaticPopulation
+
+        conn, records = load_seed_dir(Path(seed_from))
+        config = replace(config, connections=[conn])
+        return config, StaticPopulation([conn], {conn.id: records}, config.clock_start)
+    from sandbox.population.synthetic import SyntheticPopulation
+
+    return config, SyntheticPopulation(config)
+
+
+def build_state(config: SandboxConfig, *, seed_from: str | Path | None = None, base_url: str = "") -> SandboxState:
+    config, store = build_store(config, seed_from)
+    faults = Faults(config, seed=config.seed)
+    auth = AuthServer(config, faults)
+    webhooks = WebhookSender(config, render_event, faults)
+    return SandboxState(config=config, store=store, auth=auth, faults=faults, webhooks=webhooks, base_url=base_url)
+
+
+def create_app(state: SandboxState) -> Starlette:
+    auth_routes = getattr(state.auth, "routes", None)
+    if auth_routes is None:  # pragma: no cover - module-level variant
+        from sandbox import auth as auth_module
+
+        auth_routes = auth_module.routes
+    try:
+        auth_route_list = auth_routes(state)
+    except TypeError:
+        auth_route_list = auth_routes()
+    route_list = [
+        *control.routes(state),
+        *auth_route_list,
+        *fhir_routes.routes(state),
+        *datamodel_routes.routes(state),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"no route for {request.method} {request.url.path}"}, status_code=404)
+
+    app = Starlette(routes=route_list, exception_handlers={404: not_found}, on_shutdown=[state.webhooks.close])
+    app.state.sandbox = state
+    return app

@@ -1,0 +1,200 @@
+"""Sandbox settings: the organization, its connections and the knobs tests turn.
+
+Loaded from defaults, optionally overridden by a YAML/JSON file (``--config FILE``)
+and by CLI flags. Everything that shapes data is deterministic from ``seed``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sandbox.population.records import ENTITIES
+
+ENVIRONMENTS = ("Development", "Staging", "Production")
+# uuid5 namespace for ids that must look like Redox's (UUIDs) and stay stable per name.
+_NAMESPACE = uuid.UUID("7ce6f387-c33c-417d-8682-81e83628cbd9")  # Redox Dev Tools source id
+
+
+class SandboxConfigError(ValueError):
+    """A sandbox config value is wrong; the message names the field."""
+
+
+@dataclass
+class ConnectionSpec:
+    id: str  # connection id used everywhere (warehouse partition, /_sandbox contract)
+    name: str
+    kind: str = "ehr"  # "ehr" | "network"
+    surfaces: tuple[str, ...] = ("fhir", "datamodel")
+    entities: tuple[str, ...] = ENTITIES
+    write_entities: tuple[str, ...] = ("orders", "appointments")
+    slug: str = ""  # FHIR destination slug; defaults to id
+    destination_id: str = ""  # Data Model Meta.Destinations[].ID; defaults to uuid5(name)
+    membership: float = 0.6  # share of persons known to this connection
+    id_types: tuple[str, ...] = ("MR", "EHRID")  # patient identifiers this EHR emits (EPI always)
+    page_size: int = 100  # default FHIR _count and cap; Data Model query cap before IsIncomplete
+    max_page_size: int = 500
+    rate_limit: int = 7500  # requests per rolling window (REDOX-REFERENCE §6)
+    rate_window_s: float = 300.0
+    retry_after: bool = False  # send Retry-After on 429 (Redox documents none)
+    latency_ms: float = 0.0  # added to every API response of this connection
+
+    def __post_init__(self) -> None:
+        self.surfaces = tuple(self.surfaces)
+        self.entities = tuple(self.entities)
+        self.write_entities = tuple(self.write_entities)
+        self.id_types = tuple(self.id_types)
+        self.slug = self.slug or self.id
+        self.destination_id = self.destination_id or str(uuid.uuid5(_NAMESPACE, self.name))
+        for s in self.surfaces:
+            if s not in ("fhir", "datamodel"):
+                raise SandboxConfigError(f"connection '{self.id}': surfaces: unknown surface '{s}'")
+        for e in self.entities:
+            if e not in ENTITIES:
+                raise SandboxConfigError(f"connection '{self.id}': entities: unknown entity '{e}'")
+        if self.kind not in ("ehr", "network"):
+            raise SandboxConfigError(f"connection '{self.id}': kind must be 'ehr' or 'network'")
+        if not 0 < self.membership <= 1:
+            raise SandboxConfigError(f"connection '{self.id}': membership must be in (0, 1]")
+
+
+def default_connections() -> list[ConnectionSpec]:
+    return [
+        ConnectionSpec(
+            id="northwind-fhir",
+            name="Northwind Health (FHIR)",
+            surfaces=("fhir",),
+            slug="northwind-health",
+            membership=0.55,
+            id_types=("MR", "EHRID"),
+            page_size=100,
+        ),
+        ConnectionSpec(
+            id="lakeside-dm",
+            name="Lakeside Clinic (Data Model)",
+            surfaces=("datamodel",),
+            slug="lakeside-clinic",
+            membership=0.45,
+            id_types=("MR", "NIST"),
+            page_size=100,
+            retry_after=True,
+        ),
+        ConnectionSpec(
+            id="riverbend-both",
+            name="Riverbend Medical Center",
+            surfaces=("fhir", "datamodel"),
+            slug="riverbend-medical",
+            membership=0.5,
+            id_types=("MR", "EHRID", "NIST"),
+            page_size=200,
+        ),
+        ConnectionSpec(
+            id="carequality-network",
+            name="Carequality Network Onramp",
+            kind="network",
+            surfaces=("datamodel",),
+            entities=("patients", "documents"),
+            write_entities=(),
+            slug="carequality-onramp",
+            membership=0.3,
+            id_types=("MR",),
+            page_size=50,
+            latency_ms=150.0,
+        ),
+    ]
+
+
+@dataclass
+class SandboxConfig:
+    seed: int = 42
+    patients: int = 1000
+    organization: str = "Redox ELT Sandbox Org"
+    environment: str = "Development"
+    # The simulated "now" at start; fixed so the same seed gives byte-identical data.
+    clock_start: datetime = datetime(2026, 11, 1, tzinfo=UTC)
+    history_days: int = 730
+    connections: list[ConnectionSpec] = field(default_factory=default_connections)
+    token_lifetime_s: float = 300.0  # OAuth access tokens (REDOX-REFERENCE §1.1)
+    legacy_token_lifetime_s: float = 86400.0  # legacy tokens (§1.2)
+    require_aud: bool = True  # some real clients omit aud; Redox lists it as checked
+    iat_window_s: float = 300.0
+    clock_skew_s: float = 10.0
+    # Webhook delivery (REDOX-REFERENCE §4.2): immediately, +10 s, +10 s, 20, 30, 50, 80, 120, then
+    # every couple of minutes. ``webhook_time_scale`` multiplies the ladder (0.01 in tests).
+    webhook_backoff_s: tuple[float, ...] = (0.0, 10.0, 10.0, 20.0, 30.0, 50.0, 80.0, 120.0)
+    webhook_steady_s: float = 120.0
+    webhook_time_scale: float = 1.0
+    webhook_timeout_s: float = 30.0
+    webhook_duplicate_rate: float = 0.0
+    webhook_reorder: float = 0.0
+    webhook_fhir: bool = False  # also push FHIR notification Bundles
+    max_payload_bytes: int = 40 * 1024 * 1024  # REDOX-REFERENCE §6 (newer page)
+
+    def connection(self, connection_id: str) -> ConnectionSpec:
+        for c in self.connections:
+            if c.id == connection_id:
+                return c
+        raise KeyError(connection_id)
+
+    def validate(self) -> SandboxConfig:
+        if not 1 <= self.patients <= 5_000_000:
+            raise SandboxConfigError(f"patients must be between 1 and 5,000,000, got {self.patients}")
+        if self.environment not in ENVIRONMENTS:
+            raise SandboxConfigError(f"environment must be one of {ENVIRONMENTS}, got {self.environment!r}")
+        ids = [c.id for c in self.connections]
+        if len(set(ids)) != len(ids):
+            raise SandboxConfigError("connections: ids must be unique")
+        slugs = [c.slug for c in self.connections]
+        if len(set(slugs)) != len(slugs):
+            raise SandboxConfigError("connections: slugs must be unique")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["clock_start"] = self.clock_start.isoformat()
+        return d
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> SandboxConfig:
+    """Defaults, then the file at ``path`` (YAML or JSON), then non-None ``overrides``."""
+    cfg = SandboxConfig()
+    if path:
+        text = Path(path).read_text()
+        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if not isinstance(raw, dict):
+            raise SandboxConfigError(f"{path}: expected a mapping at the top level")
+        cfg = _apply(cfg, raw, str(path))
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    return cfg.validate()
+
+
+def _apply(cfg: SandboxConfig, raw: dict[str, Any], where: str) -> SandboxConfig:
+    known = {f.name for f in fields(SandboxConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise SandboxConfigError(f"{where}: unknown field '{key}'")
+        if key == "connections":
+            if not isinstance(value, list) or not value:
+                raise SandboxConfigError(f"{where}: connections must be a non-empty list")
+            conn_fields = {f.name for f in fields(ConnectionSpec)}
+            conns = []
+            for i, c in enumerate(value):
+                bad = set(c) - conn_fields
+                if bad:
+                    raise SandboxConfigError(f"{where}: connections[{i}]: unknown field '{sorted(bad)[0]}'")
+                conns.append(ConnectionSpec(**c))
+            values[key] = conns
+        elif key == "clock_start":
+            values[key] = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        elif key == "webhook_backoff_s":
+            values[key] = tuple(float(x) for x in value)
+        else:
+            values[key] = value
+    return replace(cfg, **values)

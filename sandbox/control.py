@@ -1,0 +1,165 @@
+"""The sandbox control plane under ``/_sandbox/`` — never part of the Redox-shaped API.
+
+Tests, benchmarks and outside checkers use it to register clients and webhooks, read
+the population's truth, move simulated time and inject faults. The response shapes
+are a contract (see the sandbox issue): keep them exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from sandbox.state import SandboxState
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _error(message: str, status: int = 400) -> Response:
+    return _json({"error": message}, status)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    data = orjson.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("body must be a JSON object")
+    return data
+
+
+def connections_document(state: SandboxState) -> dict[str, Any]:
+    cfg = state.config
+    return {
+        "organization": cfg.organization,
+        "environment": cfg.environment,
+        "token_url": f"{state.base_url}/v2/auth/token",
+        "legacy_auth_url": f"{state.base_url}/auth",
+        "connections": [
+            {
+                "id": c.id,
+                "name": c.name,
+                "kind": c.kind,
+                "surfaces": list(c.surfaces),
+                "entities": list(c.entities),
+                "write_entities": list(c.write_entities),
+                "fhir_base_url": state.fhir_base_url(c) if "fhir" in c.surfaces else None,
+                "datamodel_url": f"{state.base_url}/endpoint" if "datamodel" in c.surfaces else None,
+                "destination_id": c.destination_id,
+                "destination_slug": c.slug,
+                "headers": {},
+                "page_size": c.page_size,
+                "rate_limit": {"requests": c.rate_limit, "window_s": c.rate_window_s},
+            }
+            for c in cfg.connections
+        ],
+    }
+
+
+def routes(state: SandboxState) -> list[BaseRoute]:
+    async def connections(request: Request) -> Response:
+        return _json(connections_document(state))
+
+    async def clients(request: Request) -> Response:
+        try:
+            body = await _body(request)
+            name, jwks = body.get("name"), body.get("jwks")
+            if not isinstance(name, str) or not name:
+                return _error("'name' is required")
+            if not isinstance(jwks, dict):
+                return _error("'jwks' must be a JWK Set object {\"keys\": [...]}")
+            client_id = state.auth.register_client(name, jwks)
+        except ValueError as exc:
+            return _error(str(exc))
+        return _json({"client_id": client_id})
+
+    async def legacy_keys(request: Request) -> Response:
+        return _json(state.auth.create_legacy_key())
+
+    async def webhooks(request: Request) -> Response:
+        try:
+            body = await _body(request)
+        except ValueError as exc:
+            return _error(str(exc))
+        url, token = body.get("url"), body.get("token")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            return _error("'url' must be an http(s) URL")
+        if not isinstance(token, str) or not token:
+            return _error("'token' (the verification token) is required")
+        # The handshake does blocking I/O against the receiver: keep it off the event loop.
+        result = await asyncio.to_thread(state.webhooks.register, url, token)
+        status = 200 if result.get("verified", True) else 400
+        return _json(result, status)
+
+    async def truth(request: Request) -> Response:
+        want_persons = request.query_params.get("persons", "true").lower() not in ("0", "false", "no")
+
+        def compute() -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "now": state.store.now.isoformat(),
+                "counts": state.store.counts(),
+                "live": state.store.counts(live_only=True),
+                "webhooks": state.webhooks.stats(),
+            }
+            if want_persons:
+                out["persons"] = state.store.persons()
+            return out
+
+        return _json(await asyncio.to_thread(compute))
+
+    async def writes(request: Request) -> Response:
+        return _json(state.writes.to_json())
+
+    async def advance(request: Request) -> Response:
+        try:
+            body = await _body(request)
+            days = float(body.get("days", 1))
+            fraction = float(body.get("change_fraction", 0.01))
+        except (ValueError, TypeError) as exc:
+            return _error(f"advance: {exc}")
+        if days <= 0 or days > 3650:
+            return _error("advance: 'days' must be in (0, 3650]")
+        if not 0 <= fraction <= 1:
+            return _error("advance: 'change_fraction' must be in [0, 1]")
+        changes = await asyncio.to_thread(state.store.advance, days, fraction)
+        state.webhooks.enqueue(changes, state.config.connections)
+        summary: dict[str, dict[str, int]] = {}
+        for ch in changes:
+            per = summary.setdefault(ch.record.connection_id, {})
+            key = f"{ch.entity}.{ch.kind}"
+            per[key] = per.get(key, 0) + 1
+        return _json({"now": state.store.now.isoformat(), "changes": len(changes), "by_connection": summary})
+
+    async def faults(request: Request) -> Response:
+        try:
+            body = await _body(request)
+            revoke = bool(body.pop("revoke_tokens", False))
+            snapshot = state.faults.set(body)
+        except ValueError as exc:
+            return _error(str(exc))
+        if revoke:
+            state.auth.revoke(None)
+        return _json(snapshot)
+
+    async def get_faults(request: Request) -> Response:
+        return _json(state.faults.snapshot())
+
+    return [
+        Route("/_sandbox/connections", connections, methods=["GET"]),
+        Route("/_sandbox/clients", clients, methods=["POST"]),
+        Route("/_sandbox/legacy-keys", legacy_keys, methods=["POST"]),
+        Route("/_sandbox/webhooks", webhooks, methods=["POST"]),
+        Route("/_sandbox/truth", truth, methods=["GET"]),
+        Route("/_sandbox/writes", writes, methods=["GET"]),
+        Route("/_sandbox/advance", advance, methods=["POST"]),
+        Route("/_sandbox/faults", faults, methods=["POST"]),
+        Route("/_sandbox/faults", get_faults, methods=["GET"]),
+    ]

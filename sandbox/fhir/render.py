@@ -1,0 +1,731 @@
+"""Canonical records -> FHIR R4 resources, as Redox's FHIR API returns them.
+
+Pure functions of (record, connection). Practitioners and locations are not served as
+resources of their own, so they travel as ``contained`` resources; encounters are referenced
+logically by visit number because results, medications and documents only know that.
+Every resource rendered here validates with ``fhir.resources.R4B`` (tests pin it).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import threading
+import uuid
+from collections import OrderedDict
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from sandbox.config import ConnectionSpec
+from sandbox.fhir import identifiers as ids
+from sandbox.fhir import operations
+from sandbox.population.records import (
+    AppointmentRecord,
+    Change,
+    Coding,
+    DocumentRecord,
+    EncounterRecord,
+    Location,
+    MedicationRecord,
+    PatientRecord,
+    Provider,
+    Record,
+    ResultRecord,
+)
+
+# FHIR resource type -> sandbox entity. Binary is a document's content.
+RESOURCE_ENTITIES: dict[str, str] = {
+    "Patient": "patients",
+    "Encounter": "encounters",
+    "Observation": "results",
+    "MedicationRequest": "medications",
+    "MedicationStatement": "medications",
+    "Appointment": "appointments",
+    "DocumentReference": "documents",
+    "Binary": "documents",
+}
+# Medications are one entity rendered as two resource types (Query.category picks one).
+MEDICATION_KINDS: dict[str, str] = {"MedicationRequest": "request", "MedicationStatement": "statement"}
+
+_NAMESPACE = uuid.UUID("5b0f7f4e-3a56-4c59-9b0a-0d3f1c7a2e11")
+
+INTERPRETATION_DISPLAY = {
+    "H": "High",
+    "L": "Low",
+    "HH": "Critical high",
+    "LL": "Critical low",
+    "A": "Abnormal",
+    "N": "Normal",
+}
+ENCOUNTER_CLASS_DISPLAY = {
+    "AMB": "ambulatory",
+    "IMP": "inpatient encounter",
+    "EMER": "emergency",
+    "OBSENC": "observation encounter",
+    "VR": "virtual",
+    "HH": "home health",
+}
+MARITAL_CODES = {
+    "married": ("M", "Married"),
+    "single": ("S", "Never Married"),
+    "never married": ("S", "Never Married"),
+    "divorced": ("D", "Divorced"),
+    "widowed": ("W", "Widowed"),
+    "separated": ("L", "Legally Separated"),
+    "legally separated": ("L", "Legally Separated"),
+    "domestic partner": ("T", "Domestic partner"),
+    "unknown": ("UNK", "unknown"),
+}
+RACE_CODES = {
+    "white": "2106-3",
+    "black or african american": "2054-5",
+    "asian": "2028-9",
+    "american indian or alaska native": "1002-5",
+    "native hawaiian or other pacific islander": "2076-8",
+}
+ETHNICITY_CODES = {"hispanic or latino": "2135-2", "not hispanic or latino": "2186-5"}
+# MedicationStatement has no "cancelled": a statement about a medication never started is "not-taken".
+STATEMENT_STATUS = {"cancelled": "not-taken"}
+# Location levels, most general first: (record attribute, contained id, physical type code, display).
+LOCATION_LEVELS = (
+    ("facility", "loc-facility", "si", "Site"),
+    ("department", "loc-department", "wa", "Ward"),
+    ("room", "loc-room", "ro", "Room"),
+    ("bed", "loc-bed", "bd", "Bed"),
+)
+UNITS_OF_TIME = {
+    "s": "s",
+    "sec": "s",
+    "second": "s",
+    "min": "min",
+    "minute": "min",
+    "h": "h",
+    "hr": "h",
+    "hour": "h",
+    "d": "d",
+    "day": "d",
+    "wk": "wk",
+    "week": "wk",
+    "mo": "mo",
+    "month": "mo",
+    "a": "a",
+    "year": "a",
+}
+
+
+# --- small shapes ---------------------------------------------------------------------------
+
+
+def instant(value: datetime) -> str:
+    """FHIR instant/dateTime in UTC with a ``Z``."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def format_number(value: float) -> str:
+    """The text form of a numeric value (``5`` not ``5.0``); the seed loader uses it for value_text."""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _json_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() and abs(value) < 1e15 else float(value)
+
+
+def coding(c: Coding) -> dict[str, str]:
+    out = {"system": c.system, "code": c.code}
+    if c.display:
+        out["display"] = c.display
+    return out
+
+
+def concept(c: Coding) -> dict[str, Any]:
+    out: dict[str, Any] = {"coding": [coding(c)]}
+    if c.display:
+        out["text"] = c.display
+    return out
+
+
+def _text_concept(text: str) -> dict[str, str]:
+    return {"text": text}
+
+
+def meta(record: Record, tags: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"versionId": str(record.version), "lastUpdated": instant(record.last_updated)}
+    if tags:
+        out["tag"] = tags
+    return out
+
+
+def _quantity(value: float, unit: str | None, ucum: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"value": _json_number(value)}
+    if unit:
+        out["unit"] = unit
+        if ucum:
+            out["system"] = ids.UCUM
+            out["code"] = unit
+    return out
+
+
+def _visit_reference(conn: ConnectionSpec, visit_number: str) -> dict[str, Any]:
+    """A logical Encounter reference: results and documents only know the visit number."""
+    return {"type": "Encounter", "identifier": {"system": ids.visit_system(conn.slug), "value": visit_number}}
+
+
+def _patient_reference(patient_id: str) -> dict[str, str]:
+    return {"reference": ids.patient_reference(patient_id), "type": "Patient"}
+
+
+def practitioner(provider: Provider, local_id: str) -> dict[str, Any]:
+    name: dict[str, Any] = {"family": provider.last_name, "given": [provider.first_name]}
+    if provider.credentials:
+        name["suffix"] = list(provider.credentials)
+    return {
+        "resourceType": "Practitioner",
+        "id": local_id,
+        "identifier": [{"system": ids.NPI, "value": provider.npi}],
+        "name": [name],
+    }
+
+
+def practitioner_reference(provider: Provider, local_id: str) -> dict[str, Any]:
+    return {
+        "reference": f"#{local_id}",
+        "type": "Practitioner",
+        "identifier": {"system": ids.NPI, "value": provider.npi},
+        "display": f"{provider.first_name} {provider.last_name}",
+    }
+
+
+def locations(location: Location) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Contained Location resources (facility > department > room > bed, linked by partOf),
+    each with its physical type concept, most general first."""
+    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    parent: str | None = None
+    for attr, local_id, code, display in LOCATION_LEVELS:
+        name = getattr(location, attr)
+        if not name:
+            continue
+        physical = {"coding": [{"system": ids.LOCATION_PHYSICAL_TYPE, "code": code, "display": display}]}
+        resource: dict[str, Any] = {
+            "resourceType": "Location",
+            "id": local_id,
+            "status": "active",
+            "name": name,
+            "mode": "instance",
+            "physicalType": physical,
+        }
+        if attr == "department" and location.type:
+            resource["type"] = [_text_concept(location.type)]
+        if parent:
+            resource["partOf"] = {"reference": f"#{parent}"}
+        parent = local_id
+        out.append((resource, physical))
+    return out
+
+
+# --- resources --------------------------------------------------------------------------------
+
+
+def render_patient(r: PatientRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    identifier: list[dict[str, Any]] = []
+    values = {"MR": r.mrn, "EHRID": r.ehr_id, "NIST": r.nist_id}
+    for id_type in ids.PATIENT_ID_TYPES:
+        value = values[id_type]
+        if value and id_type in conn.id_types:
+            ident: dict[str, Any] = {"system": ids.patient_system(conn.slug, id_type), "value": value}
+            if id_type == "MR":
+                ident = {
+                    "use": "usual",
+                    "type": {"coding": [{"system": ids.V2_IDENTIFIER_TYPE, "code": "MR"}]},
+                    **ident,
+                }
+            identifier.append(ident)
+    identifier.append({"system": ids.ENTERPRISE_SYSTEM, "value": r.enterprise_id})
+    if r.ssn:
+        identifier.append(
+            {
+                "type": {"coding": [{"system": ids.V2_IDENTIFIER_TYPE, "code": "SS"}]},
+                "system": ids.SSN_SYSTEM,
+                "value": r.ssn,
+            }
+        )
+    name: dict[str, Any] = {"use": "official", "family": r.family_name}
+    if r.given_names:
+        name["given"] = list(r.given_names)
+    out: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": r.id,
+        "meta": meta(
+            r, [{"system": ids.V3_ACT_REASON, "code": "HTEST", "display": "test health data"}] if r.is_test else None
+        ),
+    }
+    extension = []
+    if r.race:
+        extension.append(_omb_extension(ids.US_CORE_RACE, r.race, RACE_CODES))
+    if r.ethnicity:
+        extension.append(_omb_extension(ids.US_CORE_ETHNICITY, r.ethnicity, ETHNICITY_CODES))
+    if extension:
+        out["extension"] = extension
+    out["identifier"] = identifier
+    out["active"] = r.active
+    out["name"] = [name]
+    telecom = []
+    if r.phone_home:
+        telecom.append({"system": "phone", "value": r.phone_home, "use": "home"})
+    if r.phone_mobile:
+        telecom.append({"system": "phone", "value": r.phone_mobile, "use": "mobile"})
+    if r.email:
+        telecom.append({"system": "email", "value": r.email})
+    if telecom:
+        out["telecom"] = telecom
+    out["gender"] = r.sex
+    out["birthDate"] = r.birth_date.isoformat()
+    if r.deceased_at:
+        out["deceasedDateTime"] = instant(r.deceased_at)
+    address = {
+        k: v
+        for k, v in (
+            ("line", [r.address_line] if r.address_line else None),
+            ("city", r.city),
+            ("district", r.county),
+            ("state", r.state),
+            ("postalCode", r.postal_code),
+        )
+        if v
+    }
+    if address:
+        out["address"] = [{"use": "home", **address}]
+    if r.marital_status:
+        known = MARITAL_CODES.get(r.marital_status.lower())
+        status: dict[str, Any] = {"text": r.marital_status}
+        if known:
+            status["coding"] = [{"system": ids.V3_MARITAL_STATUS, "code": known[0], "display": known[1]}]
+        out["maritalStatus"] = status
+    if r.language:
+        out["communication"] = [
+            {"language": {"coding": [{"system": ids.BCP47, "code": r.language}], "text": r.language}, "preferred": True}
+        ]
+    return out
+
+
+def _omb_extension(url: str, text: str, codes: dict[str, str]) -> dict[str, Any]:
+    parts: list[dict[str, Any]] = []
+    code = codes.get(text.lower())
+    if code:
+        parts.append({"url": "ombCategory", "valueCoding": {"system": ids.CDC_RACE_ETHNICITY, "code": code, "display": text}})
+    parts.append({"url": "text", "valueString": text})
+    return {"url": url, "extension": parts}
+
+
+def render_encounter(r: EncounterRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    located = locations(r.location)
+    contained = [practitioner(r.attending, "attending"), *(res for res, _ in located)]
+    identifier = [{"use": "official", "system": ids.visit_system(conn.slug), "value": r.visit_number}]
+    if r.account_number:
+        identifier.append({"system": ids.account_system(conn.slug), "value": r.account_number})
+    period = {"start": instant(r.start_at)}
+    if r.end_at:
+        period["end"] = instant(r.end_at)
+    out: dict[str, Any] = {
+        "resourceType": "Encounter",
+        "id": r.id,
+        "meta": meta(r),
+        "contained": contained,
+        "identifier": identifier,
+        "status": r.status,
+        "class": {"system": ids.V3_ACT_CODE, "code": r.class_code, "display": ENCOUNTER_CLASS_DISPLAY[r.class_code]},
+        "type": [concept(r.type)],
+        "subject": _patient_reference(r.patient.patient_id),
+        "participant": [
+            {
+                "type": [{"coding": [{"system": ids.V3_PARTICIPATION_TYPE, "code": "ATND", "display": "attender"}]}],
+                "individual": practitioner_reference(r.attending, "attending"),
+            }
+        ],
+        "period": period,
+    }
+    if r.reason:
+        out["reasonCode"] = [concept(r.reason)]
+    if r.discharge_disposition:
+        out["hospitalization"] = {"dischargeDisposition": concept(r.discharge_disposition)}
+    if located:
+        out["location"] = [
+            {"location": {"reference": f"#{res['id']}", "display": res["name"]}, "physicalType": physical}
+            for res, physical in located
+        ]
+    return out
+
+
+_ORDER_STATUS = {
+    "final": "completed",
+    "corrected": "completed",
+    "preliminary": "active",
+    "cancelled": "revoked",
+    "entered-in-error": "entered-in-error",
+}
+
+
+def render_observation(r: ResultRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    order = {
+        "resourceType": "ServiceRequest",
+        "id": "order",
+        "identifier": [{"system": ids.order_system(conn.slug), "value": r.order_id}],
+        "status": _ORDER_STATUS[r.status],
+        "intent": "order",
+        "code": concept(r.panel),
+        "subject": _patient_reference(r.patient.patient_id),
+    }
+    contained: list[dict[str, Any]] = [order]
+    performer: list[dict[str, Any]] = []
+    if r.performer:
+        contained.append(practitioner(r.performer, "performer"))
+        performer.append(practitioner_reference(r.performer, "performer"))
+    if r.producer:
+        performer.append({"type": "Organization", "display": r.producer})
+    category = {
+        "coding": [
+            {
+                "system": ids.OBSERVATION_CATEGORY,
+                "code": r.category,
+                "display": "Laboratory" if r.category == "laboratory" else "Vital Signs",
+            }
+        ]
+    }
+    out: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": r.id,
+        "meta": meta(r),
+        "contained": contained,
+        "identifier": [{"system": ids.result_system(conn.slug), "value": r.result_id}],
+        "basedOn": [
+            {
+                "reference": "#order",
+                "type": "ServiceRequest",
+                "identifier": {"system": ids.order_system(conn.slug), "value": r.order_id},
+            }
+        ],
+        "status": r.status,
+        "category": [category],
+        "code": concept(r.code),
+        "subject": _patient_reference(r.patient.patient_id),
+    }
+    if r.visit_number:
+        out["encounter"] = _visit_reference(conn, r.visit_number)
+    out["effectiveDateTime"] = instant(r.effective_at)
+    if r.issued_at:
+        out["issued"] = instant(r.issued_at)
+    if performer:
+        out["performer"] = performer
+    if r.value_type == "Numeric" and r.value_numeric is not None:
+        out["valueQuantity"] = _quantity(r.value_numeric, r.unit, ucum=True)
+    elif r.value_type == "Coded Entry" and r.value_text:
+        out["valueCodeableConcept"] = _text_concept(r.value_text)
+    elif r.value_text:
+        out["valueString"] = r.value_text
+    else:
+        out["dataAbsentReason"] = {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "unknown"}
+            ]
+        }
+    if r.abnormal_flag:
+        out["interpretation"] = [
+            {
+                "coding": [
+                    {
+                        "system": ids.V3_INTERPRETATION,
+                        "code": r.abnormal_flag,
+                        "display": INTERPRETATION_DISPLAY[r.abnormal_flag],
+                    }
+                ]
+            }
+        ]
+    reference_range: dict[str, Any] = {}
+    if r.reference_low is not None:
+        reference_range["low"] = _quantity(r.reference_low, r.unit, ucum=True)
+    if r.reference_high is not None:
+        reference_range["high"] = _quantity(r.reference_high, r.unit, ucum=True)
+    if r.reference_text:
+        reference_range["text"] = r.reference_text
+    if reference_range:
+        out["referenceRange"] = [reference_range]
+    return out
+
+
+def _dosage(r: MedicationRecord) -> dict[str, Any]:
+    dosage: dict[str, Any] = {}
+    repeat: dict[str, Any] = {}
+    bounds = {}
+    if r.start_at:
+        bounds["start"] = instant(r.start_at)
+    if r.end_at:
+        bounds["end"] = instant(r.end_at)
+    if bounds:
+        repeat["boundsPeriod"] = bounds
+    if r.frequency_period is not None and r.frequency_unit:
+        repeat["frequency"] = 1
+        repeat["period"] = _json_number(r.frequency_period)
+        unit = r.frequency_unit.lower().rstrip("s") if len(r.frequency_unit) > 1 else r.frequency_unit
+        repeat["periodUnit"] = UNITS_OF_TIME.get(unit, r.frequency_unit)
+    if repeat:
+        dosage["timing"] = {"repeat": repeat}
+    if r.route:
+        dosage["route"] = concept(r.route)
+    if r.dose_quantity is not None:
+        dosage["doseAndRate"] = [{"doseQuantity": _quantity(r.dose_quantity, r.dose_unit, ucum=False)}]
+    return dosage
+
+
+def render_medication(r: MedicationRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    """MedicationRequest or MedicationStatement, by ``r.kind``."""
+    is_request = r.kind == "request"
+    out: dict[str, Any] = {
+        "resourceType": "MedicationRequest" if is_request else "MedicationStatement",
+        "id": r.id,
+        "meta": meta(r),
+    }
+    if r.prescriber:
+        out["contained"] = [practitioner(r.prescriber, "prescriber")]
+    out["identifier"] = [{"system": ids.order_system(conn.slug), "value": r.order_id}]
+    dosage = _dosage(r)
+    if is_request:
+        out["status"] = r.status
+        out["intent"] = r.intent or "order"
+        out["medicationCodeableConcept"] = concept(r.code)
+        out["subject"] = _patient_reference(r.patient.patient_id)
+        if r.visit_number:
+            out["encounter"] = _visit_reference(conn, r.visit_number)
+        if r.start_at:
+            out["authoredOn"] = instant(r.start_at)
+        if r.prescriber:
+            out["requester"] = practitioner_reference(r.prescriber, "prescriber")
+        if dosage:
+            out["dosageInstruction"] = [dosage]
+    else:
+        out["status"] = STATEMENT_STATUS.get(r.status, r.status)
+        out["medicationCodeableConcept"] = concept(r.code)
+        out["subject"] = _patient_reference(r.patient.patient_id)
+        if r.visit_number:
+            out["context"] = _visit_reference(conn, r.visit_number)
+        period = {}
+        if r.start_at:
+            period["start"] = instant(r.start_at)
+        if r.end_at:
+            period["end"] = instant(r.end_at)
+        if period:
+            out["effectivePeriod"] = period
+        out["dateAsserted"] = instant(r.last_updated)
+        if r.prescriber:
+            out["informationSource"] = practitioner_reference(r.prescriber, "prescriber")
+        if dosage:
+            out["dosage"] = [dosage]
+    return out
+
+
+def render_appointment(r: AppointmentRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    located = locations(r.location)
+    contained = [practitioner(r.provider, "provider"), *(res for res, _ in located)]
+    participant_status = "needs-action" if r.status in ("proposed", "pending") else "accepted"
+    participants: list[dict[str, Any]] = [
+        {"actor": _patient_reference(r.patient.patient_id), "required": "required", "status": participant_status},
+        {
+            "type": [
+                {"coding": [{"system": ids.V3_PARTICIPATION_TYPE, "code": "PPRF", "display": "primary performer"}]}
+            ],
+            "actor": practitioner_reference(r.provider, "provider"),
+            "required": "required",
+            "status": participant_status,
+        },
+    ]
+    if located:
+        leaf = located[-1][0]
+        participants.append(
+            {
+                "actor": {"reference": f"#{leaf['id']}", "type": "Location", "display": leaf["name"]},
+                "required": "required",
+                "status": participant_status,
+            }
+        )
+    out: dict[str, Any] = {"resourceType": "Appointment", "id": r.id, "meta": meta(r), "contained": contained}
+    if r.rescheduled_from:
+        out["extension"] = [{"url": ids.RESCHEDULED_FROM_EXTENSION, "valueString": r.rescheduled_from}]
+    out["identifier"] = [{"use": "official", "system": ids.visit_system(conn.slug), "value": r.visit_number}]
+    out["status"] = r.status
+    if r.cancel_reason:
+        out["cancelationReason"] = _text_concept(r.cancel_reason)
+    out["appointmentType"] = concept(r.type)
+    if r.reason:
+        out["reasonCode"] = [_text_concept(r.reason)]
+    out["start"] = instant(r.start_at)
+    out["end"] = instant(r.start_at + timedelta(minutes=r.duration_minutes))
+    out["minutesDuration"] = r.duration_minutes
+    out["participant"] = participants
+    return out
+
+
+def content_hash(content: bytes) -> str:
+    """Attachment.hash: base64 of the SHA-1 of the data (FHIR R4)."""
+    return base64.b64encode(hashlib.sha1(content).digest()).decode()
+
+
+def render_document(r: DocumentRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    kind_code, kind_display = ("CDA", "CDA") if r.kind == "cda" else ("Note", "Note")
+    out: dict[str, Any] = {
+        "resourceType": "DocumentReference",
+        "id": r.id,
+        "meta": meta(r),
+        "contained": [practitioner(r.author, "author")],
+        "identifier": [{"system": ids.document_system(conn.slug), "value": r.document_id}],
+        "status": r.status,
+        "docStatus": "final",
+        "type": concept(r.type),
+        "category": [
+            {"coding": [{"system": ids.DOCUMENT_CATEGORY, "code": "clinical-note", "display": "Clinical Note"}]},
+            {"coding": [{"system": ids.DOCUMENT_KIND, "code": kind_code, "display": kind_display}]},
+        ],
+        "subject": _patient_reference(r.patient.patient_id),
+        "date": instant(r.authored_at),
+        "author": [practitioner_reference(r.author, "author")],
+        "description": r.title,
+        "content": [
+            {
+                "attachment": {
+                    "contentType": r.content_type,
+                    "url": f"Binary/{r.id}",
+                    "size": len(r.content),
+                    "hash": content_hash(r.content),
+                    "title": r.title,
+                    "creation": instant(r.authored_at),
+                }
+            }
+        ],
+    }
+    if r.visit_number:
+        out["context"] = {"encounter": [_visit_reference(conn, r.visit_number)]}
+    return out
+
+
+def render_binary(r: DocumentRecord) -> dict[str, Any]:
+    return {
+        "resourceType": "Binary",
+        "id": r.id,
+        "meta": meta(r),
+        "contentType": r.content_type,
+        "data": base64.b64encode(r.content).decode(),
+    }
+
+
+_RENDERERS = {
+    PatientRecord: render_patient,
+    EncounterRecord: render_encounter,
+    ResultRecord: render_observation,
+    MedicationRecord: render_medication,
+    AppointmentRecord: render_appointment,
+    DocumentRecord: render_document,
+}
+
+
+def resource_type(record: Record) -> str:
+    """The FHIR resource type a record renders as."""
+    if isinstance(record, MedicationRecord):
+        return "MedicationRequest" if record.kind == "request" else "MedicationStatement"
+    return {
+        PatientRecord: "Patient",
+        EncounterRecord: "Encounter",
+        ResultRecord: "Observation",
+        AppointmentRecord: "Appointment",
+        DocumentRecord: "DocumentReference",
+    }[type(record)]
+
+
+def render_resource(record: Record, conn: ConnectionSpec) -> dict[str, Any]:
+    return _RENDERERS[type(record)](record, conn)
+
+
+class RenderCache:
+    """Rendered resource bytes per (connection, record type, id, version), bounded LRU.
+
+    One per sandbox (not module-global) so two populations in one process never share entries.
+    """
+
+    def __init__(self, max_entries: int = 20_000) -> None:
+        self._max = max_entries
+        self._entries: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def resource_bytes(self, record: Record, conn: ConnectionSpec) -> bytes:
+        key = (conn.id, type(record), record.id, record.version, record.last_updated)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit
+        body = orjson.dumps(render_resource(record, conn))
+        with self._lock:
+            self._entries[key] = body
+            if len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        return body
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# --- notifications ----------------------------------------------------------------------------
+
+
+def notification_event(change: Change) -> str:
+    """The ``urn:redox:event-type`` code Redox would push for a change."""
+    record = change.record
+    if change.entity == "encounters" and change.kind != "cancel":
+        if record.status == "planned":
+            return operations.ENCOUNTER_PLANNED_EVENT
+        if change.kind == "update" and record.status == "finished":
+            return operations.ENCOUNTER_DISCHARGED_EVENT
+    if change.entity == "appointments":
+        if change.kind == "new" and record.rescheduled_from:
+            return operations.APPOINTMENT_RESCHEDULED_EVENT
+        if change.kind == "update" and record.status == "noshow":
+            return operations.APPOINTMENT_NOSHOW_EVENT
+    return operations.NOTIFICATION_EVENTS[(change.entity, change.kind)]
+
+
+def render_notification(change: Change, conn: ConnectionSpec, base_url: str | None = None) -> dict[str, Any]:
+    """A FHIR message Bundle as Redox pushes it to a destination (REDOX-REFERENCE §3.5):
+    a MessageHeader (eventCoding ``urn:redox:event-type``, focus) then the changed resource.
+
+    ``base_url`` is the connection's FHIR base (``SandboxState.fhir_base_url``); without it
+    the entry's fullUrl is a ``urn:uuid:``.
+    """
+    record = change.record
+    rtype = resource_type(record)
+    seed = f"{conn.id}/{rtype}/{record.id}/{record.version}/{change.kind}"
+    bundle_id = str(uuid.uuid5(_NAMESPACE, "bundle:" + seed))
+    header_id = str(uuid.uuid5(_NAMESPACE, "header:" + seed))
+    if base_url:
+        full_url = f"{base_url.rstrip('/')}/{rtype}/{record.id}"
+    else:
+        full_url = f"urn:uuid:{uuid.uuid5(_NAMESPACE, 'resource:' + seed)}"
+    header = {
+        "resourceType": "MessageHeader",
+        "id": header_id,
+        "eventCoding": {"system": ids.EVENT_TYPE_SYSTEM, "code": notification_event(change)},
+        "source": {"name": conn.name, "endpoint": base_url or f"urn:redox:{conn.slug}"},
+        "focus": [{"reference": full_url}],
+    }
+    return {
+        "resourceType": "Bundle",
+        "id": bundle_id,
+        "meta": {"lastUpdated": instant(record.last_updated)},
+        "type": "message",
+        "timestamp": instant(record.last_updated),
+        "entry": [
+            {"fullUrl": f"urn:uuid:{header_id}", "resource": header},
+            {"fullUrl": full_url, "resource": render_resource(record, conn)},
+        ],
+    }

@@ -1,0 +1,471 @@
+"""FHIR search parameters -> a store ``Query`` plus the filters the Query cannot express.
+
+Redox's per-resource parameter sets and required combinations are REDOX-REFERENCE §3.3; the
+project's decision is that ``_lastUpdated`` or ``date`` also satisfies the requirement for every
+type (that is how a bulk sync enumerates). Errors raise ``SearchError`` whose message names the
+parameter but never echoes a value (values may be PHI).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+
+from sandbox.config import ConnectionSpec
+from sandbox.fhir import identifiers as ids
+from sandbox.fhir.render import MEDICATION_KINDS, RESOURCE_ENTITIES, STATEMENT_STATUS
+from sandbox.population.records import PatientRecord, Record
+from sandbox.population.store import Query, RecordStore
+
+Predicate = Callable[[Record], bool]
+
+COMMON_PARAMS = frozenset({"_id", "_lastUpdated", "_count"})
+PATIENT_SCOPED = frozenset({"identifier", "patient", "patient.identifier", "date", "status"})
+SEARCH_PARAMS: dict[str, frozenset[str]] = {
+    "Patient": frozenset(
+        {
+            "identifier",
+            "given",
+            "family",
+            "birthdate",
+            "gender",
+            "active",
+            "address-city",
+            "address-state",
+            "address-postalcode",
+            "phone",
+            "email",
+        }
+    ),
+    "Encounter": PATIENT_SCOPED,
+    "Observation": PATIENT_SCOPED | {"effective", "category", "code"},
+    "MedicationRequest": PATIENT_SCOPED | {"authoredon", "intent", "code"},
+    "MedicationStatement": PATIENT_SCOPED | {"effective", "code"},
+    "Appointment": PATIENT_SCOPED,
+    "DocumentReference": PATIENT_SCOPED | {"category", "type"},
+}
+# Parameters that all mean the resource's clinical date (Query.date_*).
+DATE_ALIASES = frozenset({"date", "effective", "authoredon"})
+# One of these sets must be present (REDOX-REFERENCE §3.3); `_lastUpdated`/`date` always satisfy.
+REQUIRED: dict[str, tuple[frozenset[str], ...]] = {
+    "Patient": (frozenset({"_id"}), frozenset({"identifier"}), frozenset({"given", "family", "birthdate"})),
+    "Encounter": tuple(frozenset({p}) for p in ("_id", "status", "identifier", "patient", "patient.identifier")),
+    "MedicationRequest": tuple(frozenset({p}) for p in ("_id", "patient", "patient.identifier")),
+    "MedicationStatement": tuple(frozenset({p}) for p in ("_id", "patient", "patient.identifier")),
+}
+# FHIR status value sets per resource type (what a client may send).
+STATUS_VALUES: dict[str, frozenset[str]] = {
+    "Encounter": frozenset(
+        {"planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled", "entered-in-error", "unknown"}
+    ),
+    "Observation": frozenset(
+        {"registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown"}
+    ),
+    "MedicationRequest": frozenset(
+        {"active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"}
+    ),
+    "MedicationStatement": frozenset(
+        {"active", "completed", "entered-in-error", "intended", "stopped", "on-hold", "unknown", "not-taken"}
+    ),
+    "Appointment": frozenset(
+        {
+            "proposed",
+            "pending",
+            "booked",
+            "arrived",
+            "fulfilled",
+            "cancelled",
+            "noshow",
+            "entered-in-error",
+            "checked-in",
+            "waitlist",
+        }
+    ),
+    "DocumentReference": frozenset({"current", "superseded", "entered-in-error"}),
+}
+_STATEMENT_STATUS_BACK = {fhir: canonical for canonical, fhir in STATEMENT_STATUS.items()}
+_BUSINESS_SYSTEMS: dict[str, Callable[[str], str]] = {
+    "Encounter": ids.visit_system,
+    "Appointment": ids.visit_system,
+    "Observation": ids.result_system,
+    "MedicationRequest": ids.order_system,
+    "MedicationStatement": ids.order_system,
+    "DocumentReference": ids.document_system,
+}
+_PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)(?=\d)")
+_DATE_VALUE = re.compile(
+    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+class SearchError(Exception):
+    """A search the sandbox refuses (400); the message names the parameter, never its value."""
+
+    def __init__(self, message: str, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A parsed search: the store query, extra record filters, and the page size.
+
+    ``query is None`` means the search provably matches nothing (e.g. an unknown identifier).
+    """
+
+    resource_type: str
+    query: Query | None
+    filters: tuple[Predicate, ...] = field(default=())
+    count: int = 100
+
+
+# --- value parsing ----------------------------------------------------------------------------
+
+
+def _split(value: str) -> list[str]:
+    return [v for v in (part.strip() for part in value.split(",")) if v]
+
+
+def _token(value: str) -> tuple[str | None, str]:
+    """``system|code`` -> (system, code); ``|code`` -> ("", code); ``code`` -> (None, code)."""
+    if "|" in value:
+        system, _, code = value.partition("|")
+        return system, code
+    return None, value
+
+
+def parse_date(name: str, raw: str) -> tuple[str, datetime, datetime, bool]:
+    """(prefix, start, end-exclusive, is_instant) of a FHIR date search value."""
+    match = _PREFIX.match(raw)
+    prefix = match.group(1) if match else "eq"
+    text = raw[len(prefix) :] if match else raw
+    if prefix not in ("eq", "gt", "lt", "ge", "le"):
+        raise SearchError(f"parameter '{name}': prefix '{prefix}' is not supported (use eq, gt, ge, lt, le)")
+    m = _DATE_VALUE.match(text)
+    if not m:
+        raise SearchError(f"parameter '{name}': expected a FHIR date or dateTime such as 2024-01-31")
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    try:
+        if hour is not None:
+            value = datetime.fromisoformat(
+                f"{year}-{month}-{day}T{hour}:{minute}:{second or '00'}{fraction or ''}"
+                + ("+00:00" if zone in (None, "Z") else zone)
+            ).astimezone(UTC)
+            return prefix, value, value, True
+        start = datetime(int(year), int(month or 1), int(day or 1), tzinfo=UTC)
+    except ValueError as exc:
+        raise SearchError(f"parameter '{name}': not a valid date") from exc
+    if day is not None:
+        end = start + timedelta(days=1)
+    elif month is not None:
+        end = (start + timedelta(days=32)).replace(day=1)
+    else:
+        end = start.replace(year=start.year + 1)
+    return prefix, start, end, False
+
+
+@dataclass
+class _Bounds:
+    ge: datetime | None = None
+    gt: datetime | None = None
+    le: datetime | None = None
+    lt: datetime | None = None
+
+    def add(self, name: str, raw: str) -> None:
+        prefix, start, end, exact = parse_date(name, raw)
+        if exact:
+            lower = {"eq": ("ge", start), "ge": ("ge", start), "gt": ("gt", start)}.get(prefix)
+            upper = {"eq": ("le", start), "le": ("le", start), "lt": ("lt", start)}.get(prefix)
+        else:
+            lower = {"eq": ("ge", start), "ge": ("ge", start), "gt": ("ge", end)}.get(prefix)
+            upper = {"eq": ("lt", end), "le": ("lt", end), "lt": ("lt", start)}.get(prefix)
+        if lower:
+            current = getattr(self, lower[0])
+            setattr(self, lower[0], lower[1] if current is None else max(current, lower[1]))
+        if upper:
+            current = getattr(self, upper[0])
+            setattr(self, upper[0], upper[1] if current is None else min(current, upper[1]))
+
+
+# --- identifiers ------------------------------------------------------------------------------
+
+
+def patient_identifiers(record: PatientRecord, conn: ConnectionSpec) -> list[tuple[str, str]]:
+    """(system, value) of every identifier the rendered Patient carries."""
+    out = []
+    for id_type, value in (("MR", record.mrn), ("EHRID", record.ehr_id), ("NIST", record.nist_id)):
+        if value and id_type in conn.id_types:
+            out.append((ids.patient_system(conn.slug, id_type), value))
+    out.append((ids.ENTERPRISE_SYSTEM, record.enterprise_id))
+    if record.ssn:
+        out.append((ids.SSN_SYSTEM, record.ssn))
+    return out
+
+
+def _patients_by_identifier(store: RecordStore, conn: ConnectionSpec, raw: str) -> set[str]:
+    """Patient ids whose rendered identifiers match any of a comma list of identifier tokens."""
+    found: set[str] = set()
+    for item in _split(raw):
+        system, value = _token(item)
+        if not value:
+            continue
+        if system:
+            id_type = ids.id_type_of_system(system, conn.slug)
+            if id_type is None:
+                continue  # another connection's or an unknown system: nothing here carries it
+            store_type = ids.SSN_SYSTEM if id_type == "SSN" else id_type
+            candidates = store.find_patients(conn.id, identifier=value, id_type=store_type)
+        else:
+            candidates = store.find_patients(conn.id, identifier=value)
+        for patient in candidates:
+            for have_system, have_value in patient_identifiers(patient, conn):
+                if have_value == value and (not system or have_system == system):
+                    found.add(patient.id)
+                    break
+    return found
+
+
+def _records_by_identifier(
+    store: RecordStore, conn: ConnectionSpec, resource_type: str, raw: str
+) -> tuple[set[str] | None, Predicate | None]:
+    """Ids of records whose business identifier matches, or a predicate for identifiers the
+    store cannot look up (an encounter's account number)."""
+    entity = RESOURCE_ENTITIES[resource_type]
+    business = _BUSINESS_SYSTEMS[resource_type](conn.slug)
+    found: set[str] = set()
+    accounts: set[str] = set()
+    for item in _split(raw):
+        system, value = _token(item)
+        if not value:
+            continue
+        if resource_type == "Encounter" and system == ids.account_system(conn.slug):
+            accounts.add(value)
+            continue
+        if system and system != business:
+            continue
+        record = store.find_by_business_id(conn.id, entity, value)
+        if record is not None:
+            found.add(record.id)
+    if accounts:
+        return found, lambda r: r.id in found or getattr(r, "account_number", None) in accounts
+    return found, None
+
+
+# --- the parser -------------------------------------------------------------------------------
+
+
+def parse_search(
+    resource_type: str, params: Sequence[tuple[str, str]], conn: ConnectionSpec, store: RecordStore
+) -> SearchPlan:
+    """Turn (name, value) pairs (repeats allowed) into a SearchPlan, or raise SearchError."""
+    allowed = SEARCH_PARAMS[resource_type] | COMMON_PARAMS
+    grouped: dict[str, list[str]] = {}
+    for name, value in params:
+        if name not in allowed:
+            raise SearchError(f"unknown or unsupported search parameter '{name}' for {resource_type}", "not-supported")
+        grouped.setdefault(name, []).append(value)
+    _check_required(resource_type, grouped)
+
+    count = conn.page_size
+    if "_count" in grouped:
+        raw = grouped["_count"][-1]
+        if not raw.isdigit():
+            raise SearchError("parameter '_count' must be a non-negative integer")
+        count = int(raw)
+    count = min(count, conn.max_page_size)
+
+    entity = RESOURCE_ENTITIES[resource_type]
+    filters: list[Predicate] = []
+    empty = False
+    id_sets: list[set[str]] = []
+    updated, dated = _Bounds(), _Bounds()
+    statuses: list[str] | None = None
+    category: str | None = MEDICATION_KINDS.get(resource_type)
+    patient_id: str | None = None
+
+    for name, values in grouped.items():
+        if name == "_id":
+            for v in values:
+                id_sets.append(set(_split(v)))
+        elif name == "_lastUpdated":
+            for v in values:
+                updated.add(name, v)
+        elif name in DATE_ALIASES:
+            for v in values:
+                dated.add(name, v)
+        elif name == "identifier":
+            for v in values:
+                if resource_type == "Patient":
+                    id_sets.append(_patients_by_identifier(store, conn, v))
+                else:
+                    found, predicate = _records_by_identifier(store, conn, resource_type, v)
+                    if predicate is None:
+                        id_sets.append(found)
+                    else:
+                        filters.append(predicate)
+        elif name in ("patient", "patient.identifier"):
+            for v in values:
+                if name == "patient":
+                    wanted = {x.removeprefix("Patient/") for x in _split(v)}
+                else:
+                    wanted = _patients_by_identifier(store, conn, v)
+                if len(wanted) == 1 and patient_id is None:
+                    patient_id = next(iter(wanted))
+                elif not wanted or (patient_id is not None and patient_id not in wanted):
+                    empty = True
+                else:
+                    filters.append(lambda r, w=frozenset(wanted): r.patient.patient_id in w)
+        elif name == "status":
+            wanted_status = _statuses(resource_type, values)
+            statuses = wanted_status if statuses is None else [s for s in statuses if s in wanted_status]
+        elif name == "active":
+            for v in values:
+                if v not in ("true", "false"):
+                    raise SearchError("parameter 'active' must be true or false")
+            flags = {v == "true" for v in values}
+            if len(flags) > 1:
+                empty = True
+            statuses = ["active" if flags.pop() else "inactive"]
+        elif name == "category" and resource_type == "Observation":
+            wanted_categories = {"laboratory", "vital-signs"}
+            for v in values:
+                wanted_categories &= {
+                    code
+                    for system, code in map(_token, _split(v))
+                    if system in (None, "", ids.OBSERVATION_CATEGORY)
+                }
+            if not wanted_categories:
+                empty = True
+            elif len(wanted_categories) == 1:
+                category = next(iter(wanted_categories))
+        elif name == "category":  # DocumentReference
+            filters.extend(_document_category(v) for v in values)
+        elif name in ("code", "type"):
+            filters.extend(_coding_filter(v, name) for v in values)
+        elif name == "intent":
+            filters.extend(lambda r, w=frozenset(_split(v)): (r.intent or "order") in w for v in values)
+        elif name == "gender":
+            filters.extend(lambda r, w=frozenset(_split(v)): r.sex in w for v in values)
+        elif name in ("given", "family", "birthdate"):
+            continue  # resolved together below
+        else:
+            filters.extend(_patient_filter(name, v) for v in values)
+
+    if any(n in grouped for n in ("given", "family", "birthdate")):
+        id_sets.append(_patients_by_name(store, conn, grouped))
+
+    ids_selected: set[str] | None = None
+    for s in id_sets:
+        ids_selected = s if ids_selected is None else ids_selected & s
+    if empty or (ids_selected is not None and not ids_selected) or statuses == []:
+        return SearchPlan(resource_type, None, (), count)
+    query = Query(
+        connection_id=conn.id,
+        entity=entity,
+        ids=tuple(sorted(ids_selected)) if ids_selected is not None else None,
+        patient_id=patient_id,
+        updated_ge=updated.ge,
+        updated_gt=updated.gt,
+        updated_le=updated.le,
+        updated_lt=updated.lt,
+        date_ge=dated.ge,
+        date_gt=dated.gt,
+        date_le=dated.le,
+        date_lt=dated.lt,
+        statuses=tuple(statuses) if statuses is not None else None,
+        category=category,
+    )
+    return SearchPlan(resource_type, query, tuple(filters), count)
+
+
+def _check_required(resource_type: str, grouped: dict[str, list[str]]) -> None:
+    present = {n for n in grouped if n != "_count"}
+    if "_lastUpdated" in present or present & DATE_ALIASES:
+        return
+    options = REQUIRED.get(resource_type)
+    if not options or any(option <= present for option in options):
+        return
+    described = " | ".join("+".join(sorted(o)) for o in options)
+    raise SearchError(f"{resource_type} search requires one of: {described} (or _lastUpdated / date)", "required")
+
+
+def _statuses(resource_type: str, values: list[str]) -> list[str]:
+    known = STATUS_VALUES.get(resource_type)
+    if known is None:
+        raise SearchError(f"unknown or unsupported search parameter 'status' for {resource_type}", "not-supported")
+    out: list[str] = []
+    for v in values:
+        for item in _split(v):
+            _, code = _token(item)
+            if code not in known:
+                raise SearchError(f"parameter 'status': not a {resource_type} status code")
+            if resource_type == "MedicationStatement":
+                if code in STATEMENT_STATUS:  # FHIR has no such statement status
+                    continue
+                code = _STATEMENT_STATUS_BACK.get(code, code)
+            out.append(code)
+    return out
+
+
+def _coding_filter(raw: str, attribute: str) -> Predicate:
+    """``code`` (results, medications) or ``type`` (documents) against a comma list of tokens."""
+    wanted = [_token(item) for item in _split(raw)]
+
+    def matches(record: Record) -> bool:
+        coded = getattr(record, attribute, None)
+        return coded is not None and any(
+            coded.code == code and (system in (None, "") or system == coded.system) for system, code in wanted
+        )
+
+    return matches
+
+
+def _document_category(raw: str) -> Predicate:
+    kinds: set[str] = set()
+    for item in _split(raw):
+        system, code = _token(item)
+        if system in (None, "", ids.DOCUMENT_KIND) and code.lower() in ("cda", "note"):
+            kinds.add(code.lower())
+        elif system in (None, "", ids.DOCUMENT_CATEGORY) and code == "clinical-note":
+            kinds |= {"cda", "note"}
+    return lambda r: r.kind in kinds
+
+
+def _digits(value: str | None) -> str:
+    return "".join(ch for ch in value or "" if ch.isdigit())
+
+
+def _patient_filter(name: str, raw: str) -> Predicate:
+    wanted = raw.strip().lower()
+    if name == "phone":
+        digits = _digits(raw)
+        return lambda r: bool(digits) and digits in (_digits(r.phone_home), _digits(r.phone_mobile))
+    attribute = {
+        "address-city": "city",
+        "address-state": "state",
+        "address-postalcode": "postal_code",
+        "email": "email",
+    }[name]
+    return lambda r: (getattr(r, attribute) or "").lower() == wanted
+
+
+def _patients_by_name(store: RecordStore, conn: ConnectionSpec, grouped: dict[str, list[str]]) -> set[str]:
+    birth: str | None = None
+    if "birthdate" in grouped:
+        raw = grouped["birthdate"][-1]
+        text = raw[2:] if raw.startswith("eq") else raw
+        try:
+            birth = date.fromisoformat(text).isoformat()
+        except ValueError as exc:
+            raise SearchError("parameter 'birthdate' must be an exact date such as 1990-01-31") from exc
+    family = grouped.get("family", [None])[-1]
+    given = grouped.get("given", [None])[-1]
+    return {p.id for p in store.find_patients(conn.id, family=family, given=given, birth_date=birth)}
+
+
+def with_updated_floor(query: Query, floor: datetime) -> Query:
+    """The query restricted to records updated at or after ``floor`` (keyset paging)."""
+    return replace(query, updated_ge=floor if query.updated_ge is None else max(query.updated_ge, floor))

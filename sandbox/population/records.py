@@ -1,0 +1,217 @@
+"""Canonical, surface-neutral records of the sandbox population.
+
+The population (``sandbox.population``) produces these; the FHIR renderer
+(``sandbox.fhir``) and the Data Model renderer (``sandbox.datamodel``) turn the
+same record into the shape each surface speaks. Because both surfaces render one
+record, a connection that speaks both exposes identical data through both.
+
+All datetimes are timezone-aware UTC. Codes keep system, code and display.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Literal
+
+ENTITIES: tuple[str, ...] = ("patients", "encounters", "results", "medications", "appointments", "documents")
+WRITE_ENTITIES: tuple[str, ...] = ("orders", "appointments")
+
+# Code systems, as FHIR URIs, with the Redox Data Model ``Codeset`` name beside each.
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+CPT = "http://www.ama-assn.org/go/cpt"
+ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
+NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
+CODESET_NAMES = {LOINC: "LOINC", SNOMED: "SNOMED CT", RXNORM: "RxNorm", CPT: "CPT", ICD10: "ICD-10"}
+
+
+@dataclass(frozen=True, slots=True)
+class Coding:
+    system: str  # FHIR URI (see constants above); Data Model renders CODESET_NAMES[system]
+    code: str
+    display: str
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    npi: str
+    first_name: str
+    last_name: str
+    credentials: tuple[str, ...] = ("MD",)
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    facility: str
+    department: str
+    room: str | None = None
+    bed: str | None = None
+    type: str | None = None  # e.g. "Inpatient", "Clinic"
+
+
+@dataclass(frozen=True, slots=True)
+class PatientRef:
+    """How other records point at their patient, within one connection."""
+
+    patient_id: str  # FHIR logical id of the patient in this connection
+    mrn: str  # local medical record number in this connection
+
+
+@dataclass(slots=True)
+class RecordBase:
+    connection_id: str
+    id: str  # FHIR logical id (stable, unique per connection and entity)
+    last_updated: datetime  # FHIR meta.lastUpdated / Data Model event time
+    version: int  # FHIR meta.versionId; bumps on every update
+
+
+@dataclass(slots=True)
+class PatientRecord(RecordBase):
+    person_index: int  # which synthetic person (same across connections)
+    mrn: str  # identifier type MR, system urn:redox:<slug>:MR
+    ehr_id: str  # identifier type EHRID (uuid)
+    enterprise_id: str  # identifier type EPI: shared by every connection that knows this person
+    nist_id: str | None  # identifier type NIST (only some connections)
+    family_name: str
+    given_names: tuple[str, ...]
+    birth_date: date
+    sex: Literal["male", "female", "other", "unknown"]
+    race: str | None
+    ethnicity: str | None  # "Hispanic or Latino" / "Not Hispanic or Latino"
+    language: str | None  # BCP-47 / ISO 639-1, e.g. "en"
+    address_line: str | None
+    city: str | None
+    state: str | None
+    postal_code: str | None
+    county: str | None
+    phone_home: str | None  # E.164
+    phone_mobile: str | None
+    email: str | None
+    ssn: str | None
+    marital_status: str | None
+    deceased_at: datetime | None
+    is_test: bool
+    active: bool = True
+
+
+@dataclass(slots=True)
+class EncounterRecord(RecordBase):
+    patient: PatientRef
+    visit_number: str  # business id shared by both surfaces (FHIR identifier urn:redox:<slug>:VN)
+    account_number: str | None
+    status: Literal["planned", "arrived", "in-progress", "finished", "cancelled", "entered-in-error"]
+    class_code: Literal["AMB", "IMP", "EMER", "OBSENC", "VR", "HH"]  # v3 ActCode
+    type: Coding  # CPT or SNOMED visit type
+    start_at: datetime
+    end_at: datetime | None
+    location: Location
+    attending: Provider
+    reason: Coding | None  # ICD-10
+    discharge_disposition: Coding | None
+
+
+@dataclass(slots=True)
+class ResultRecord(RecordBase):
+    patient: PatientRef
+    visit_number: str | None
+    order_id: str  # accession / order number (Data Model Orders[].ID)
+    result_id: str  # business id "<order_id>-<code>" (FHIR Observation.identifier)
+    category: Literal["laboratory", "vital-signs"]
+    panel: Coding  # ordered procedure (Data Model Orders[].Procedure), LOINC
+    code: Coding  # LOINC of this observation
+    value_type: Literal["Numeric", "String", "Coded Entry"]
+    value_numeric: float | None
+    value_text: str | None  # for String / Coded Entry (and the string form of numeric values)
+    unit: str | None  # UCUM
+    reference_low: float | None
+    reference_high: float | None
+    reference_text: str | None
+    abnormal_flag: Literal["H", "L", "HH", "LL", "A", "N"] | None
+    status: Literal["final", "preliminary", "corrected", "cancelled", "entered-in-error"]
+    effective_at: datetime
+    issued_at: datetime | None
+    performer: Provider | None
+    producer: str | None  # performing lab name
+
+
+@dataclass(slots=True)
+class MedicationRecord(RecordBase):
+    patient: PatientRef
+    visit_number: str | None
+    order_id: str  # medication order number (Data Model Order.ID)
+    kind: Literal["request", "statement"]  # FHIR MedicationRequest vs MedicationStatement
+    status: Literal["active", "completed", "stopped", "on-hold", "cancelled", "entered-in-error"]
+    intent: str | None  # MedicationRequest.intent ("order"); None for statements
+    code: Coding  # RxNorm
+    dose_quantity: float | None
+    dose_unit: str | None
+    route: Coding | None  # SNOMED route
+    frequency_period: float | None  # e.g. 8 with unit "h" -> every 8 hours
+    frequency_unit: str | None
+    start_at: datetime | None
+    end_at: datetime | None
+    prescriber: Provider | None
+
+
+@dataclass(slots=True)
+class AppointmentRecord(RecordBase):
+    patient: PatientRef
+    visit_number: str  # scheduling visit number (the appointment id both surfaces carry)
+    status: Literal["proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow", "entered-in-error"]
+    start_at: datetime
+    duration_minutes: int
+    type: Coding
+    reason: str | None
+    provider: Provider
+    location: Location
+    cancel_reason: str | None = None
+    rescheduled_from: str | None = None  # old visit number when this one replaced another
+
+
+@dataclass(slots=True)
+class DocumentRecord(RecordBase):
+    patient: PatientRef
+    visit_number: str | None
+    document_id: str  # business id (Data Model Document.ID / DocumentID)
+    kind: Literal["note", "cda"]
+    type: Coding  # LOINC document type, e.g. 11506-3 Progress note, 34133-9 Summary of episode note
+    title: str
+    status: Literal["current", "superseded", "entered-in-error"]
+    authored_at: datetime
+    author: Provider
+    content_type: str  # "text/plain" or "application/xml"
+    content: bytes = field(repr=False, default=b"")  # note text or C-CDA-like XML (deterministic)
+
+
+Record = PatientRecord | EncounterRecord | ResultRecord | MedicationRecord | AppointmentRecord | DocumentRecord
+
+ENTITY_RECORD_TYPES: dict[str, type] = {
+    "patients": PatientRecord,
+    "encounters": EncounterRecord,
+    "results": ResultRecord,
+    "medications": MedicationRecord,
+    "appointments": AppointmentRecord,
+    "documents": DocumentRecord,
+}
+
+# Statuses that a complete sync still holds but that `live` leaves out.
+DEAD_STATUSES = frozenset({"cancelled", "entered-in-error"})
+
+
+def is_live(record: Record) -> bool:
+    status = getattr(record, "status", None)
+    if isinstance(record, PatientRecord):
+        return record.active
+    return status not in DEAD_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change made by ``Population.advance``; the webhook sender turns it into events."""
+
+    entity: str  # one of ENTITIES
+    kind: Literal["new", "update", "cancel"]  # cancel = cancelled or entered-in-error
+    record: Record
+    previous_status: str | None = None

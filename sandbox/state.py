@@ -1,0 +1,119 @@
+"""Everything one running sandbox holds, shared by its route modules.
+
+Route modules (``sandbox.auth``, ``sandbox.fhir.routes``, ``sandbox.datamodel.routes``,
+``sandbox.control``) each expose ``routes(state) -> list[BaseRoute]``; ``sandbox.app``
+composes them. Nothing here is Redox-shaped; it is the sandbox's own plumbing.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sandbox.config import ConnectionSpec, SandboxConfig
+
+if TYPE_CHECKING:
+    from sandbox.auth import AuthServer
+    from sandbox.faults import Faults
+    from sandbox.population.store import RecordStore
+    from sandbox.webhooks import WebhookSender
+
+
+@dataclass
+class WriteRecord:
+    kind: str  # "orders" | "appointments"
+    order_id: str  # order id, or the appointment's visit number
+    connection_id: str
+    surface: str  # "fhir" | "datamodel"
+    idempotency_key: str | None
+    event: str  # e.g. "Order-New", "Scheduling-Cancel"
+    payload: dict[str, Any]
+    received_at: str
+    duplicate: bool  # same idempotency key, or same (id, event, payload) seen before
+
+    def to_json(self) -> dict[str, Any]:
+        d = {
+            "order_id": self.order_id,
+            "connection_id": self.connection_id,
+            "surface": self.surface,
+            "idempotency_key": self.idempotency_key,
+            "event": self.event,
+            "payload": self.payload,
+            "received_at": self.received_at,
+            "duplicate": self.duplicate,
+        }
+        if self.kind == "appointments":
+            d["appointment_id"] = self.order_id
+        return d
+
+
+@dataclass
+class WriteLog:
+    """Every accepted write-back, duplicates included, so tests can count them."""
+
+    writes: list[WriteRecord] = field(default_factory=list)
+    _seen: set[tuple] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(
+        self,
+        kind: str,
+        order_id: str,
+        connection_id: str,
+        surface: str,
+        idempotency_key: str | None,
+        event: str,
+        payload: dict[str, Any],
+        fingerprint: str,
+    ) -> WriteRecord:
+        """Store one accepted write. ``fingerprint`` identifies the logical write
+        (e.g. a hash of the business content) for duplicate detection when no
+        idempotency key is sent."""
+        with self._lock:
+            keys = {("fp", connection_id, kind, order_id, event, fingerprint)}
+            if idempotency_key:
+                keys.add(("ik", connection_id, idempotency_key))
+            duplicate = bool(keys & self._seen)
+            self._seen |= keys
+            w = WriteRecord(
+                kind=kind,
+                order_id=order_id,
+                connection_id=connection_id,
+                surface=surface,
+                idempotency_key=idempotency_key,
+                event=event,
+                payload=payload,
+                received_at=datetime.now(UTC).isoformat(),
+                duplicate=duplicate,
+            )
+            self.writes.append(w)
+            return w
+
+    def to_json(self) -> dict[str, list[dict[str, Any]]]:
+        with self._lock:
+            out: dict[str, list[dict[str, Any]]] = {"orders": [], "appointments": []}
+            for w in self.writes:
+                out[w.kind].append(w.to_json())
+            return out
+
+
+@dataclass
+class SandboxState:
+    config: SandboxConfig
+    store: RecordStore
+    auth: AuthServer
+    faults: Faults
+    webhooks: WebhookSender
+    writes: WriteLog = field(default_factory=WriteLog)
+    base_url: str = ""  # e.g. http://127.0.0.1:8123, set once the server is bound
+
+    def connection_by_slug(self, slug: str) -> ConnectionSpec | None:
+        return next((c for c in self.config.connections if c.slug == slug), None)
+
+    def connection_by_destination(self, destination_id: str) -> ConnectionSpec | None:
+        return next((c for c in self.config.connections if c.destination_id == destination_id), None)
+
+    def fhir_base_url(self, conn: ConnectionSpec) -> str:
+        return f"{self.base_url}/fhir/R4/{conn.slug}/{self.config.environment}"
