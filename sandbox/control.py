@@ -142,7 +142,8 @@ def routes(state: SandboxState) -> list[BaseRoute]:
         try:
             body = await _body(request)
             revoke = bool(body.pop("revoke_tokens", False))
-            snapshot = state.faults.set(body)
+            # {"revoke_tokens": true} alone revokes; it must not clear the faults as {} would.
+            snapshot = state.faults.set(body) if (body or not revoke) else state.faults.snapshot()
         except ValueError as exc:
             return _error(str(exc))
         if revoke:
