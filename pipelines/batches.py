@@ -61,6 +61,7 @@ class EntityBatcher:
         client: Any = None,
         landing: RawLanding | None = None,
         batch_rows: int = BATCH_ROWS,
+        content_index: dict[tuple[str, str], str] | None = None,
     ) -> None:
         self.entity = entity
         self.connection_id = connection_id
@@ -68,6 +69,8 @@ class EntityBatcher:
         self.client = client
         self.landing = landing
         self.batch_rows = batch_rows
+        # Renormalization: document content comes from the landing's index, never the API.
+        self.content_index = content_index
         self.schema = staged_schema(entity)
         self.rows: list[dict[str, Any]] = []
         self.quarantined: list[dict[str, Any]] = []
@@ -98,8 +101,15 @@ class EntityBatcher:
         content = row.pop("content", None)
         content_url = row.pop("content_url", None)
         if self.entity == "documents" and self.landing is not None:
-            if content is None and content_url and self.client is not None:
+            if content is None and content_url and self.content_index is not None:
+                digest = self.content_index.get((self.connection_id, content_url))
+                if digest and self.landing.document_path(digest).exists():
+                    row["content_sha256"] = digest
+                    row["content_bytes"] = self.landing.document_path(digest).stat().st_size
+            elif content is None and content_url and self.client is not None:
                 content = self.client.fetch_document_content(content_url)
+                digest = self.landing.store_document(content)
+                self.landing.index_content(self.connection_id, content_url, digest)
             if content is not None:
                 row["content_sha256"] = self.landing.store_document(content)
                 row["content_bytes"] = len(content)

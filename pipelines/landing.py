@@ -24,6 +24,7 @@ from pathlib import Path
 
 _SEQ = itertools.count()
 _SEQ_LOCK = threading.Lock()
+_INDEX_LOCK = threading.Lock()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -94,6 +95,25 @@ class RawLanding:
         if not path.exists():
             _atomic_write(path, content)
         return digest
+
+    def index_content(self, connection_id: str, url: str, digest: str) -> None:
+        """Remember which document URL held which content, so renormalization can
+        restore content hashes without fetching again. Append-only, one line per fetch."""
+        line = f"{connection_id}\t{url}\t{digest}\n".encode()
+        path = self.root / "documents" / "index.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _INDEX_LOCK, open(path, "ab") as fh:
+            fh.write(line)
+
+    def content_index(self) -> dict[tuple[str, str], str]:
+        path = self.root / "documents" / "index.tsv"
+        out: dict[tuple[str, str], str] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                parts = line.split("\t")
+                if len(parts) == 3:  # a line cut by a kill mid-write is skipped
+                    out[(parts[0], parts[1])] = parts[2]
+        return out
 
     def document_path(self, digest: str) -> Path:
         return self.root / "documents" / "sha256" / digest[:2] / digest

@@ -131,7 +131,7 @@ def _publish_identity(con: duckdb.DuckDBPyConnection, connection_id: str) -> Non
         f"""INSERT INTO {MODEL_SCHEMA}.patient_identifiers
         WITH p AS ({rows}), ids AS ({unpivot})
         SELECT connection_id, id_system, id_value,
-               arg_max(patient_key, source_updated_at) AS patient_key,
+               arg_max(patient_key, coalesce(source_updated_at, TIMESTAMPTZ '1970-01-01 00:00:00+00')) AS patient_key,
                id_system AS id_type,
                CASE WHEN count(DISTINCT source_surface) > 1 THEN 'both' ELSE min(source_surface) END,
                min(ingested_at), max(ingested_at)

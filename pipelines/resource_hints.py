@@ -27,6 +27,9 @@ def staged_resource_hints(surface: str, entity: str) -> dict[str, Any]:
         "table_name": staged_table_name(surface, entity),
         "write_disposition": "merge",
         "primary_key": staged_key(entity),
+        # The same record can arrive twice in one load (window boundaries, a query and an
+        # event): keep its most recent version.
+        "columns": {"source_updated_at": {"dedup_sort": "desc"}},
         "parallelized": True,
     }
 

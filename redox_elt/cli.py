@@ -66,12 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     from resources.cli import register as register_auth_verbs
 
     register_auth_verbs(sub)
-    try:
-        from pipelines.cli import register as register_pipeline_verbs
-    except ImportError:  # the extraction layer is optional until it lands
-        register_pipeline_verbs = None
-    if register_pipeline_verbs is not None:
-        register_pipeline_verbs(sub)
+    from pipelines.cli import register as register_pipeline_verbs
+
+    register_pipeline_verbs(sub)
     return parser
 
 

@@ -292,12 +292,13 @@ def load_audit_into_duckdb(jsonl_path: str | os.PathLike[str], warehouse: Any) -
     con, opened = _connect(warehouse)
     try:
         con.execute(_DDL)
-        row = con.execute(f"select max(seq) from {TABLE}").fetchone()
-        max_seq = int(row[0]) if row and row[0] is not None else 0
+        # fetchall, not fetchone: DuckDB 2.0 keeps a half-read result open on the connection.
+        (row,) = con.execute(f"select max(seq) from {TABLE}").fetchall()
+        max_seq = int(row[0]) if row[0] is not None else 0
         if max_seq and records:
             file_hash = next((r["hash"] for r in records if r["seq"] == max_seq), None)
             if file_hash is not None:
-                table_hash = con.execute(f"select hash from {TABLE} where seq = ? limit 1", [max_seq]).fetchone()[0]
+                table_hash = con.execute(f"select hash from {TABLE} where seq = ? limit 1", [max_seq]).fetchall()[0][0]
                 if table_hash != file_hash:
                     raise AuditError(
                         f"audit file {path} does not continue the chain in {TABLE} (record seq {max_seq} differs); "
@@ -355,7 +356,18 @@ def verify_audit(warehouse: Any) -> VerifyResult:
 
     Returns ``(ok, first_bad_seq, reason)`` (a VerifyResult, which also unpacks that way).
     """
-    con, opened = _connect(warehouse, read_only=True) if isinstance(warehouse, str | os.PathLike) else (warehouse, False)
+    import duckdb
+
+    if isinstance(warehouse, str | os.PathLike):
+        path = Path(warehouse).expanduser()
+        if not path.exists():
+            return VerifyResult(False, None, f"no warehouse at {path}", 0)
+        try:
+            con, opened = duckdb.connect(str(path), read_only=True), True
+        except duckdb.Error as exc:
+            return VerifyResult(False, None, f"cannot open {path} ({type(exc).__name__}: {str(exc)[:200]})", 0)
+    else:
+        con, opened = warehouse, False
     try:
         try:
             cursor = con.execute(_SELECT)

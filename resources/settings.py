@@ -35,6 +35,7 @@ Every error is a ``ConfigError`` naming the field, e.g.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -142,10 +143,8 @@ class Settings:
         """The file form: plain YAML-able values, audit path relative to the file when possible."""
         audit_path: Path | str = self.audit.path
         if self.source_path is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 audit_path = self.audit.path.relative_to(self.source_path.parent.resolve())
-            except ValueError:
-                pass
         auth: dict[str, Any] = {"client_id": self.auth.client_id, "key_ring": self.auth.key_ring}
         if self.auth.legacy_api_key:
             auth["legacy_api_key"] = self.auth.legacy_api_key

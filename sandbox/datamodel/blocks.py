@@ -156,7 +156,9 @@ def derived_id(*parts: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, ":".join(parts)))
 
 
-def event_meta(data_model: str, event_type: str, conn: ConnectionSpec, event_time: datetime) -> dict[str, Any]:
+def event_meta(
+    data_model: str, event_type: str, conn: ConnectionSpec, event_time: datetime
+) -> dict[str, Any]:
     """``Meta`` of an event the connection's EHR sends (webhooks): Source = the EHR."""
     return {
         "DataModel": data_model,
@@ -182,7 +184,13 @@ def empty_address() -> dict[str, None]:
 def location_block(loc: Location | None) -> dict[str, Any]:
     if loc is None:
         return {"Type": None, "Facility": None, "Department": None, "Room": None, "Bed": None}
-    return {"Type": loc.type, "Facility": loc.facility, "Department": loc.department, "Room": loc.room, "Bed": loc.bed}
+    return {
+        "Type": loc.type,
+        "Facility": loc.facility,
+        "Department": loc.department,
+        "Room": loc.room,
+        "Bed": loc.bed,
+    }
 
 
 def provider_block(p: Provider | None) -> dict[str, Any]:
@@ -242,7 +250,9 @@ def demographics(p: PatientRecord) -> dict[str, Any]:
     }
 
 
-def patient_block(conn: ConnectionSpec, ref: PatientRef | None = None, patient: PatientRecord | None = None) -> dict:
+def patient_block(
+    conn: ConnectionSpec, ref: PatientRef | None = None, patient: PatientRecord | None = None
+) -> dict:
     """The ``Patient`` object. Without the patient record (a pure event render) only the
     MR from the record's ``PatientRef`` is known, which is all Redox requires."""
     if patient is None:

@@ -140,7 +140,11 @@ def result_entry(r: ResultRecord) -> dict[str, Any]:
         "PrimaryResultsInterpreter": provider_block(None),
         "Producer": {"ID": None, "Name": r.producer, "IDType": None, "Address": empty_address()},
         "Performer": provider_block(r.performer),
-        "ReferenceRange": {"Low": number(r.reference_low), "High": number(r.reference_high), "Text": r.reference_text},
+        "ReferenceRange": {
+            "Low": number(r.reference_low),
+            "High": number(r.reference_high),
+            "Text": r.reference_text,
+        },
         "ObservationMethod": {"Code": None, "Codeset": None, "Description": None},
     }
 
@@ -197,7 +201,14 @@ def appointment_info(a: AppointmentRecord) -> list[dict[str, Any]]:
     """The appointment type keeps its code here (``Visit.Type`` is free text)."""
     info = [{**code_description(a.type), "Value": a.type.code}]
     if a.rescheduled_from:
-        info.append({"Code": "OldVisitNumber", "Codeset": None, "Description": "Rescheduled from", "Value": a.rescheduled_from})
+        info.append(
+            {
+                "Code": "OldVisitNumber",
+                "Codeset": None,
+                "Description": "Rescheduled from",
+                "Value": a.rescheduled_from,
+            }
+        )
     return info
 
 
@@ -241,6 +252,8 @@ def note_block(d: DocumentRecord) -> dict[str, Any]:
         "FileType": DOCUMENT_FILE_TYPES[d.kind],
         "DocumentType": d.type.display,
         "DocumentID": d.document_id,
+        # Replace events name the document they supersede; a new version keeps its id.
+        "OriginalDocumentID": d.document_id,
         "DocumentDescription": d.title,
         "ServiceDateTime": dm_datetime(d.authored_at),
         "DocumentationDateTime": dm_datetime(d.authored_at),
@@ -260,6 +273,7 @@ def media_block(d: DocumentRecord) -> dict[str, Any]:
         "FileContents": base64_content(d),
         "DocumentType": d.type.display,
         "DocumentID": d.document_id,
+        "OriginalDocumentID": d.document_id,
         "DocumentDescription": d.title,
         "CreationDateTime": dm_datetime(d.authored_at),
         "ServiceDateTime": dm_datetime(d.authored_at),
@@ -316,6 +330,9 @@ def _encounter_events(change: Change, conn: ConnectionSpec, patient: PatientReco
     enc = change.record
     assert isinstance(enc, EncounterRecord)
     block = patient_block(conn, enc.patient, patient)
+    if enc.reason is not None:
+        # PatientAdmin carries diagnoses on the patient (REDOX-REFERENCE §2.10 examples).
+        block["Diagnoses"] = [diagnosis(enc.reason, enc.start_at)]
     visit = encounter_visit(enc)
 
     def one(event: str, **meta: Any) -> dict:
@@ -502,11 +519,20 @@ def _cs_encounter(enc: EncounterRecord) -> dict[str, Any]:
         "Status": VISIT_STATUSES[enc.status],
         "Providers": [{**provider_block(enc.attending), "Role": code_system(None)}],
         "Locations": [
-            {"Address": empty_address(), "Type": code_system(None), "Name": enc.location.facility, "Identifiers": []}
+            {
+                "Address": empty_address(),
+                "Type": code_system(None),
+                "Name": enc.location.facility,
+                "Identifiers": [],
+            }
         ],
         "Diagnosis": reasons,
         "ReasonForVisit": reasons,
-        **({"DischargeDisposition": code_system(enc.discharge_disposition)} if enc.discharge_disposition else {}),
+        **(
+            {"DischargeDisposition": code_system(enc.discharge_disposition)}
+            if enc.discharge_disposition
+            else {}
+        ),
     }
 
 

@@ -22,9 +22,16 @@ from sandbox.population.store import Query, RecordStore
 
 @dataclass(frozen=True)
 class Cursor:
-    """The last record served. ``tie_position`` is its 1-based position among the records
-    of the search updated at exactly ``last_updated`` (the store orders ties by id)."""
+    """Where the previous page stopped: the last record served and where it sat.
 
+    ``offset`` is the position after that record in ``query`` (the fast path, which keeps the
+    store's cached selection warm); ``tie_position`` is its 1-based position among the search's
+    records updated at exactly ``last_updated`` (the store orders ties by id), which locates it
+    again in a query floored at ``last_updated`` if records before it changed meanwhile.
+    """
+
+    query: Query
+    offset: int
     last_updated: datetime
     last_id: str
     tie_position: int
@@ -63,6 +70,23 @@ def _locate(store: RecordStore, query: Query, cursor: Cursor) -> int:
     return offset
 
 
+def _resume(
+    store: RecordStore, plan: SearchPlan, cursor: Cursor, batch: int
+) -> tuple[Query, int, int, list[Record]]:
+    """(query, offset, tie position, rows from offset) to continue after ``cursor``."""
+    rows = store.page(cursor.query, cursor.offset - 1, batch + 1)
+    if rows and _key(rows[0]) == cursor.key:
+        return cursor.query, cursor.offset, cursor.tie_position, rows[1:]
+    assert plan.query is not None
+    floored = with_updated_floor(plan.query, cursor.last_updated)
+    rows = store.page(floored, cursor.tie_position - 1, batch + 1)
+    if rows and _key(rows[0]) == cursor.key:
+        return floored, cursor.tie_position, cursor.tie_position, rows[1:]
+    offset = _locate(store, floored, cursor)
+    # Everything before ``offset`` in the floored query sits in the cursor's tie group.
+    return floored, offset, offset, store.page(floored, offset, batch)
+
+
 def _count(store: RecordStore, plan: SearchPlan) -> int:
     assert plan.query is not None
     if not plan.filters:
@@ -80,33 +104,21 @@ def read_page(store: RecordStore, request: PageRequest) -> Page:
     if limit == 0:
         return Page([], total, None)
 
+    batch = limit + 1 if not plan.filters else max(2 * limit, 200)
     cursor = request.cursor
-    query, offset = plan.query, 0
     tie_updated: datetime | None = None
-    tie_position = 0
-    probe = False
-    if cursor is not None:
-        query = with_updated_floor(plan.query, cursor.last_updated)
-        offset = cursor.tie_position - 1
-        tie_updated, tie_position = cursor.last_updated, cursor.tie_position
-        probe = True
+    if cursor is None:
+        query, offset, tie_position = plan.query, 0, 0
+        rows = store.page(query, 0, batch)
+    else:
+        query, offset, tie_position, rows = _resume(store, plan, cursor, batch)
+        tie_updated = cursor.last_updated
 
-    batch = limit + 2 if not plan.filters else max(2 * limit, 200)
     matched: list[Record] = []
     last: Cursor | None = None
     more = False
     while True:
-        rows = store.page(query, offset, batch)
         exhausted = len(rows) < batch
-        if probe:
-            probe = False
-            assert cursor is not None
-            if not rows or _key(rows[0]) != cursor.key:
-                offset = _locate(store, query, cursor)
-                tie_position = offset  # everything before it sits in the cursor's tie group
-                continue
-            rows = rows[1:]
-            offset += 1
         for record in rows:
             offset += 1
             accepted = all(f(record) for f in plan.filters)
@@ -121,9 +133,10 @@ def read_page(store: RecordStore, request: PageRequest) -> Page:
                 tie_updated, tie_position = record.last_updated, 1
             if accepted:
                 matched.append(record)
-                last = Cursor(record.last_updated, record.id, tie_position)
+                last = Cursor(query, offset, record.last_updated, record.id, tie_position)
         if more or exhausted:
             break
+        rows = store.page(query, offset, batch)
     following = PageRequest(plan, last, total if plan.filters else None) if more and last else None
     return Page(matched, total, following)
 

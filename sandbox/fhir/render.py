@@ -261,7 +261,10 @@ def render_patient(r: PatientRecord, conn: ConnectionSpec) -> dict[str, Any]:
         "resourceType": "Patient",
         "id": r.id,
         "meta": meta(
-            r, [{"system": ids.V3_ACT_REASON, "code": "HTEST", "display": "test health data"}] if r.is_test else None
+            r,
+            [{"system": ids.V3_ACT_REASON, "code": "HTEST", "display": "test health data"}]
+            if r.is_test
+            else None,
         ),
     }
     extension = []
@@ -308,7 +311,10 @@ def render_patient(r: PatientRecord, conn: ConnectionSpec) -> dict[str, Any]:
         out["maritalStatus"] = status
     if r.language:
         out["communication"] = [
-            {"language": {"coding": [{"system": ids.BCP47, "code": r.language}], "text": r.language}, "preferred": True}
+            {
+                "language": {"coding": [{"system": ids.BCP47, "code": r.language}], "text": r.language},
+                "preferred": True,
+            }
         ]
     return out
 
@@ -317,7 +323,12 @@ def _omb_extension(url: str, text: str, codes: dict[str, str]) -> dict[str, Any]
     parts: list[dict[str, Any]] = []
     code = codes.get(text.lower())
     if code:
-        parts.append({"url": "ombCategory", "valueCoding": {"system": ids.CDC_RACE_ETHNICITY, "code": code, "display": text}})
+        parts.append(
+            {
+                "url": "ombCategory",
+                "valueCoding": {"system": ids.CDC_RACE_ETHNICITY, "code": code, "display": text},
+            }
+        )
     parts.append({"url": "text", "valueString": text})
     return {"url": url, "extension": parts}
 
@@ -338,12 +349,18 @@ def render_encounter(r: EncounterRecord, conn: ConnectionSpec) -> dict[str, Any]
         "contained": contained,
         "identifier": identifier,
         "status": r.status,
-        "class": {"system": ids.V3_ACT_CODE, "code": r.class_code, "display": ENCOUNTER_CLASS_DISPLAY[r.class_code]},
+        "class": {
+            "system": ids.V3_ACT_CODE,
+            "code": r.class_code,
+            "display": ENCOUNTER_CLASS_DISPLAY[r.class_code],
+        },
         "type": [concept(r.type)],
         "subject": _patient_reference(r.patient.patient_id),
         "participant": [
             {
-                "type": [{"coding": [{"system": ids.V3_PARTICIPATION_TYPE, "code": "ATND", "display": "attender"}]}],
+                "type": [
+                    {"coding": [{"system": ids.V3_PARTICIPATION_TYPE, "code": "ATND", "display": "attender"}]}
+                ],
                 "individual": practitioner_reference(r.attending, "attending"),
             }
         ],
@@ -532,10 +549,18 @@ def render_appointment(r: AppointmentRecord, conn: ConnectionSpec) -> dict[str, 
     contained = [practitioner(r.provider, "provider"), *(res for res, _ in located)]
     participant_status = "needs-action" if r.status in ("proposed", "pending") else "accepted"
     participants: list[dict[str, Any]] = [
-        {"actor": _patient_reference(r.patient.patient_id), "required": "required", "status": participant_status},
+        {
+            "actor": _patient_reference(r.patient.patient_id),
+            "required": "required",
+            "status": participant_status,
+        },
         {
             "type": [
-                {"coding": [{"system": ids.V3_PARTICIPATION_TYPE, "code": "PPRF", "display": "primary performer"}]}
+                {
+                    "coding": [
+                        {"system": ids.V3_PARTICIPATION_TYPE, "code": "PPRF", "display": "primary performer"}
+                    ]
+                }
             ],
             "actor": practitioner_reference(r.provider, "provider"),
             "required": "required",
@@ -585,7 +610,11 @@ def render_document(r: DocumentRecord, conn: ConnectionSpec) -> dict[str, Any]:
         "docStatus": "final",
         "type": concept(r.type),
         "category": [
-            {"coding": [{"system": ids.DOCUMENT_CATEGORY, "code": "clinical-note", "display": "Clinical Note"}]},
+            {
+                "coding": [
+                    {"system": ids.DOCUMENT_CATEGORY, "code": "clinical-note", "display": "Clinical Note"}
+                ]
+            },
             {"coding": [{"system": ids.DOCUMENT_KIND, "code": kind_code, "display": kind_display}]},
         ],
         "subject": _patient_reference(r.patient.patient_id),

@@ -51,17 +51,38 @@ DATE_ALIASES = frozenset({"date", "effective", "authoredon"})
 # One of these sets must be present (REDOX-REFERENCE §3.3); `_lastUpdated`/`date` always satisfy.
 REQUIRED: dict[str, tuple[frozenset[str], ...]] = {
     "Patient": (frozenset({"_id"}), frozenset({"identifier"}), frozenset({"given", "family", "birthdate"})),
-    "Encounter": tuple(frozenset({p}) for p in ("_id", "status", "identifier", "patient", "patient.identifier")),
+    "Encounter": tuple(
+        frozenset({p}) for p in ("_id", "status", "identifier", "patient", "patient.identifier")
+    ),
     "MedicationRequest": tuple(frozenset({p}) for p in ("_id", "patient", "patient.identifier")),
     "MedicationStatement": tuple(frozenset({p}) for p in ("_id", "patient", "patient.identifier")),
 }
 # FHIR status value sets per resource type (what a client may send).
 STATUS_VALUES: dict[str, frozenset[str]] = {
     "Encounter": frozenset(
-        {"planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled", "entered-in-error", "unknown"}
+        {
+            "planned",
+            "arrived",
+            "triaged",
+            "in-progress",
+            "onleave",
+            "finished",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
     ),
     "Observation": frozenset(
-        {"registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown"}
+        {
+            "registered",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
     ),
     "MedicationRequest": frozenset(
         {"active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"}
@@ -265,7 +286,9 @@ def parse_search(
     grouped: dict[str, list[str]] = {}
     for name, value in params:
         if name not in allowed:
-            raise SearchError(f"unknown or unsupported search parameter '{name}' for {resource_type}", "not-supported")
+            raise SearchError(
+                f"unknown or unsupported search parameter '{name}' for {resource_type}", "not-supported"
+            )
         grouped.setdefault(name, []).append(value)
     _check_required(resource_type, grouped)
 
@@ -329,28 +352,23 @@ def parse_search(
             if len(flags) > 1:
                 empty = True
             statuses = ["active" if flags.pop() else "inactive"]
-        elif name == "category" and resource_type == "Observation":
-            wanted_categories = {"laboratory", "vital-signs"}
+        elif name == "category":
+            # Observation: laboratory | vital-signs; DocumentReference: note | cda (Query.category).
+            wanted_categories = set(_CATEGORY_CODES[resource_type])
             for v in values:
-                wanted_categories &= {
-                    code
-                    for system, code in map(_token, _split(v))
-                    if system in (None, "", ids.OBSERVATION_CATEGORY)
-                }
+                wanted_categories &= _categories(resource_type, v)
             if not wanted_categories:
                 empty = True
             elif len(wanted_categories) == 1:
                 category = next(iter(wanted_categories))
-        elif name == "category":  # DocumentReference
-            filters.extend(_document_category(v) for v in values)
         elif name in ("code", "type"):
             filters.extend(_coding_filter(v, name) for v in values)
         elif name == "intent":
             filters.extend(lambda r, w=frozenset(_split(v)): (r.intent or "order") in w for v in values)
         elif name == "gender":
             filters.extend(lambda r, w=frozenset(_split(v)): r.sex in w for v in values)
-        elif name in ("given", "family", "birthdate"):
-            continue  # resolved together below
+        elif name in ("given", "family", "birthdate", "_count"):
+            continue  # resolved together below / already read
         else:
             filters.extend(_patient_filter(name, v) for v in values)
 
@@ -389,13 +407,17 @@ def _check_required(resource_type: str, grouped: dict[str, list[str]]) -> None:
     if not options or any(option <= present for option in options):
         return
     described = " | ".join("+".join(sorted(o)) for o in options)
-    raise SearchError(f"{resource_type} search requires one of: {described} (or _lastUpdated / date)", "required")
+    raise SearchError(
+        f"{resource_type} search requires one of: {described} (or _lastUpdated / date)", "required"
+    )
 
 
 def _statuses(resource_type: str, values: list[str]) -> list[str]:
     known = STATUS_VALUES.get(resource_type)
     if known is None:
-        raise SearchError(f"unknown or unsupported search parameter 'status' for {resource_type}", "not-supported")
+        raise SearchError(
+            f"unknown or unsupported search parameter 'status' for {resource_type}", "not-supported"
+        )
     out: list[str] = []
     for v in values:
         for item in _split(v):
@@ -423,15 +445,25 @@ def _coding_filter(raw: str, attribute: str) -> Predicate:
     return matches
 
 
-def _document_category(raw: str) -> Predicate:
-    kinds: set[str] = set()
+_CATEGORY_CODES: dict[str, tuple[str, ...]] = {
+    "Observation": ("laboratory", "vital-signs"),
+    "DocumentReference": ("note", "cda"),
+}
+
+
+def _categories(resource_type: str, raw: str) -> set[str]:
+    """The canonical categories a comma list of category tokens selects."""
+    out: set[str] = set()
     for item in _split(raw):
         system, code = _token(item)
-        if system in (None, "", ids.DOCUMENT_KIND) and code.lower() in ("cda", "note"):
-            kinds.add(code.lower())
+        if resource_type == "Observation":
+            if system in (None, "", ids.OBSERVATION_CATEGORY) and code in _CATEGORY_CODES[resource_type]:
+                out.add(code)
+        elif system in (None, "", ids.DOCUMENT_KIND) and code.lower() in ("cda", "note"):
+            out.add(code.lower())
         elif system in (None, "", ids.DOCUMENT_CATEGORY) and code == "clinical-note":
-            kinds |= {"cda", "note"}
-    return lambda r: r.kind in kinds
+            out |= {"cda", "note"}
+    return out
 
 
 def _digits(value: str | None) -> str:

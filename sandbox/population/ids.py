@@ -24,6 +24,9 @@ M60 = (1 << 60) - 1
 _C1 = 0xBF58476D1CE4E5B9
 _C2 = 0x94D049BB133111EB
 _VERSION_MASK = ~0xF000 & M64
+# Odd multiplier (a bijection modulo 2**48) so consecutive rows get unrelated-looking id tails.
+_A48 = 0x5DEECE66D1F5
+_A48_INV = pow(_A48, -1, 1 << 48)
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -74,7 +77,7 @@ def id_high_np(keys: np.ndarray) -> np.ndarray:
 def encode_uuid(key: int, index: int, mask: int) -> str:
     hi = id_high(key)
     variant = 0x8 | (key & 0x3)
-    lo = (variant << 60) | (((key >> 2) & 0xFFF) << 48) | ((index ^ mask) & M48)
+    lo = (variant << 60) | (((key >> 2) & 0xFFF) << 48) | (((index * _A48) & M48) ^ (mask & M48))
     h = f"{hi:016x}{lo:016x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -85,7 +88,7 @@ def decode_uuid_index(value: str, mask: int) -> int | None:
     h = value.replace("-", "").lower()
     if len(value) != 36 or not _HEX32.match(h):
         return None
-    return (int(h[16:], 16) & M48) ^ (mask & M48)
+    return (((int(h[16:], 16) & M48) ^ (mask & M48)) * _A48_INV) & M48
 
 
 class DecimalCode:

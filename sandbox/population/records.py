@@ -159,7 +159,9 @@ class MedicationRecord(RecordBase):
 class AppointmentRecord(RecordBase):
     patient: PatientRef
     visit_number: str  # scheduling visit number (the appointment id both surfaces carry)
-    status: Literal["proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow", "entered-in-error"]
+    status: Literal[
+        "proposed", "pending", "booked", "arrived", "fulfilled", "cancelled", "noshow", "entered-in-error"
+    ]
     start_at: datetime
     duration_minutes: int
     type: Coding
@@ -185,7 +187,9 @@ class DocumentRecord(RecordBase):
     content: bytes = field(repr=False, default=b"")  # note text or C-CDA-like XML (deterministic)
 
 
-Record = PatientRecord | EncounterRecord | ResultRecord | MedicationRecord | AppointmentRecord | DocumentRecord
+Record = (
+    PatientRecord | EncounterRecord | ResultRecord | MedicationRecord | AppointmentRecord | DocumentRecord
+)
 
 ENTITY_RECORD_TYPES: dict[str, type] = {
     "patients": PatientRecord,

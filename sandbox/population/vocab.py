@@ -89,7 +89,18 @@ STREET_NAMES: tuple[str, ...] = (
     "Sunset", "Highland", "Meadow", "Forest", "Spring", "Church", "Mill", "Prospect", "Ridge", "Valley",
     "Amber", "Ethan", "Old Sauk", "Fairchild", "Jackson", "Center", "Union", "Broad", "Market", "Grove",
 )  # fmt: skip
-STREET_SUFFIXES: tuple[str, ...] = ("Street", "Avenue", "Road", "Drive", "Lane", "Court", "Way", "Terrace", "Place", "Boulevard")
+STREET_SUFFIXES: tuple[str, ...] = (
+    "Street",
+    "Avenue",
+    "Road",
+    "Drive",
+    "Lane",
+    "Court",
+    "Way",
+    "Terrace",
+    "Place",
+    "Boulevard",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +334,14 @@ DISCHARGE_DISPOSITIONS: tuple[tuple[Coding, float], ...] = (
     (Coding(DISCHARGE_DISPOSITION_SYSTEM, "hosp", "Hospice"), 0.02),
     (Coding(DISCHARGE_DISPOSITION_SYSTEM, "exp", "Expired"), 0.01),
 )
-CLINIC_DEPARTMENTS: tuple[str, ...] = ("Family Medicine", "Internal Medicine", "Cardiology", "Endocrinology", "Orthopedics", "Dermatology")
+CLINIC_DEPARTMENTS: tuple[str, ...] = (
+    "Family Medicine",
+    "Internal Medicine",
+    "Cardiology",
+    "Endocrinology",
+    "Orthopedics",
+    "Dermatology",
+)
 INPATIENT_DEPARTMENTS: tuple[str, ...] = ("3S", "3N", "4W", "ICU")
 
 # ---------------------------------------------------------------- results
@@ -353,12 +371,16 @@ class Panel:
     turnaround_s: tuple[int, int]  # collection to result
 
 
-def _a(code: str, display: str, unit: str | None, low, high, mean, sd, decimals, crit_low=None, crit_high=None):
+def _a(
+    code: str, display: str, unit: str | None, low, high, mean, sd, decimals, crit_low=None, crit_high=None
+):
     return Analyte(Coding(LOINC, code, display), unit, low, high, mean, sd, decimals, crit_low, crit_high)
 
 
 def _t(code: str, display: str, values: tuple[str, ...], value_type: str = "Coded Entry"):
-    return Analyte(Coding(LOINC, code, display), None, None, None, 0.0, 0.0, 0, text_values=values, value_type=value_type)
+    return Analyte(
+        Coding(LOINC, code, display), None, None, None, 0.0, 0.0, 0, text_values=values, value_type=value_type
+    )
 
 
 LAB_PANELS: tuple[Panel, ...] = (
@@ -403,7 +425,9 @@ LAB_PANELS: tuple[Panel, ...] = (
 )  # fmt: skip
 
 VITALS_PANEL = Panel(
-    Coding(LOINC, "85353-1", "Vital signs, weight, height, head circumference, oxygen saturation and BMI panel"),
+    Coding(
+        LOINC, "85353-1", "Vital signs, weight, height, head circumference, oxygen saturation and BMI panel"
+    ),
     "vital-signs",
     (
         _a("8867-4", "Heart rate", "/min", 60.0, 100.0, 76.0, 12.0, 0, 40.0, 150.0),
@@ -412,7 +436,18 @@ VITALS_PANEL = Panel(
         _a("8310-5", "Body temperature", "Cel", 36.1, 37.5, 36.8, 0.4, 1, 35.0, 40.0),
         _a("29463-7", "Body weight", "kg", None, None, 78.0, 18.0, 1),
         _a("8302-2", "Body height", "cm", None, None, 170.0, 10.0, 1),
-        _a("59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry", "%", 95.0, 100.0, 97.5, 1.6, 0, 88.0, None),
+        _a(
+            "59408-5",
+            "Oxygen saturation in Arterial blood by Pulse oximetry",
+            "%",
+            95.0,
+            100.0,
+            97.5,
+            1.6,
+            0,
+            88.0,
+            None,
+        ),
         _a("9279-1", "Respiratory rate", "/min", 12.0, 20.0, 16.0, 2.5, 0, 8.0, 30.0),
     ),
     0.0,
@@ -484,7 +519,13 @@ APPOINTMENT_REASONS: tuple[str, ...] = (
     "Pre-operative evaluation", "Well child visit",
 )  # fmt: skip
 APPOINTMENT_DURATIONS: tuple[int, ...] = (15, 20, 30, 30, 45, 60)
-CANCEL_REASONS: tuple[str, ...] = ("Patient request", "Provider unavailable", "Scheduling conflict", "Weather", "Rescheduled")
+CANCEL_REASONS: tuple[str, ...] = (
+    "Patient request",
+    "Provider unavailable",
+    "Scheduling conflict",
+    "Weather",
+    "Rescheduled",
+)
 
 # ---------------------------------------------------------------- documents
 

@@ -1,0 +1,133 @@
+"""CLI verbs of the extraction layer: ``sync``, ``demo``, ``renormalize``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipelines.sync_context import SyncWindow
+
+
+def _parse_instant(value: str | None, flag: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise SystemExit(f"redox-elt: {flag}: not an ISO-8601 date or time: {value!r}") from None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"redox-elt sync {report.run_id[:8]} ({elapsed:.1f} s)")
+    table.add_column("connection")
+    table.add_column("entity")
+    table.add_column("extracted", justify="right")
+    table.add_column("in warehouse", justify="right")
+    table.add_column("quarantined", justify="right")
+    table.add_column("time (s)", justify="right")
+    for conn in report.connections:
+        if conn.error:
+            table.add_row(conn.connection_id, "-", "-", "-", "-", f"FAILED: {conn.error}")
+            continue
+        total_s = sum(conn.seconds.values())
+        entities = sorted(set(conn.extracted) | set(conn.published) - {"patient_identifiers"})
+        for i, entity in enumerate(entities):
+            table.add_row(
+                conn.connection_id if i == 0 else "",
+                entity,
+                str(conn.extracted.get(entity, 0)),
+                str(conn.published.get(entity, 0)),
+                str(conn.quarantined.get("all", 0)) if i == 0 else "",
+                f"{total_s:.1f}" if i == 0 else "",
+            )
+    Console(file=stream).print(table)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from pipelines.sync import run_sync
+    from pipelines.warehouse import WarehouseBusy, WarehousePaths
+    from resources.settings import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+        window = SyncWindow(_parse_instant(args.since, "--since"), _parse_instant(args.until, "--until"))
+        for cid in args.connection or []:
+            settings.connection(cid)
+    except (ConfigError, ValueError, KeyError) as exc:
+        print(f"redox-elt sync: {exc}", file=sys.stderr)
+        return 2
+    paths = WarehousePaths.at(args.warehouse, args.destination)
+    started = time.monotonic()
+    try:
+        report = run_sync(settings, paths, connection_ids=args.connection, window=window, caller="cli")
+    except WarehouseBusy as exc:
+        print(f"redox-elt sync: {exc}", file=sys.stderr)
+        return 3
+    _print_summary(report, time.monotonic() - started)
+    return 0 if report.ok else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipelines.sync import run_sync
+    from pipelines.warehouse import WarehousePaths
+    from resources.onboarding import connect_sandbox
+    from resources.settings import load_settings
+    from sandbox.config import load_config
+    from sandbox.server import SandboxServer
+
+    config = load_config(None, patients=args.patients, seed=args.seed)
+    paths = WarehousePaths.at(args.warehouse, args.destination)
+    started = time.monotonic()
+    with SandboxServer(config) as server:
+        print(f"sandbox: {server.url} ({config.patients} patients, seed {config.seed})", flush=True)
+        with tempfile.TemporaryDirectory(prefix="redox-elt-demo-") as tmp:
+            cfg_path = connect_sandbox(server.url, Path(tmp) / "connections.yaml", name="redox-elt-demo")
+            settings = load_settings(cfg_path)
+            report = run_sync(settings, paths, caller="demo")
+    _print_summary(report, time.monotonic() - started)
+    print(f"warehouse: {paths.duckdb}")
+    return 0 if report.ok else 1
+
+
+def _renormalize(args: argparse.Namespace) -> int:
+    from pipelines.renormalize import renormalize
+    from pipelines.warehouse import WarehousePaths
+
+    paths = WarehousePaths.at(args.warehouse, args.destination)
+    counts = renormalize(paths, connection_ids=args.connection)
+    for conn, per in counts.items():
+        print(f"{conn}: " + ", ".join(f"{e}={n}" for e, n in sorted(per.items())))
+    return 0
+
+
+def register(sub: Any) -> None:
+    sync = sub.add_parser("sync", help="extract every connection's data into the warehouse")
+    sync.add_argument("--config", default=None, help="connections file (default: $REDOX_ELT_CONFIG)")
+    sync.add_argument("--connection", action="append", help="only this connection (repeatable)")
+    sync.add_argument("--since", default=None, help="backfill window start (ISO-8601, inclusive)")
+    sync.add_argument("--until", default=None, help="backfill window end (ISO-8601, exclusive)")
+    sync.add_argument("--destination", choices=["duckdb", "parquet"], default="duckdb")
+    sync.add_argument("--warehouse", default=None, help="DuckDB file or directory (default warehouse/redox.duckdb)")
+    sync.set_defaults(func=_sync)
+
+    demo = sub.add_parser("demo", help="start the sandbox in-process and run a full sync (the README's main job)")
+    demo.add_argument("--patients", type=int, default=1000)
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--destination", choices=["duckdb", "parquet"], default="duckdb")
+    demo.add_argument("--warehouse", default=None)
+    demo.set_defaults(func=_demo)
+
+    renorm = sub.add_parser("renormalize", help="rebuild the normalized tables from the raw landing, without the API")
+    renorm.add_argument("--connection", action="append")
+    renorm.add_argument("--destination", choices=["duckdb", "parquet"], default="duckdb")
+    renorm.add_argument("--warehouse", default=None)
+    renorm.set_defaults(func=_renormalize)

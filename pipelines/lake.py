@@ -1,0 +1,56 @@
+"""The Parquet lake: the published common model mirrored as hive-partitioned Parquet,
+``lake/redox/<entity>/connection=<id>/data_0.parquet``, readable by DuckDB with
+``read_parquet('lake/redox/results/*/*.parquet', hive_partitioning = true)``.
+
+The staged tables stay in the DuckDB file (dlt merges there; merge on plain Parquet
+would fall back to append), and each export rewrites whole connection partitions, so
+re-running never duplicates a row.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+
+from pipelines.model import ENTITIES
+from pipelines.warehouse import WarehousePaths
+
+LAKE_TABLES = tuple(f"redox.{t}" for t in (*ENTITIES, "patient_identifiers")) + ("raw.quarantine",)
+
+
+def export_lake(paths: WarehousePaths, tables: tuple[str, ...] = LAKE_TABLES) -> dict[str, int]:
+    """Rewrite every table's partitions from ``redox.*``. Returns rows written per table."""
+    written: dict[str, int] = {}
+    with duckdb.connect(str(paths.duckdb), read_only=True) as con:
+        existing = {f"{s}.{t}" for s, t in con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables").fetchall()}
+        for table in tables:
+            if table not in existing:
+                continue
+            schema, name = table.split(".")
+            target = paths.lake_root / schema / name
+            tmp = target.with_name(f".{name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            n = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            if n:
+                con.execute(
+                    f"COPY (SELECT *, connection_id AS connection FROM {table}) TO '{tmp}' "
+                    "(FORMAT parquet, PARTITION_BY (connection), COMPRESSION zstd)"
+                )
+            _swap(tmp, target)
+            written[table] = n
+    return written
+
+
+def _swap(new: Path, target: Path) -> None:
+    """Replace ``target`` with ``new``: readers see the old or the new table, never a mix."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

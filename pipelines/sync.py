@@ -1,0 +1,198 @@
+"""One sync: for each selected connection, extract both surfaces with dlt into the
+staged tables, then publish the common model. No orchestrator imports: the Dagster
+assets and the CLI both call ``sync_connection``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dlt
+import duckdb
+
+from pipelines.datamodel import datamodel_source
+from pipelines.fhir import fhir_source
+from pipelines.landing import RawLanding
+from pipelines.lake import export_lake
+from pipelines.publish import publish_connection
+from pipelines.sync_context import SyncWindow
+from pipelines.warehouse import WarehousePaths, WriterLock
+from resources.audit import AuditLog, load_audit_into_duckdb
+from resources.client import RedoxClient
+from resources.settings import ConnectionSettings, Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOOKBACK_S = 3600.0
+
+
+@dataclass
+class ConnectionReport:
+    connection_id: str
+    extracted: dict[str, int] = field(default_factory=dict)  # staged rows per entity
+    quarantined: dict[str, int] = field(default_factory=dict)
+    published: dict[str, int] = field(default_factory=dict)  # rows in redox.<entity> after publish
+    seconds: dict[str, float] = field(default_factory=dict)  # extract+load, publish
+    error: str | None = None
+
+
+@dataclass
+class SyncReport:
+    run_id: str
+    window: SyncWindow
+    connections: list[ConnectionReport] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.error is None for c in self.connections)
+
+
+def pipeline_name(connection_id: str) -> str:
+    """Distinct per connection: parallel pipelines with one name race on state."""
+    return "redox_" + re.sub(r"[^a-z0-9_]", "_", connection_id.lower())
+
+
+def _row_counts(info: Any, surfaces: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
+    extracted: dict[str, int] = {}
+    quarantined: dict[str, int] = {}
+    trace = getattr(info, "pipeline", None)
+    last = trace.last_trace if trace is not None else None
+    counts: dict[str, int] = {}
+    if last is not None and last.last_normalize_info is not None:
+        counts = dict(last.last_normalize_info.row_counts)
+    for table, n in counts.items():
+        if table == "quarantine":
+            quarantined["all"] = quarantined.get("all", 0) + n
+            continue
+        for surface in surfaces:
+            prefix = f"{surface}_"
+            if table.startswith(prefix):
+                entity = table[len(prefix) :]
+                extracted[entity] = extracted.get(entity, 0) + n
+    return extracted, quarantined
+
+
+def build_sources(
+    client: RedoxClient,
+    conn: ConnectionSettings,
+    landing: RawLanding,
+    window: SyncWindow,
+    lookback_s: float,
+) -> list[Any]:
+    sources = []
+    if "fhir" in conn.surfaces:
+        sources.append(
+            fhir_source(
+                client,
+                landing,
+                conn.id,
+                entities=tuple(conn.entities),
+                window=window,
+                page_size=conn.page_size or 200,
+                lookback_s=lookback_s,
+            )
+        )
+    if "datamodel" in conn.surfaces:
+        sources.append(
+            datamodel_source(
+                client,
+                landing,
+                conn.id,
+                entities=tuple(conn.entities),
+                window=window,
+                lookback_s=lookback_s,
+            )
+        )
+    return sources
+
+
+def sync_connection(
+    settings: Settings,
+    conn: ConnectionSettings,
+    paths: WarehousePaths,
+    *,
+    window: SyncWindow,
+    audit: AuditLog,
+    run_id: str,
+    lookback_s: float = DEFAULT_LOOKBACK_S,
+    caller: str = "cli",
+) -> ConnectionReport:
+    """Extract + load + publish one connection. The caller holds the writer lock."""
+    report = ConnectionReport(conn.id)
+    landing = RawLanding(paths.landing_root)
+    started = time.monotonic()
+    with RedoxClient(settings, conn, audit=audit, run_id=run_id, caller=caller) as client:
+        pipeline = dlt.pipeline(
+            pipeline_name=pipeline_name(conn.id),
+            destination=dlt.destinations.duckdb(str(paths.duckdb)),
+            dataset_name="raw",
+            pipelines_dir=str(paths.dlt_dir),
+        )
+        info = pipeline.run(build_sources(client, conn, landing, window, lookback_s))
+        report.extracted, report.quarantined = _row_counts(info, conn.surfaces)
+    report.seconds["extract_load"] = time.monotonic() - started
+    started = time.monotonic()
+    with duckdb.connect(str(paths.duckdb)) as con:
+        report.published = publish_connection(con, conn.id)
+    report.seconds["publish"] = time.monotonic() - started
+    return report
+
+
+def run_sync(
+    settings: Settings,
+    paths: WarehousePaths,
+    *,
+    connection_ids: Sequence[str] | None = None,
+    window: SyncWindow | None = None,
+    lookback_s: float = DEFAULT_LOOKBACK_S,
+    run_id: str | None = None,
+    caller: str = "cli",
+    on_connection: Callable[[ConnectionReport], None] | None = None,
+) -> SyncReport:
+    """Sync the selected connections (all by default) one after another under the
+    warehouse's writer lock, then load the audit trail into ``audit.api_calls``."""
+    window = window or SyncWindow()
+    run_id = run_id or uuid.uuid4().hex
+    selected = [settings.connection(c) for c in connection_ids] if connection_ids else list(settings.connections)
+    report = SyncReport(run_id=run_id, window=window)
+    with WriterLock(paths):
+        audit = AuditLog(paths.audit_log)
+        try:
+            for conn in selected:
+                try:
+                    conn_report = sync_connection(
+                        settings, conn, paths, window=window, audit=audit, run_id=run_id,
+                        lookback_s=lookback_s, caller=caller,
+                    )
+                except Exception as exc:  # noqa: BLE001 - one connection's failure must not stop the others
+                    conn_report = ConnectionReport(conn.id, error=f"{type(exc).__name__}: {_safe_message(exc)}")
+                    log.error("connection %s failed: %s", conn.id, conn_report.error)
+                report.connections.append(conn_report)
+                if on_connection:
+                    on_connection(conn_report)
+        finally:
+            audit.close()
+            load_audit_into_duckdb(paths.audit_log, paths.duckdb)
+        if paths.destination == "parquet":
+            export_lake(paths)
+    return report
+
+
+def _safe_message(exc: Exception) -> str:
+    """Our own errors are written without PHI and are shown; a library's error text can
+    echo payload values, so for those only the chain of exception types is shown."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(chain) < 5:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for e in chain:
+        if type(e).__module__.split(".")[0] in ("pipelines", "resources", "sandbox"):
+            return str(e)[:500]
+    return " <- ".join(type(e).__name__ for e in chain)

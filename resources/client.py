@@ -1,0 +1,764 @@
+"""``RedoxClient``: one connection's HTTP client for Redox's FHIR and Data Model surfaces.
+
+One pooled keep-alive ``httpx.Client`` per connection, timeouts on everything, and for every
+request, in order: the minimum-necessary check (a call outside the connection's declared
+surfaces / entities / write entities is refused before anything is sent), the connection's
+adaptive throttle, a bearer token from the shared token provider, the call, one audit record.
+Then the outcome:
+
+* 2xx with a parseable body: done (a Data Model ``Meta.Errors`` entry is a failure anyway);
+* 401: the token is dropped and the call is retried once with a new one, never more;
+* 429: the throttle halves its rate (``Retry-After`` pauses the connection when sent) and the
+  call is retried;
+* connect errors, timeouts, broken or unparseable bodies, 502/503/504 (and 500 for reads):
+  retried with exponential backoff and full jitter;
+* anything else: ``RedoxAPIError`` naming the connection, operation and status. Free text from
+  the server (which may echo patient data) is kept in ``.details``, out of the message.
+
+Writes carry an ``Idempotency-Key`` that is stable per logical write (given by the caller or
+derived from the payload), so a retried write is the same write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urljoin, urlparse
+
+import httpx
+import orjson
+
+from resources.audit import AuditLog, CallRecord, audit_context
+from resources.auth import LegacyTokenProvider, OAuthTokenProvider, TokenError, TokenProvider, token_audit
+from resources.keys import KeyRing
+from resources.settings import ConnectionSettings, Settings
+from resources.throttle import AdaptiveThrottle
+from resources.vault import Vault
+
+log = logging.getLogger(__name__)
+
+# FHIR resource types -> the common-model entity they carry (minimum necessary is per entity).
+FHIR_RESOURCE_ENTITIES: dict[str, str] = {
+    "Patient": "patients",
+    "Encounter": "encounters",
+    "Observation": "results",
+    "DiagnosticReport": "results",
+    "MedicationRequest": "medications",
+    "MedicationStatement": "medications",
+    "MedicationAdministration": "medications",
+    "Appointment": "appointments",
+    "DocumentReference": "documents",
+    "Binary": "documents",
+}
+# Directory data with no patient content, readable by any FHIR connection.
+FHIR_REFERENCE_TYPES = frozenset({"Practitioner", "PractitionerRole", "Location", "Organization"})
+# FHIR write-back operations (REDOX-REFERENCE "Decisions"): resource type -> write entity.
+FHIR_WRITE_ENTITIES: dict[str, str] = {"ServiceRequest": "orders", "Appointment": "appointments"}
+# Data Model data models -> the entities a query of that model may return.
+DATAMODEL_READ_ENTITIES: dict[str, frozenset[str]] = {
+    "PatientSearch": frozenset({"patients"}),
+    "PatientAdmin": frozenset({"patients", "encounters"}),
+    "Clinical Summary": frozenset({"patients", "encounters", "results", "medications", "documents"}),
+    "Results": frozenset({"results"}),
+    "Medications": frozenset({"medications"}),
+    "Vaccination": frozenset({"medications"}),
+    "Scheduling": frozenset({"appointments"}),
+    "Notes": frozenset({"documents"}),
+    "Media": frozenset({"documents"}),
+}
+DATAMODEL_WRITE_ENTITIES: dict[str, str] = {"Order": "orders", "Scheduling": "appointments"}
+# Data Model event types that ask for data rather than send it (REDOX-REFERENCE §2.5).
+_QUERY_EVENTS = frozenset({"Booked", "AvailableSlots", "DocumentGet"})
+
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_OPERATION = re.compile(r"^([A-Z][A-Za-z]{1,63})/\$([a-z][a-z0-9\-]{0,63})$")
+_FHIR_BASE = re.compile(r"^(?P<prefix>.*)/fhir/R4/[^/]+/[^/]+$")
+
+
+class RedoxError(Exception):
+    """Base of the client's errors. Messages never contain PHI, tokens or secrets."""
+
+
+class ScopeError(RedoxError, PermissionError):
+    """Refused before sending: the call is outside the connection's declared scope."""
+
+
+class RedoxAPIError(RedoxError):
+    """Redox answered with a failure (or did not answer) after the retries the call allows.
+
+    ``details`` holds the server's free-text diagnostics, which can echo request values: log
+    or show them only where PHI may appear.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        connection_id: str | None,
+        operation: str,
+        status_code: int | None,
+        retryable: bool = False,
+        codes: tuple[str, ...] = (),
+        details: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.connection_id = connection_id
+        self.operation = operation
+        self.status_code = status_code
+        self.retryable = retryable
+        self.codes = codes
+        self.details = details
+
+
+class RedoxAuthError(RedoxAPIError):
+    """Still 401 after one re-authentication."""
+
+
+class DataModelError(RedoxAPIError):
+    """A Data Model response carried ``Meta.Errors`` (a failure even with HTTP 200)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6  # failures other than 429
+    max_rate_limited: int = 40  # 429s per call: the throttle, not this count, is what settles them
+    base_delay_s: float = 0.25
+    max_delay_s: float = 20.0
+    deadline_s: float = 900.0  # a call gives up after this long, whatever the counts
+
+
+def _canonical_key(payload: Any) -> str:
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _count_datamodel(body: dict[str, Any]) -> int:
+    total = 0
+    for key, value in body.items():
+        if key == "Meta":
+            continue
+        if isinstance(value, list):
+            total += len(value)
+        elif isinstance(value, dict) and value:
+            total += 1
+    return total
+
+
+def _outcome_codes(body: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(issue/error codes, free-text diagnostics) from an OperationOutcome or a Data Model Meta."""
+    codes: list[str] = []
+    texts: list[str] = []
+    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
+        for issue in body.get("issue") or []:
+            if isinstance(issue, dict):
+                codes.append(f"{issue.get('severity', '?')}:{issue.get('code', '?')}")
+                if issue.get("diagnostics"):
+                    texts.append(str(issue["diagnostics"]))
+    elif isinstance(body, dict) and isinstance(body.get("Meta"), dict):
+        for error in body["Meta"].get("Errors") or []:
+            if isinstance(error, dict):
+                codes.append("/".join(str(error[k]) for k in ("Type", "Module") if error.get(k)) or "error")
+                if error.get("Text"):
+                    texts.append(str(error["Text"]))
+    return tuple(codes), tuple(texts)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP-date: rare enough that backoff covers it
+
+
+def _limit_hint(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["X-RateLimit-Limit"])
+    except (KeyError, ValueError):
+        return None
+
+
+class _Shared:
+    """Per-process state shared by every RedoxClient: vaults, token providers, throttles.
+
+    Tokens are cached per (token URL, client id) and throttles per connection, so the clients
+    a sync opens one after another reuse what the earlier ones learned.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.vaults: dict[str, Vault] = {}
+        self.providers: dict[tuple[str, ...], TokenProvider] = {}
+        self.throttles: dict[tuple[str, str], AdaptiveThrottle] = {}
+        self.legacy_warned: set[str] = set()
+        self._token_http: httpx.Client | None = None
+
+    def token_http(self) -> httpx.Client:
+        with self.lock:
+            if self._token_http is None:
+                self._token_http = httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0), headers={"User-Agent": "redox-elt"})
+            return self._token_http
+
+    def vault(self, vault: Vault | None) -> Vault:
+        if vault is not None:
+            return vault
+        fresh = Vault()
+        with self.lock:
+            return self.vaults.setdefault(str(fresh.path), fresh)
+
+    def oauth(self, settings: Settings, vault: Vault) -> OAuthTokenProvider:
+        assert settings.token_url and settings.auth.client_id
+        key = ("oauth", settings.token_url, settings.auth.client_id, str(vault.path), settings.auth.key_ring)
+        http = self.token_http()
+        with self.lock:
+            provider = self.providers.get(key)
+            if provider is None:
+                provider = OAuthTokenProvider(
+                    settings.token_url, settings.auth.client_id, KeyRing(vault, settings.auth.key_ring), http
+                )
+                self.providers[key] = provider
+            return provider  # type: ignore[return-value]
+
+    def legacy(self, settings: Settings, vault: Vault) -> LegacyTokenProvider:
+        auth = settings.auth
+        assert settings.legacy_auth_url and auth.legacy_api_key and auth.legacy_secret_ref
+        key = ("legacy", settings.legacy_auth_url, auth.legacy_api_key, str(vault.path))
+        secret_ref = auth.legacy_secret_ref
+        http = self.token_http()
+        with self.lock:
+            provider = self.providers.get(key)
+            if provider is None:
+                provider = LegacyTokenProvider(settings.legacy_auth_url, auth.legacy_api_key, lambda: vault.get(secret_ref), http)
+                self.providers[key] = provider
+            return provider  # type: ignore[return-value]
+
+    def throttle(self, conn: ConnectionSettings) -> AdaptiveThrottle:
+        key = (conn.id, conn.fhir_base_url or conn.datamodel_url or "")
+        with self.lock:
+            throttle = self.throttles.get(key)
+            if throttle is None:
+                max_rps = conn.max_rps or 200.0
+                throttle = AdaptiveThrottle(initial_rps=min(max_rps, 10.0) if conn.max_rps is None else max_rps, max_rps=max_rps)
+                self.throttles[key] = throttle
+            return throttle
+
+    def warn_legacy_once(self, conn_id: str, reason: str) -> None:
+        with self.lock:
+            if conn_id in self.legacy_warned:
+                return
+            self.legacy_warned.add(conn_id)
+        log.warning(
+            "connection %s is still on legacy API keys for the Data Model API (%s). Redox has deprecated them: "
+            "register an OAuth key (redox-elt keys generate / jwks) and set auth.client_id",
+            conn_id,
+            reason,
+        )
+
+    def reset(self) -> None:
+        """Forget cached tokens and throttles (tests; a changed config in a long-lived process)."""
+        with self.lock:
+            self.providers.clear()
+            self.throttles.clear()
+            self.vaults.clear()
+            self.legacy_warned.clear()
+
+
+SHARED = _Shared()
+
+
+class RedoxClient:
+    """The Redox API as one connection is entitled to use it. Thread-safe; use as a context manager."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        connection: ConnectionSettings | str,
+        *,
+        audit: AuditLog | None = None,
+        run_id: str | None = None,
+        caller: str | None = None,
+        vault: Vault | None = None,
+        http: httpx.Client | None = None,
+        throttle: AdaptiveThrottle | None = None,
+        fhir_tokens: TokenProvider | None = None,
+        datamodel_tokens: TokenProvider | None = None,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.conn = settings.connection(connection) if isinstance(connection, str) else connection
+        self.audit = audit if audit is not None else AuditLog(settings.audit.path)
+        self._owns_audit = audit is None
+        self.run_id = run_id
+        self.caller = caller
+        self.retry = retry or RetryPolicy()
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._vault = SHARED.vault(vault) if (fhir_tokens is None or datamodel_tokens is None) else vault
+        self.throttle = throttle or SHARED.throttle(self.conn)
+        self._owns_http = http is None
+        self.http = http or httpx.Client(
+            timeout=httpx.Timeout(self.conn.timeout_s, connect=min(10.0, self.conn.timeout_s)),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=30.0),
+            headers={"User-Agent": "redox-elt"},
+        )
+        self._tokens: dict[str, TokenProvider] = {}
+        self._legacy_fallback: TokenProvider | None = None
+        if "fhir" in self.conn.surfaces:
+            self._tokens["fhir"] = fhir_tokens or SHARED.oauth(settings, self._vault)  # type: ignore[arg-type]
+        if "datamodel" in self.conn.surfaces:
+            if datamodel_tokens is not None:
+                self._tokens["datamodel"] = datamodel_tokens
+            elif settings.auth.has_oauth:
+                self._tokens["datamodel"] = SHARED.oauth(settings, self._vault)  # type: ignore[arg-type]
+                if settings.auth.has_legacy:
+                    self._legacy_fallback = SHARED.legacy(settings, self._vault)  # type: ignore[arg-type]
+            else:
+                self._tokens["datamodel"] = SHARED.legacy(settings, self._vault)  # type: ignore[arg-type]
+                SHARED.warn_legacy_once(self.conn.id, "no OAuth client_id is configured")
+        base = urlparse(self.conn.fhir_base_url or "")
+        match = _FHIR_BASE.match(base.path)
+        self._fhir_template = f"{match.group('prefix')}/fhir/R4/{{slug}}/{{env}}" if match else base.path.rstrip("/")
+        self._fhir_origin = (base.scheme, base.netloc)
+
+    def __repr__(self) -> str:
+        return f"RedoxClient(connection={self.conn.id!r})"
+
+    def __enter__(self) -> RedoxClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owns_http:
+            self.http.close()
+        if self._owns_audit:
+            self.audit.close()
+
+    # ---- minimum necessary ------------------------------------------------------------------
+
+    def _refuse(self, what: str) -> ScopeError:
+        return ScopeError(f"connection '{self.conn.id}' is not entitled to {what}; no request was sent (see its config)")
+
+    def _require_surface(self, surface: str) -> None:
+        if surface not in self.conn.surfaces:
+            raise self._refuse(f"the {surface} surface (surfaces: {', '.join(self.conn.surfaces)})")
+
+    def _fhir_entity(self, resource_type: str, entity: str | None = None) -> str | None:
+        if not _RESOURCE_TYPE.match(resource_type):
+            raise ScopeError(f"'{resource_type[:40]}' is not a FHIR resource type")
+        self._require_surface("fhir")
+        if resource_type in FHIR_REFERENCE_TYPES:
+            return None
+        mapped = FHIR_RESOURCE_ENTITIES.get(resource_type)
+        if mapped is None:
+            raise self._refuse(f"FHIR {resource_type} (no entity of the common model maps to it)")
+        if entity is not None and entity != mapped:
+            raise self._refuse(f"FHIR {resource_type} as '{entity}' (it carries '{mapped}')")
+        if mapped not in self.conn.entities:
+            raise self._refuse(f"'{mapped}' (FHIR {resource_type}; entities: {', '.join(self.conn.entities) or 'none'})")
+        return mapped
+
+    def _check_includes(self, params: dict[str, Any] | list[tuple[str, Any]]) -> None:
+        items = params.items() if isinstance(params, dict) else params
+        for name, value in items:
+            if name.split(":")[0] not in ("_include", "_revinclude"):
+                continue
+            for item in value if isinstance(value, list | tuple) else [value]:
+                parts = str(item).split(":")
+                for rtype in (parts[0], parts[2] if len(parts) > 2 else None):
+                    if rtype and rtype != "*":
+                        self._fhir_entity(rtype)
+
+    # ---- the request loop ----------------------------------------------------------------
+
+    @contextmanager
+    def _attribution(self) -> Iterator[None]:
+        with audit_context(run_id=self.run_id, caller=self.caller):
+            yield
+
+    def _audit(self, surface: str, operation: str, method: str, template: str, status: int | None, started: float, called_at: datetime, count: int | None, attempt: int, error: str | None) -> None:
+        self.audit.record(
+            CallRecord(
+                connection_id=self.conn.id,
+                surface=surface,
+                operation=operation,
+                method=method,
+                path_template=template,
+                status_code=status,
+                duration_ms=(time.perf_counter() - started) * 1000.0,
+                called_at=called_at,
+                record_count=count,
+                attempt=attempt,
+                error=error,
+            )
+        )
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        delay = self._rng.uniform(0.0, min(self.retry.max_delay_s, self.retry.base_delay_s * 2 ** (attempt - 1)))
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return delay
+
+    def _token(self, surface: str) -> tuple[TokenProvider, str]:
+        provider = self._tokens[surface]
+        with token_audit(self.audit, self.conn.id):
+            try:
+                return provider, provider.get_token()
+            except TokenError as exc:
+                fallback = self._legacy_fallback if surface == "datamodel" else None
+                if fallback is None or exc.status_code not in (400, 401):
+                    raise
+                self._tokens["datamodel"] = fallback
+                SHARED.warn_legacy_once(
+                    self.conn.id, f"OAuth was refused: HTTP {exc.status_code} {exc.description or ''}".strip()
+                )
+                return fallback, fallback.get_token()
+
+    def _send(
+        self,
+        *,
+        surface: str,
+        operation: str,
+        method: str,
+        url: str,
+        template: str,
+        write: bool,
+        count: Callable[[Any], int | None],
+        parse: bool = True,
+        idempotency_key: str | None = None,
+        accept: str = "application/json",
+        content_type: str | None = None,
+        **request: Any,
+    ) -> tuple[httpx.Response, Any]:
+        """One logical call with retries; returns (response, parsed body or None)."""
+        policy = self.retry
+        deadline = time.monotonic() + policy.deadline_s
+        failures = rate_limited = attempt = 0
+        reauthenticated = False
+        while True:
+            attempt += 1
+            sent_at = self.throttle.acquire()
+            provider, token = self._token(surface)  # after the wait, so the token is fresh
+            headers = {"Accept": accept, **self.conn.headers, "Authorization": f"Bearer {token}"}
+            if content_type:
+                headers["Content-Type"] = content_type
+            if write and idempotency_key:
+                headers["Idempotency-Key"] = idempotency_key
+            started, called_at = time.perf_counter(), datetime.now(UTC)
+            status: int | None = None
+            error: str | None = None
+            body: Any = None
+            retry_after: float | None = None
+            response: httpx.Response | None = None
+            try:
+                response = self.http.request(method, url, headers=headers, **request)
+                status = response.status_code
+                if parse and 200 <= status < 300:
+                    body = orjson.loads(response.content)
+                elif parse and response.content[:1] in (b"{", b"["):
+                    try:
+                        body = orjson.loads(response.content)
+                    except orjson.JSONDecodeError:
+                        body = None
+            except httpx.TimeoutException as exc:
+                error = type(exc).__name__
+            except httpx.TransportError as exc:
+                error = type(exc).__name__
+            except orjson.JSONDecodeError:
+                error = "MalformedBody"
+            record_count = count(body) if (error is None and status is not None and 200 <= status < 300) else None
+            self._audit(surface, operation, method, template, status, started, called_at, record_count, attempt, error)
+
+            if error is None and status is not None and 200 <= status < 300:
+                self.throttle.on_success(sent_at)
+                return response, body  # type: ignore[return-value]
+
+            retryable, reason = False, error or f"HTTP {status}"
+            if error is not None:
+                # Connect errors never reached the server; for the rest, reads are safe and
+                # writes carry an idempotency key, so the retry is the same write.
+                retryable = True
+            elif status == 401:
+                if not reauthenticated:
+                    reauthenticated = True
+                    provider.invalidate(token)
+                    log.info("connection %s: %s got 401; re-authenticating once", self.conn.id, operation)
+                    continue
+                raise RedoxAuthError(
+                    f"connection '{self.conn.id}': {operation} still unauthorized (HTTP 401) after re-authenticating; "
+                    "check the OAuth key registration and the connection's entitlements",
+                    connection_id=self.conn.id,
+                    operation=operation,
+                    status_code=401,
+                )
+            elif status == 429:
+                assert response is not None
+                retry_after = _retry_after(response)
+                self.throttle.on_rate_limited(sent_at, retry_after_s=retry_after, limit_hint=_limit_hint(response))
+                rate_limited += 1
+                if rate_limited < policy.max_rate_limited and time.monotonic() < deadline:
+                    if retry_after:
+                        self._sleep(retry_after * (1.0 + 0.1 * self._rng.random()))
+                    continue
+                retryable = True
+                failures = policy.max_attempts  # out of 429 budget: give up below
+            elif status in (502, 503, 504) or (status == 500 and not write):
+                retryable = True
+                assert response is not None
+                retry_after = _retry_after(response)
+            if not retryable:
+                codes, details = _outcome_codes(body)
+                error_type = DataModelError if surface == "datamodel" and codes else RedoxAPIError
+                raise error_type(
+                    f"connection '{self.conn.id}': {operation} failed: HTTP {status}"
+                    + (f" ({', '.join(codes[:5])})" if codes else ""),
+                    connection_id=self.conn.id,
+                    operation=operation,
+                    status_code=status,
+                    retryable=status == 500,
+                    codes=codes,
+                    details=details,
+                )
+            failures += 1
+            if failures >= policy.max_attempts or time.monotonic() >= deadline:
+                raise RedoxAPIError(
+                    f"connection '{self.conn.id}': {operation} failed after {attempt} attempts (last: {reason})",
+                    connection_id=self.conn.id,
+                    operation=operation,
+                    status_code=status,
+                    retryable=True,
+                )
+            delay = self._backoff(failures, retry_after)
+            log.info("connection %s: %s -> %s; retry %d in %.2f s", self.conn.id, operation, reason, failures, delay)
+            self._sleep(delay)
+
+    # ---- FHIR ------------------------------------------------------------------------------
+
+    def _fhir_url(self, path: str) -> str:
+        return f"{self.conn.fhir_base_url}/{path}"
+
+    def _same_origin(self, url: str) -> bool:
+        parsed = urlparse(url)
+        return (parsed.scheme, parsed.netloc) == self._fhir_origin
+
+    def fhir_search_pages(
+        self, resource_type: str, params: dict[str, Any] | list[tuple[str, Any]] | None = None, *, entity: str | None = None
+    ) -> Iterator[bytes]:
+        """Every page of a search as the raw Bundle bytes received.
+
+        ``POST {Type}/_search`` with the parameters form-encoded (list values repeat the
+        parameter), then each ``next`` link with POST (GET when the server answers 405).
+        """
+        self._fhir_entity(resource_type, entity)
+        self._check_includes(params or {})
+        template = f"{self._fhir_template}/{resource_type}/_search"
+        operation = f"search {resource_type}"
+
+        def count(bundle: Any) -> int | None:
+            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                return None
+            return len(bundle.get("entry") or [])
+
+        with self._attribution():
+            response, bundle = self._send(
+                surface="fhir",
+                operation=operation,
+                method="POST",
+                url=self._fhir_url(f"{resource_type}/_search"),
+                template=template,
+                write=False,
+                count=count,
+                accept="application/fhir+json",
+                data=params or {},
+            )
+        pages = 0
+        while True:
+            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                codes, details = _outcome_codes(bundle)
+                raise RedoxAPIError(
+                    f"connection '{self.conn.id}': {operation} answered 200 without a Bundle"
+                    + (f" ({', '.join(codes[:5])})" if codes else ""),
+                    connection_id=self.conn.id,
+                    operation=operation,
+                    status_code=response.status_code,
+                    codes=codes,
+                    details=details,
+                )
+            pages += 1
+            yield response.content
+            next_url = next(
+                (link.get("url") for link in bundle.get("link") or [] if isinstance(link, dict) and link.get("relation") == "next"),
+                None,
+            )
+            if not next_url:
+                return
+            next_url = urljoin(self.conn.fhir_base_url + "/", next_url)
+            if not self._same_origin(next_url):
+                raise RedoxAPIError(
+                    f"connection '{self.conn.id}': {operation} page {pages} links to another host; refusing to send the token there",
+                    connection_id=self.conn.id,
+                    operation=operation,
+                    status_code=None,
+                )
+            with self._attribution():
+                try:
+                    response, bundle = self._send(
+                        surface="fhir", operation=f"{operation} (next page)", method="POST", url=next_url,
+                        template=template, write=False, count=count, accept="application/fhir+json",
+                    )
+                except RedoxAPIError as exc:
+                    if exc.status_code != 405:
+                        raise
+                    response, bundle = self._send(
+                        surface="fhir", operation=f"{operation} (next page)", method="GET", url=next_url,
+                        template=template, write=False, count=count, accept="application/fhir+json",
+                    )
+
+    def fhir_search(
+        self, resource_type: str, params: dict[str, Any] | list[tuple[str, Any]] | None = None, *, entity: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every resource of every page of a search (``entry[].resource``)."""
+        for page in self.fhir_search_pages(resource_type, params, entity=entity):
+            for entry in orjson.loads(page).get("entry") or []:
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                if isinstance(resource, dict):
+                    yield resource
+
+    def fhir_read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+        """``GET {Type}/{id}``."""
+        self._fhir_entity(resource_type)
+        if not _RESOURCE_ID.match(resource_id or ""):
+            raise ScopeError(f"not a FHIR resource id (1-64 of A-Z a-z 0-9 - .) for {resource_type}")
+        with self._attribution():
+            _, body = self._send(
+                surface="fhir", operation=f"read {resource_type}", method="GET",
+                url=self._fhir_url(f"{resource_type}/{resource_id}"), template=f"{self._fhir_template}/{resource_type}/{{id}}",
+                write=False, count=lambda b: 1 if isinstance(b, dict) else None, accept="application/fhir+json",
+            )
+        return body
+
+    def fetch_document_content(self, content_url: str) -> bytes:
+        """The bytes of a document attachment (``Binary/{id}``, relative to the FHIR base or absolute)."""
+        self._fhir_entity("Binary")
+        url = urljoin(self.conn.fhir_base_url + "/", content_url)
+        if not self._same_origin(url):
+            raise ScopeError(f"connection '{self.conn.id}': attachment URL is on another host; not sending the token there")
+        with self._attribution():
+            response, _ = self._send(
+                surface="fhir", operation="read Binary", method="GET", url=url,
+                template=f"{self._fhir_template}/Binary/{{id}}", write=False, count=lambda _b: 1, parse=False,
+                accept="*/*",
+            )
+        return response.content
+
+    def fhir_operation(self, path: str, bundle: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """``POST {Type}/${operation}`` with a message Bundle (write-back), e.g. ``ServiceRequest/$order-new``."""
+        match = _OPERATION.match(path)
+        if not match:
+            raise ScopeError(f"'{path[:60]}' is not a FHIR operation path like 'ServiceRequest/$order-new'")
+        self._require_surface("fhir")
+        rtype, op = match.groups()
+        write_entity = FHIR_WRITE_ENTITIES.get(rtype)
+        if write_entity is None or write_entity not in self.conn.write_entities:
+            raise self._refuse(f"write {write_entity or rtype} via {path} (write_entities: {', '.join(self.conn.write_entities) or 'none'})")
+        key = idempotency_key or _canonical_key({"path": path, "bundle": bundle})
+        with self._attribution():
+            _, body = self._send(
+                surface="fhir", operation=f"{rtype} ${op}", method="POST", url=self._fhir_url(path),
+                template=f"{self._fhir_template}/{rtype}/${op}", write=True, count=lambda _b: 1,
+                idempotency_key=key, accept="application/fhir+json",
+                content=orjson.dumps(bundle), content_type="application/fhir+json",
+            )
+        return body
+
+    # ---- Data Model ------------------------------------------------------------------------
+
+    def _datamodel_scope(self, payload: dict[str, Any], entity: str | None) -> tuple[str, str, bool]:
+        self._require_surface("datamodel")
+        meta = payload.get("Meta") if isinstance(payload, dict) else None
+        if not isinstance(meta, dict) or not meta.get("DataModel") or not meta.get("EventType"):
+            raise ScopeError("a Data Model payload needs Meta.DataModel and Meta.EventType")
+        data_model, event = str(meta["DataModel"]), str(meta["EventType"])
+        is_query = data_model == "PatientSearch" or event.endswith("Query") or event in _QUERY_EVENTS
+        if is_query:
+            allowed = DATAMODEL_READ_ENTITIES.get(data_model)
+            if allowed is None:
+                raise self._refuse(f"Data Model {data_model} queries (no entity of the common model maps to them)")
+            wanted = {entity} if entity is not None else set(allowed)
+            if entity is not None and entity not in allowed:
+                raise self._refuse(f"'{entity}' through Data Model {data_model}.{event}")
+            if not wanted & set(self.conn.entities):
+                raise self._refuse(f"Data Model {data_model}.{event} (entities: {', '.join(self.conn.entities) or 'none'})")
+        else:
+            write_entity = DATAMODEL_WRITE_ENTITIES.get(data_model)
+            if write_entity is None or write_entity not in self.conn.write_entities:
+                raise self._refuse(
+                    f"send Data Model {data_model}.{event} (write_entities: {', '.join(self.conn.write_entities) or 'none'})"
+                )
+        destinations = meta.get("Destinations")
+        if destinations:
+            ids = {d.get("ID") for d in destinations if isinstance(d, dict)}
+            if ids != {self.conn.destination_id}:
+                raise self._refuse("Data Model destinations other than its own destination_id")
+        return data_model, event, is_query
+
+    def datamodel_raw(
+        self, payload: dict[str, Any], *, idempotency_key: str | None = None, entity: str | None = None
+    ) -> tuple[bytes, dict[str, Any]]:
+        """POST a Data Model payload to the connection's ``/endpoint``; returns (raw body, parsed body).
+
+        ``Meta.Destinations`` is filled with the connection's destination when absent. Any
+        ``Meta.Errors`` entry raises DataModelError, whatever the HTTP status.
+        """
+        data_model, event, is_query = self._datamodel_scope(payload, entity)
+        meta = dict(payload["Meta"])
+        if not meta.get("Destinations"):
+            meta["Destinations"] = [{"ID": self.conn.destination_id}]
+        body_out = dict(payload, Meta=meta)
+        operation = f"{data_model}.{event}"
+        key = None if is_query else (idempotency_key or _canonical_key(body_out))
+        with self._attribution():
+            response, body = self._send(
+                surface="datamodel", operation=operation, method="POST", url=self.conn.datamodel_url or "",
+                template=urlparse(self.conn.datamodel_url or "").path or "/", write=not is_query,
+                count=lambda b: (_count_datamodel(b) if is_query else 1) if isinstance(b, dict) else None,
+                idempotency_key=key, content=orjson.dumps(body_out), content_type="application/json",
+            )
+        if not isinstance(body, dict):
+            raise DataModelError(
+                f"connection '{self.conn.id}': {operation} answered without a JSON object",
+                connection_id=self.conn.id, operation=operation, status_code=response.status_code,
+            )
+        codes, details = _outcome_codes(body)
+        if codes:
+            raise DataModelError(
+                f"connection '{self.conn.id}': {operation} failed: Meta.Errors present ({len(codes)}: {', '.join(codes[:5])})",
+                connection_id=self.conn.id, operation=operation, status_code=response.status_code,
+                codes=codes, details=details,
+            )
+        return response.content, body
+
+    def datamodel(self, payload: dict[str, Any], *, idempotency_key: str | None = None, entity: str | None = None) -> dict[str, Any]:
+        """POST a Data Model payload; the parsed response (see ``datamodel_raw``)."""
+        return self.datamodel_raw(payload, idempotency_key=idempotency_key, entity=entity)[1]
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for a logical write the caller will store and reuse on every retry."""
+    return uuid.uuid4().hex
+

@@ -1,0 +1,349 @@
+"""The sandbox's FHIR R4 API under ``/fhir/R4/{slug}/{environment}/`` (REDOX-REFERENCE §3).
+
+Every request: bearer token (OAuth only) -> destination slug and environment -> fault gate ->
+entitlement. Reads are ``GET {Type}/{id}``; search is ``POST {Type}/_search`` with a form body
+only (no PHI in URLs), paged through opaque ``next`` tokens; write-backs are ``$``-operations
+taking message Bundles. Responses are assembled as bytes from cached rendered resources.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from sandbox.auth import REDOX_HEADERS, InvalidToken
+from sandbox.config import ConnectionSpec
+from sandbox.fhir.operations import WRITE_OPERATIONS
+from sandbox.fhir.paging import Page, PageRequest, PageTokens, read_page
+from sandbox.fhir.render import RESOURCE_ENTITIES, RenderCache, instant, render_binary, resource_type
+from sandbox.fhir.search import SearchError, parse_search
+from sandbox.fhir.writeback import WriteError, parse_write, response_bundle
+from sandbox.population.records import DocumentRecord
+from sandbox.state import SandboxState
+
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+PAGE_TOKEN = "_page_token"
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def operation_outcome(code: str, diagnostics: str, severity: str = "error") -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
+    }
+
+
+class _Refused(Exception):
+    """Ends a request early with an OperationOutcome (raised inside handlers, caught once)."""
+
+    def __init__(
+        self, status: int, code: str, diagnostics: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(diagnostics)
+        self.status = status
+        self.code = code
+        self.diagnostics = diagnostics
+        self.headers = headers or {}
+
+
+class FhirApi:
+    def __init__(self, state: SandboxState) -> None:
+        self.state = state
+        self.cache = RenderCache()
+        self.tokens = PageTokens()
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _send(self, conn: ConnectionSpec | None, body: bytes, status: int = 200, **headers: str) -> Response:
+        if conn is not None:
+            body = self.state.faults.mangle(conn.id, body)
+        return Response(body, status_code=status, headers={**REDOX_HEADERS, **headers}, media_type=FHIR_JSON)
+
+    def _refusal(self, conn: ConnectionSpec | None, refused: _Refused) -> Response:
+        body = orjson.dumps(operation_outcome(refused.code, refused.diagnostics))
+        return self._send(conn, body, refused.status, **refused.headers)
+
+    def base_url(self, request: Request, conn: ConnectionSpec) -> str:
+        if self.state.base_url:
+            return self.state.fhir_base_url(conn)
+        return (
+            f"{request.url.scheme}://{request.url.netloc}/fhir/R4/{conn.slug}/{self.state.config.environment}"
+        )
+
+    async def _enter(self, request: Request) -> ConnectionSpec | Response:
+        """Auth, destination, environment and the fault gate; a Response ends the request."""
+        try:
+            self.state.auth.check_bearer(request.headers.get("authorization"), "fhir")
+        except InvalidToken as exc:
+            refused = _Refused(
+                401, "login", f"authentication failed: {exc.reason}", {"WWW-Authenticate": "Bearer"}
+            )
+            return self._refusal(None, refused)
+        slug = request.path_params["slug"]
+        conn = self.state.connection_by_slug(slug)
+        if conn is None or "fhir" not in conn.surfaces:
+            return self._refusal(None, _Refused(404, "not-found", "no FHIR destination with this slug"))
+        if request.path_params["environment"] != self.state.config.environment:
+            return self._refusal(
+                None,
+                _Refused(
+                    404,
+                    "not-found",
+                    f"this organization has no '{request.path_params['environment']}' environment",
+                ),
+            )
+        gated = await self.state.faults.gate(conn, request)
+        if gated is not None:
+            return gated
+        return conn
+
+    @staticmethod
+    def _entity(conn: ConnectionSpec, rtype: str) -> str:
+        entity = RESOURCE_ENTITIES.get(rtype)
+        if entity is None:
+            raise _Refused(
+                404, "not-supported", f"resource type '{rtype}' is not supported by this destination"
+            )
+        if entity not in conn.entities:
+            raise _Refused(403, "forbidden", f"this connection is not entitled to {rtype} ({entity})")
+        return entity
+
+    # --- handlers ------------------------------------------------------------------------------
+
+    async def type_level(self, request: Request) -> Response:
+        entered = await self._enter(request)
+        if isinstance(entered, Response):
+            return entered
+        conn = entered
+        try:
+            rtype = request.path_params["rtype"]
+            self._entity(conn, rtype)
+            if request.method == "GET" and PAGE_TOKEN in request.query_params:
+                return await self._search(request, conn, rtype)
+            if request.method == "GET":
+                raise _search_must_be_post(rtype)
+            raise _Refused(
+                405,
+                "not-supported",
+                f"{request.method} {rtype} is not supported; search with POST {rtype}/_search",
+            )
+        except _Refused as refused:
+            return self._refusal(conn, refused)
+
+    async def search(self, request: Request) -> Response:
+        entered = await self._enter(request)
+        if isinstance(entered, Response):
+            return entered
+        conn = entered
+        try:
+            rtype = request.path_params["rtype"]
+            self._entity(conn, rtype)
+            if rtype == "Binary":
+                raise _Refused(405, "not-supported", "Binary cannot be searched; read it by id")
+            if request.method not in ("GET", "POST"):
+                raise _Refused(405, "not-supported", f"{request.method} is not supported on _search")
+            return await self._search(request, conn, rtype)
+        except _Refused as refused:
+            return self._refusal(conn, refused)
+
+    async def instance(self, request: Request) -> Response:
+        entered = await self._enter(request)
+        if isinstance(entered, Response):
+            return entered
+        conn = entered
+        try:
+            rtype, rid = request.path_params["rtype"], request.path_params["rid"]
+            if rid.startswith("$"):
+                if request.method != "POST":
+                    raise _Refused(405, "not-supported", f"operation {rid} must be invoked with POST")
+                return await self._operation(request, conn, rtype, rid)
+            entity = self._entity(conn, rtype)
+            if request.method != "GET":
+                raise _Refused(
+                    405,
+                    "not-supported",
+                    f"{request.method} {rtype}/{{id}} is not supported by this destination",
+                )
+            return await run_in_threadpool(self._read, request, conn, rtype, entity, rid)
+        except _Refused as refused:
+            return self._refusal(conn, refused)
+
+    # --- read ----------------------------------------------------------------------------------
+
+    def _read(self, request: Request, conn: ConnectionSpec, rtype: str, entity: str, rid: str) -> Response:
+        record = self.state.store.get(conn.id, entity, rid)
+        if record is None or (rtype != "Binary" and resource_type(record) != rtype):
+            raise _Refused(404, "not-found", f"{rtype}/{{id}}: no such resource")
+        headers = {
+            "ETag": f'W/"{record.version}"',
+            "Last-Modified": format_datetime(record.last_updated.astimezone(UTC), usegmt=True),
+        }
+        if rtype == "Binary":
+            assert isinstance(record, DocumentRecord)
+            if "json" not in request.headers.get("accept", "").lower():
+                return Response(
+                    record.content, media_type=record.content_type, headers={**REDOX_HEADERS, **headers}
+                )
+            return self._send(conn, orjson.dumps(render_binary(record)), **headers)
+        return self._send(conn, self.cache.resource_bytes(record, conn), **headers)
+
+    # --- search --------------------------------------------------------------------------------
+
+    async def _search(self, request: Request, conn: ConnectionSpec, rtype: str) -> Response:
+        token = request.query_params.get(PAGE_TOKEN)
+        url_params = [k for k in request.query_params if k != PAGE_TOKEN]
+        if url_params:
+            if request.method == "GET":
+                raise _search_must_be_post(rtype)
+            raise _Refused(
+                400, "invalid", "search parameters belong in the form-encoded POST body, not the URL"
+            )
+        if request.method == "GET" and token is None:
+            raise _search_must_be_post(rtype)
+        params = await _body_params(request) if request.method == "POST" else []
+        body_tokens = [v for k, v in params if k == PAGE_TOKEN]
+        if body_tokens:
+            token = body_tokens[-1]
+            params = [(k, v) for k, v in params if k != PAGE_TOKEN]
+        if token is not None:
+            if params:
+                raise _Refused(400, "invalid", "a page token cannot be combined with search parameters")
+            page_request = self.tokens.resolve(token)
+            if page_request is None or page_request.plan.resource_type != rtype:
+                raise _Refused(410, "not-found", "page token unknown or expired; start the search again")
+        else:
+            try:
+                plan = await run_in_threadpool(parse_search, rtype, params, conn, self.state.store)
+            except SearchError as exc:
+                raise _Refused(400, exc.code, exc.message) from None
+            page_request = PageRequest(plan, None, None)
+        base = self.base_url(request, conn)
+        self_url = f"{base}/{rtype}/_search" + (f"?{PAGE_TOKEN}={token}" if token else "")
+        body = await run_in_threadpool(self._bundle, conn, rtype, page_request, base, self_url)
+        return self._send(conn, body)
+
+    def _bundle(
+        self, conn: ConnectionSpec, rtype: str, request: PageRequest, base: str, self_url: str
+    ) -> bytes:
+        page: Page = read_page(self.state.store, request)
+        links = [{"relation": "self", "url": self_url}]
+        if page.next is not None:
+            links.append(
+                {
+                    "relation": "next",
+                    "url": f"{base}/{rtype}/_search?{PAGE_TOKEN}={self.tokens.issue(page.next)}",
+                }
+            )
+        parts = [
+            b'{"resourceType":"Bundle","id":"',
+            str(uuid.uuid4()).encode(),
+            b'","meta":{"lastUpdated":',
+            orjson.dumps(instant(datetime.now(UTC))),
+            b'},"type":"searchset","total":',
+            str(page.total).encode(),
+            b',"link":',
+            orjson.dumps(links),
+        ]
+        if page.records:
+            entries = []
+            for record in page.records:
+                entries.append(
+                    b'{"fullUrl":'
+                    + orjson.dumps(f"{base}/{rtype}/{record.id}")
+                    + b',"resource":'
+                    + self.cache.resource_bytes(record, conn)
+                    + b',"search":{"mode":"match"}}'
+                )
+            parts += [b',"entry":[', b",".join(entries), b"]"]
+        parts.append(b"}")
+        return b"".join(parts)
+
+    # --- write-back operations -----------------------------------------------------------------
+
+    async def _operation(self, request: Request, conn: ConnectionSpec, rtype: str, name: str) -> Response:
+        op = WRITE_OPERATIONS.get((rtype, name))
+        if op is None:
+            raise _Refused(
+                404, "not-supported", f"operation {rtype}/{name} is not supported by this destination"
+            )
+        if op.write_entity not in conn.write_entities:
+            raise _Refused(403, "forbidden", f"this connection is not entitled to write {op.write_entity}")
+        raw = await request.body()
+        try:
+            bundle = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise _Refused(400, "structure", "the body is not valid JSON") from None
+        try:
+            parsed = parse_write(op, bundle)
+        except WriteError as exc:
+            raise _Refused(400, exc.code, exc.message) from None
+        written = self.state.writes.record(
+            kind=op.write_entity,
+            order_id=parsed.business_id,
+            connection_id=conn.id,
+            surface="fhir",
+            idempotency_key=request.headers.get("Idempotency-Key"),
+            event=parsed.event,
+            payload=bundle,
+            fingerprint=parsed.fingerprint,
+        )
+        if self.state.faults.roll(conn.id, "timeout_after_commit"):
+            # Stored, but the client never hears: it must retry, and the retry is a duplicate.
+            return await self.state.faults.stall(conn, request)
+        ack = response_bundle(op, parsed, conn, self.base_url(request, conn), written.duplicate)
+        return self._send(conn, orjson.dumps(ack))
+
+
+def _search_must_be_post(rtype: str) -> _Refused:
+    return _Refused(
+        405,
+        "not-supported",
+        f"search {rtype} with POST {rtype}/_search and a form-encoded body; GET search is not supported (no PHI in URLs)",
+        {"Allow": "POST"},
+    )
+
+
+async def _body_params(request: Request) -> list[tuple[str, str]]:
+    """Search parameters from a form-encoded body (Redox's way) or a JSON object body."""
+    raw = await request.body()
+    if not raw.strip():
+        return []
+    content_type = request.headers.get("content-type", "").lower()
+    if "json" in content_type or raw.lstrip()[:1] == b"{":
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise _Refused(400, "structure", "the search body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise _Refused(400, "structure", "a JSON search body must be an object of parameters")
+        params: list[tuple[str, str]] = []
+        for name, value in data.items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict | list) or item is None:
+                    raise _Refused(400, "structure", f"search parameter '{name}' must be a string or number")
+                params.append((name, json.dumps(item) if isinstance(item, bool) else str(item)))
+        return params
+    try:
+        return parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise _Refused(400, "structure", "the search body is not UTF-8 form data") from None
+
+
+def routes(state: SandboxState) -> list[BaseRoute]:
+    api = FhirApi(state)
+    prefix = "/fhir/R4/{slug}/{environment}"
+    return [
+        Route(prefix + "/{rtype}/_search", api.search, methods=_METHODS),
+        Route(prefix + "/{rtype}/{rid}", api.instance, methods=_METHODS),
+        Route(prefix + "/{rtype}", api.type_level, methods=_METHODS),
+    ]

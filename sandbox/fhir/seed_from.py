@@ -1,0 +1,845 @@
+"""``--seed-from DIR``: serve FHIR R4 files as one sandbox connection.
+
+Reads bulk-export NDJSON (one resource per line, e.g. ``Patient.ndjson``, optionally gzipped)
+and Bundle JSON files (Synthea writes transaction/collection bundles whose references are
+``urn:uuid:`` fullUrls), and turns Patient, Encounter, Observation, MedicationRequest,
+MedicationStatement, Appointment and DocumentReference into canonical records — the inverse of
+``sandbox.fhir.render``. Anything that cannot be mapped is skipped and counted by reason; reasons
+never contain values from the files (they may be PHI).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sandbox.config import ConnectionSpec, SandboxConfig
+from sandbox.fhir import identifiers as ids
+from sandbox.fhir.render import format_number
+from sandbox.population.records import (
+    ENTITIES,
+    AppointmentRecord,
+    Coding,
+    DocumentRecord,
+    EncounterRecord,
+    Location,
+    MedicationRecord,
+    PatientRecord,
+    PatientRef,
+    Provider,
+    Record,
+    ResultRecord,
+)
+
+log = logging.getLogger(__name__)
+
+SEEDED_CONNECTION_ID = "seeded"
+SYNTHEA_ID_SYSTEM = "https://github.com/synthetichealth/synthea"
+_NAMESPACE = uuid.UUID("3f1d2a8c-6b7e-4e0f-a1c9-52d8e4b7f0a6")
+_PHYSICAL_LEVELS = {"si": "facility", "bu": "facility", "wa": "department", "ro": "room", "bd": "bed"}
+_ENCOUNTER_STATUS = {
+    "planned": "planned",
+    "arrived": "arrived",
+    "triaged": "arrived",
+    "in-progress": "in-progress",
+    "onleave": "in-progress",
+    "finished": "finished",
+    "cancelled": "cancelled",
+    "entered-in-error": "entered-in-error",
+}
+_ENCOUNTER_CLASS = {"AMB": "AMB", "IMP": "IMP", "EMER": "EMER", "OBSENC": "OBSENC", "VR": "VR", "HH": "HH"}
+_ENCOUNTER_CLASS_ALIASES = {"ACUTE": "IMP", "NONAC": "IMP", "PRENC": "AMB", "SS": "AMB", "FLD": "AMB"}
+_RESULT_STATUS = {
+    "final": "final",
+    "preliminary": "preliminary",
+    "registered": "preliminary",
+    "corrected": "corrected",
+    "amended": "corrected",
+    "cancelled": "cancelled",
+    "entered-in-error": "entered-in-error",
+}
+_REQUEST_STATUS = {
+    "active": "active",
+    "completed": "completed",
+    "stopped": "stopped",
+    "on-hold": "on-hold",
+    "draft": "on-hold",
+    "cancelled": "cancelled",
+    "entered-in-error": "entered-in-error",
+}
+_STATEMENT_STATUS = {
+    "active": "active",
+    "intended": "active",
+    "completed": "completed",
+    "stopped": "stopped",
+    "on-hold": "on-hold",
+    "not-taken": "cancelled",
+    "entered-in-error": "entered-in-error",
+}
+_APPOINTMENT_STATUS = {
+    "proposed": "proposed",
+    "pending": "pending",
+    "waitlist": "pending",
+    "booked": "booked",
+    "arrived": "arrived",
+    "checked-in": "arrived",
+    "fulfilled": "fulfilled",
+    "cancelled": "cancelled",
+    "noshow": "noshow",
+    "entered-in-error": "entered-in-error",
+}
+# Read only to resolve references (NPIs, medication codes, document content).
+_SUPPORTING_TYPES = frozenset(
+    {"Practitioner", "PractitionerRole", "Medication", "Binary", "Location", "Organization"}
+)
+_FLAGS = frozenset({"H", "L", "HH", "LL", "A", "N"})
+_SEX = frozenset({"male", "female", "other", "unknown"})
+
+
+class Skip(Exception):
+    """A resource that cannot become a record; ``reason`` is counted (never holds file values)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class SeedLoad:
+    connection: ConnectionSpec
+    records: dict[str, list[Record]]
+    skipped: Counter = field(default_factory=Counter)  # "<ResourceType>: <reason>" -> count
+
+
+def seeded_connection() -> ConnectionSpec:
+    return ConnectionSpec(
+        id=SEEDED_CONNECTION_ID,
+        name="Seeded from FHIR files",
+        surfaces=("fhir", "datamodel"),
+        slug=SEEDED_CONNECTION_ID,
+        membership=1.0,
+        id_types=("MR", "EHRID", "NIST"),
+    )
+
+
+def load_seed_dir(
+    path: str | Path, updated_at: datetime | None = None
+) -> tuple[ConnectionSpec, dict[str, list[Record]]]:
+    """The seeded connection and its records by entity. ``updated_at`` stands in for a missing
+    ``meta.lastUpdated`` (default: the sandbox's default clock start)."""
+    loaded = read_seed_dir(path, updated_at)
+    kept = sum(len(v) for v in loaded.records.values())
+    log.info(
+        "seed-from: %d records loaded, %d resources skipped%s",
+        kept,
+        sum(loaded.skipped.values()),
+        "".join(f"; {reason}: {n}" for reason, n in sorted(loaded.skipped.items())),
+    )
+    return loaded.connection, loaded.records
+
+
+def read_seed_dir(path: str | Path, updated_at: datetime | None = None) -> SeedLoad:
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--seed-from: not a directory: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_fhir_file(p))
+    if not files:
+        raise ValueError(f"--seed-from: no .ndjson, .ndjson.gz or .json files in {root}")
+    loader = _Loader(seeded_connection(), updated_at or SandboxConfig().clock_start)
+    for file in files:
+        for full_url, resource in _read_file(file, loader.skipped):
+            loader.add(full_url, resource)
+    return loader.build()
+
+
+# --- reading files ----------------------------------------------------------------------------
+
+
+def _is_fhir_file(p: Path) -> bool:
+    name = p.name.lower()
+    return name.endswith((".ndjson", ".ndjson.gz", ".json"))
+
+
+def _read_file(path: Path, skipped: Counter) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        if path.name.lower().endswith(".json"):
+            try:
+                yield from _unpack(orjson.loads(fh.read()), None, skipped)
+            except orjson.JSONDecodeError:
+                skipped["file: not valid JSON"] += 1
+            return
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                yield from _unpack(orjson.loads(line), None, skipped)
+            except orjson.JSONDecodeError:
+                skipped["file: an NDJSON line is not valid JSON"] += 1
+
+
+def _unpack(data: Any, full_url: str | None, skipped: Counter) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    if not isinstance(data, dict) or not isinstance(data.get("resourceType"), str):
+        skipped["file: not a FHIR resource"] += 1
+        return
+    if data["resourceType"] == "Bundle":
+        for entry in data.get("entry") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                yield from _unpack(entry["resource"], entry.get("fullUrl"), skipped)
+        return
+    yield full_url, data
+
+
+# --- small parsers ----------------------------------------------------------------------------
+
+
+def parse_datetime(value: Any) -> datetime | None:
+    """A FHIR date/dateTime/instant as an aware UTC datetime (dates at midnight UTC)."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    try:
+        if "T" in text:
+            parsed = datetime.fromisoformat(text)
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+        parts = [int(p) for p in text.split("-")]
+        return datetime(
+            parts[0], parts[1] if len(parts) > 1 else 1, parts[2] if len(parts) > 2 else 1, tzinfo=UTC
+        )
+    except (ValueError, IndexError):
+        return None
+
+
+def _coding(concept: Any, prefer: str | None = None) -> Coding | None:
+    if not isinstance(concept, dict):
+        return None
+    codings = [c for c in concept.get("coding") or [] if isinstance(c, dict) and c.get("code")]
+    if prefer:
+        codings.sort(key=lambda c: c.get("system") != prefer)
+    if not codings:
+        return None
+    c = codings[0]
+    return Coding(
+        str(c.get("system") or ""), str(c["code"]), str(c.get("display") or concept.get("text") or "")
+    )
+
+
+def _text(concept: Any) -> str | None:
+    if not isinstance(concept, dict):
+        return None
+    if concept.get("text"):
+        return str(concept["text"])
+    for c in concept.get("coding") or []:
+        if isinstance(c, dict) and (c.get("display") or c.get("code")):
+            return str(c.get("display") or c.get("code"))
+    return None
+
+
+def _identifier(resource: dict[str, Any], suffix: str) -> str | None:
+    for ident in resource.get("identifier") or []:
+        if isinstance(ident, dict) and str(ident.get("system", "")).endswith(suffix) and ident.get("value"):
+            return str(ident["value"])
+    return None
+
+
+def _first_identifier(resource: dict[str, Any]) -> str | None:
+    for ident in resource.get("identifier") or []:
+        if isinstance(ident, dict) and ident.get("value"):
+            return str(ident["value"])
+    return None
+
+
+def _version(resource: dict[str, Any]) -> int:
+    raw = (resource.get("meta") or {}).get("versionId")
+    try:
+        return max(1, int(raw))
+    except (TypeError, ValueError):
+        return 1
+
+
+# --- the loader -------------------------------------------------------------------------------
+
+
+class _Loader:
+    def __init__(self, conn: ConnectionSpec, updated_at: datetime) -> None:
+        self.conn = conn
+        self.updated_at = updated_at
+        self.skipped: Counter = Counter()
+        self.by_type: dict[str, list[tuple[str | None, dict[str, Any]]]] = {}
+        self.by_url: dict[str, dict[str, Any]] = {}  # fullUrl and Type/id -> resource
+        self.practitioner_npis: dict[str, str] = {}  # Practitioner fullUrl / Type/id -> NPI
+        self.patients: dict[str, PatientRecord] = {}  # resource key -> record
+        self.visits: dict[str, str] = {}  # Encounter resource key -> visit number
+
+    def add(self, full_url: str | None, resource: dict[str, Any]) -> None:
+        rtype = resource["resourceType"]
+        self.by_type.setdefault(rtype, []).append((full_url, resource))
+        if full_url:
+            self.by_url[full_url] = resource
+        if resource.get("id"):
+            self.by_url[f"{rtype}/{resource['id']}"] = resource
+
+    def _resolve(self, reference: Any) -> dict[str, Any] | None:
+        """A Reference's target among the loaded resources (urn:uuid, Type/id or absolute URL)."""
+        ref = reference.get("reference") if isinstance(reference, dict) else None
+        if not isinstance(ref, str):
+            return None
+        if ref in self.by_url:
+            return self.by_url[ref]
+        parts = ref.rstrip("/").split("/")
+        if len(parts) >= 2:
+            return self.by_url.get(f"{parts[-2]}/{parts[-1]}")
+        return None
+
+    def _key(self, full_url: str | None, resource: dict[str, Any]) -> str:
+        return f"{resource['resourceType']}/{resource['id']}" if resource.get("id") else str(full_url)
+
+    def _record_id(self, full_url: str | None, resource: dict[str, Any]) -> str:
+        if resource.get("id"):
+            return str(resource["id"])
+        if full_url and full_url.startswith("urn:uuid:"):
+            return full_url.removeprefix("urn:uuid:")
+        raise Skip("resource without an id or urn:uuid fullUrl")
+
+    def _base(self, full_url: str | None, resource: dict[str, Any]) -> dict[str, Any]:
+        updated = parse_datetime((resource.get("meta") or {}).get("lastUpdated")) or self.updated_at
+        return {
+            "connection_id": self.conn.id,
+            "id": self._record_id(full_url, resource),
+            "last_updated": updated,
+            "version": _version(resource),
+        }
+
+    def _patient_ref(self, reference: Any) -> PatientRef:
+        target = self._resolve(reference)
+        if target is None or target.get("resourceType") != "Patient":
+            raise Skip("subject is not a loaded Patient")
+        record = self.patients.get(f"Patient/{target.get('id')}") or next(
+            (p for url, p in self.patients.items() if self.by_url.get(url) is target), None
+        )
+        if record is None:
+            raise Skip("subject Patient was itself skipped")
+        return PatientRef(patient_id=record.id, mrn=record.mrn)
+
+    def _visit(self, reference: Any) -> str | None:
+        if not isinstance(reference, dict):
+            return None
+        logical = reference.get("identifier")
+        if isinstance(logical, dict) and logical.get("value"):
+            return str(logical["value"])
+        target = self._resolve(reference)
+        if target is None:
+            return None
+        return self.visits.get(f"Encounter/{target.get('id')}") or next(
+            (vn for url, vn in self.visits.items() if self.by_url.get(url) is target), None
+        )
+
+    def _contained(self, resource: dict[str, Any], rtype: str) -> list[dict[str, Any]]:
+        return [
+            c
+            for c in resource.get("contained") or []
+            if isinstance(c, dict) and c.get("resourceType") == rtype
+        ]
+
+    def _provider(self, resource: dict[str, Any], reference: Any) -> Provider | None:
+        if not isinstance(reference, dict):
+            return None
+        ref = reference.get("reference")
+        target: dict[str, Any] | None = None
+        if isinstance(ref, str) and ref.startswith("#"):
+            target = next(
+                (c for c in self._contained(resource, "Practitioner") if c.get("id") == ref[1:]), None
+            )
+        elif isinstance(ref, str):
+            target = self._resolve(reference)
+        npi = None
+        if target is not None:
+            npi = _identifier(target, ids.NPI)
+        if npi is None and isinstance(reference.get("identifier"), dict):
+            ident = reference["identifier"]
+            if ident.get("system") == ids.NPI and ident.get("value"):
+                npi = str(ident["value"])
+        if npi is None and isinstance(ref, str) and "identifier=" in ref and ids.NPI in ref:
+            npi = ref.rsplit("|", 1)[-1]
+        if not npi:
+            return None
+        if target is not None and target.get("name"):
+            name = target["name"][0]
+            given = (name.get("given") or [""])[0]
+            return Provider(
+                npi=npi,
+                first_name=str(given),
+                last_name=str(name.get("family") or ""),
+                credentials=tuple(name.get("suffix") or ()),
+            )
+        display = str(reference.get("display") or "").removeprefix("Dr. ").strip()
+        first, _, last = display.partition(" ")
+        return Provider(npi=npi, first_name=first, last_name=last, credentials=())
+
+    def _location(self, resource: dict[str, Any], references: list[Any], fallback: str | None) -> Location:
+        levels: dict[str, str] = {}
+        location_type = None
+        for loc in self._contained(resource, "Location"):
+            code = ((loc.get("physicalType") or {}).get("coding") or [{}])[0].get("code")
+            level = _PHYSICAL_LEVELS.get(code)
+            if level and loc.get("name"):
+                levels.setdefault(level, str(loc["name"]))
+                if level == "department" and loc.get("type"):
+                    location_type = _text(loc["type"][0])
+        if "facility" not in levels:
+            names = [str(r.get("display")) for r in references if isinstance(r, dict) and r.get("display")]
+            if names:
+                levels["facility"] = names[0]
+            elif fallback:
+                levels["facility"] = fallback
+            else:
+                raise Skip("no location")
+        return Location(
+            facility=levels["facility"],
+            department=levels.get("department", levels["facility"]),
+            room=levels.get("room"),
+            bed=levels.get("bed"),
+            type=location_type,
+        )
+
+    # --- per resource type ---------------------------------------------------------------------
+
+    def patient(self, full_url: str | None, r: dict[str, Any], index: int) -> PatientRecord:
+        names = [n for n in r.get("name") or [] if isinstance(n, dict)]
+        name = next((n for n in names if n.get("use") == "official"), names[0] if names else None)
+        if not name or not name.get("family"):
+            raise Skip("no name.family")
+        birth = parse_datetime(r.get("birthDate"))
+        if birth is None:
+            raise Skip("no birthDate")
+        base = self._base(full_url, r)
+        mrn = _identifier(r, ":MR") or next(
+            (
+                str(i["value"])
+                for i in r.get("identifier") or []
+                if isinstance(i, dict)
+                and i.get("value")
+                and any(c.get("code") == "MR" for c in (i.get("type") or {}).get("coding") or [])
+            ),
+            None,
+        )
+        ehr_id = _identifier(r, ":EHRID") or _identifier(r, SYNTHEA_ID_SYSTEM) or base["id"]
+        telecom = [t for t in r.get("telecom") or [] if isinstance(t, dict) and t.get("value")]
+        phones = {t.get("use"): str(t["value"]) for t in reversed(telecom) if t.get("system") == "phone"}
+        address = next((a for a in r.get("address") or [] if isinstance(a, dict)), {})
+        communication = next((c for c in r.get("communication") or [] if isinstance(c, dict)), {})
+        language = _coding(communication.get("language"), ids.BCP47)
+        marital = r.get("maritalStatus")
+        deceased = parse_datetime(r.get("deceasedDateTime"))
+        tags = (r.get("meta") or {}).get("tag") or []
+        return PatientRecord(
+            **base,
+            person_index=index,
+            mrn=mrn or base["id"],
+            ehr_id=ehr_id,
+            enterprise_id=_identifier(r, ids.ENTERPRISE_SYSTEM) or str(uuid.uuid5(_NAMESPACE, base["id"])),
+            nist_id=_identifier(r, ":NIST"),
+            family_name=str(name["family"]),
+            given_names=tuple(str(g) for g in name.get("given") or ()),
+            birth_date=date(birth.year, birth.month, birth.day),
+            sex=r.get("gender") if r.get("gender") in _SEX else "unknown",
+            race=self._omb(r, ids.US_CORE_RACE),
+            ethnicity=self._omb(r, ids.US_CORE_ETHNICITY),
+            language=language.code if language else None,
+            address_line=(address.get("line") or [None])[0],
+            city=address.get("city"),
+            state=address.get("state"),
+            postal_code=address.get("postalCode"),
+            county=address.get("district"),
+            phone_home=phones.get("home"),
+            phone_mobile=phones.get("mobile"),
+            email=next((str(t["value"]) for t in telecom if t.get("system") == "email"), None),
+            ssn=_identifier(r, ids.SSN_SYSTEM),
+            marital_status=(marital.get("text") or _text(marital)) if isinstance(marital, dict) else None,
+            deceased_at=deceased,
+            is_test=any(isinstance(t, dict) and t.get("code") == "HTEST" for t in tags),
+            active=r.get("active", True) is not False,
+        )
+
+    @staticmethod
+    def _omb(r: dict[str, Any], url: str) -> str | None:
+        for ext in r.get("extension") or []:
+            if isinstance(ext, dict) and ext.get("url") == url:
+                parts = ext.get("extension") or []
+                text = next((p.get("valueString") for p in parts if p.get("url") == "text"), None)
+                if text:
+                    return str(text)
+                coding = next((p.get("valueCoding") for p in parts if p.get("url") == "ombCategory"), None)
+                if coding and coding.get("display"):
+                    return str(coding["display"])
+        return None
+
+    def encounter(self, full_url: str | None, r: dict[str, Any]) -> EncounterRecord:
+        status = _ENCOUNTER_STATUS.get(r.get("status"))
+        if status is None:
+            raise Skip("status has no sandbox equivalent")
+        period = r.get("period") or {}
+        start = parse_datetime(period.get("start"))
+        if start is None:
+            raise Skip("no period.start")
+        visit_type = _coding((r.get("type") or [None])[0])
+        if visit_type is None:
+            raise Skip("no type")
+        attending = next(
+            (
+                p
+                for p in (self._provider(r, part.get("individual")) for part in r.get("participant") or [])
+                if p is not None
+            ),
+            None,
+        )
+        if attending is None:
+            raise Skip("no practitioner with an NPI")
+        klass = str((r.get("class") or {}).get("code") or "AMB")
+        base = self._base(full_url, r)
+        hospitalization = r.get("hospitalization") or {}
+        return EncounterRecord(
+            **base,
+            patient=self._patient_ref(r.get("subject")),
+            visit_number=_identifier(r, ":VN") or _first_identifier(r) or base["id"],
+            account_number=_identifier(r, ":AN"),
+            status=status,
+            class_code=_ENCOUNTER_CLASS.get(klass) or _ENCOUNTER_CLASS_ALIASES.get(klass, "AMB"),
+            type=visit_type,
+            start_at=start,
+            end_at=parse_datetime(period.get("end")),
+            location=self._location(
+                r,
+                [loc.get("location") for loc in r.get("location") or [] if isinstance(loc, dict)],
+                (r.get("serviceProvider") or {}).get("display"),
+            ),
+            attending=attending,
+            reason=_coding((r.get("reasonCode") or [None])[0]),
+            discharge_disposition=_coding(hospitalization.get("dischargeDisposition")),
+        )
+
+    def observation(self, full_url: str | None, r: dict[str, Any]) -> ResultRecord:
+        categories = {
+            c.get("code")
+            for cat in r.get("category") or []
+            for c in (cat.get("coding") or [])
+            if isinstance(c, dict)
+        }
+        category = (
+            "laboratory"
+            if "laboratory" in categories
+            else "vital-signs"
+            if "vital-signs" in categories
+            else None
+        )
+        if category is None:
+            raise Skip("category is neither laboratory nor vital-signs")
+        status = _RESULT_STATUS.get(r.get("status"))
+        if status is None:
+            raise Skip("status has no sandbox equivalent")
+        code = _coding(r.get("code"), "http://loinc.org")
+        if code is None:
+            raise Skip("no code")
+        effective = parse_datetime(r.get("effectiveDateTime")) or parse_datetime(
+            (r.get("effectivePeriod") or {}).get("start")
+        )
+        effective = effective or parse_datetime(r.get("issued"))
+        if effective is None:
+            raise Skip("no effective time")
+        if "component" in r and not any(k.startswith("value") for k in r):
+            raise Skip("components without a value of its own")
+        base = self._base(full_url, r)
+        orders = self._contained(r, "ServiceRequest")
+        order_id = (
+            next(
+                (
+                    str(b["identifier"]["value"])
+                    for b in r.get("basedOn") or []
+                    if isinstance(b, dict)
+                    and isinstance(b.get("identifier"), dict)
+                    and b["identifier"].get("value")
+                ),
+                None,
+            )
+            or (orders and _identifier(orders[0], ":OrderID"))
+            or base["id"]
+        )
+        panel = (_coding(orders[0].get("code")) if orders else None) or code
+        value_type, numeric, text, unit = "String", None, None, None
+        if isinstance(r.get("valueQuantity"), dict) and r["valueQuantity"].get("value") is not None:
+            quantity = r["valueQuantity"]
+            value_type, numeric = "Numeric", float(quantity["value"])
+            text = format_number(numeric)
+            unit = quantity.get("code") or quantity.get("unit")
+        elif "valueCodeableConcept" in r:
+            value_type, text = "Coded Entry", _text(r["valueCodeableConcept"])
+        elif r.get("valueString") is not None:
+            text = str(r["valueString"])
+        ranges = r.get("referenceRange") or [{}]
+        low, high = (ranges[0].get("low") or {}), (ranges[0].get("high") or {})
+        flags = [c.get("code") for i in r.get("interpretation") or [] for c in i.get("coding") or []]
+        performer, producer = None, None
+        for ref in r.get("performer") or []:
+            if not isinstance(ref, dict):
+                continue
+            if ref.get("type") == "Organization" or "Organization" in str(ref.get("reference", "")):
+                producer = producer or ref.get("display")
+            else:
+                performer = performer or self._provider(r, ref)
+        return ResultRecord(
+            **base,
+            patient=self._patient_ref(r.get("subject")),
+            visit_number=self._visit(r.get("encounter")),
+            order_id=str(order_id),
+            result_id=_identifier(r, ":ResultID") or base["id"],
+            category=category,
+            panel=panel,
+            code=code,
+            value_type=value_type,
+            value_numeric=numeric,
+            value_text=text,
+            unit=unit or (low.get("code") or high.get("code") or None),
+            reference_low=float(low["value"]) if low.get("value") is not None else None,
+            reference_high=float(high["value"]) if high.get("value") is not None else None,
+            reference_text=ranges[0].get("text"),
+            abnormal_flag=next((f for f in flags if f in _FLAGS), None),
+            status=status,
+            effective_at=effective,
+            issued_at=parse_datetime(r.get("issued")),
+            performer=performer,
+            producer=producer,
+        )
+
+    def medication(self, full_url: str | None, r: dict[str, Any]) -> MedicationRecord:
+        is_request = r["resourceType"] == "MedicationRequest"
+        status = (_REQUEST_STATUS if is_request else _STATEMENT_STATUS).get(r.get("status"))
+        if status is None:
+            raise Skip("status has no sandbox equivalent")
+        code = _coding(r.get("medicationCodeableConcept"), "http://www.nlm.nih.gov/research/umls/rxnorm")
+        if code is None and isinstance(r.get("medicationReference"), dict):
+            target = self._resolve(r["medicationReference"])
+            code = (
+                _coding(target.get("code"), "http://www.nlm.nih.gov/research/umls/rxnorm") if target else None
+            )
+        if code is None:
+            raise Skip("no medication code")
+        dosage = next(iter(r.get("dosageInstruction" if is_request else "dosage") or []), {})
+        repeat = (dosage.get("timing") or {}).get("repeat") or {}
+        bounds = repeat.get("boundsPeriod") or {}
+        effective = r.get("effectivePeriod") or {}
+        dose = next(
+            (
+                d.get("doseQuantity")
+                for d in dosage.get("doseAndRate") or []
+                if isinstance(d.get("doseQuantity"), dict)
+            ),
+            None,
+        )
+        period = repeat.get("period")
+        frequency = repeat.get("frequency") or 1
+        base = self._base(full_url, r)
+        start = (
+            parse_datetime(bounds.get("start"))
+            or parse_datetime(effective.get("start"))
+            or parse_datetime(r.get("effectiveDateTime"))
+            or parse_datetime(r.get("authoredOn"))
+        )
+        prescriber_ref = r.get("requester") if is_request else r.get("informationSource")
+        return MedicationRecord(
+            **base,
+            patient=self._patient_ref(r.get("subject")),
+            visit_number=self._visit(r.get("encounter") if is_request else r.get("context")),
+            order_id=_identifier(r, ":OrderID") or _first_identifier(r) or base["id"],
+            kind="request" if is_request else "statement",
+            status=status,
+            intent=(r.get("intent") or "order") if is_request else None,
+            code=code,
+            dose_quantity=float(dose["value"]) if dose and dose.get("value") is not None else None,
+            dose_unit=(dose.get("unit") or dose.get("code")) if dose else None,
+            route=_coding(dosage.get("route")),
+            frequency_period=float(period) / float(frequency) if period is not None else None,
+            frequency_unit=repeat.get("periodUnit") if period is not None else None,
+            start_at=start,
+            end_at=parse_datetime(bounds.get("end")) or parse_datetime(effective.get("end")),
+            prescriber=self._provider(r, prescriber_ref),
+        )
+
+    def appointment(self, full_url: str | None, r: dict[str, Any]) -> AppointmentRecord:
+        status = _APPOINTMENT_STATUS.get(r.get("status"))
+        if status is None:
+            raise Skip("status has no sandbox equivalent")
+        start = parse_datetime(r.get("start"))
+        if start is None:
+            raise Skip("no start")
+        end = parse_datetime(r.get("end"))
+        minutes = r.get("minutesDuration")
+        if minutes is None and end is not None:
+            minutes = int((end - start).total_seconds() // 60)
+        if minutes is None:
+            raise Skip("no end or minutesDuration")
+        visit_type = _coding(r.get("appointmentType")) or _coding((r.get("serviceType") or [None])[0])
+        if visit_type is None:
+            raise Skip("no appointmentType")
+        actors = [
+            p.get("actor") for p in r.get("participant") or [] if isinstance(p, dict) and p.get("actor")
+        ]
+        patient = next(
+            (a for a in actors if "Patient" in str(a.get("reference", "")) or a.get("type") == "Patient"),
+            None,
+        )
+        if patient is None:
+            patient = next(
+                (a for a in actors if (self._resolve(a) or {}).get("resourceType") == "Patient"), None
+            )
+        provider = next((p for p in (self._provider(r, a) for a in actors) if p is not None), None)
+        if provider is None:
+            raise Skip("no practitioner with an NPI")
+        location_refs = [
+            a for a in actors if a.get("type") == "Location" or "Location" in str(a.get("reference", ""))
+        ]
+        base = self._base(full_url, r)
+        rescheduled = next(
+            (
+                str(e.get("valueString"))
+                for e in r.get("extension") or []
+                if isinstance(e, dict)
+                and e.get("url") == ids.RESCHEDULED_FROM_EXTENSION
+                and e.get("valueString")
+            ),
+            None,
+        )
+        return AppointmentRecord(
+            **base,
+            patient=self._patient_ref(patient),
+            visit_number=_identifier(r, ":VN") or _first_identifier(r) or base["id"],
+            status=status,
+            start_at=start,
+            duration_minutes=int(minutes),
+            type=visit_type,
+            reason=_text((r.get("reasonCode") or [None])[0]),
+            provider=provider,
+            location=self._location(r, location_refs, None),
+            cancel_reason=_text(r.get("cancelationReason")),
+            rescheduled_from=rescheduled,
+        )
+
+    def document(self, full_url: str | None, r: dict[str, Any]) -> DocumentRecord:
+        status = r.get("status")
+        if status not in ("current", "superseded", "entered-in-error"):
+            raise Skip("status has no sandbox equivalent")
+        doc_type = _coding(r.get("type"))
+        if doc_type is None:
+            raise Skip("no type")
+        attachment = next(
+            (c.get("attachment") for c in r.get("content") or [] if isinstance(c.get("attachment"), dict)),
+            None,
+        )
+        if attachment is None:
+            raise Skip("no content attachment")
+        if attachment.get("data") is not None:
+            content = base64.b64decode(attachment["data"])
+        else:
+            binary = self._resolve({"reference": attachment.get("url")}) if attachment.get("url") else None
+            if binary is None or binary.get("resourceType") != "Binary" or binary.get("data") is None:
+                raise Skip("content is neither inline nor a loaded Binary")
+            content = base64.b64decode(binary["data"])
+        authored = parse_datetime(r.get("date")) or parse_datetime(attachment.get("creation"))
+        authored = authored or parse_datetime(((r.get("context") or {}).get("period") or {}).get("start"))
+        if authored is None:
+            raise Skip("no date")
+        author = next(
+            (p for p in (self._provider(r, a) for a in r.get("author") or []) if p is not None), None
+        )
+        if author is None:
+            raise Skip("no practitioner author with an NPI")
+        kinds = {
+            str(c.get("code")).lower()
+            for cat in r.get("category") or []
+            for c in cat.get("coding") or []
+            if c.get("system") == ids.DOCUMENT_KIND
+        }
+        content_type = str(attachment.get("contentType") or "text/plain")
+        kind = "cda" if "cda" in kinds or (not kinds and "xml" in content_type) else "note"
+        base = self._base(full_url, r)
+        encounters = (r.get("context") or {}).get("encounter") or []
+        master = (r.get("masterIdentifier") or {}).get("value")
+        return DocumentRecord(
+            **base,
+            patient=self._patient_ref(r.get("subject")),
+            visit_number=self._visit(encounters[0]) if encounters else None,
+            document_id=_identifier(r, ":DocumentID") or master or _first_identifier(r) or base["id"],
+            kind=kind,
+            type=doc_type,
+            title=str(r.get("description") or attachment.get("title") or doc_type.display or doc_type.code),
+            status=status,
+            authored_at=authored,
+            author=author,
+            content_type=content_type,
+            content=content,
+        )
+
+    # --- assembly ------------------------------------------------------------------------------
+
+    def build(self) -> SeedLoad:
+        records: dict[str, dict[str, Record]] = {entity: {} for entity in ENTITIES}
+        patients = sorted(self.by_type.get("Patient", []), key=lambda item: str(item[1].get("id") or item[0]))
+        for index, (full_url, resource) in enumerate(patients):
+            record = self._convert("Patient", lambda u=full_url, r=resource, i=index: self.patient(u, r, i))
+            if record is not None and self._keep(records["patients"], record, "Patient"):
+                self.patients[self._key(full_url, resource)] = record
+                if full_url:
+                    self.patients[full_url] = record
+        for full_url, resource in self.by_type.get("Encounter", []):
+            record = self._convert("Encounter", lambda u=full_url, r=resource: self.encounter(u, r))
+            if record is not None and self._keep(records["encounters"], record, "Encounter"):
+                self.visits[self._key(full_url, resource)] = record.visit_number
+                if full_url:
+                    self.visits[full_url] = record.visit_number
+        plan = (
+            ("Observation", "results", self.observation),
+            ("MedicationRequest", "medications", self.medication),
+            ("MedicationStatement", "medications", self.medication),
+            ("Appointment", "appointments", self.appointment),
+            ("DocumentReference", "documents", self.document),
+        )
+        for rtype, entity, convert in plan:
+            for full_url, resource in self.by_type.get(rtype, []):
+                record = self._convert(rtype, lambda u=full_url, r=resource, c=convert: c(u, r))
+                if record is not None:
+                    self._keep(records[entity], record, rtype)
+        served = {"Patient", "Encounter", *(rtype for rtype, _, _ in plan)}
+        for rtype, resources in self.by_type.items():
+            if rtype not in served and rtype not in _SUPPORTING_TYPES:
+                self.skipped[f"{rtype}: resource type not served by the sandbox"] += len(resources)
+        return SeedLoad(
+            self.conn, {entity: list(by_id.values()) for entity, by_id in records.items()}, self.skipped
+        )
+
+    def _convert(self, rtype: str, convert: Any) -> Any:
+        try:
+            return convert()
+        except Skip as skip:
+            self.skipped[f"{rtype}: {skip.reason}"] += 1
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            self.skipped[f"{rtype}: malformed resource"] += 1
+        return None
+
+    def _keep(self, by_id: dict[str, Record], record: Record, rtype: str) -> bool:
+        """Keep one record per id: the highest version (a resource may appear in several files)."""
+        existing = by_id.get(record.id)
+        if existing is not None:
+            self.skipped[f"{rtype}: duplicate id"] += 1
+            if (existing.version, existing.last_updated) >= (record.version, record.last_updated):
+                return False
+        by_id[record.id] = record
+        return True

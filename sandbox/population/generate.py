@@ -1,0 +1,316 @@
+"""Vectorised generation of index rows (the compact columns behind every synthetic record).
+
+Each ``gen_*`` function draws, with numpy, the columns that queries need and that fix a record's
+shape: patient, clinical time, last-updated time, status, category, links and a few small
+integers (``aux``, ``item``) from which the record builder derives the rest. Times are integer
+seconds relative to the population's clock start. The same functions build the initial history
+and the records that ``advance`` adds, so new records look like old ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from sandbox.population import vocab
+from sandbox.population.query import CATEGORY_VALUES, STATUS_VALUES
+
+DAY = 86400
+HOUR = 3600
+S = {entity: {name: i for i, name in enumerate(values)} for entity, values in STATUS_VALUES.items()}
+ENC_CLASS_CODE = {c: CATEGORY_VALUES["encounters"].index(c) for c in vocab.ENCOUNTER_CLASSES}
+
+
+@dataclass
+class Rows:
+    """Columns of a batch of rows of one table (all the same length)."""
+
+    patient: np.ndarray
+    clin: np.ndarray  # int64 seconds; CLIN_NONE for patients
+    lu: np.ndarray
+    status: np.ndarray
+    category: np.ndarray
+    version: np.ndarray
+    link: np.ndarray  # encounter row, or -1
+    aux: np.ndarray  # encounter/appointment duration, result turnaround, medication course length
+    item: np.ndarray  # result panel*16+component, medication drug, document type
+    order_no: np.ndarray  # results: lab order number; others: -1
+
+    def __len__(self) -> int:
+        return len(self.patient)
+
+    @staticmethod
+    def empty() -> Rows:
+        return Rows(*(np.empty(0, np.int64) for _ in fields(Rows)))
+
+    def take(self, idx: np.ndarray) -> Rows:
+        return Rows(*(getattr(self, f.name)[idx] for f in fields(Rows)))
+
+
+CLIN_NONE = np.iinfo(np.int32).min
+
+
+@dataclass
+class Anchors:
+    """The visits new clinical records hang off: one entry per record (or per lab order)."""
+
+    patient: np.ndarray
+    enc_row: np.ndarray  # -1: no encounter (connection without encounters, or a statement)
+    start: np.ndarray  # seconds
+    dur: np.ndarray  # seconds
+    enc_class: np.ndarray  # ENC_CLASS_CODE, -1 without encounter
+
+
+def _rows(n: int, **cols) -> Rows:
+    out = {}
+    for f in fields(Rows):
+        v = cols.get(f.name)
+        if v is None:
+            v = np.full(n, -1, dtype=np.int64)
+        out[f.name] = np.asarray(v, dtype=np.int64)
+    return Rows(**out)
+
+
+def _uniform_int(rng: np.random.Generator, lo, hi, n: int) -> np.ndarray:
+    """``n`` integers uniform in [lo, hi] (elementwise; an empty range gives lo)."""
+    lo = np.broadcast_to(np.asarray(lo, dtype=np.int64), (n,))
+    hi = np.broadcast_to(np.asarray(hi, dtype=np.int64), (n,))
+    span = np.maximum(hi - lo, 0)
+    return lo + np.floor(rng.random(n) * (span + 1)).astype(np.int64)
+
+
+def _dead(rng: np.random.Generator, n: int, p_cancel: float, p_error: float) -> np.ndarray:
+    """0 live, 1 cancelled, 2 entered-in-error."""
+    u = rng.random(n)
+    return np.where(u < p_cancel, 1, np.where(u < p_cancel + p_error, 2, 0))
+
+
+def gen_patients(
+    rng: np.random.Generator, n: int, lo, hi: int, protected: np.ndarray, allow_dead: bool
+) -> Rows:
+    """``protected`` rows (canonical test patients) are never inactive."""
+    lu = _uniform_int(rng, lo, hi, n) if n else np.empty(0, np.int64)
+    status = np.zeros(n, dtype=np.int64)
+    if allow_dead:
+        inactive = (rng.random(n) < 0.005) & ~protected
+        status[inactive] = S["patients"]["inactive"]
+    version = 1 + (rng.random(n) < 0.3).astype(np.int64) + (status != 0)
+    return _rows(n, patient=np.arange(n), clin=np.full(n, CLIN_NONE), lu=lu, status=status, version=version)
+
+
+def gen_encounters(
+    rng: np.random.Generator, patients: np.ndarray, lo, hi: int, now: int, allow_dead: bool
+) -> Rows:
+    n = len(patients)
+    st = S["encounters"]
+    cls_idx = rng.choice(len(vocab.ENCOUNTER_CLASSES), size=n, p=vocab.ENCOUNTER_CLASS_WEIGHTS)
+    lows = np.array([vocab.ENCOUNTER_DURATION_S[c][0] for c in vocab.ENCOUNTER_CLASSES])
+    highs = np.array([vocab.ENCOUNTER_DURATION_S[c][1] for c in vocab.ENCOUNTER_CLASSES])
+    dur = _uniform_int(rng, lows[cls_idx], highs[cls_idx], n)
+    start = _uniform_int(rng, lo, hi - 60, n)
+    end = start + dur
+    inpatientish = np.isin(cls_idx, [1, 2, 3])  # IMP, EMER, OBSENC
+    lag = np.where(inpatientish, _uniform_int(rng, 0, 24 * HOUR, n), _uniform_int(rng, 0, 2 * HOUR, n))
+    finished = end <= now
+    status = np.where(
+        finished,
+        st["finished"],
+        np.where(inpatientish | (rng.random(n) < 0.5), st["in-progress"], st["arrived"]),
+    )
+    lu = np.where(
+        finished, np.minimum(end + lag, now), start + ((now - start) * rng.random(n)).astype(np.int64)
+    )
+    version = np.where(finished, 2, 1)
+    if allow_dead:
+        dead = _dead(rng, n, 0.015, 0.005)
+        status = np.where(dead == 1, st["cancelled"], np.where(dead == 2, st["entered-in-error"], status))
+        version = np.where(dead > 0, version + 1, version)
+    lu = np.maximum(lu, start)
+    category = np.array([ENC_CLASS_CODE[c] for c in vocab.ENCOUNTER_CLASSES])[cls_idx]
+    return _rows(
+        n, patient=patients, clin=start, lu=lu, status=status, category=category, version=version, aux=dur
+    )
+
+
+def anchors_from_encounters(enc_rows: np.ndarray, enc: Rows, offset: int = 0) -> Anchors:
+    """Anchors on encounter rows (``enc`` holds the encounter columns, ``offset`` its first row)."""
+    local = enc_rows - offset
+    return Anchors(enc.patient[local], enc_rows, enc.clin[local], enc.aux[local], enc.category[local])
+
+
+def anchors_without_encounters(rng: np.random.Generator, patients: np.ndarray, lo, hi: int) -> Anchors:
+    n = len(patients)
+    return Anchors(
+        patients, np.full(n, -1), _uniform_int(rng, lo, hi - 60, n), np.full(n, HOUR), np.full(n, -1)
+    )
+
+
+def pick_patient_encounters(
+    rng: np.random.Generator, patients: np.ndarray, enc_first: np.ndarray, enc_count: np.ndarray
+) -> np.ndarray:
+    """One random encounter row (of the base history) per entry of ``patients``."""
+    return enc_first[patients] + np.floor(rng.random(len(patients)) * enc_count[patients]).astype(np.int64)
+
+
+def gen_results(
+    rng: np.random.Generator, lab: Anchors, vitals: Anchors, now: int, first_order_no: int, allow_dead: bool
+) -> Rows:
+    """One lab order per ``lab`` anchor and one vital-signs set per ``vitals`` anchor, exploded
+    into one row per observation."""
+    st = S["results"]
+    n_lab, n_vit = len(lab.patient), len(vitals.patient)
+    lab_weights = np.array([p.weight for p in vocab.LAB_PANELS])
+    panel = np.concatenate(
+        [
+            rng.choice(len(vocab.LAB_PANELS), size=n_lab, p=lab_weights / lab_weights.sum()),
+            np.full(n_vit, vocab.VITALS_PANEL_INDEX),
+        ]
+    ).astype(np.int64)
+    anchors = Anchors(
+        *(np.concatenate([getattr(lab, f.name), getattr(vitals, f.name)]) for f in fields(Anchors))
+    )
+    n_orders = n_lab + n_vit
+    is_vitals = panel == vocab.VITALS_PANEL_INDEX
+    window = np.where(is_vitals, np.minimum(anchors.dur, 30 * 60), np.minimum(anchors.dur, 4 * HOUR))
+    effective = anchors.start + (window * rng.random(n_orders)).astype(np.int64)
+    effective = np.minimum(effective, now - 60)
+    t_lo = np.array([p.turnaround_s[0] for p in vocab.PANELS])[panel]
+    t_hi = np.array([p.turnaround_s[1] for p in vocab.PANELS])[panel]
+    turnaround = _uniform_int(rng, t_lo, t_hi, n_orders)
+    issued = effective + turnaround
+    final = issued <= now
+    order_status = np.where(final, st["final"], st["preliminary"])
+    order_lu = np.where(
+        final,
+        np.minimum(issued + _uniform_int(rng, 0, 2 * HOUR, n_orders), now),
+        effective + ((now - effective) * rng.random(n_orders)).astype(np.int64),
+    )
+    order_no = first_order_no + np.arange(n_orders, dtype=np.int64)
+
+    sizes = np.array([len(p.analytes) for p in vocab.PANELS])[panel]
+    rep = np.repeat(np.arange(n_orders), sizes)
+    comp = np.arange(len(rep)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    n = len(rep)
+    status = order_status[rep]
+    lu = order_lu[rep]
+    version = np.ones(n, dtype=np.int64)
+    if allow_dead:
+        corrected = (status == st["final"]) & (rng.random(n) < 0.015)
+        status = np.where(corrected, st["corrected"], status)
+        lu = np.where(corrected, np.minimum(lu + _uniform_int(rng, HOUR, 72 * HOUR, n), now), lu)
+        version = np.where(corrected, 2, version)
+        dead = _dead(rng, n, 0.007, 0.003)
+        status = np.where(dead == 1, st["cancelled"], np.where(dead == 2, st["entered-in-error"], status))
+        version = np.where(dead > 0, version + 1, version)
+    category = np.where(is_vitals[rep], 1, 0)
+    return _rows(
+        n,
+        patient=anchors.patient[rep],
+        clin=effective[rep],
+        lu=lu,
+        status=status,
+        category=category,
+        version=version,
+        link=anchors.enc_row[rep],
+        aux=turnaround[rep],
+        item=panel[rep] * 16 + comp,
+        order_no=order_no[rep],
+    )
+
+
+def gen_medications(
+    rng: np.random.Generator, requests: Anchors, statements: Anchors, now: int, allow_dead: bool
+) -> Rows:
+    st = S["medications"]
+    anchors = Anchors(
+        *(np.concatenate([getattr(requests, f.name), getattr(statements, f.name)]) for f in fields(Anchors))
+    )
+    n = len(anchors.patient)
+    kind = np.concatenate([np.zeros(len(requests.patient)), np.ones(len(statements.patient))]).astype(
+        np.int64
+    )
+    drug = rng.integers(0, len(vocab.DRUGS), size=n)
+    chronic = np.array([d.chronic for d in vocab.DRUGS])[drug]
+    start = np.minimum(anchors.start + _uniform_int(rng, 0, 2 * HOUR, n) * (kind == 0), now - 60)
+    course = np.where(chronic, 0, _uniform_int(rng, 5 * DAY, 14 * DAY, n))
+    end = start + course
+    u = rng.random(n)
+    chronic_status = np.where(u < 0.88, st["active"], np.where(u < 0.92, st["on-hold"], st["stopped"]))
+    status = np.where(chronic, chronic_status, np.where(end <= now, st["completed"], st["active"]))
+    lag = _uniform_int(rng, 0, 6 * HOUR, n)
+    stopped_at = start + ((now - start) * rng.random(n)).astype(np.int64)
+    lu = np.where(
+        status == st["completed"],
+        np.minimum(end + lag, now),
+        np.where(status == st["stopped"], stopped_at, np.minimum(start + lag, now)),
+    )
+    version = np.where(np.isin(status, [st["completed"], st["stopped"], st["on-hold"]]), 2, 1)
+    if allow_dead:
+        dead = _dead(rng, n, 0.01, 0.005)
+        status = np.where(dead == 1, st["cancelled"], np.where(dead == 2, st["entered-in-error"], status))
+        version = np.where(dead > 0, version + 1, version)
+    return _rows(
+        n, patient=anchors.patient, clin=start, lu=lu, status=status, category=kind, version=version,
+        link=np.where(kind == 0, anchors.enc_row, -1), aux=course, item=drug,
+    )  # fmt: skip
+
+
+def gen_appointments(
+    rng: np.random.Generator, patients: np.ndarray, lo, hi: int, now: int, lu_lo, allow_dead: bool
+) -> Rows:
+    """Appointments starting in [lo, hi]; ``lu_lo`` bounds when they were booked or last touched."""
+    st = S["appointments"]
+    n = len(patients)
+    start = _uniform_int(rng, lo, hi, n)
+    start = start - start % (5 * 60)  # slots start on 5-minute marks
+    minutes = np.array(vocab.APPOINTMENT_DURATIONS)[rng.integers(0, len(vocab.APPOINTMENT_DURATIONS), size=n)]
+    future = start > now
+    u = rng.random(n)
+    future_status = np.where(u < 0.90, st["booked"], np.where(u < 0.95, st["pending"], st["proposed"]))
+    past_status = np.where(u < 0.86, st["fulfilled"], st["noshow"])
+    in_clinic = (start <= now) & (start + minutes * 60 > now)
+    status = np.where(future, future_status, np.where(in_clinic, st["arrived"], past_status))
+    lead = _uniform_int(rng, DAY, 60 * DAY, n)
+    booked_at = np.clip(start - lead, lu_lo, now)
+    after = np.minimum(start + minutes * 60 + _uniform_int(rng, 0, 4 * HOUR, n), now)
+    lu = np.where(future | in_clinic, booked_at, after)
+    version = np.where(future, 1, 2)
+    if allow_dead:
+        cancelled = rng.random(n) < np.where(future, 0.05, 0.10)
+        status = np.where(cancelled, st["cancelled"], status)
+        lu = np.where(cancelled, np.clip(start - lead // 2, lu_lo, now), lu)
+        error = rng.random(n) < 0.005
+        status = np.where(error, st["entered-in-error"], status)
+        version = np.where(cancelled | error, version + 1, version)
+    lu = np.clip(lu, lu_lo, now)
+    return _rows(n, patient=patients, clin=start, lu=lu, status=status, version=version, aux=minutes)
+
+
+def gen_documents(
+    rng: np.random.Generator, notes: Anchors, cdas: Anchors, now: int, allow_dead: bool
+) -> Rows:
+    st = S["documents"]
+    anchors = Anchors(
+        *(np.concatenate([getattr(notes, f.name), getattr(cdas, f.name)]) for f in fields(Anchors))
+    )
+    n = len(anchors.patient)
+    kind = np.concatenate([np.zeros(len(notes.patient)), np.ones(len(cdas.patient))]).astype(np.int64)
+    inpatient = anchors.enc_class == ENC_CLASS_CODE["IMP"]
+    note_type = rng.integers(0, len(vocab.NOTE_TYPES), size=n)
+    cda_type = np.where(inpatient, 1, 0)  # discharge summary after a stay, else a CCD
+    item = np.where(kind == 0, note_type, cda_type)
+    written = np.where(kind == 1, anchors.dur, np.minimum(anchors.dur, 2 * HOUR))
+    authored = np.minimum(anchors.start + (written * rng.random(n)).astype(np.int64) + 15 * 60, now - 60)
+    authored = np.maximum(authored, anchors.start)
+    lu = np.minimum(authored + _uniform_int(rng, 0, 24 * HOUR, n), now)
+    status = np.full(n, st["current"])
+    version = np.ones(n, dtype=np.int64)
+    if allow_dead:
+        u = rng.random(n)
+        status = np.where(u < 0.03, st["superseded"], np.where(u < 0.04, st["entered-in-error"], status))
+        version = np.where(status != st["current"], 2, 1)
+    return _rows(
+        n, patient=anchors.patient, clin=authored, lu=lu, status=status, category=kind, version=version,
+        link=anchors.enc_row, aux=np.zeros(n), item=item,
+    )  # fmt: skip

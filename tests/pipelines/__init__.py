@@ -1,0 +1,1 @@
+"""Tests of the ELT pipelines (normalizers, loaders)."""

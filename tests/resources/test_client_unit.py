@@ -1,0 +1,355 @@
+"""RedoxClient behaviour pinned with scripted HTTP answers (httpx.MockTransport, no sockets).
+
+The same behaviours are exercised end to end against the real sandbox in test_live_sandbox.py;
+here each failure mode is forced exactly once so the retry/re-auth/scope rules are precise.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import pytest
+
+from resources.audit import AuditLog, read_audit_file
+from resources.auth import OAuthTokenProvider
+from resources.client import DataModelError, RedoxAPIError, RedoxAuthError, RedoxClient, RetryPolicy, ScopeError
+from resources.keys import KeyRing
+from resources.settings import Settings, settings_from_dict
+from resources.throttle import AdaptiveThrottle
+
+BASE = "http://redox.test"
+FHIR = f"{BASE}/fhir/R4/north-slug/Development"
+CANARY_NAME = "Zyxwvutsrq"
+
+
+class FakeTokens:
+    """Hands out token-1, then token-2 after token-1 is invalidated, and so on."""
+
+    kind = "oauth"
+
+    def __init__(self) -> None:
+        self.current = 1
+        self.invalidated: list[str] = []
+
+    def get_token(self) -> str:
+        return f"token-{self.current}"
+
+    def invalidate(self, token: str) -> None:
+        self.invalidated.append(token)
+        if token == f"token-{self.current}":
+            self.current += 1
+
+
+def settings(tmp_path: Path, **conn: Any) -> Settings:
+    connection = {
+        "id": "north",
+        "surfaces": ["fhir", "datamodel"],
+        "entities": ["patients", "results"],
+        "write_entities": ["orders"],
+        "fhir_base_url": FHIR,
+        "datamodel_url": f"{BASE}/endpoint",
+        "destination_id": "dest-1",
+    }
+    connection.update(conn)
+    return settings_from_dict(
+        {
+            "token_url": f"{BASE}/v2/auth/token",
+            "auth": {"client_id": "client-1"},
+            "connections": [connection],
+            "audit": {"path": str(tmp_path / "audit.jsonl")},
+        }
+    )
+
+
+class Script:
+    """Answers requests from a list of (status, body, headers) or callables, recording each request."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if callable(answer):
+            return answer(request)
+        status, body, headers = (answer + ({},))[:3] if len(answer) == 2 else answer
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.Response(status, content=content, headers=headers)
+
+
+def make_client(tmp_path: Path, script: Script, tokens: FakeTokens | None = None, **conn: Any) -> tuple[RedoxClient, list[float]]:
+    sleeps: list[float] = []
+    client = RedoxClient(
+        settings(tmp_path, **conn),
+        "north",
+        audit=AuditLog(tmp_path / "audit.jsonl"),
+        http=httpx.Client(transport=httpx.MockTransport(script)),
+        throttle=AdaptiveThrottle(initial_rps=1000.0, max_rps=1000.0),
+        fhir_tokens=tokens or FakeTokens(),
+        datamodel_tokens=tokens or FakeTokens(),
+        retry=RetryPolicy(max_attempts=4, base_delay_s=0.01),
+        rng=random.Random(1),
+        sleep=sleeps.append,
+    )
+    return client, sleeps
+
+
+def bundle(n: int, next_url: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": {"resourceType": "Patient", "id": f"p{i}"}} for i in range(n)],
+    }
+    if next_url:
+        out["link"] = [{"relation": "next", "url": next_url}]
+    return out
+
+
+# ---- minimum necessary ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: list(c.fhir_search("Encounter", {})),  # entity not listed
+        lambda c: list(c.fhir_search("Patient", {"_revinclude": "MedicationRequest:patient"})),
+        lambda c: list(c.fhir_search("Condition", {})),  # no entity maps to it
+        lambda c: c.fhir_read("Patient", "../../admin"),
+        lambda c: c.fhir_operation("Appointment/$schedule-new", {"resourceType": "Bundle"}, "k"),  # not a write entity
+        lambda c: c.datamodel({"Meta": {"DataModel": "Scheduling", "EventType": "New"}}),
+        lambda c: c.datamodel({"Meta": {"DataModel": "Medications", "EventType": "PatientQuery"}}),
+        lambda c: c.datamodel({"Meta": {"DataModel": "Results", "EventType": "Query", "Destinations": [{"ID": "other"}]}}),
+    ],
+    ids=["entity", "revinclude", "unmapped-type", "bad-id", "write-entity", "dm-write", "dm-read", "dm-destination"],
+)
+def test_out_of_scope_calls_are_refused_without_a_request(tmp_path: Path, call: Callable[[RedoxClient], Any]) -> None:
+    script = Script((200, bundle(0)))
+    client, _ = make_client(tmp_path, script)
+    with pytest.raises(ScopeError):
+        call(client)
+    assert script.requests == []
+    assert not (tmp_path / "audit.jsonl").exists() or read_audit_file(tmp_path / "audit.jsonl")[0] == []
+
+
+def test_surface_not_listed_is_refused(tmp_path: Path) -> None:
+    script = Script((200, bundle(0)))
+    client, _ = make_client(tmp_path, script, surfaces=["datamodel"], fhir_base_url=None)
+    with pytest.raises(ScopeError, match="fhir surface"):
+        list(client.fhir_search("Patient", {}))
+    assert script.requests == []
+
+
+# ---- FHIR search, paging, audit -----------------------------------------------------------------
+
+
+def test_search_posts_form_follows_next_links_and_audits_templates_only(tmp_path: Path) -> None:
+    page2 = f"{FHIR}/Patient/_search?_page_token=abc"
+    script = Script((200, bundle(2, page2)), (405, {"resourceType": "OperationOutcome"}), (200, bundle(1)))
+    client, _ = make_client(tmp_path, script)
+    resources = list(client.fhir_search("Patient", {"family": CANARY_NAME, "_lastUpdated": ["ge2024-01-01", "lt2025-01-01"]}))
+    assert [r["id"] for r in resources] == ["p0", "p1", "p0"]
+    first, second, third = script.requests
+    assert first.method == "POST" and first.url.path.endswith("/Patient/_search") and not first.url.query
+    assert parse_qsl(first.content.decode()) == [
+        ("family", CANARY_NAME),
+        ("_lastUpdated", "ge2024-01-01"),
+        ("_lastUpdated", "lt2025-01-01"),
+    ]
+    assert first.headers["Authorization"] == "Bearer token-1"
+    assert (second.method, third.method) == ("POST", "GET")  # 405 on the next link -> GET
+    records, _ = read_audit_file(tmp_path / "audit.jsonl")
+    assert [r["status_code"] for r in records] == [200, 405, 200]
+    assert {r["path_template"] for r in records} == {"/fhir/R4/{slug}/{env}/Patient/_search"}
+    assert records[0]["record_count"] == 2
+    raw = (tmp_path / "audit.jsonl").read_text()
+    assert CANARY_NAME not in raw and "_page_token" not in raw and "token-1" not in raw
+
+
+def test_next_link_to_another_host_is_not_followed(tmp_path: Path) -> None:
+    script = Script((200, bundle(1, "https://evil.example/steal")))
+    client, _ = make_client(tmp_path, script)
+    with pytest.raises(RedoxAPIError, match="another host"):
+        list(client.fhir_search("Patient", {}))
+    assert len(script.requests) == 1
+
+
+# ---- retries -------------------------------------------------------------------------------------
+
+
+def test_401_reauthenticates_once_then_gives_up(tmp_path: Path) -> None:
+    tokens = FakeTokens()
+    script = Script((401, {"resourceType": "OperationOutcome"}))
+    client, _ = make_client(tmp_path, script, tokens=tokens)
+    with pytest.raises(RedoxAuthError, match="after re-authenticating"):
+        client.fhir_read("Patient", "p1")
+    assert len(script.requests) == 2
+    assert tokens.invalidated == ["token-1"]
+    assert [r.headers["Authorization"] for r in script.requests] == ["Bearer token-1", "Bearer token-2"]
+
+
+def test_401_then_success_is_one_retry(tmp_path: Path) -> None:
+    script = Script((401, {}), (200, {"resourceType": "Patient", "id": "p1"}))
+    client, _ = make_client(tmp_path, script)
+    assert client.fhir_read("Patient", "p1")["id"] == "p1"
+    assert len(script.requests) == 2
+
+
+def test_429_honours_retry_after_and_slows_the_throttle(tmp_path: Path) -> None:
+    script = Script((429, {}, {"Retry-After": "3", "X-RateLimit-Limit": "50"}), (200, {"resourceType": "Patient"}))
+    client, sleeps = make_client(tmp_path, script)
+    client.fhir_read("Patient", "p1")
+    assert len(script.requests) == 2
+    assert sleeps and sleeps[0] >= 3.0
+    assert client.throttle.stats().decreases == 1 and client.throttle.stats().ceiling <= 50
+
+
+def test_429_without_retry_after_still_recovers(tmp_path: Path) -> None:
+    script = Script((429, {}, {"X-RateLimit-Limit": "7500"}), (429, {}), (200, {"resourceType": "Patient"}))
+    client, _ = make_client(tmp_path, script)
+    client.fhir_read("Patient", "p1")
+    assert len(script.requests) == 3
+
+
+def test_500_is_retried_for_reads_but_not_for_writes(tmp_path: Path) -> None:
+    read_script = Script((500, {}), (200, {"resourceType": "Patient"}))
+    client, sleeps = make_client(tmp_path, read_script)
+    client.fhir_read("Patient", "p1")
+    assert len(read_script.requests) == 2 and len(sleeps) == 1
+
+    write_script = Script((500, {"Meta": {"Errors": [{"Text": "boom"}]}}))
+    writer, _ = make_client(tmp_path, write_script)
+    with pytest.raises(RedoxAPIError) as caught:
+        writer.datamodel({"Meta": {"DataModel": "Order", "EventType": "New"}, "Order": {"ID": "o-1"}})
+    assert len(write_script.requests) == 1 and caught.value.status_code == 500
+
+
+def test_retried_write_keeps_its_idempotency_key(tmp_path: Path) -> None:
+    script = Script((503, {}), (502, {}), lambda r: httpx.Response(200, json={"Meta": {"DataModel": "Order"}}))
+    client, _ = make_client(tmp_path, script)
+    payload = {"Meta": {"DataModel": "Order", "EventType": "New"}, "Order": {"ID": "o-1"}}
+    client.datamodel(payload)
+    keys = {r.headers["Idempotency-Key"] for r in script.requests}
+    assert len(script.requests) == 3 and len(keys) == 1
+    sent = json.loads(script.requests[0].content)
+    assert sent["Meta"]["Destinations"] == [{"ID": "dest-1"}]
+    # The same logical write made again later gets the same key; an explicit key wins.
+    again = Script((200, {"Meta": {}}))
+    client2, _ = make_client(tmp_path, again)
+    client2.datamodel(payload)
+    assert again.requests[0].headers["Idempotency-Key"] in keys
+    client2.datamodel(payload, idempotency_key="outbox-42")
+    assert again.requests[1].headers["Idempotency-Key"] == "outbox-42"
+
+
+def test_queries_send_no_idempotency_key(tmp_path: Path) -> None:
+    script = Script((200, {"Meta": {}, "Results": [{"a": 1}, {"b": 2}]}))
+    client, _ = make_client(tmp_path, script)
+    client.datamodel({"Meta": {"DataModel": "Results", "EventType": "Query"}, "Patient": {}})
+    assert "Idempotency-Key" not in script.requests[0].headers
+    assert read_audit_file(tmp_path / "audit.jsonl")[0][0]["record_count"] == 2
+
+
+def test_broken_and_malformed_bodies_are_retried(tmp_path: Path) -> None:
+    def drop(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    script = Script(drop, (200, b'{"resourceType":"Bun'), (200, bundle(1)))
+    client, _ = make_client(tmp_path, script)
+    assert len(list(client.fhir_search("Patient", {}))) == 1
+    records, _ = read_audit_file(tmp_path / "audit.jsonl")
+    assert [(r["status_code"], r["error"]) for r in records] == [
+        (None, "RemoteProtocolError"),
+        (200, "MalformedBody"),
+        (200, None),
+    ]
+
+
+def test_unreachable_server_gives_up_with_a_clear_error(tmp_path: Path) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    script = Script(refuse)
+    client, sleeps = make_client(tmp_path, script)
+    with pytest.raises(RedoxAPIError, match="failed after 4 attempts \\(last: ConnectError\\)"):
+        client.fhir_read("Patient", "p1")
+    assert len(script.requests) == 4 and len(sleeps) == 3
+
+
+def test_meta_errors_fail_even_on_200_without_phi_in_the_message(tmp_path: Path) -> None:
+    body = {"Meta": {"Errors": [{"ID": 1, "Text": f"no patient named {CANARY_NAME}", "Type": "query", "Module": "Search"}]}}
+    script = Script((200, body))
+    client, _ = make_client(tmp_path, script)
+    with pytest.raises(DataModelError) as caught:
+        client.datamodel({"Meta": {"DataModel": "PatientSearch", "EventType": "Query"}, "Patient": {}})
+    assert CANARY_NAME not in str(caught.value) and CANARY_NAME not in repr(caught.value)
+    assert "query/Search" in str(caught.value)
+    assert any(CANARY_NAME in d for d in caught.value.details)
+
+
+# ---- token provider ------------------------------------------------------------------------------
+
+
+def _token_endpoint(counter: list[int], lifetime: int = 300, delay_s: float = 0.2, unknown_kids: set[str] | None = None):
+    lock = threading.Lock()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        form = dict(parse_qsl(request.content.decode()))
+        import jwt
+
+        kid = jwt.get_unverified_header(form["client_assertion"])["kid"]
+        with lock:
+            counter.append(1)
+        time.sleep(delay_s)  # widen the race window for concurrent callers
+        if unknown_kids and kid in unknown_kids:
+            return httpx.Response(401, json={"error": "invalid_request", "error_description": "Public key not found, check client_id, kid and Redox dashboard settings"})
+        return httpx.Response(200, json={"access_token": f"at-{len(counter)}-{kid[:6]}", "token_type": "Bearer", "expires_in": lifetime})
+
+    return handler
+
+
+def test_twenty_concurrent_callers_cause_one_token_request(key_ring: KeyRing) -> None:
+    calls: list[int] = []
+    http = httpx.Client(transport=httpx.MockTransport(_token_endpoint(calls)))
+    provider = OAuthTokenProvider(f"{BASE}/v2/auth/token", "client-1", key_ring, http)
+    barrier = threading.Barrier(20)
+    results: list[str] = []
+
+    def call() -> None:
+        barrier.wait()
+        results.append(provider.get_token())
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(results)) == 1 and len(results) == 20
+    assert "at-" not in repr(provider)
+
+
+def test_unregistered_new_key_falls_back_to_the_previous_one_then_switches(key_ring: KeyRing) -> None:
+    old = key_ring.load().newest
+    new = key_ring.rotate()
+    calls: list[int] = []
+    unknown = {new.kid}
+    clock = [0.0]
+    http = httpx.Client(transport=httpx.MockTransport(_token_endpoint(calls, lifetime=10, delay_s=0, unknown_kids=unknown)))
+    provider = OAuthTokenProvider(f"{BASE}/v2/auth/token", "client-1", key_ring, http, clock=lambda: clock[0], reprobe_after_s=30)
+    provider.get_token()
+    assert provider.signing_kid == old.kid and len(calls) == 2  # tried the new key, fell back
+    clock[0] += 10
+    provider.get_token()
+    assert provider.signing_kid == old.kid and len(calls) == 3  # no re-probe before reprobe_after_s
+    unknown.clear()  # the JWKS with the new key gets registered
+    clock[0] += 30
+    provider.get_token()
+    assert provider.signing_kid == new.kid and len(calls) == 4
