@@ -61,7 +61,9 @@ def main() -> None:
         "count results _lastUpdated window": lambda: pop.count(window),
         "page results _lastUpdated window 0..100": lambda: pop.page(window, 0, 100),
         "page results _lastUpdated window deep offset": lambda: pop.page(window, 5_000, 100),
-        "page encounters status=finished 0..100": lambda: pop.page(Query(conn, "encounters", statuses=["finished"]), 0, 100),
+        "page encounters status=finished 0..100": lambda: pop.page(
+            Query(conn, "encounters", statuses=["finished"]), 0, 100
+        ),
         "page documents 0..100 (notes + C-CDA)": lambda: pop.page(Query(conn, "documents"), 0, 100),
         "counts(live_only=True)": lambda: pop.counts(live_only=True),
     }

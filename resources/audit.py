@@ -100,7 +100,9 @@ def audit_context(*, run_id: str | None = None, caller: str | None = None) -> It
 
 def canonical_bytes(record: dict[str, Any]) -> bytes:
     """The bytes the hash is computed over: the hashed fields as compact, key-sorted JSON."""
-    return json.dumps({f: record.get(f) for f in HASHED_FIELDS}, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return json.dumps(
+        {f: record.get(f) for f in HASHED_FIELDS}, sort_keys=True, separators=(",", ":")
+    ).encode("utf-8")
 
 
 def record_hash(record: dict[str, Any]) -> str:
@@ -131,7 +133,9 @@ class CallRecord:
 class AuditLog:
     """Appends hash-chained records to a JSONL file; safe across threads and processes."""
 
-    def __init__(self, path: str | os.PathLike[str], *, run_id: str | None = None, caller: str | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, run_id: str | None = None, caller: str | None = None
+    ) -> None:
         self.path = Path(path).expanduser()
         self.run_id = run_id
         self.caller = caller
@@ -252,7 +256,11 @@ def read_audit_file(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]],
             continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("seq"), int) or not record.get("hash"):
+            if (
+                not isinstance(record, dict)
+                or not isinstance(record.get("seq"), int)
+                or not record.get("hash")
+            ):
                 raise ValueError
         except ValueError:
             bad += 1
@@ -298,7 +306,9 @@ def load_audit_into_duckdb(jsonl_path: str | os.PathLike[str], warehouse: Any) -
         if max_seq and records:
             file_hash = next((r["hash"] for r in records if r["seq"] == max_seq), None)
             if file_hash is not None:
-                table_hash = con.execute(f"select hash from {TABLE} where seq = ? limit 1", [max_seq]).fetchall()[0][0]
+                table_hash = con.execute(
+                    f"select hash from {TABLE} where seq = ? limit 1", [max_seq]
+                ).fetchall()[0][0]
                 if table_hash != file_hash:
                     raise AuditError(
                         f"audit file {path} does not continue the chain in {TABLE} (record seq {max_seq} differs); "
@@ -325,7 +335,9 @@ def load_audit_into_duckdb(jsonl_path: str | os.PathLike[str], warehouse: Any) -
             batch = pa.table(columns)
             con.register("_audit_batch", batch)
             try:
-                con.execute(f"insert into {TABLE} ({', '.join(FIELDS)}) select {', '.join(FIELDS)} from _audit_batch")
+                con.execute(
+                    f"insert into {TABLE} ({', '.join(FIELDS)}) select {', '.join(FIELDS)} from _audit_batch"
+                )
             finally:
                 con.unregister("_audit_batch")
         return LoadResult(inserted=len(new), already_present=len(records) - len(new), unreadable_lines=bad)
@@ -365,7 +377,9 @@ def verify_audit(warehouse: Any) -> VerifyResult:
         try:
             con, opened = duckdb.connect(str(path), read_only=True), True
         except duckdb.Error as exc:
-            return VerifyResult(False, None, f"cannot open {path} ({type(exc).__name__}: {str(exc)[:200]})", 0)
+            return VerifyResult(
+                False, None, f"cannot open {path} ({type(exc).__name__}: {str(exc)[:200]})", 0
+            )
     else:
         con, opened = warehouse, False
     try:
@@ -389,10 +403,15 @@ def verify_audit(warehouse: Any) -> VerifyResult:
                     return VerifyResult(False, seq, f"records {missing} are missing before seq {seq}", count)
                 if record["prev_hash"] != prev_hash:
                     return VerifyResult(
-                        False, seq, f"record seq {seq}: prev_hash does not match record {seq - 1} (chain broken)", count
+                        False,
+                        seq,
+                        f"record seq {seq}: prev_hash does not match record {seq - 1} (chain broken)",
+                        count,
                     )
                 if record_hash(record) != record["hash"]:
-                    return VerifyResult(False, seq, f"record seq {seq}: hash mismatch (the record was modified)", count)
+                    return VerifyResult(
+                        False, seq, f"record seq {seq}: hash mismatch (the record was modified)", count
+                    )
                 expected_seq, prev_hash = seq + 1, record["hash"]
         if count == 0:
             return VerifyResult(True, None, f"{TABLE} is empty", 0)

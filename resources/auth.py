@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME_S = 240  # Redox/SMART cap assertions at 5 minutes; stay well inside
-PUBLIC_KEY_NOT_FOUND = "Public key not found"
 # Transient failures of the token endpoint itself are retried a few times before giving up.
 TOKEN_ATTEMPTS = 4
 _RETRYABLE_TOKEN_STATUSES = {429, 500, 502, 503, 504}
@@ -72,7 +71,14 @@ class TokenError(Exception):
     assertion, the secret or a token).
     """
 
-    def __init__(self, message: str, *, status_code: int | None = None, error: str | None = None, description: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error: str | None = None,
+        description: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.error = error
@@ -172,7 +178,9 @@ class _SingleFlight:
                     self._token = None
                 self._cond.notify_all()
                 if still_valid:
-                    log.warning("token refresh failed (%s); the current token is still valid and stays in use", exc)
+                    log.warning(
+                        "token refresh failed (%s); the current token is still valid and stays in use", exc
+                    )
                     return self._token.value  # type: ignore[union-attr]
             raise
         except BaseException:
@@ -224,11 +232,9 @@ class _TokenEndpointCaller:
             try:
                 response = self._http.post(url, **kwargs)
                 status = response.status_code
-                if status in _RETRYABLE_TOKEN_STATUSES and attempt < TOKEN_ATTEMPTS:
-                    error = "retryable_status"
-                    last_error = None
-                else:
+                if status not in _RETRYABLE_TOKEN_STATUSES or attempt == TOKEN_ATTEMPTS:
                     return response
+                last_error = None
             except httpx.TransportError as exc:
                 error = type(exc).__name__
                 last_error = exc
@@ -315,20 +321,20 @@ class OAuthTokenProvider(_SingleFlight):
             "exp": now + ASSERTION_LIFETIME_S,
             "jti": uuid.uuid4().hex,
         }
-        return jwt.encode(claims, load_private_key(key), algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"})
+        return jwt.encode(
+            claims, load_private_key(key), algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"}
+        )
 
     def _candidates(self, keys: tuple[SigningKey, ...]) -> list[SigningKey]:
-        """Keys to try, newest first; a key recently refused as unknown waits until re-probe time
-        unless nothing older is left to fall back to."""
+        """Keys to try, newest first; a key the endpoint recently called unknown goes last until
+        ``reprobe_after_s`` has passed (it is still tried when nothing else works)."""
         now = self._clock()
         newest_first = list(reversed(keys))
-        ready = [k for k in newest_first if now - self._unregistered.get(k.kid, float("-inf")) >= self._reprobe_after_s]
-        # Never go back past the newest confirmed key's predecessors unless it is refused too.
-        confirmed = next((k for k in newest_first if k.kid in self._confirmed), None)
-        if confirmed is not None:
-            ready = [k for k in ready if k.seq >= confirmed.seq] + [k for k in ready if k.seq < confirmed.seq]
-        waiting = [k for k in newest_first if k not in ready]
-        return ready + waiting
+
+        def resting(key: SigningKey) -> bool:
+            return now - self._unregistered.get(key.kid, float("-inf")) < self._reprobe_after_s
+
+        return [k for k in newest_first if not resting(k)] + [k for k in newest_first if resting(k)]
 
     def _request(self, key: SigningKey) -> httpx.Response:
         data = {
@@ -362,23 +368,26 @@ class OAuthTokenProvider(_SingleFlight):
                 error=error,
                 description=description,
             )
-            key_unknown = response.status_code == 401 and PUBLIC_KEY_NOT_FOUND.lower() in description.lower()
-            if index + 1 < len(candidates) and (key_unknown or response.status_code == 401):
+            # 401 is about the key or the assertion ("Public key not found" for a kid that is not
+            # registered yet): another key of the ring may still work. 400 is about the request.
+            if index + 1 < len(candidates) and response.status_code == 401:
                 self._unregistered[key.kid] = self._clock()
                 self._confirmed.discard(key.kid)
                 log.warning(
-                    "signing key %s was refused by the token endpoint (%s); signing with the previous key %s "
-                    "until the new one is registered (publish `redox-elt keys jwks`)",
+                    "signing key %s was refused by the token endpoint (%s); trying key %s instead. If %s is new, "
+                    "publish the JWKS (`redox-elt keys jwks`); signing moves to it once it is accepted",
                     key.kid,
                     description or f"HTTP {response.status_code}",
                     candidates[index + 1].kid,
+                    key.kid,
                 )
                 continue
-            break
-        assert refusal is not None
-        raise refusal
+            raise refusal
+        raise refusal  # type: ignore[misc]  # every candidate was refused
 
-    def _accept(self, key: SigningKey, response: httpx.Response, issued_at: float, *, fell_back: bool) -> AccessToken:
+    def _accept(
+        self, key: SigningKey, response: httpx.Response, issued_at: float, *, fell_back: bool
+    ) -> AccessToken:
         try:
             body = response.json()
             value = body["access_token"]
@@ -386,7 +395,9 @@ class OAuthTokenProvider(_SingleFlight):
             if not isinstance(value, str) or not value:
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            raise TokenError(f"token endpoint {self.token_url} answered 200 without a usable access_token") from None
+            raise TokenError(
+                f"token endpoint {self.token_url} answered 200 without a usable access_token"
+            ) from None
         if key.kid not in self._confirmed:
             if self._confirmed or fell_back:
                 log.info("signing key %s confirmed by the token endpoint", key.kid)
@@ -394,7 +405,9 @@ class OAuthTokenProvider(_SingleFlight):
         self._unregistered.pop(key.kid, None)
         self.signing_kid = key.kid
         expires_at, refresh_at = self._schedule(issued_at, lifetime)
-        return AccessToken(value=value, kind="oauth", expires_at=expires_at, refresh_at=refresh_at, kid=key.kid)
+        return AccessToken(
+            value=value, kind="oauth", expires_at=expires_at, refresh_at=refresh_at, kid=key.kid
+        )
 
 
 def _parse_expires(text: Any) -> float:
@@ -442,13 +455,19 @@ class LegacyTokenProvider(_SingleFlight):
     def _fetch(self) -> AccessToken:
         issued_at = self._clock()
         if self._refresh_token is not None:
-            response = self._call("/refreshToken", {"apiKey": self.api_key, "refreshToken": self._refresh_token}, "legacy refresh")
+            response = self._call(
+                "/refreshToken",
+                {"apiKey": self.api_key, "refreshToken": self._refresh_token},
+                "legacy refresh",
+            )
             self._refresh_token = None
             if response.status_code == 200:
                 return self._accept(response, issued_at)
             log.info("legacy refresh token refused (HTTP %s); authenticating again", response.status_code)
             issued_at = self._clock()
-        response = self._call("/authenticate", {"apiKey": self.api_key, "secret": self._secret()}, "legacy authenticate")
+        response = self._call(
+            "/authenticate", {"apiKey": self.api_key, "secret": self._secret()}, "legacy authenticate"
+        )
         if response.status_code != 200:
             raise TokenError(
                 f"legacy authentication at {self.auth_url}/authenticate refused: HTTP {response.status_code} "
@@ -464,7 +483,9 @@ class LegacyTokenProvider(_SingleFlight):
             if not isinstance(value, str) or not value:
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            raise TokenError(f"legacy endpoint {self.auth_url} answered 200 without a usable accessToken") from None
+            raise TokenError(
+                f"legacy endpoint {self.auth_url} answered 200 without a usable accessToken"
+            ) from None
         refresh = body.get("refreshToken")
         self._refresh_token = refresh if isinstance(refresh, str) and refresh else None
         expires_at, refresh_at = self._schedule(issued_at, _parse_expires(body.get("expires")))

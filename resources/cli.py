@@ -75,7 +75,9 @@ def _vault_delete(args: argparse.Namespace) -> int:
 def _register_if_asked(args: argparse.Namespace, ring: KeyRing) -> None:
     if getattr(args, "register", None):
         client_id = register_jwks(args.register, args.client_name, ring.jwks())
-        print(f"registered the JWKS ({len(ring.jwks()['keys'])} keys) for client {client_id}", file=sys.stderr)
+        print(
+            f"registered the JWKS ({len(ring.jwks()['keys'])} keys) for client {client_id}", file=sys.stderr
+        )
 
 
 def _keys_generate(args: argparse.Namespace) -> int:
@@ -84,7 +86,10 @@ def _keys_generate(args: argparse.Namespace) -> int:
     if created:
         print(f"generated {key.alg} signing key {key.kid}", file=sys.stderr)
     else:
-        print(f"key ring '{args.ring}' already has signing key {key.kid}; use `redox-elt keys rotate` for a new one", file=sys.stderr)
+        print(
+            f"key ring '{args.ring}' already has signing key {key.kid}; use `redox-elt keys rotate` for a new one",
+            file=sys.stderr,
+        )
     print(key.kid)
     _register_if_asked(args, ring)
     return 0
@@ -113,7 +118,9 @@ def _keys_list(args: argparse.Namespace) -> int:
     state = KeyRing(Vault(), args.ring).load()
     newest = state.newest.kid if state.newest else None
     for key in state.keys:
-        print(f"{key.kid}\t{key.alg}\t{key.created_at}\t{'active, newest' if key.kid == newest else 'active'}")
+        print(
+            f"{key.kid}\t{key.alg}\t{key.created_at}\t{'active, newest' if key.kid == newest else 'active'}"
+        )
     for retired in state.retired:
         print(f"{retired.kid}\t{retired.alg}\t{retired.retired_at}\tretired")
     return 0
@@ -122,7 +129,10 @@ def _keys_list(args: argparse.Namespace) -> int:
 def _keys_retire(args: argparse.Namespace) -> int:
     ring = KeyRing(Vault(), args.ring)
     retired = ring.retire(args.kid)
-    print(f"retired {retired.kid}: its private key is destroyed and it is no longer in the JWKS", file=sys.stderr)
+    print(
+        f"retired {retired.kid}: its private key is destroyed and it is no longer in the JWKS",
+        file=sys.stderr,
+    )
     _register_if_asked(args, ring)
     return 0
 
@@ -165,12 +175,20 @@ def sandbox_connect(args: argparse.Namespace) -> int:
 
 
 def _ring_args(parser: argparse.ArgumentParser, *, alg: bool = False, register: bool = False) -> None:
-    parser.add_argument("--ring", default=DEFAULT_KEY_RING, help=f"vault entry of the key ring (default {DEFAULT_KEY_RING})")
+    parser.add_argument(
+        "--ring", default=DEFAULT_KEY_RING, help=f"vault entry of the key ring (default {DEFAULT_KEY_RING})"
+    )
     if alg:
-        parser.add_argument("--alg", choices=ALGORITHMS, default=None, help=f"signing algorithm (default {DEFAULT_ALGORITHM})")
+        parser.add_argument(
+            "--alg", choices=ALGORITHMS, default=None, help=f"signing algorithm (default {DEFAULT_ALGORITHM})"
+        )
     if register:
-        parser.add_argument("--register", metavar="URL", help="also register the resulting JWKS with the sandbox at URL")
-        parser.add_argument("--client-name", default="redox-elt", help="client name at the sandbox (default redox-elt)")
+        parser.add_argument(
+            "--register", metavar="URL", help="also register the resulting JWKS with the sandbox at URL"
+        )
+        parser.add_argument(
+            "--client-name", default="redox-elt", help="client name at the sandbox (default redox-elt)"
+        )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

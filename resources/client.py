@@ -173,6 +173,16 @@ def _outcome_codes(body: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(codes), tuple(texts)
 
 
+def _form(params: dict[str, Any] | list[tuple[str, Any]] | None) -> dict[str, list[str]]:
+    """Search parameters as a form body: a list value (or a repeated pair) repeats the parameter."""
+    form: dict[str, list[str]] = {}
+    items = params.items() if isinstance(params, dict) else (params or [])
+    for name, value in items:
+        values = value if isinstance(value, list | tuple) else [value]
+        form.setdefault(str(name), []).extend(str(v) for v in values)
+    return form
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("Retry-After")
     if not value:
@@ -208,7 +218,9 @@ class _Shared:
     def token_http(self) -> httpx.Client:
         with self.lock:
             if self._token_http is None:
-                self._token_http = httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0), headers={"User-Agent": "redox-elt"})
+                self._token_http = httpx.Client(
+                    timeout=httpx.Timeout(30.0, connect=10.0), headers={"User-Agent": "redox-elt"}
+                )
             return self._token_http
 
     def vault(self, vault: Vault | None) -> Vault:
@@ -240,7 +252,9 @@ class _Shared:
         with self.lock:
             provider = self.providers.get(key)
             if provider is None:
-                provider = LegacyTokenProvider(settings.legacy_auth_url, auth.legacy_api_key, lambda: vault.get(secret_ref), http)
+                provider = LegacyTokenProvider(
+                    settings.legacy_auth_url, auth.legacy_api_key, lambda: vault.get(secret_ref), http
+                )
                 self.providers[key] = provider
             return provider  # type: ignore[return-value]
 
@@ -250,7 +264,9 @@ class _Shared:
             throttle = self.throttles.get(key)
             if throttle is None:
                 max_rps = conn.max_rps or 200.0
-                throttle = AdaptiveThrottle(initial_rps=min(max_rps, 10.0) if conn.max_rps is None else max_rps, max_rps=max_rps)
+                throttle = AdaptiveThrottle(
+                    initial_rps=min(max_rps, 10.0) if conn.max_rps is None else max_rps, max_rps=max_rps
+                )
                 self.throttles[key] = throttle
             return throttle
 
@@ -331,7 +347,9 @@ class RedoxClient:
                 SHARED.warn_legacy_once(self.conn.id, "no OAuth client_id is configured")
         base = urlparse(self.conn.fhir_base_url or "")
         match = _FHIR_BASE.match(base.path)
-        self._fhir_template = f"{match.group('prefix')}/fhir/R4/{{slug}}/{{env}}" if match else base.path.rstrip("/")
+        self._fhir_template = (
+            f"{match.group('prefix')}/fhir/R4/{{slug}}/{{env}}" if match else base.path.rstrip("/")
+        )
         self._fhir_origin = (base.scheme, base.netloc)
 
     def __repr__(self) -> str:
@@ -352,7 +370,9 @@ class RedoxClient:
     # ---- minimum necessary ------------------------------------------------------------------
 
     def _refuse(self, what: str) -> ScopeError:
-        return ScopeError(f"connection '{self.conn.id}' is not entitled to {what}; no request was sent (see its config)")
+        return ScopeError(
+            f"connection '{self.conn.id}' is not entitled to {what}; no request was sent (see its config)"
+        )
 
     def _require_surface(self, surface: str) -> None:
         if surface not in self.conn.surfaces:
@@ -370,7 +390,9 @@ class RedoxClient:
         if entity is not None and entity != mapped:
             raise self._refuse(f"FHIR {resource_type} as '{entity}' (it carries '{mapped}')")
         if mapped not in self.conn.entities:
-            raise self._refuse(f"'{mapped}' (FHIR {resource_type}; entities: {', '.join(self.conn.entities) or 'none'})")
+            raise self._refuse(
+                f"'{mapped}' (FHIR {resource_type}; entities: {', '.join(self.conn.entities) or 'none'})"
+            )
         return mapped
 
     def _check_includes(self, params: dict[str, Any] | list[tuple[str, Any]]) -> None:
@@ -391,7 +413,19 @@ class RedoxClient:
         with audit_context(run_id=self.run_id, caller=self.caller):
             yield
 
-    def _audit(self, surface: str, operation: str, method: str, template: str, status: int | None, started: float, called_at: datetime, count: int | None, attempt: int, error: str | None) -> None:
+    def _audit(
+        self,
+        surface: str,
+        operation: str,
+        method: str,
+        template: str,
+        status: int | None,
+        started: float,
+        called_at: datetime,
+        count: int | None,
+        attempt: int,
+        error: str | None,
+    ) -> None:
         self.audit.record(
             CallRecord(
                 connection_id=self.conn.id,
@@ -409,7 +443,9 @@ class RedoxClient:
         )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        delay = self._rng.uniform(0.0, min(self.retry.max_delay_s, self.retry.base_delay_s * 2 ** (attempt - 1)))
+        delay = self._rng.uniform(
+            0.0, min(self.retry.max_delay_s, self.retry.base_delay_s * 2 ** (attempt - 1))
+        )
         if retry_after is not None:
             delay = max(delay, retry_after)
         return delay
@@ -481,8 +517,12 @@ class RedoxClient:
                 error = type(exc).__name__
             except orjson.JSONDecodeError:
                 error = "MalformedBody"
-            record_count = count(body) if (error is None and status is not None and 200 <= status < 300) else None
-            self._audit(surface, operation, method, template, status, started, called_at, record_count, attempt, error)
+            record_count = (
+                count(body) if (error is None and status is not None and 200 <= status < 300) else None
+            )
+            self._audit(
+                surface, operation, method, template, status, started, called_at, record_count, attempt, error
+            )
 
             if error is None and status is not None and 200 <= status < 300:
                 self.throttle.on_success(sent_at)
@@ -509,12 +549,12 @@ class RedoxClient:
             elif status == 429:
                 assert response is not None
                 retry_after = _retry_after(response)
-                self.throttle.on_rate_limited(sent_at, retry_after_s=retry_after, limit_hint=_limit_hint(response))
+                self.throttle.on_rate_limited(
+                    sent_at, retry_after_s=retry_after, limit_hint=_limit_hint(response)
+                )
                 rate_limited += 1
                 if rate_limited < policy.max_rate_limited and time.monotonic() < deadline:
-                    if retry_after:
-                        self._sleep(retry_after * (1.0 + 0.1 * self._rng.random()))
-                    continue
+                    continue  # the throttle now paces (and pauses for Retry-After) the retry
                 retryable = True
                 failures = policy.max_attempts  # out of 429 budget: give up below
             elif status in (502, 503, 504) or (status == 500 and not write):
@@ -544,7 +584,14 @@ class RedoxClient:
                     retryable=True,
                 )
             delay = self._backoff(failures, retry_after)
-            log.info("connection %s: %s -> %s; retry %d in %.2f s", self.conn.id, operation, reason, failures, delay)
+            log.info(
+                "connection %s: %s -> %s; retry %d in %.2f s",
+                self.conn.id,
+                operation,
+                reason,
+                failures,
+                delay,
+            )
             self._sleep(delay)
 
     # ---- FHIR ------------------------------------------------------------------------------
@@ -557,7 +604,11 @@ class RedoxClient:
         return (parsed.scheme, parsed.netloc) == self._fhir_origin
 
     def fhir_search_pages(
-        self, resource_type: str, params: dict[str, Any] | list[tuple[str, Any]] | None = None, *, entity: str | None = None
+        self,
+        resource_type: str,
+        params: dict[str, Any] | list[tuple[str, Any]] | None = None,
+        *,
+        entity: str | None = None,
     ) -> Iterator[bytes]:
         """Every page of a search as the raw Bundle bytes received.
 
@@ -584,7 +635,7 @@ class RedoxClient:
                 write=False,
                 count=count,
                 accept="application/fhir+json",
-                data=params or {},
+                data=_form(params),
             )
         pages = 0
         while True:
@@ -602,7 +653,11 @@ class RedoxClient:
             pages += 1
             yield response.content
             next_url = next(
-                (link.get("url") for link in bundle.get("link") or [] if isinstance(link, dict) and link.get("relation") == "next"),
+                (
+                    link.get("url")
+                    for link in bundle.get("link") or []
+                    if isinstance(link, dict) and link.get("relation") == "next"
+                ),
                 None,
             )
             if not next_url:
@@ -618,19 +673,35 @@ class RedoxClient:
             with self._attribution():
                 try:
                     response, bundle = self._send(
-                        surface="fhir", operation=f"{operation} (next page)", method="POST", url=next_url,
-                        template=template, write=False, count=count, accept="application/fhir+json",
+                        surface="fhir",
+                        operation=f"{operation} (next page)",
+                        method="POST",
+                        url=next_url,
+                        template=template,
+                        write=False,
+                        count=count,
+                        accept="application/fhir+json",
                     )
                 except RedoxAPIError as exc:
                     if exc.status_code != 405:
                         raise
                     response, bundle = self._send(
-                        surface="fhir", operation=f"{operation} (next page)", method="GET", url=next_url,
-                        template=template, write=False, count=count, accept="application/fhir+json",
+                        surface="fhir",
+                        operation=f"{operation} (next page)",
+                        method="GET",
+                        url=next_url,
+                        template=template,
+                        write=False,
+                        count=count,
+                        accept="application/fhir+json",
                     )
 
     def fhir_search(
-        self, resource_type: str, params: dict[str, Any] | list[tuple[str, Any]] | None = None, *, entity: str | None = None
+        self,
+        resource_type: str,
+        params: dict[str, Any] | list[tuple[str, Any]] | None = None,
+        *,
+        entity: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Every resource of every page of a search (``entry[].resource``)."""
         for page in self.fhir_search_pages(resource_type, params, entity=entity):
@@ -646,9 +717,14 @@ class RedoxClient:
             raise ScopeError(f"not a FHIR resource id (1-64 of A-Z a-z 0-9 - .) for {resource_type}")
         with self._attribution():
             _, body = self._send(
-                surface="fhir", operation=f"read {resource_type}", method="GET",
-                url=self._fhir_url(f"{resource_type}/{resource_id}"), template=f"{self._fhir_template}/{resource_type}/{{id}}",
-                write=False, count=lambda b: 1 if isinstance(b, dict) else None, accept="application/fhir+json",
+                surface="fhir",
+                operation=f"read {resource_type}",
+                method="GET",
+                url=self._fhir_url(f"{resource_type}/{resource_id}"),
+                template=f"{self._fhir_template}/{resource_type}/{{id}}",
+                write=False,
+                count=lambda b: 1 if isinstance(b, dict) else None,
+                accept="application/fhir+json",
             )
         return body
 
@@ -657,16 +733,26 @@ class RedoxClient:
         self._fhir_entity("Binary")
         url = urljoin(self.conn.fhir_base_url + "/", content_url)
         if not self._same_origin(url):
-            raise ScopeError(f"connection '{self.conn.id}': attachment URL is on another host; not sending the token there")
+            raise ScopeError(
+                f"connection '{self.conn.id}': attachment URL is on another host; not sending the token there"
+            )
         with self._attribution():
             response, _ = self._send(
-                surface="fhir", operation="read Binary", method="GET", url=url,
-                template=f"{self._fhir_template}/Binary/{{id}}", write=False, count=lambda _b: 1, parse=False,
+                surface="fhir",
+                operation="read Binary",
+                method="GET",
+                url=url,
+                template=f"{self._fhir_template}/Binary/{{id}}",
+                write=False,
+                count=lambda _b: 1,
+                parse=False,
                 accept="*/*",
             )
         return response.content
 
-    def fhir_operation(self, path: str, bundle: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+    def fhir_operation(
+        self, path: str, bundle: dict[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
         """``POST {Type}/${operation}`` with a message Bundle (write-back), e.g. ``ServiceRequest/$order-new``."""
         match = _OPERATION.match(path)
         if not match:
@@ -675,14 +761,23 @@ class RedoxClient:
         rtype, op = match.groups()
         write_entity = FHIR_WRITE_ENTITIES.get(rtype)
         if write_entity is None or write_entity not in self.conn.write_entities:
-            raise self._refuse(f"write {write_entity or rtype} via {path} (write_entities: {', '.join(self.conn.write_entities) or 'none'})")
+            raise self._refuse(
+                f"write {write_entity or rtype} via {path} (write_entities: {', '.join(self.conn.write_entities) or 'none'})"
+            )
         key = idempotency_key or _canonical_key({"path": path, "bundle": bundle})
         with self._attribution():
             _, body = self._send(
-                surface="fhir", operation=f"{rtype} ${op}", method="POST", url=self._fhir_url(path),
-                template=f"{self._fhir_template}/{rtype}/${op}", write=True, count=lambda _b: 1,
-                idempotency_key=key, accept="application/fhir+json",
-                content=orjson.dumps(bundle), content_type="application/fhir+json",
+                surface="fhir",
+                operation=f"{rtype} ${op}",
+                method="POST",
+                url=self._fhir_url(path),
+                template=f"{self._fhir_template}/{rtype}/${op}",
+                write=True,
+                count=lambda _b: 1,
+                idempotency_key=key,
+                accept="application/fhir+json",
+                content=orjson.dumps(bundle),
+                content_type="application/fhir+json",
             )
         return body
 
@@ -698,12 +793,16 @@ class RedoxClient:
         if is_query:
             allowed = DATAMODEL_READ_ENTITIES.get(data_model)
             if allowed is None:
-                raise self._refuse(f"Data Model {data_model} queries (no entity of the common model maps to them)")
+                raise self._refuse(
+                    f"Data Model {data_model} queries (no entity of the common model maps to them)"
+                )
             wanted = {entity} if entity is not None else set(allowed)
             if entity is not None and entity not in allowed:
                 raise self._refuse(f"'{entity}' through Data Model {data_model}.{event}")
             if not wanted & set(self.conn.entities):
-                raise self._refuse(f"Data Model {data_model}.{event} (entities: {', '.join(self.conn.entities) or 'none'})")
+                raise self._refuse(
+                    f"Data Model {data_model}.{event} (entities: {', '.join(self.conn.entities) or 'none'})"
+                )
         else:
             write_entity = DATAMODEL_WRITE_ENTITIES.get(data_model)
             if write_entity is None or write_entity not in self.conn.write_entities:
@@ -734,26 +833,39 @@ class RedoxClient:
         key = None if is_query else (idempotency_key or _canonical_key(body_out))
         with self._attribution():
             response, body = self._send(
-                surface="datamodel", operation=operation, method="POST", url=self.conn.datamodel_url or "",
-                template=urlparse(self.conn.datamodel_url or "").path or "/", write=not is_query,
+                surface="datamodel",
+                operation=operation,
+                method="POST",
+                url=self.conn.datamodel_url or "",
+                template=urlparse(self.conn.datamodel_url or "").path or "/",
+                write=not is_query,
                 count=lambda b: (_count_datamodel(b) if is_query else 1) if isinstance(b, dict) else None,
-                idempotency_key=key, content=orjson.dumps(body_out), content_type="application/json",
+                idempotency_key=key,
+                content=orjson.dumps(body_out),
+                content_type="application/json",
             )
         if not isinstance(body, dict):
             raise DataModelError(
                 f"connection '{self.conn.id}': {operation} answered without a JSON object",
-                connection_id=self.conn.id, operation=operation, status_code=response.status_code,
+                connection_id=self.conn.id,
+                operation=operation,
+                status_code=response.status_code,
             )
         codes, details = _outcome_codes(body)
         if codes:
             raise DataModelError(
                 f"connection '{self.conn.id}': {operation} failed: Meta.Errors present ({len(codes)}: {', '.join(codes[:5])})",
-                connection_id=self.conn.id, operation=operation, status_code=response.status_code,
-                codes=codes, details=details,
+                connection_id=self.conn.id,
+                operation=operation,
+                status_code=response.status_code,
+                codes=codes,
+                details=details,
             )
         return response.content, body
 
-    def datamodel(self, payload: dict[str, Any], *, idempotency_key: str | None = None, entity: str | None = None) -> dict[str, Any]:
+    def datamodel(
+        self, payload: dict[str, Any], *, idempotency_key: str | None = None, entity: str | None = None
+    ) -> dict[str, Any]:
         """POST a Data Model payload; the parsed response (see ``datamodel_raw``)."""
         return self.datamodel_raw(payload, idempotency_key=idempotency_key, entity=entity)[1]
 
@@ -761,4 +873,3 @@ class RedoxClient:
 def new_idempotency_key() -> str:
     """A fresh key for a logical write the caller will store and reuse on every retry."""
     return uuid.uuid4().hex
-

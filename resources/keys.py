@@ -94,7 +94,7 @@ _loaded_lock = threading.Lock()
 
 def load_private_key(key: SigningKey) -> Any:
     """The cryptography key object for ``key`` (parsed once per process)."""
-    cache_key = (key.kid, key.alg)
+    cache_key = (key.kid, hashlib.sha256(key.private_pem.encode("ascii")).hexdigest())
     with _loaded_lock:
         loaded = _loaded.get(cache_key)
         if loaded is None:
@@ -136,7 +136,11 @@ def _parse_ring(text: str | None, name: str) -> RingState:
         doc = json.loads(text)
         keys = tuple(
             SigningKey(
-                kid=k["kid"], alg=k["alg"], created_at=k["created_at"], seq=int(k["seq"]), private_pem=k["private_pem"]
+                kid=k["kid"],
+                alg=k["alg"],
+                created_at=k["created_at"],
+                seq=int(k["seq"]),
+                private_pem=k["private_pem"],
             )
             for k in doc["keys"]
         )
@@ -196,7 +200,9 @@ class KeyRing:
         key = SigningKey(kid=kid, alg=alg, created_at=_now(), seq=seq, private_pem=_pem(private_key))
         return RingState(state.keys + (key,), state.retired), key
 
-    def generate(self, alg: str = DEFAULT_ALGORITHM, *, rsa_bits: int = DEFAULT_RSA_BITS) -> tuple[SigningKey, bool]:
+    def generate(
+        self, alg: str = DEFAULT_ALGORITHM, *, rsa_bits: int = DEFAULT_RSA_BITS
+    ) -> tuple[SigningKey, bool]:
         """Make the ring's first key; when it already has one, return the newest. -> (key, created)."""
         if alg not in ALGORITHMS:
             raise KeyRingError(f"unsupported algorithm {alg!r}; Redox accepts {', '.join(ALGORITHMS)}")

@@ -58,7 +58,13 @@ def register_jwks(url: str, name: str, jwks: dict[str, Any], http: httpx.Client 
     own = http is None
     http = http or httpx.Client(timeout=30.0)
     try:
-        body = _call(http, "POST", f"{url.rstrip('/')}/_sandbox/clients", "register the JWKS", json={"name": name, "jwks": jwks})
+        body = _call(
+            http,
+            "POST",
+            f"{url.rstrip('/')}/_sandbox/clients",
+            "register the JWKS",
+            json={"name": name, "jwks": jwks},
+        )
     finally:
         if own:
             http.close()
@@ -95,7 +101,9 @@ def _connection_entry(raw: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def connect_sandbox(url: str, out: str | os.PathLike[str], *, name: str = "redox-elt", vault: Vault | None = None) -> Path:
+def connect_sandbox(
+    url: str, out: str | os.PathLike[str], *, name: str = "redox-elt", vault: Vault | None = None
+) -> Path:
     """Register with the sandbox at ``url`` and write the connections config to ``out``; returns its path."""
     base = url.rstrip("/")
     vault = vault or Vault()

@@ -244,7 +244,9 @@ def _positive(raw: dict[str, Any], key: str, where: str, default: float | None) 
 def _parse_auth(raw: Any, token_url: str | None, legacy_auth_url: str | None) -> AuthSettings:
     where = "auth"
     if not isinstance(raw, dict):
-        raise ConfigError("auth: required: a mapping with client_id/key_ring and/or legacy_api_key/legacy_secret_ref")
+        raise ConfigError(
+            "auth: required: a mapping with client_id/key_ring and/or legacy_api_key/legacy_secret_ref"
+        )
     _check_known(raw, {"client_id", "key_ring", "legacy_api_key", "legacy_secret_ref"}, where)
     auth = AuthSettings(
         client_id=_text(raw, "client_id", where),
@@ -254,13 +256,21 @@ def _parse_auth(raw: Any, token_url: str | None, legacy_auth_url: str | None) ->
     )
     if bool(auth.legacy_api_key) != bool(auth.legacy_secret_ref):
         missing = "legacy_secret_ref" if auth.legacy_api_key else "legacy_api_key"
-        raise ConfigError(f"auth: legacy keys need both 'legacy_api_key' and 'legacy_secret_ref' ('{missing}' is missing)")
+        raise ConfigError(
+            f"auth: legacy keys need both 'legacy_api_key' and 'legacy_secret_ref' ('{missing}' is missing)"
+        )
     if not auth.has_oauth and not auth.has_legacy:
-        raise ConfigError("auth: set 'client_id' (OAuth, preferred) or 'legacy_api_key' + 'legacy_secret_ref'")
+        raise ConfigError(
+            "auth: set 'client_id' (OAuth, preferred) or 'legacy_api_key' + 'legacy_secret_ref'"
+        )
     if auth.has_oauth and not token_url:
-        raise ConfigError("token_url: required when auth.client_id is set (e.g. https://api.redoxengine.com/v2/auth/token)")
+        raise ConfigError(
+            "token_url: required when auth.client_id is set (e.g. https://api.redoxengine.com/v2/auth/token)"
+        )
     if auth.has_legacy and not legacy_auth_url:
-        raise ConfigError("legacy_auth_url: required when auth.legacy_api_key is set (e.g. https://api.redoxengine.com/auth)")
+        raise ConfigError(
+            "legacy_auth_url: required when auth.legacy_api_key is set (e.g. https://api.redoxengine.com/auth)"
+        )
     return auth
 
 
@@ -295,12 +305,18 @@ def _parse_connection(raw: Any, index: int, auth: AuthSettings) -> ConnectionSet
     if not surfaces:
         raise ConfigError(f"{where}: 'surfaces' must list at least one of {', '.join(SURFACES)}")
     headers = raw.get("headers") or {}
-    if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
         raise ConfigError(f"{where}: 'headers' must map header names to string values")
     if any(k.lower() == "authorization" for k in headers):
-        raise ConfigError(f"{where}: 'headers' must not carry Authorization; tokens come from the vault-backed auth")
+        raise ConfigError(
+            f"{where}: 'headers' must not carry Authorization; tokens come from the vault-backed auth"
+        )
     page_size = raw.get("page_size")
-    if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1):
+    if page_size is not None and (
+        isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1
+    ):
         raise ConfigError(f"{where}: 'page_size' must be a positive whole number, got {page_size!r}")
     conn = ConnectionSettings(
         id=conn_id,
@@ -335,7 +351,9 @@ def _parse_connection(raw: Any, index: int, auth: AuthSettings) -> ConnectionSet
                 f"{where}: surface 'datamodel' needs 'datamodel_url' (set it in the config or {env_hint}_DATAMODEL_URL)"
             )
         if not conn.destination_id:
-            raise ConfigError(f"{where}: surface 'datamodel' needs 'destination_id' (the Meta.Destinations[].ID)")
+            raise ConfigError(
+                f"{where}: surface 'datamodel' needs 'destination_id' (the Meta.Destinations[].ID)"
+            )
     return conn
 
 
@@ -368,7 +386,10 @@ def settings_from_dict(raw: Any, *, source_path: Path | None = None) -> Settings
     raw_connections = raw.get("connections")
     if not isinstance(raw_connections, list) or not raw_connections:
         raise ConfigError("connections: required: a non-empty list")
-    connections = tuple(_parse_connection(_env_overrides(c) if isinstance(c, dict) else c, i, auth) for i, c in enumerate(raw_connections))
+    connections = tuple(
+        _parse_connection(_env_overrides(c) if isinstance(c, dict) else c, i, auth)
+        for i, c in enumerate(raw_connections)
+    )
     ids = [c.id for c in connections]
     duplicate = next((i for i in ids if ids.count(i) > 1), None)
     if duplicate:
@@ -407,7 +428,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     try:
         text = file.read_text()
     except FileNotFoundError:
-        raise ConfigError(f"config file {file} does not exist (create one with `redox-elt sandbox connect`)") from None
+        raise ConfigError(
+            f"config file {file} does not exist (create one with `redox-elt sandbox connect`)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {file} cannot be read ({exc.strerror})") from None
     try:

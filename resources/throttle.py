@@ -11,7 +11,8 @@ connection paces its own requests:
 * on a 429 the rate halves (multiplicative decrease) and the rate at which the server said no
   becomes the *ceiling* estimate (capped by ``X-RateLimit-Limit``: a limit of N per window of
   a second or more can never sustain more than N/s); 429s for requests sent before that
-  decrease are the same congestion event and are ignored;
+  decrease, or within ``drain_s`` after it (while the server's window still holds the burst
+  that caused it), are the same congestion event and do not cut the rate again;
 * after a decrease the rate recovers quickly to ``target_fraction`` of the ceiling and holds
   there, so the settled rate sits just under the limit with no further rejections; only after
   ``probe_after_s`` of quiet does it creep above, to find a limit that has been raised. A probe
@@ -51,6 +52,7 @@ class AdaptiveThrottle:
         probe_per_s: float = 0.02,
         target_fraction: float = 0.9,
         probe_after_s: float = 60.0,
+        drain_s: float = 1.0,
         max_probe_after_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -71,6 +73,7 @@ class AdaptiveThrottle:
         self._probe_after_s = probe_after_s
         self._max_probe_after_s = max_probe_after_s
         self._probing = False
+        self._drain_s = drain_s
         self._ceiling: float | None = None
         self._next_slot = float("-inf")
         self._paused_until = float("-inf")
@@ -86,7 +89,9 @@ class AdaptiveThrottle:
 
     def stats(self) -> ThrottleStats:
         with self._lock:
-            return ThrottleStats(self._rate, self._ceiling, self._decreases, self._rate_limited, self._successes)
+            return ThrottleStats(
+                self._rate, self._ceiling, self._decreases, self._rate_limited, self._successes
+            )
 
     def acquire(self) -> float:
         """Block until this request may be sent; returns its send time (pass it back to on_*)."""
@@ -122,15 +127,17 @@ class AdaptiveThrottle:
                         self._probe_after_s = self._base_probe_after_s
             self._rate = min(rate, self.max_rps)
 
-    def on_rate_limited(self, sent_at: float, *, retry_after_s: float | None = None, limit_hint: float | None = None) -> None:
+    def on_rate_limited(
+        self, sent_at: float, *, retry_after_s: float | None = None, limit_hint: float | None = None
+    ) -> None:
         """A 429 came back for the request sent at ``sent_at``."""
         with self._lock:
             self._rate_limited += 1
             now = self._clock()
             if retry_after_s is not None and retry_after_s > 0:
                 self._paused_until = max(self._paused_until, now + retry_after_s)
-            if sent_at <= self._last_decrease_at:
-                return  # sent before we slowed down: part of the congestion already handled
+            if sent_at <= self._last_decrease_at + self._drain_s:
+                return  # part of the congestion already handled: the server's window is draining
             if self._probing:
                 self._probe_after_s = min(self._probe_after_s * 2.0, self._max_probe_after_s)
                 self._probing = False

@@ -142,7 +142,9 @@ class Vault:
             _fsync_dir(self.home)
         mode = stat.S_IMODE(key_path.stat().st_mode)
         if mode & 0o077:
-            raise VaultError(f"master key file {key_path} is readable by other users (mode {mode:04o}); run: chmod 600 {key_path}")
+            raise VaultError(
+                f"master key file {key_path} is readable by other users (mode {mode:04o}); run: chmod 600 {key_path}"
+            )
         material = key_path.read_text().strip().encode("ascii")
         if not material:
             raise VaultError(f"master key file {key_path} is empty; restore it from a backup")
@@ -190,13 +192,17 @@ class Vault:
         try:
             document = json.loads(self.path.read_bytes())
         except (ValueError, UnicodeDecodeError):
-            raise VaultCorrupt(f"vault file {self.path} is corrupt: not JSON; restore it from a backup") from None
+            raise VaultCorrupt(
+                f"vault file {self.path} is corrupt: not JSON; restore it from a backup"
+            ) from None
         except OSError as exc:
             raise VaultError(f"vault file {self.path} cannot be read ({exc.strerror})") from None
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise VaultCorrupt(f"vault file {self.path} is corrupt: not a redox-elt vault")
         if document.get("version") != VERSION:
-            raise VaultCorrupt(f"vault file {self.path} has version {document.get('version')!r}; this code reads {VERSION}")
+            raise VaultCorrupt(
+                f"vault file {self.path} has version {document.get('version')!r}; this code reads {VERSION}"
+            )
         kdf = document.get("kdf")
         if not isinstance(kdf, dict) or kdf.get("name") != "scrypt":
             raise VaultCorrupt(f"vault file {self.path} is corrupt: unknown key derivation")
@@ -223,14 +229,19 @@ class Vault:
             if not isinstance(entries, dict):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            raise VaultCorrupt(f"vault file {self.path} is corrupt: the sealed document is malformed") from None
+            raise VaultCorrupt(
+                f"vault file {self.path} is corrupt: the sealed document is malformed"
+            ) from None
         self._snapshot = _Snapshot(identity, salt, key_source, entries)
         return self._snapshot
 
     def _wrong_key_message(self, sealed_with: str, used: _MasterKey) -> str:
         base = f"cannot open the vault at {self.path}: "
         if sealed_with == "env" and used.source == "env":
-            return base + f"{MASTER_KEY_ENV} does not match the key it was sealed with (or the file was modified)"
+            return (
+                base
+                + f"{MASTER_KEY_ENV} does not match the key it was sealed with (or the file was modified)"
+            )
         if sealed_with == "file" and used.source == "env":
             return base + (
                 f"it was sealed with the key file {self.home / KEY_FILE}, but {MASTER_KEY_ENV} is set; "
@@ -240,7 +251,11 @@ class Vault:
 
     def _write(self, entries: dict[str, dict[str, Any]], previous: _Snapshot | None) -> None:
         master = self._master_key(create=True)
-        salt = previous.salt if previous is not None and previous.key_source == master.source else secrets.token_bytes(16)
+        salt = (
+            previous.salt
+            if previous is not None and previous.key_source == master.source
+            else secrets.token_bytes(16)
+        )
         header = {
             "format": FORMAT,
             "version": VERSION,
@@ -316,7 +331,9 @@ class Vault:
             raise VaultError(f"vault entry kind must be one of {ENTRY_KINDS}")
         self.update(name, lambda _old: value, kind=kind)
 
-    def update(self, name: str, change: Callable[[str | None], str | None], *, kind: str = "secret") -> str | None:
+    def update(
+        self, name: str, change: Callable[[str | None], str | None], *, kind: str = "secret"
+    ) -> str | None:
         """Atomically replace entry ``name`` with ``change(old_value)`` (None deletes it); returns the new value."""
         check_entry_name(name)
         with self._exclusive():

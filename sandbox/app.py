@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from sandbox import control
 from sandbox.auth import AuthServer
 from sandbox.config import SandboxConfig
 from sandbox.datamodel import routes as datamodel_routes
-from sandbox.datamodel.render import render_event
+from sandbox.datamodel.render import event_renderer
 from sandbox.faults import Faults
 from sandbox.fhir import routes as fhir_routes
 from sandbox.population.store import RecordStore
@@ -42,8 +44,25 @@ def build_state(config: SandboxConfig, *, seed_from: str | Path | None = None, b
     config, store = build_store(config, seed_from)
     faults = Faults(config, seed=config.seed)
     auth = AuthServer(config, faults)
-    webhooks = WebhookSender(config, render_event, faults)
+    webhooks = WebhookSender(config, _push_renderer(config, store, base_url), faults)
     return SandboxState(config=config, store=store, auth=auth, faults=faults, webhooks=webhooks, base_url=base_url)
+
+
+def _push_renderer(config: SandboxConfig, store: RecordStore, base_url: str):
+    """What one change becomes on the wire: Data Model events for connections that speak
+    the Data Model, plus FHIR notification Bundles when ``webhook_fhir`` is on."""
+    datamodel_events = event_renderer(store)
+
+    def render(change, conn):  # type: ignore[no-untyped-def]
+        events = list(datamodel_events(change, conn))
+        if config.webhook_fhir and "fhir" in conn.surfaces:
+            from sandbox.fhir.render import render_notification
+
+            base = f"{base_url}/fhir/R4/{conn.slug}/{config.environment}" if base_url else None
+            events.append(render_notification(change, conn, base_url=base))
+        return events
+
+    return render
 
 
 def create_app(state: SandboxState) -> Starlette:
@@ -66,6 +85,11 @@ def create_app(state: SandboxState) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": f"no route for {request.method} {request.url.path}"}, status_code=404)
 
-    app = Starlette(routes=route_list, exception_handlers={404: not_found}, on_shutdown=[state.webhooks.close])
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        state.webhooks.close()
+
+    app = Starlette(routes=route_list, exception_handlers={404: not_found}, lifespan=lifespan)
     app.state.sandbox = state
     return app

@@ -271,10 +271,6 @@ def patient_block(
     }
 
 
-def identifiers_only(patient: dict[str, Any]) -> dict[str, Any]:
-    return {"Identifiers": patient["Identifiers"]}
-
-
 # ---- codes -------------------------------------------------------------------------------
 
 

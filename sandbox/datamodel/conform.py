@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import types
 import typing
+from copy import deepcopy
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 from pydantic import BaseModel
-from redox.factory import get_class_type
+from redox.factory import get_class_type, redox_object_factory
 
 # Meta keys real Redox traffic carries that the schemas do not model (REDOX-REFERENCE §2.2).
 LEGACY_META_KEYS = ("Message", "Transmission", "Errors")
@@ -103,10 +104,6 @@ def conform(payload: dict[str, Any]) -> dict[str, Any]:
 def strict_check(payload: dict[str, Any]) -> None:
     """The project's conformance oracle (shared/STACK.md): drop the deprecated numeric ids,
     then validate strictly with ``redox``. Raises ``pydantic.ValidationError`` on failure."""
-    from copy import deepcopy
-
-    from redox.factory import redox_object_factory
-
     candidate = deepcopy(payload)
     for key in ("Message", "Transmission"):
         candidate.get("Meta", {}).pop(key, None)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sandbox.config import ConnectionSpec
 from sandbox.datamodel.blocks import (
@@ -73,6 +73,7 @@ from sandbox.population.records import (
 )
 from sandbox.population.store import RecordStore
 
+_R = TypeVar("_R")
 INPATIENT_CLASSES = frozenset({"IMP", "EMER", "OBSENC"})
 SUMMARY_TYPE = Coding(LOINC, "34133-9", "Summarization of Episode Note")
 
@@ -307,6 +308,13 @@ def document_summary(d: DocumentRecord) -> dict[str, Any]:
 # ---- events ------------------------------------------------------------------------------
 
 
+def _record(change: Change, kind: type[_R]) -> _R:
+    """The change's record, checked against the type its entity promises."""
+    if not isinstance(change.record, kind):
+        raise TypeError(f"render_event: a '{change.entity}' change carries a {type(change.record).__name__}")
+    return change.record
+
+
 def _event(data_model: str, event_type: str, conn: ConnectionSpec, event_time: datetime, **body: Any) -> dict:
     payload: dict[str, Any] = {"Meta": event_meta(data_model, event_type, conn, event_time)}
     payload.update({k: v for k, v in body.items() if v is not None})
@@ -314,8 +322,7 @@ def _event(data_model: str, event_type: str, conn: ConnectionSpec, event_time: d
 
 
 def _patient_events(change: Change, conn: ConnectionSpec) -> list[dict]:
-    p = change.record
-    assert isinstance(p, PatientRecord)
+    p = _record(change, PatientRecord)
     event = "NewPatient" if change.kind == "new" else "PatientUpdate"
     return [_event("PatientAdmin", event, conn, p.last_updated, Patient=patient_block(conn, patient=p))]
 
@@ -327,8 +334,7 @@ def _start_event(enc: EncounterRecord) -> str:
 
 
 def _encounter_events(change: Change, conn: ConnectionSpec, patient: PatientRecord | None) -> list[dict]:
-    enc = change.record
-    assert isinstance(enc, EncounterRecord)
+    enc = _record(change, EncounterRecord)
     block = patient_block(conn, enc.patient, patient)
     if enc.reason is not None:
         # PatientAdmin carries diagnoses on the patient (REDOX-REFERENCE §2.10 examples).
@@ -360,8 +366,7 @@ def _encounter_events(change: Change, conn: ConnectionSpec, patient: PatientReco
 
 
 def _result_events(change: Change, conn: ConnectionSpec, patient: PatientRecord | None) -> list[dict]:
-    r = change.record
-    assert isinstance(r, ResultRecord)
+    r = _record(change, ResultRecord)
     order = result_order(r)
     return [
         _event(
@@ -377,8 +382,7 @@ def _result_events(change: Change, conn: ConnectionSpec, patient: PatientRecord 
 
 
 def _medication_events(change: Change, conn: ConnectionSpec, patient: PatientRecord | None) -> list[dict]:
-    m = change.record
-    assert isinstance(m, MedicationRecord)
+    m = _record(change, MedicationRecord)
     event = {"new": "New", "update": "Update", "cancel": "Cancel"}[change.kind]
     return [
         _event(
@@ -394,8 +398,7 @@ def _medication_events(change: Change, conn: ConnectionSpec, patient: PatientRec
 
 
 def _appointment_event_type(change: Change) -> str:
-    a = change.record
-    assert isinstance(a, AppointmentRecord)
+    a = _record(change, AppointmentRecord)
     if change.kind == "cancel" or a.status in ("cancelled", "entered-in-error"):
         return "Cancel"
     if a.status == "noshow":
@@ -406,8 +409,7 @@ def _appointment_event_type(change: Change) -> str:
 
 
 def _appointment_events(change: Change, conn: ConnectionSpec, patient: PatientRecord | None) -> list[dict]:
-    a = change.record
-    assert isinstance(a, AppointmentRecord)
+    a = _record(change, AppointmentRecord)
     return [
         _event(
             "Scheduling",
@@ -422,8 +424,7 @@ def _appointment_events(change: Change, conn: ConnectionSpec, patient: PatientRe
 
 
 def _document_events(change: Change, conn: ConnectionSpec, patient: PatientRecord | None) -> list[dict]:
-    d = change.record
-    assert isinstance(d, DocumentRecord)
+    d = _record(change, DocumentRecord)
     event = {"new": "New", "update": "Replace", "cancel": "Delete"}[change.kind]
     common = {
         "Patient": patient_block(conn, d.patient, patient),

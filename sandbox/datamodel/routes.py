@@ -227,7 +227,7 @@ class DataModelEndpoint:
         spec = QUERIES[key]
         if spec.entity not in conn.entities:
             raise DataModelError(403, f"This destination does not share {spec.entity} ({key[0]}.{key[1]})")
-        request_copy = {k: v for k, v in payload.items()}
+        request_copy = dict(payload)
         request_copy["Meta"] = {k: v for k, v in meta.items() if k not in ("Message", "Transmission")}
         try:
             redox_object_factory(request_copy, lenient=True)

@@ -102,6 +102,12 @@ class FhirApi:
                     f"this organization has no '{request.path_params['environment']}' environment",
                 ),
             )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.state.config.max_payload_bytes:
+            limit = self.state.config.max_payload_bytes
+            return self._refusal(
+                None, _Refused(413, "too-long", f"request body exceeds the {limit}-byte payload limit")
+            )
         gated = await self.state.faults.gate(conn, request)
         if gated is not None:
             return gated

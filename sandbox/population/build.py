@@ -410,7 +410,7 @@ class RecordBuilder:
         order_no = int(base.order_no[row])
         # Order-level details are drawn from the order, so all of its observations agree.
         order_rng = random.Random(mix64(self.codes[cs.spec.id].table_salt["results"] ^ (order_no + 1)))
-        performer = self._provider(order_rng)
+        performer = self._provider(order_rng, clinician=panel.category != "vital-signs")
         producer = None if panel.category == "vital-signs" else order_rng.choice(vocab.LAB_PERFORMING)
         value_numeric = value_text = flag = None
         if analyte.text_values:

@@ -216,6 +216,17 @@ def patient_matches(
 # ---------------------------------------------------------------- the column index
 
 
+def search_sorted(sorted_values: np.ndarray, value: int, side: str) -> int:
+    """``searchsorted`` for one integer; the value is cast to the array's dtype first, because
+    numpy would otherwise cast the whole (possibly huge) array to the value's dtype."""
+    info = np.iinfo(sorted_values.dtype)
+    if value < info.min:
+        return 0
+    if value > info.max:
+        return len(sorted_values)
+    return int(np.searchsorted(sorted_values, sorted_values.dtype.type(value), side))  # type: ignore[call-overload]
+
+
 def sort_order(lu: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Row numbers ordered by ``(lu, keys)``; ``keys`` must sort like the record ids."""
     order = np.lexsort((keys, lu))
@@ -281,8 +292,8 @@ class EntityIndex:
                 by = np.argsort(self.patient, kind="stable")
                 self._by_patient = (by, self.patient[by])
         by, sorted_patients = self._by_patient
-        a = np.searchsorted(sorted_patients, patient, "left")
-        b = np.searchsorted(sorted_patients, patient, "right")
+        a = search_sorted(sorted_patients, patient, "left")
+        b = search_sorted(sorted_patients, patient, "right")
         return by[a:b].astype(np.int64)
 
     def live_count(self) -> int:
@@ -330,16 +341,16 @@ def select(
     start, stop = 0, n
     if query.updated_ge is not None:
         t = index._fit(index.ticks(query.updated_ge, ceil=True), lu_dtype)
-        start = max(start, int(np.searchsorted(index.lu_sorted, t, "left")))
+        start = max(start, search_sorted(index.lu_sorted, t, "left"))
     if query.updated_gt is not None:
         t = index._fit(index.ticks(query.updated_gt, ceil=False), lu_dtype)
-        start = max(start, int(np.searchsorted(index.lu_sorted, t, "right")))
+        start = max(start, search_sorted(index.lu_sorted, t, "right"))
     if query.updated_le is not None:
         t = index._fit(index.ticks(query.updated_le, ceil=False), lu_dtype)
-        stop = min(stop, int(np.searchsorted(index.lu_sorted, t, "right")))
+        stop = min(stop, search_sorted(index.lu_sorted, t, "right"))
     if query.updated_lt is not None:
         t = index._fit(index.ticks(query.updated_lt, ceil=True), lu_dtype)
-        stop = min(stop, int(np.searchsorted(index.lu_sorted, t, "left")))
+        stop = min(stop, search_sorted(index.lu_sorted, t, "left"))
     stop = max(start, stop)
 
     candidates: np.ndarray | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 
 import numpy as np
@@ -32,6 +32,7 @@ from sandbox.population.query import (
     record_clinical_date,
     record_status,
     rows_for_ids,
+    search_sorted,
     select,
 )
 from sandbox.population.records import ENTITIES, Change, PatientRecord, Record
@@ -72,6 +73,7 @@ class _Pending:
     row: int
     kind: str
     previous_status: str | None
+    record: Record | None = None  # already built (updates and cancels); new rows build later
 
 
 class SyntheticPopulation(RecordStore):
@@ -370,7 +372,7 @@ class SyntheticPopulation(RecordStore):
             order_no = codes.lab_order.decode(order_id)
             if order_no is not None and code:
                 orders = table.base.order_no
-                a, b = np.searchsorted(orders, order_no, "left"), np.searchsorted(orders, order_no, "right")
+                a, b = search_sorted(orders, order_no, "left"), search_sorted(orders, order_no, "right")
                 for r in range(int(a), int(b)):
                     if self._builder.result_id(cs, r) == business_id:
                         row = r
@@ -450,7 +452,7 @@ class SyntheticPopulation(RecordStore):
                 Change(
                     entity=p.entity,
                     kind=p.kind,  # type: ignore[arg-type]
-                    record=self._builder.build(new, new.conns[p.connection], p.entity, p.row),
+                    record=p.record or self._builder.build(new, new.conns[p.connection], p.entity, p.row),
                     previous_status=p.previous_status,
                 )
                 for p in pending
@@ -632,8 +634,10 @@ class SyntheticPopulation(RecordStore):
         conn_salt = salt(cs.spec.id, entity, "evolve")
         for i, row in enumerate(moved.tolist()):
             at = int(times[i])
-            before = self._builder.build(snap, cs, entity, row)
+            # One build per change: the row as created, then its earlier overrides, then the change.
             base = self._builder.build(snap, cs, entity, row, current=False)
+            earlier = snap.overrides.get((cs.spec.id, entity, row))
+            before = replace(base, **earlier) if earlier else base
             r = random.Random(mix64(self._seed ^ mix64(conn_salt + step)) ^ row)
             when = self._builder.at(at)
             after = (
@@ -648,5 +652,5 @@ class SyntheticPopulation(RecordStore):
             if clin is not None:
                 cur["clin"][row] = int((clin - self._epoch) // timedelta(seconds=1))
             kind = "update" if i < len(updated) else "cancel"
-            pending.append(_Pending(at, cs.spec.id, entity, row, kind, record_status(before)))
+            pending.append(_Pending(at, cs.spec.id, entity, row, kind, record_status(before), after))
         return moved, cur

@@ -70,7 +70,9 @@ def test_load_verify_and_tamper_detection(tmp_path: Path) -> None:
     assert tuple(verify_audit(warehouse)) == (True, None, "5 records verified (seq 1..5)")
     # What the acceptance check does: edit one row in place.
     con = duckdb.connect(str(warehouse))
-    con.execute("update audit.api_calls set status_code = 299 where rowid = (select min(rowid) + 1 from audit.api_calls)")
+    con.execute(
+        "update audit.api_calls set status_code = 299 where rowid = (select min(rowid) + 1 from audit.api_calls)"
+    )
     con.close()
     ok, bad_seq, reason = verify_audit(warehouse)
     assert not ok and bad_seq == 2 and "hash mismatch" in reason

@@ -20,7 +20,14 @@ import pytest
 
 from resources.audit import AuditLog, read_audit_file
 from resources.auth import OAuthTokenProvider
-from resources.client import DataModelError, RedoxAPIError, RedoxAuthError, RedoxClient, RetryPolicy, ScopeError
+from resources.client import (
+    DataModelError,
+    RedoxAPIError,
+    RedoxAuthError,
+    RedoxClient,
+    RetryPolicy,
+    ScopeError,
+)
 from resources.keys import KeyRing
 from resources.settings import Settings, settings_from_dict
 from resources.throttle import AdaptiveThrottle
@@ -86,20 +93,24 @@ class Script:
         return httpx.Response(status, content=content, headers=headers)
 
 
-def make_client(tmp_path: Path, script: Script, tokens: FakeTokens | None = None, **conn: Any) -> tuple[RedoxClient, list[float]]:
+def make_client(
+    tmp_path: Path, script: Script, tokens: FakeTokens | None = None, **conn: Any
+) -> tuple[RedoxClient, list[float]]:
     sleeps: list[float] = []
+    pauses: list[float] = []  # the throttle's waits, kept apart from the retry backoff
     client = RedoxClient(
         settings(tmp_path, **conn),
         "north",
         audit=AuditLog(tmp_path / "audit.jsonl"),
         http=httpx.Client(transport=httpx.MockTransport(script)),
-        throttle=AdaptiveThrottle(initial_rps=1000.0, max_rps=1000.0),
+        throttle=AdaptiveThrottle(initial_rps=1000.0, max_rps=1000.0, sleep=pauses.append),
         fhir_tokens=tokens or FakeTokens(),
         datamodel_tokens=tokens or FakeTokens(),
         retry=RetryPolicy(max_attempts=4, base_delay_s=0.01),
         rng=random.Random(1),
         sleep=sleeps.append,
     )
+    client.test_pauses = pauses  # type: ignore[attr-defined]
     return client, sleeps
 
 
@@ -124,14 +135,29 @@ def bundle(n: int, next_url: str | None = None) -> dict[str, Any]:
         lambda c: list(c.fhir_search("Patient", {"_revinclude": "MedicationRequest:patient"})),
         lambda c: list(c.fhir_search("Condition", {})),  # no entity maps to it
         lambda c: c.fhir_read("Patient", "../../admin"),
-        lambda c: c.fhir_operation("Appointment/$schedule-new", {"resourceType": "Bundle"}, "k"),  # not a write entity
+        lambda c: c.fhir_operation(
+            "Appointment/$schedule-new", {"resourceType": "Bundle"}, "k"
+        ),  # not a write entity
         lambda c: c.datamodel({"Meta": {"DataModel": "Scheduling", "EventType": "New"}}),
         lambda c: c.datamodel({"Meta": {"DataModel": "Medications", "EventType": "PatientQuery"}}),
-        lambda c: c.datamodel({"Meta": {"DataModel": "Results", "EventType": "Query", "Destinations": [{"ID": "other"}]}}),
+        lambda c: c.datamodel(
+            {"Meta": {"DataModel": "Results", "EventType": "Query", "Destinations": [{"ID": "other"}]}}
+        ),
     ],
-    ids=["entity", "revinclude", "unmapped-type", "bad-id", "write-entity", "dm-write", "dm-read", "dm-destination"],
+    ids=[
+        "entity",
+        "revinclude",
+        "unmapped-type",
+        "bad-id",
+        "write-entity",
+        "dm-write",
+        "dm-read",
+        "dm-destination",
+    ],
 )
-def test_out_of_scope_calls_are_refused_without_a_request(tmp_path: Path, call: Callable[[RedoxClient], Any]) -> None:
+def test_out_of_scope_calls_are_refused_without_a_request(
+    tmp_path: Path, call: Callable[[RedoxClient], Any]
+) -> None:
     script = Script((200, bundle(0)))
     client, _ = make_client(tmp_path, script)
     with pytest.raises(ScopeError):
@@ -155,7 +181,11 @@ def test_search_posts_form_follows_next_links_and_audits_templates_only(tmp_path
     page2 = f"{FHIR}/Patient/_search?_page_token=abc"
     script = Script((200, bundle(2, page2)), (405, {"resourceType": "OperationOutcome"}), (200, bundle(1)))
     client, _ = make_client(tmp_path, script)
-    resources = list(client.fhir_search("Patient", {"family": CANARY_NAME, "_lastUpdated": ["ge2024-01-01", "lt2025-01-01"]}))
+    resources = list(
+        client.fhir_search(
+            "Patient", {"family": CANARY_NAME, "_lastUpdated": ["ge2024-01-01", "lt2025-01-01"]}
+        )
+    )
     assert [r["id"] for r in resources] == ["p0", "p1", "p0"]
     first, second, third = script.requests
     assert first.method == "POST" and first.url.path.endswith("/Patient/_search") and not first.url.query
@@ -204,11 +234,13 @@ def test_401_then_success_is_one_retry(tmp_path: Path) -> None:
 
 
 def test_429_honours_retry_after_and_slows_the_throttle(tmp_path: Path) -> None:
-    script = Script((429, {}, {"Retry-After": "3", "X-RateLimit-Limit": "50"}), (200, {"resourceType": "Patient"}))
-    client, sleeps = make_client(tmp_path, script)
+    script = Script(
+        (429, {}, {"Retry-After": "3", "X-RateLimit-Limit": "50"}), (200, {"resourceType": "Patient"})
+    )
+    client, _ = make_client(tmp_path, script)
     client.fhir_read("Patient", "p1")
     assert len(script.requests) == 2
-    assert sleeps and sleeps[0] >= 3.0
+    assert max(client.test_pauses) >= 2.9  # the retry waited for Retry-After
     assert client.throttle.stats().decreases == 1 and client.throttle.stats().ceiling <= 50
 
 
@@ -233,7 +265,9 @@ def test_500_is_retried_for_reads_but_not_for_writes(tmp_path: Path) -> None:
 
 
 def test_retried_write_keeps_its_idempotency_key(tmp_path: Path) -> None:
-    script = Script((503, {}), (502, {}), lambda r: httpx.Response(200, json={"Meta": {"DataModel": "Order"}}))
+    script = Script(
+        (503, {}), (502, {}), lambda r: httpx.Response(200, json={"Meta": {"DataModel": "Order"}})
+    )
     client, _ = make_client(tmp_path, script)
     payload = {"Meta": {"DataModel": "Order", "EventType": "New"}, "Order": {"ID": "o-1"}}
     client.datamodel(payload)
@@ -285,7 +319,13 @@ def test_unreachable_server_gives_up_with_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_meta_errors_fail_even_on_200_without_phi_in_the_message(tmp_path: Path) -> None:
-    body = {"Meta": {"Errors": [{"ID": 1, "Text": f"no patient named {CANARY_NAME}", "Type": "query", "Module": "Search"}]}}
+    body = {
+        "Meta": {
+            "Errors": [
+                {"ID": 1, "Text": f"no patient named {CANARY_NAME}", "Type": "query", "Module": "Search"}
+            ]
+        }
+    }
     script = Script((200, body))
     client, _ = make_client(tmp_path, script)
     with pytest.raises(DataModelError) as caught:
@@ -298,7 +338,9 @@ def test_meta_errors_fail_even_on_200_without_phi_in_the_message(tmp_path: Path)
 # ---- token provider ------------------------------------------------------------------------------
 
 
-def _token_endpoint(counter: list[int], lifetime: int = 300, delay_s: float = 0.2, unknown_kids: set[str] | None = None):
+def _token_endpoint(
+    counter: list[int], lifetime: int = 300, delay_s: float = 0.2, unknown_kids: set[str] | None = None
+):
     lock = threading.Lock()
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -310,8 +352,21 @@ def _token_endpoint(counter: list[int], lifetime: int = 300, delay_s: float = 0.
             counter.append(1)
         time.sleep(delay_s)  # widen the race window for concurrent callers
         if unknown_kids and kid in unknown_kids:
-            return httpx.Response(401, json={"error": "invalid_request", "error_description": "Public key not found, check client_id, kid and Redox dashboard settings"})
-        return httpx.Response(200, json={"access_token": f"at-{len(counter)}-{kid[:6]}", "token_type": "Bearer", "expires_in": lifetime})
+            return httpx.Response(
+                401,
+                json={
+                    "error": "invalid_request",
+                    "error_description": "Public key not found, check client_id, kid and Redox dashboard settings",
+                },
+            )
+        return httpx.Response(
+            200,
+            json={
+                "access_token": f"at-{len(counter)}-{kid[:6]}",
+                "token_type": "Bearer",
+                "expires_in": lifetime,
+            },
+        )
 
     return handler
 
@@ -342,8 +397,12 @@ def test_unregistered_new_key_falls_back_to_the_previous_one_then_switches(key_r
     calls: list[int] = []
     unknown = {new.kid}
     clock = [0.0]
-    http = httpx.Client(transport=httpx.MockTransport(_token_endpoint(calls, lifetime=10, delay_s=0, unknown_kids=unknown)))
-    provider = OAuthTokenProvider(f"{BASE}/v2/auth/token", "client-1", key_ring, http, clock=lambda: clock[0], reprobe_after_s=30)
+    http = httpx.Client(
+        transport=httpx.MockTransport(_token_endpoint(calls, lifetime=10, delay_s=0, unknown_kids=unknown))
+    )
+    provider = OAuthTokenProvider(
+        f"{BASE}/v2/auth/token", "client-1", key_ring, http, clock=lambda: clock[0], reprobe_after_s=30
+    )
     provider.get_token()
     assert provider.signing_kid == old.kid and len(calls) == 2  # tried the new key, fell back
     clock[0] += 10
@@ -353,3 +412,18 @@ def test_unregistered_new_key_falls_back_to_the_previous_one_then_switches(key_r
     clock[0] += 30
     provider.get_token()
     assert provider.signing_kid == new.kid and len(calls) == 4
+
+
+def test_search_parameters_may_be_given_as_pairs(tmp_path: Path) -> None:
+    script = Script((200, bundle(0)))
+    client, _ = make_client(tmp_path, script)
+    list(
+        client.fhir_search(
+            "Patient", [("_lastUpdated", "ge2024-01-01"), ("_lastUpdated", "lt2025-01-01"), ("_count", 10)]
+        )
+    )
+    assert parse_qsl(script.requests[0].content.decode()) == [
+        ("_lastUpdated", "ge2024-01-01"),
+        ("_lastUpdated", "lt2025-01-01"),
+        ("_count", "10"),
+    ]

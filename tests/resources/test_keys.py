@@ -69,4 +69,7 @@ def test_assertion_claims_and_signature_verify_with_the_published_jwk(vault: Vau
     claims = jwt.decode(token, public, algorithms=[alg], audience="https://auth.example/v2/auth/token")
     assert claims["iss"] == claims["sub"] == "client-1"
     assert 0 < claims["exp"] - claims["iat"] <= 300
-    assert claims["jti"] != jwt.decode(provider.assertion(key), public, algorithms=[alg], audience=claims["aud"])["jti"]
+    assert (
+        claims["jti"]
+        != jwt.decode(provider.assertion(key), public, algorithms=[alg], audience=claims["aud"])["jti"]
+    )

@@ -16,7 +16,12 @@ def config(**overrides: Any) -> dict[str, Any]:
         "environment": "Development",
         "token_url": "http://127.0.0.1:9/v2/auth/token",
         "legacy_auth_url": "http://127.0.0.1:9/auth",
-        "auth": {"client_id": "c-1", "key_ring": "signing-keys", "legacy_api_key": "k-1", "legacy_secret_ref": "legacy"},
+        "auth": {
+            "client_id": "c-1",
+            "key_ring": "signing-keys",
+            "legacy_api_key": "k-1",
+            "legacy_secret_ref": "legacy",
+        },
         "connections": [
             {
                 "id": "north",
@@ -57,17 +62,29 @@ def test_write_then_load_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        (config(connections=[conn(fhir_base_url=None)]), "connection 'north': surface 'fhir' needs 'fhir_base_url'"),
-        (config(connections=[conn(datamodel_url=None)]), "connection 'north': surface 'datamodel' needs 'datamodel_url'"),
+        (
+            config(connections=[conn(fhir_base_url=None)]),
+            "connection 'north': surface 'fhir' needs 'fhir_base_url'",
+        ),
+        (
+            config(connections=[conn(datamodel_url=None)]),
+            "connection 'north': surface 'datamodel' needs 'datamodel_url'",
+        ),
         (config(connections=[conn(destination_id=None)]), "surface 'datamodel' needs 'destination_id'"),
-        (config(connections=[conn(entities=["patients", "vitals"])]), "connection 'north': entities: unknown value 'vitals'"),
+        (
+            config(connections=[conn(entities=["patients", "vitals"])]),
+            "connection 'north': entities: unknown value 'vitals'",
+        ),
         (config(connections=[conn(write_entities=["results"])]), "write_entities: unknown value 'results'"),
         (config(connections=[conn(surfaces=["hl7"])]), "surfaces: unknown value 'hl7'"),
         (config(connections=[conn(timeout_s=0)]), "'timeout_s' must be a positive number"),
         (config(connections=[conn(), conn()]), "id 'north' appears more than once"),
         (config(connections=[conn(secret="x")]), "'secret' would store a secret in the clear"),
         (config(connections=[conn(headers={"Authorization": "Bearer x"})]), "must not carry Authorization"),
-        (config(auth={"client_id": "c", "legacy_secret": "s"}), "'legacy_secret' would store a secret in the clear"),
+        (
+            config(auth={"client_id": "c", "legacy_secret": "s"}),
+            "'legacy_secret' would store a secret in the clear",
+        ),
         (config(auth={"legacy_api_key": "k"}), "'legacy_secret_ref' is missing"),
         (config(auth={}), "auth: set 'client_id'"),
         (config(token_url=None), "token_url: required"),

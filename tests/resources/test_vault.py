@@ -43,7 +43,9 @@ def test_file_holds_no_plaintext_of_secrets_or_names(vault: Vault, isolated_home
     assert stat.S_IMODE(isolated_home.stat().st_mode) == 0o700
 
 
-def test_wrong_master_key_is_a_clear_error_and_decrypts_nothing(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_master_key_is_a_clear_error_and_decrypts_nothing(
+    vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
     vault.set("api-secret", CANARY)
     monkeypatch.setenv("REDOX_ELT_MASTER_KEY", "not-the-key")
     intruder = Vault()
@@ -58,14 +60,18 @@ def test_wrong_master_key_is_a_clear_error_and_decrypts_nothing(vault: Vault, mo
         intruder.set("other", "x")  # and nothing is re-sealed under the wrong key
 
 
-def test_vault_sealed_with_env_key_says_so_when_env_is_unset(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vault_sealed_with_env_key_says_so_when_env_is_unset(
+    vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
     vault.set("api-secret", CANARY)
     monkeypatch.delenv("REDOX_ELT_MASTER_KEY")
     with pytest.raises(VaultLocked, match="sealed with REDOX_ELT_MASTER_KEY, which is not set"):
         Vault().get("api-secret")
 
 
-def test_key_file_is_created_0600_when_no_env_key(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_file_is_created_0600_when_no_env_key(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("REDOX_ELT_MASTER_KEY")
     Vault().set("api-secret", CANARY)
     key_file = isolated_home / KEY_FILE
@@ -105,7 +111,9 @@ def test_flipped_ciphertext_byte_fails_the_tag_check(vault: Vault) -> None:
         Vault().get("api-secret")
 
 
-def test_crash_during_write_leaves_the_previous_vault_intact(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_during_write_leaves_the_previous_vault_intact(
+    vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
     vault.set("api-secret", CANARY)
     before = vault.path.read_bytes()
 
@@ -143,13 +151,22 @@ def test_cli_wrong_master_key_exits_nonzero_without_traceback(tmp_path: Path) ->
     env.pop("REDOX_ELT_HOME", None)
     cli = [sys.executable, "-m", "redox_elt.cli"]
     cwd = Path(__file__).resolve().parents[2]
-    ok = subprocess.run([*cli, "vault", "set", "acc", CANARY], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [*cli, "vault", "set", "acc", CANARY], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
     assert ok.returncode == 0, ok.stderr
-    got = subprocess.run([*cli, "vault", "get", "acc"], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    got = subprocess.run(
+        [*cli, "vault", "get", "acc"], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
     assert got.stdout.strip() == CANARY
     assert not subprocess.run(["grep", "-rl", CANARY, str(tmp_path)], capture_output=True, text=True).stdout
     bad = subprocess.run(
-        [*cli, "vault", "get", "acc"], env=dict(env, REDOX_ELT_MASTER_KEY="wrong-key"), cwd=cwd, capture_output=True, text=True, timeout=60
+        [*cli, "vault", "get", "acc"],
+        env=dict(env, REDOX_ELT_MASTER_KEY="wrong-key"),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr

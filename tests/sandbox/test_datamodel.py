@@ -14,7 +14,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -49,10 +49,11 @@ from sandbox.population.records import (
     Provider,
     Record,
     ResultRecord,
-    is_live,
 )
+from sandbox.population.static import StaticPopulation
 from sandbox.population.store import Query, RecordStore
-from sandbox.state import SandboxState
+from sandbox.population.synthetic import SyntheticPopulation
+from sandbox.state import SandboxState, WriteLog
 
 EXAMPLES = Path("/work/shared/redox-examples/datamodel")
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
@@ -271,109 +272,6 @@ def build_population(conn_id: str, n_patients: int, seed: int) -> dict[str, list
 
 
 ENTITIES_ORDER = ("patients", "encounters", "results", "medications", "appointments", "documents")
-DATE_FIELDS = {
-    "encounters": "start_at",
-    "results": "effective_at",
-    "medications": "start_at",
-    "appointments": "start_at",
-    "documents": "authored_at",
-}
-BUSINESS_IDS = {
-    "encounters": "visit_number",
-    "appointments": "visit_number",
-    "results": "result_id",
-    "medications": "order_id",
-    "documents": "document_id",
-}
-
-
-class MemoryStore(RecordStore):
-    """RecordStore over in-memory records (exact matching, (last_updated, id) order)."""
-
-    def __init__(self, records: dict[str, dict[str, list[Record]]]) -> None:
-        self._records = records  # connection id -> entity -> records
-
-    @property
-    def now(self) -> datetime:
-        return NOW
-
-    def _select(self, q: Query) -> list[Record]:
-        rows = self._records.get(q.connection_id, {}).get(q.entity, [])
-        out = []
-        for r in rows:
-            if q.ids is not None and r.id not in q.ids:
-                continue
-            if (
-                q.patient_id is not None
-                and getattr(r, "patient", None)
-                and r.patient.patient_id != q.patient_id
-            ):
-                continue
-            lu = r.last_updated
-            if (q.updated_ge and lu < q.updated_ge) or (q.updated_gt and lu <= q.updated_gt):
-                continue
-            if (q.updated_le and lu > q.updated_le) or (q.updated_lt and lu >= q.updated_lt):
-                continue
-            field = DATE_FIELDS.get(q.entity)
-            d = getattr(r, field) if field else None
-            if any(b is not None for b in (q.date_ge, q.date_gt, q.date_le, q.date_lt)):
-                if d is None:
-                    continue
-                if (q.date_ge and d < q.date_ge) or (q.date_gt and d <= q.date_gt):
-                    continue
-                if (q.date_le and d > q.date_le) or (q.date_lt and d >= q.date_lt):
-                    continue
-            if q.statuses is not None and getattr(r, "status", None) not in q.statuses:
-                continue
-            out.append(r)
-        return sorted(out, key=lambda r: (r.last_updated, r.id))
-
-    def count(self, query: Query) -> int:
-        return len(self._select(query))
-
-    def page(self, query: Query, offset: int, limit: int) -> list[Record]:
-        return self._select(query)[offset : offset + limit]
-
-    def get(self, connection_id: str, entity: str, record_id: str) -> Record | None:
-        return next(
-            (r for r in self._records.get(connection_id, {}).get(entity, []) if r.id == record_id), None
-        )
-
-    def find_patients(
-        self, connection_id, *, identifier=None, id_type=None, family=None, given=None, birth_date=None
-    ):
-        out = []
-        for p in self._records.get(connection_id, {}).get("patients", []):
-            ids = {"MR": p.mrn, "EHRID": p.ehr_id, "NIST": p.nist_id, "EPI": p.enterprise_id}
-            if identifier is not None:
-                values = [ids.get(id_type)] if id_type in ids else list(ids.values()) + [p.id]
-                if identifier not in values:
-                    continue
-            if family is not None and p.family_name != family:
-                continue
-            if given is not None and given not in p.given_names:
-                continue
-            if birth_date is not None and p.birth_date.isoformat() != birth_date:
-                continue
-            out.append(p)
-        return out
-
-    def find_by_business_id(self, connection_id: str, entity: str, business_id: str) -> Record | None:
-        field = BUSINESS_IDS[entity]
-        rows = self._records.get(connection_id, {}).get(entity, [])
-        return next((r for r in rows if getattr(r, field) == business_id), None)
-
-    def advance(self, days: float, change_fraction: float) -> list[Change]:
-        return []  # a static population never changes
-
-    def counts(self, live_only: bool = False) -> dict[str, dict[str, int]]:
-        return {
-            cid: {e: sum(1 for r in rows if not live_only or is_live(r)) for e, rows in per.items()}
-            for cid, per in self._records.items()
-        }
-
-    def persons(self) -> list[dict]:
-        return []
 
 
 # ---- fixtures ----------------------------------------------------------------------------
@@ -449,18 +347,38 @@ class LocalServer:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture
-def env(population) -> Iterator[tuple[httpx.Client, SandboxState, FakeFaults]]:
-    config = make_config(**{"riverbend-both": {"page_size": 7}})
-    faults = FakeFaults()
-    state = SandboxState(
-        config=config, store=MemoryStore(population), auth=FakeAuth(), faults=faults, webhooks=None
-    )
+ROUTE_CONFIG = {"riverbend-both": {"page_size": 7}}  # riverbend pages at 7 to exercise capping
+
+
+@pytest.fixture(scope="module", params=["synthetic", "handmade"])
+def store(request, population) -> RecordStore:
+    """The real synthetic population (200 patients), and a StaticPopulation over the hand-made
+    records (which has in-house encounters, rescheduled appointments and every status)."""
+    config = make_config(**ROUTE_CONFIG)
+    if request.param == "synthetic":
+        return SyntheticPopulation(replace(config, seed=7, patients=200))
+    shared = {c.id: {e: population[c.id][e] for e in c.entities} for c in config.connections}
+    return StaticPopulation(config.connections, shared, NOW)
+
+
+@pytest.fixture(scope="module")
+def served(store) -> Iterator[tuple[httpx.Client, SandboxState]]:
+    config = make_config(**ROUTE_CONFIG)
+    state = SandboxState(config=config, store=store, auth=FakeAuth(), faults=FakeFaults(), webhooks=None)
     with (
         LocalServer(Starlette(routes=dm_routes.routes(state))) as base_url,
         httpx.Client(base_url=base_url) as client,
     ):
-        yield client, state, faults
+        yield client, state
+
+
+@pytest.fixture
+def env(served) -> tuple[httpx.Client, SandboxState, FakeFaults]:
+    """The served routes with fresh faults and an empty write log for each test."""
+    client, state = served
+    state.faults = FakeFaults()
+    state.writes = WriteLog()
+    return client, state, state.faults
 
 
 def dest(state: SandboxState, conn_id: str) -> dict[str, str]:
@@ -505,7 +423,11 @@ def error_text(resp: httpx.Response) -> str:
 
 
 def records(state: SandboxState, conn_id: str, entity: str) -> list[Any]:
-    return state.store._records[conn_id][entity]
+    return list(state.store.iter(Query(conn_id, entity)))
+
+
+def patient_of(state: SandboxState, conn_id: str, record: Any) -> PatientRecord:
+    return state.store.get(conn_id, "patients", record.patient.patient_id)
 
 
 # ---- rendering ---------------------------------------------------------------------------
@@ -521,15 +443,26 @@ def all_changes(pop: dict[str, list[Record]]) -> Iterator[Change]:
                     yield Change(entity, kind, r, previous)
 
 
+def with_patients(pop: dict[str, list[Record]]) -> Callable[[Change, ConnectionSpec], list[dict]]:
+    """``render_event`` given each change's patient record, as ``event_renderer`` does."""
+    by_id = {p.id: p for p in pop["patients"]}
+
+    def render(change: Change, conn: ConnectionSpec) -> list[dict]:
+        ref = getattr(change.record, "patient", None)
+        return render_event(change, conn, by_id.get(ref.patient_id) if ref else None)
+
+    return render
+
+
 def test_every_rendered_event_validates_strictly(population):
     config = make_config()
     seen: set[tuple[str, str]] = set()
     for conn in config.connections:
-        if "datamodel" not in conn.surfaces:
+        if conn.id not in ("riverbend-both", "lakeside-dm"):  # every id type, every entity
             continue
-        store = MemoryStore(population)
-        full = event_renderer(store)
-        for change in all_changes(population[conn.id]):
+        pop = {entity: rows[: len(rows) // 2] for entity, rows in population[conn.id].items()}
+        full = with_patients(pop)
+        for change in all_changes(pop):
             for render in (full, render_event):
                 for payload in render(change, conn):
                     strict(payload)
@@ -567,10 +500,30 @@ def test_every_rendered_event_validates_strictly(population):
     assert expected <= seen
 
 
+def test_synthetic_population_and_its_changes_render_strictly_valid():
+    config = SandboxConfig(seed=3, patients=60)
+    store = SyntheticPopulation(config)
+    render = event_renderer(store)
+    count = 0
+    for conn in config.connections:
+        for entity in conn.entities:
+            for record in store.iter(Query(conn.id, entity)):
+                for payload in render(Change(entity, "new", record), conn):
+                    strict(payload)
+                    count += 1
+    changes = store.advance(3, 0.05)
+    assert changes
+    for change in changes:
+        for payload in render(change, config.connection(change.record.connection_id)):
+            strict(payload)
+            count += 1
+    assert count > 1000
+
+
 def test_events_carry_the_record_semantics(population):
     conn = make_config().connection("riverbend-both")
     pop = population[conn.id]
-    render = event_renderer(MemoryStore(population))
+    render = with_patients(pop)
 
     patient = pop["patients"][0]
     [admin] = render(Change("patients", "new", patient), conn)
@@ -804,13 +757,19 @@ def test_visit_query_filters(env):
     )
     assert len(body["Patients"]) == 1
     numbers = {v["VisitNumber"] for v in body["Patients"][0]["Visits"]}
-    assert encounter.visit_number in numbers and len(numbers) == 3
+    truth = {
+        e.visit_number
+        for e in records(state, "lakeside-dm", "encounters")
+        if e.patient.patient_id == patient.id
+    }
+    assert encounter.visit_number in numbers and numbers == truth
     body = ok(
         ask(client, state, "lakeside-dm", "PatientAdmin", "VisitQuery", VisitNumbers=[encounter.visit_number])
     )
     assert [v["VisitNumber"] for p in body["Patients"] for v in p["Visits"]] == [encounter.visit_number]
     body = ok(ask(client, state, "lakeside-dm", "PatientAdmin", "VisitQuery", PatientClasses=["Inpatient"]))
-    assert {v["PatientClass"] for p in body["Patients"] for v in p["Visits"]} == {"Inpatient"}
+    inpatient = {e.visit_number for e in records(state, "lakeside-dm", "encounters") if e.class_code == "IMP"}
+    assert {v["VisitNumber"] for p in body["Patients"] for v in p["Visits"]} == inpatient
 
 
 def test_census_lists_patients_in_house(env):
@@ -822,7 +781,9 @@ def test_census_lists_patients_in_house(env):
         for e in records(state, "lakeside-dm", "encounters")
         if e.status in ("arrived", "in-progress") and e.end_at is None
     }
-    assert got and got == truth
+    assert got == truth
+    if state.store.__class__ is StaticPopulation:  # the hand-made records have patients in house
+        assert got
 
 
 def test_results_query_last_updated_windows_enumerate_every_result(env):
@@ -835,11 +796,12 @@ def test_results_query_last_updated_windows_enumerate_every_result(env):
     for _ in range(200):
         body = ok(ask(client, state, conn.id, "Results", "Query", LastUpdated={"StartDateTime": cursor}))
         orders = body["Orders"]
-        seen |= {f"{o['ID']}-{o['Results'][0]['Code']}" for o in orders}
+        assert len({o["ID"] for o in orders}) == len(orders)  # one entry per order
+        seen |= {f"{o['ID']}-{r['Code']}" for o in orders for r in o["Results"]}
         if len(orders) < conn.page_size:
             break
-        assert [o["LastUpdated"] for o in orders] == sorted(o["LastUpdated"] for o in orders)
-        cursor = orders[-1]["LastUpdated"]
+        # Every result up to the latest returned LastUpdated was returned: restart from there.
+        cursor = max(o["LastUpdated"] for o in orders)
     assert seen == truth
 
 
@@ -848,10 +810,14 @@ def test_results_query_filters(env):
     rows = records(state, "lakeside-dm", "results")
     target = rows[3]
     body = ok(ask(client, state, "lakeside-dm", "Results", "Query", OrderIDs=[target.order_id]))
-    assert {o["ID"] for o in body["Orders"]} == {target.order_id}
+    [order] = body["Orders"]
+    assert order["ID"] == target.order_id
+    siblings = {r.code.code for r in rows if r.order_id == target.order_id}
+    assert {r["Code"] for r in order["Results"]} == siblings
     body = ok(ask(client, state, "lakeside-dm", "Results", "Query", ResultStatuses=["Corrected"]))
-    assert body["Orders"] and {o["Results"][0]["Status"] for o in body["Orders"]} == {"Corrected"}
+    assert body["Orders"] and {r["Status"] for o in body["Orders"] for r in o["Results"]} == {"Corrected"}
     lo, hi = rows[10].last_updated, rows[20].last_updated
+    in_window = {r.result_id for r in rows if lo <= r.last_updated < hi}  # start inclusive, end exclusive
     body = ok(
         ask(
             client,
@@ -862,7 +828,7 @@ def test_results_query_filters(env):
             LastUpdated={"StartDateTime": dm_time(lo), "EndDateTime": dm_time(hi)},
         )
     )
-    assert len(body["Orders"]) == 10  # start inclusive, end exclusive
+    assert {f"{o['ID']}-{r['Code']}" for o in body["Orders"] for r in o["Results"]} == in_window
     resp = ask(client, state, "lakeside-dm", "Results", "Query", LastUpdated={"StartDateTime": "yesterday"})
     assert resp.status_code == 400 and "LastUpdated.StartDateTime" in error_text(resp)
 
@@ -915,7 +881,13 @@ def test_clinical_summary_patient_query(env):
     )
     assert body["Meta"]["EventType"] == "PatientQueryResponse"
     assert body["Header"]["Patient"]["Demographics"]["LastName"] == patient.family_name
-    assert len(body["Encounters"]) == 3 and body["Medications"] and (body["Results"] or body["VitalSigns"])
+    encounters = [
+        e for e in records(state, "riverbend-both", "encounters") if e.patient.patient_id == patient.id
+    ]
+    assert len(body["Encounters"]) == min(len(encounters), 7)  # each section capped at page_size
+    assert {i["ID"] for e in body["Encounters"] for i in e["Identifiers"]} <= {
+        e.visit_number for e in encounters
+    }
     resp = ask(
         client,
         state,

@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -1050,6 +1051,13 @@ def test_write_back_refusals(client: TestClient, state: SandboxState) -> None:
     assert state.writes.writes == []
 
 
+def test_oversized_body_is_413(client: TestClient, state: SandboxState) -> None:
+    state.config.max_payload_bytes = 100
+    r = client.post(f"{BASE}/ServiceRequest/$order-new", json=order_bundle(), headers=AUTH)
+    assert r.status_code == 413 and r.json()["resourceType"] == "OperationOutcome"
+    assert state.writes.writes == []
+
+
 def test_timeout_after_commit_stores_the_write_but_the_client_gets_an_error(
     client: TestClient, state: SandboxState
 ) -> None:
@@ -1326,3 +1334,28 @@ def test_seeded_files_are_served_through_the_routes(tmp_path: Path) -> None:
     patient = next(r for r in records if isinstance(r, PatientRecord))
     read = client.get(f"{base}/Patient/{patient.id}", headers=AUTH).json()
     assert read == render_resource(dataclasses.replace(patient, connection_id="seeded"), seeded)
+
+
+def test_the_synthetic_population_renders_valid_fhir() -> None:
+    from sandbox.population.synthetic import SyntheticPopulation
+
+    config = SandboxConfig(seed=5, patients=40)
+    population = SyntheticPopulation(config)
+    rendered = Counter()
+    for conn in config.connections:
+        for entity in conn.entities:
+            for record in population.iter(Query(conn.id, entity)):
+                resource = render_resource(record, conn)
+                validate(resource)
+                rendered[resource["resourceType"]] += 1
+                if isinstance(record, DocumentRecord):
+                    assert resource["content"][0]["attachment"]["hash"] == content_hash(record.content)
+    assert set(rendered) == {
+        "Patient",
+        "Encounter",
+        "Observation",
+        "MedicationRequest",
+        "MedicationStatement",
+        "Appointment",
+        "DocumentReference",
+    }

@@ -40,6 +40,17 @@ def everything(store: RecordStore, connection_id: str, entity: str) -> list:
     return list(store.iter(Query(connection_id, entity), batch=500))
 
 
+_SHARED_READS: dict[tuple, list] = {}
+
+
+def shared(store: SyntheticPopulation, connection_id: str, entity: str) -> list:
+    """``everything`` for the module's shared population, read once (tests never change it)."""
+    key = (id(store), connection_id, entity)
+    if key not in _SHARED_READS:
+        _SHARED_READS[key] = everything(store, connection_id, entity)
+    return _SHARED_READS[key]
+
+
 @pytest.fixture(scope="module")
 def config() -> SandboxConfig:
     return SandboxConfig(seed=11, patients=400)
@@ -79,7 +90,7 @@ def test_clock_starts_at_config_and_history_spans_history_days(pop: SyntheticPop
     assert pop.now == config.clock_start
     earliest = config.clock_start - timedelta(days=config.history_days)
     for entity in ("encounters", "results", "documents"):
-        for r in everything(pop, CONN, entity):
+        for r in shared(pop, CONN, entity):
             assert earliest <= r.last_updated <= config.clock_start
             assert earliest <= record_clinical_date(r) <= config.clock_start
 
@@ -93,7 +104,7 @@ def test_counts_equal_records_paged_through(pop: SyntheticPopulation, config) ->
     for spec in config.connections:
         assert set(counts[spec.id]) == set(spec.entities)
         for entity in spec.entities:
-            records = everything(pop, spec.id, entity)
+            records = shared(pop, spec.id, entity)
             assert len(records) == counts[spec.id][entity] == pop.count(Query(spec.id, entity))
             assert sum(is_live(r) for r in records) == live[spec.id][entity]
             assert all(isinstance(r, ENTITY_RECORD_TYPES[entity]) for r in records)
@@ -102,7 +113,7 @@ def test_counts_equal_records_paged_through(pop: SyntheticPopulation, config) ->
 
 def test_pages_are_ordered_by_last_updated_then_id_and_stable(pop: SyntheticPopulation) -> None:
     for entity in ENTITIES:
-        records = everything(pop, CONN, entity)
+        records = shared(pop, CONN, entity)
         keys = [(r.last_updated, r.id) for r in records]
         assert keys == sorted(keys)
         for size in (1, 7, 100):
@@ -144,7 +155,7 @@ def _filter_queries(pop: SyntheticPopulation, entity: str, records: list) -> lis
 
 @pytest.mark.parametrize("entity", ENTITIES)
 def test_filters_agree_with_brute_force(pop: SyntheticPopulation, entity: str) -> None:
-    records = everything(pop, CONN, entity)
+    records = shared(pop, CONN, entity)
     for q in _filter_queries(pop, entity, records):
         expected = [r.id for r in records if matches(r, q)]
         assert pop.count(q) == len(expected), q
@@ -153,12 +164,12 @@ def test_filters_agree_with_brute_force(pop: SyntheticPopulation, entity: str) -
 
 def test_get_returns_the_paged_record_and_none_for_unknown_ids(pop: SyntheticPopulation) -> None:
     for entity in ENTITIES:
-        for r in everything(pop, CONN, entity)[::50]:
+        for r in shared(pop, CONN, entity)[::50]:
             assert pop.get(CONN, entity, r.id) == r
         fake = str(uuid.UUID(int=12345, version=4))
         assert pop.get(CONN, entity, fake) is None
         assert pop.get(CONN, entity, "garbage") is None
-    patient = everything(pop, CONN, "patients")[0]
+    patient = shared(pop, CONN, "patients")[0]
     assert pop.get("northwind-fhir", "patients", patient.id) is None  # ids are per connection
     assert pop.get("carequality-network", "encounters", patient.id) is None  # entity not served there
     assert pop.count(Query("carequality-network", "results")) == 0
@@ -170,22 +181,22 @@ def test_ids_are_uuids_and_business_ids_unique_per_connection(pop: SyntheticPopu
     for spec in config.connections:
         business: Counter = Counter()
         for entity in spec.entities:
-            records = everything(pop, spec.id, entity)
+            records = shared(pop, spec.id, entity)
             ids = [r.id for r in records]
             assert len(set(ids)) == len(ids)
             assert all(UUID_RE.match(i) for i in ids)
             business.update((entity, record_business_id(r)) for r in records if entity != "patients")
         assert all(n == 1 for n in business.values())
-        mrns = [p.mrn for p in everything(pop, spec.id, "patients")]
+        mrns = [p.mrn for p in shared(pop, spec.id, "patients")]
         assert len(set(mrns)) == len(mrns)
 
 
 def test_find_by_business_id(pop: SyntheticPopulation) -> None:
     for entity in ("encounters", "results", "medications", "appointments", "documents"):
-        for r in everything(pop, CONN, entity)[::41]:
+        for r in shared(pop, CONN, entity)[::41]:
             assert pop.find_by_business_id(CONN, entity, record_business_id(r)) == r
         assert pop.find_by_business_id(CONN, entity, "000") is None
-    result = everything(pop, CONN, "results")[0]
+    result = shared(pop, CONN, "results")[0]
     assert result.result_id == f"{result.order_id}-{result.code.code}"
     assert pop.find_by_business_id(CONN, "results", f"{result.order_id}-0000-0") is None
 
@@ -224,14 +235,16 @@ def test_canonical_patients_are_in_every_ehr_connection(pop: SyntheticPopulation
         myra = pop.find_patients(spec.id, identifier="4442362", id_type="MR")[0]
         assert (myra.family_name, myra.birth_date.isoformat(), myra.sex) == ("Jones", "1947-05-01", "female")
         if "EHRID" in spec.id_types:
-            walter = pop.find_patients(spec.id, identifier="e3fedf48-c8bf-4728-845f-cb810001b571", id_type="EHRID")
+            walter = pop.find_patients(
+                spec.id, identifier="e3fedf48-c8bf-4728-845f-cb810001b571", id_type="EHRID"
+            )
             assert walter[0].mrn == "0000000003"
         # Each canonical patient has visits (the Data Model surface enumerates patients through them).
         assert pop.count(Query(spec.id, "encounters", patient_id=t.id)) >= 1
 
 
 def test_find_patients_by_every_identifier_type(pop: SyntheticPopulation) -> None:
-    patients = everything(pop, CONN, "patients")
+    patients = shared(pop, CONN, "patients")
     p = next(x for x in patients[10:] if x.ssn)
     by_type = {
         "MR": p.mrn,
@@ -250,17 +263,19 @@ def test_find_patients_by_every_identifier_type(pop: SyntheticPopulation) -> Non
     assert pop.find_patients(CONN, identifier=p.mrn + "0") == []
     assert pop.find_patients(CONN) == []
     # northwind emits no NIST ids, lakeside no EHR ids.
-    north = everything(pop, "northwind-fhir", "patients")[20]
+    north = shared(pop, "northwind-fhir", "patients")[20]
     assert north.nist_id is None and north.ehr_id
-    lake = everything(pop, "lakeside-dm", "patients")[20]
+    lake = shared(pop, "lakeside-dm", "patients")[20]
     assert lake.ehr_id == "" and lake.nist_id
 
 
 def test_demographic_search_agrees_with_brute_force(pop: SyntheticPopulation) -> None:
-    patients = everything(pop, CONN, "patients")
+    patients = shared(pop, CONN, "patients")
     for p in patients[::29]:
         birth = p.birth_date.isoformat()
-        found = pop.find_patients(CONN, family=p.family_name.upper(), given=p.given_names[0], birth_date=birth)
+        found = pop.find_patients(
+            CONN, family=p.family_name.upper(), given=p.given_names[0], birth_date=birth
+        )
         expected = [
             x.id
             for x in patients
@@ -276,7 +291,7 @@ def test_demographic_search_agrees_with_brute_force(pop: SyntheticPopulation) ->
 def test_near_duplicate_twins_share_demographics_but_not_identity(pop: SyntheticPopulation) -> None:
     people = {}
     for spec in pop._config.connections:
-        for p in everything(pop, spec.id, "patients"):
+        for p in shared(pop, spec.id, "patients"):
             people[p.person_index] = p
     groups = defaultdict(list)
     for p in people.values():
@@ -288,7 +303,9 @@ def test_near_duplicate_twins_share_demographics_but_not_identity(pop: Synthetic
         assert len({(p.address_line, p.postal_code) for p in group}) > 1
 
 
-def test_a_person_in_several_connections_has_local_mrns_and_one_enterprise_id(pop: SyntheticPopulation, config) -> None:
+def test_a_person_in_several_connections_has_local_mrns_and_one_enterprise_id(
+    pop: SyntheticPopulation, config
+) -> None:
     by_person = defaultdict(list)
     for spec in config.connections:
         for p in everything(pop, spec.id, "patients"):
@@ -311,7 +328,9 @@ def test_a_person_in_several_connections_has_local_mrns_and_one_enterprise_id(po
 # ---------------------------------------------------------------- realism
 
 
-def test_every_ehr_patient_has_an_encounter_and_volumes_are_plausible(pop: SyntheticPopulation, config) -> None:
+def test_every_ehr_patient_has_an_encounter_and_volumes_are_plausible(
+    pop: SyntheticPopulation, config
+) -> None:
     for spec in config.connections:
         patients = everything(pop, spec.id, "patients")
         if "encounters" not in spec.entities:
@@ -329,7 +348,7 @@ def test_every_ehr_patient_has_an_encounter_and_volumes_are_plausible(pop: Synth
 
 
 def test_demographics_look_real(pop: SyntheticPopulation) -> None:
-    patients = everything(pop, CONN, "patients")
+    patients = shared(pop, CONN, "patients")
     states = {pl.state for pl in vocab.PLACES}
     for p in patients:
         assert p.state in states and re.fullmatch(r"\d{5}", p.postal_code)
@@ -341,7 +360,7 @@ def test_demographics_look_real(pop: SyntheticPopulation) -> None:
 
 
 def test_results_have_loinc_ucum_and_flags_consistent_with_values(pop: SyntheticPopulation) -> None:
-    results = everything(pop, CONN, "results")
+    results = shared(pop, CONN, "results")
     categories = Counter(r.category for r in results)
     assert categories["laboratory"] and categories["vital-signs"]
     vital_codes = {"8867-4", "8480-6", "8462-4", "8310-5", "29463-7", "8302-2", "59408-5", "9279-1"}
@@ -369,7 +388,7 @@ def test_results_have_loinc_ucum_and_flags_consistent_with_values(pop: Synthetic
 
 
 def test_encounters_medications_appointments_documents_are_coded(pop: SyntheticPopulation) -> None:
-    encounters = everything(pop, CONN, "encounters")
+    encounters = shared(pop, CONN, "encounters")
     assert {"AMB", "IMP", "EMER", "OBSENC", "VR"} <= {e.class_code for e in encounters}
     for e in encounters:
         if e.status == "finished":
@@ -377,15 +396,15 @@ def test_encounters_medications_appointments_documents_are_coded(pop: SyntheticP
         if e.discharge_disposition is not None:
             assert e.class_code in ("IMP", "OBSENC", "EMER")
     assert any(e.discharge_disposition for e in encounters if e.class_code == "IMP")
-    meds = everything(pop, CONN, "medications")
+    meds = shared(pop, CONN, "medications")
     assert {m.kind for m in meds} == {"request", "statement"}
     rxcuis = {d.code.code for d in vocab.DRUGS}
     assert all(m.code.system == RXNORM and m.code.code in rxcuis and m.route is not None for m in meds)
     assert {"197361", "314076", "860975"} <= rxcuis
-    appts = everything(pop, CONN, "appointments")
+    appts = shared(pop, CONN, "appointments")
     assert {"booked", "fulfilled", "cancelled", "noshow"} <= {a.status for a in appts}
     assert all(a.start_at > pop.now for a in appts if a.status == "booked")
-    docs = everything(pop, CONN, "documents")
+    docs = shared(pop, CONN, "documents")
     assert {d.content_type for d in docs} == {"text/plain", "application/xml"}
     for d in docs:
         assert d.type.system == LOINC
@@ -395,7 +414,7 @@ def test_encounters_medications_appointments_documents_are_coded(pop: SyntheticP
             assert root.find("{urn:hl7-org:v3}code").get("code") == d.type.code
         else:
             assert d.content.decode().startswith(d.title.upper())
-    network = everything(pop, "carequality-network", "documents")
+    network = shared(pop, "carequality-network", "documents")
     assert network and all(d.kind == "cda" and d.visit_number is None for d in network)
 
 
@@ -417,7 +436,9 @@ def test_advance_creates_updates_and_cancels_in_time_order() -> None:
     after_counts = pop.counts()
     for spec in pop._config.connections:
         for e in spec.entities:
-            new_here = sum(1 for c in changes if c.kind == "new" and c.entity == e and c.record.connection_id == spec.id)
+            new_here = sum(
+                1 for c in changes if c.kind == "new" and c.entity == e and c.record.connection_id == spec.id
+            )
             assert after_counts[spec.id][e] == before_counts[spec.id][e] + new_here
     for c in changes:
         if c.record.connection_id != CONN:
@@ -433,7 +454,11 @@ def test_advance_creates_updates_and_cancels_in_time_order() -> None:
         if c.kind == "cancel":
             assert not is_live(c.record) and is_live(old)
     transitions = {(c.entity, c.previous_status, getattr(c.record, "status", None)) for c in changes}
-    assert ("encounters", "in-progress", "finished") in transitions or ("results", "preliminary", "final") in transitions
+    assert ("encounters", "in-progress", "finished") in transitions or (
+        "results",
+        "preliminary",
+        "final",
+    ) in transitions
     live = pop.counts(live_only=True)
     for spec in pop._config.connections:
         for e in spec.entities:
@@ -461,7 +486,10 @@ def test_advance_adds_patients_with_visits_and_keeps_lookups_working() -> None:
             assert pop.count(Query(conn, "encounters", patient_id=p.id)) >= 1
     for c in changes[::25]:
         if c.entity != "patients":
-            assert pop.find_by_business_id(c.record.connection_id, c.entity, record_business_id(c.record)) is not None
+            assert (
+                pop.find_by_business_id(c.record.connection_id, c.entity, record_business_id(c.record))
+                is not None
+            )
     for e in ENTITIES:
         records = everything(pop, CONN, e)
         for q in _filter_queries(pop, e, records):
@@ -532,14 +560,21 @@ def test_static_population_answers_queries_like_the_synthetic_one(static_and_sou
         if entity != "patients":
             assert static.find_by_business_id(CONN, entity, record_business_id(r)) == r
     p = everything(source, CONN, "patients")[7]
-    for id_type, value in (("MR", p.mrn), ("EPI", p.enterprise_id), (None, p.id), ("urn:redox:x:EHRID", p.ehr_id)):
+    for id_type, value in (
+        ("MR", p.mrn),
+        ("EPI", p.enterprise_id),
+        (None, p.id),
+        ("urn:redox:x:EHRID", p.ehr_id),
+    ):
         assert [x.id for x in static.find_patients(CONN, identifier=value, id_type=id_type)] == [p.id]
     assert [x.id for x in static.find_patients(CONN, family=p.family_name, given=p.given_names[0])] == [
         x.id for x in source.find_patients(CONN, family=p.family_name, given=p.given_names[0])
     ]
     people = static.persons()
     assert [g["enterprise_id"] for g in people] == sorted(g["enterprise_id"] for g in people)
-    assert sum(len(g["records"]) for g in people) == sum(static.counts()[c]["patients"] for c in static.counts())
+    assert sum(len(g["records"]) for g in people) == sum(
+        static.counts()[c]["patients"] for c in static.counts()
+    )
 
 
 def test_static_population_advance_updates_cancels_and_clones(static_and_source) -> None:
@@ -548,7 +583,9 @@ def test_static_population_advance_updates_cancels_and_clones(static_and_source)
     counts, start = static.counts(), static.now
     returned = static.page(Query(CONN, "results"), 0, 1)[0]
     returned.status = "cancelled"  # callers get copies: mutating one must not change the store
-    assert static.get(CONN, "results", returned.id).status != "cancelled" or not is_live(before["results"][returned.id])
+    assert static.get(CONN, "results", returned.id).status != "cancelled" or not is_live(
+        before["results"][returned.id]
+    )
     changes = static.advance(1, 0.1)
     assert static.now == start + timedelta(days=1)
     assert [c.record.last_updated for c in changes] == sorted(c.record.last_updated for c in changes)
@@ -560,15 +597,24 @@ def test_static_population_advance_updates_cancels_and_clones(static_and_source)
         assert static.get(CONN, c.entity, c.record.id) == c.record
         if c.kind == "new":
             assert c.record.id not in before[c.entity] and c.record.version == 1
-            assert static.find_by_business_id(CONN, c.entity, record_business_id(c.record)) == c.record if c.entity != "patients" else True
+            assert (
+                static.find_by_business_id(CONN, c.entity, record_business_id(c.record)) == c.record
+                if c.entity != "patients"
+                else True
+            )
         else:
             old = before[c.entity][c.record.id]
             assert c.record.version == old.version + 1
             if c.kind == "cancel":
-                assert getattr(c.record, "status", "inactive") in DEAD_STATUSES | {"inactive"} or not c.record.active
+                assert (
+                    getattr(c.record, "status", "inactive") in DEAD_STATUSES | {"inactive"}
+                    or not c.record.active
+                )
     after = static.counts()
     for e in ENTITIES:
-        new_here = sum(1 for c in changes if c.kind == "new" and c.entity == e and c.record.connection_id == CONN)
+        new_here = sum(
+            1 for c in changes if c.kind == "new" and c.entity == e and c.record.connection_id == CONN
+        )
         assert after[CONN][e] == counts[CONN][e] + new_here
         ids = [r.id for r in everything(static, CONN, e)]
         assert len(ids) == len(set(ids))
@@ -585,4 +631,6 @@ def test_static_population_rejects_inconsistent_input(static_and_source) -> None
     with pytest.raises(StaticPopulationError):
         StaticPopulation([spec], {spec.id: {"encounters": []}}, source.now)
     with pytest.raises(StaticPopulationError):
-        StaticPopulation([spec], {spec.id: {"patients": patients}}, source.now)  # records of another connection
+        StaticPopulation(
+            [spec], {spec.id: {"patients": patients}}, source.now
+        )  # records of another connection
