@@ -16,9 +16,15 @@ from pathlib import Path
 import duckdb
 
 from pipelines.model import ENTITIES
+from pipelines.publish import model_schema
 from pipelines.warehouse import WarehousePaths
 
 LAKE_TABLES = tuple(f"redox.{t}" for t in (*ENTITIES, "patient_identifiers")) + ("raw.quarantine",)
+
+
+def _physical(con: duckdb.DuckDBPyConnection, table: str) -> str:
+    schema, name = table.split(".")
+    return f"{model_schema(con)}.{name}" if schema == "redox" else table
 
 
 def export_lake(paths: WarehousePaths, tables: tuple[str, ...] = LAKE_TABLES) -> dict[str, int]:
@@ -28,17 +34,18 @@ def export_lake(paths: WarehousePaths, tables: tuple[str, ...] = LAKE_TABLES) ->
         existing = {f"{s}.{t}" for s, t in con.execute(
             "SELECT table_schema, table_name FROM information_schema.tables").fetchall()}
         for table in tables:
-            if table not in existing:
+            if _physical(con, table) not in existing:
                 continue
             schema, name = table.split(".")
             target = paths.lake_root / schema / name
             tmp = target.with_name(f".{name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            n = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            source = _physical(con, table)
+            n = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
             if n:
                 con.execute(
-                    f"COPY (SELECT *, connection_id AS connection FROM {table}) TO '{tmp}' "
+                    f"COPY (SELECT *, connection_id AS connection FROM {source}) TO '{tmp}' "
                     "(FORMAT parquet, PARTITION_BY (connection), COMPRESSION zstd)"
                 )
             _swap(tmp, target)

@@ -23,12 +23,25 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from pipelines.model import ENTITIES, ENTITY_COLUMNS, ENTITY_KEY, LINEAGE, identifiers_schema, published_schema
+from pipelines.model import (
+    ENTITIES,
+    ENTITY_COLUMNS,
+    ENTITY_KEY,
+    LINEAGE,
+    identifiers_schema,
+    published_schema,
+)
 from pipelines.resource_hints import staged_table_name
 
 SURFACES = ("fhir", "datamodel")
 STAGING_SCHEMA = "raw"
-MODEL_SCHEMA = "redox"
+
+
+def model_schema(con: duckdb.DuckDBPyConnection) -> str:
+    """Where ``redox.<entity>`` lives. Normally schema ``redox``; but DuckDB 2.0 refuses a
+    schema named like its catalog, and a file ``redox.duckdb`` is catalog ``redox`` — there
+    the tables live in ``main``, which ``redox.<entity>`` then addresses as catalog.table."""
+    return "main" if con.execute("SELECT current_database()").fetchone()[0] == "redox" else "redox"
 
 
 def _patient_key_sql(alias: str) -> str:
@@ -41,15 +54,17 @@ def _patient_key_sql(alias: str) -> str:
 
 
 def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
+    ms = model_schema(con)
+    if ms != "main":
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {ms}")
     for entity in ENTITIES:
-        _create_from_schema(con, f"{MODEL_SCHEMA}.{entity}", published_schema(entity))
-    _create_from_schema(con, f"{MODEL_SCHEMA}.patient_identifiers", identifiers_schema())
+        _create_from_schema(con, f"{ms}.{entity}", published_schema(entity))
+    _create_from_schema(con, f"{ms}.patient_identifiers", identifiers_schema())
     con.execute(
-        f"""CREATE OR REPLACE VIEW {MODEL_SCHEMA}.persons AS
+        f"""CREATE OR REPLACE VIEW {ms}.persons AS
         SELECT coalesce('ep_' || enterprise_id, connection_id || ':' || patient_key) AS person_key,
                connection_id, patient_key, enterprise_id
-        FROM {MODEL_SCHEMA}.patients"""
+        FROM {ms}.patients"""
     )
 
 
@@ -82,6 +97,7 @@ def _staged_union(con: duckdb.DuckDBPyConnection, entity: str, columns: list[str
 
 def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> dict[str, int]:
     """Rebuild ``redox.*`` rows of one connection from its staged rows. Returns row counts."""
+    ms = model_schema(con)
     ensure_model_tables(con)
     counts: dict[str, int] = {}
     con.execute("BEGIN TRANSACTION")
@@ -92,7 +108,7 @@ def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> di
             if entity != "patients":
                 counts[entity] = _publish_entity(con, connection_id, entity)
         counts["patient_identifiers"] = con.execute(
-            f"SELECT count(*) FROM {MODEL_SCHEMA}.patient_identifiers WHERE connection_id = ?", [connection_id]
+            f"SELECT count(*) FROM {ms}.patient_identifiers WHERE connection_id = ?", [connection_id]
         ).fetchone()[0]
         con.execute("COMMIT")
     except Exception:
@@ -115,7 +131,8 @@ def _patient_rows_sql(con: duckdb.DuckDBPyConnection) -> str | None:
 
 
 def _publish_identity(con: duckdb.DuckDBPyConnection, connection_id: str) -> None:
-    con.execute(f"DELETE FROM {MODEL_SCHEMA}.patient_identifiers WHERE connection_id = $conn", {"conn": connection_id})
+    ms = model_schema(con)
+    con.execute(f"DELETE FROM {ms}.patient_identifiers WHERE connection_id = $conn", {"conn": connection_id})
     rows = _patient_rows_sql(con)
     if rows is None:
         return
@@ -128,7 +145,7 @@ def _publish_identity(con: duckdb.DuckDBPyConnection, connection_id: str) -> Non
         for t, expr in id_columns
     )
     con.execute(
-        f"""INSERT INTO {MODEL_SCHEMA}.patient_identifiers
+        f"""INSERT INTO {ms}.patient_identifiers
         WITH p AS ({rows}), ids AS ({unpivot})
         SELECT connection_id, id_system, id_value,
                arg_max(patient_key, coalesce(source_updated_at, TIMESTAMPTZ '1970-01-01 00:00:00+00')) AS patient_key,
@@ -142,14 +159,15 @@ def _publish_identity(con: duckdb.DuckDBPyConnection, connection_id: str) -> Non
 
 
 def _publish_patients(con: duckdb.DuckDBPyConnection, connection_id: str) -> int:
-    con.execute(f"DELETE FROM {MODEL_SCHEMA}.patients WHERE connection_id = $conn", {"conn": connection_id})
+    ms = model_schema(con)
+    con.execute(f"DELETE FROM {ms}.patients WHERE connection_id = $conn", {"conn": connection_id})
     rows = _patient_rows_sql(con)
     if rows is None:
         return 0
     out_cols = [f.name for f in published_schema("patients")]
     select = ", ".join(_pick("latest", c) for c in out_cols)
     con.execute(
-        f"""INSERT INTO {MODEL_SCHEMA}.patients
+        f"""INSERT INTO {ms}.patients
         WITH p AS ({rows}),
         ranked AS (
             SELECT *, row_number() OVER (PARTITION BY connection_id, patient_key
@@ -162,7 +180,7 @@ def _publish_patients(con: duckdb.DuckDBPyConnection, connection_id: str) -> int
         {"conn": connection_id},
     )
     return con.execute(
-        f"SELECT count(*) FROM {MODEL_SCHEMA}.patients WHERE connection_id = ?", [connection_id]
+        f"SELECT count(*) FROM {ms}.patients WHERE connection_id = ?", [connection_id]
     ).fetchone()[0]
 
 
@@ -175,7 +193,8 @@ def _pick(alias: str, column: str) -> str:
 
 
 def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: str) -> int:
-    con.execute(f"DELETE FROM {MODEL_SCHEMA}.{entity} WHERE connection_id = $conn", {"conn": connection_id})
+    ms = model_schema(con)
+    con.execute(f"DELETE FROM {ms}.{entity} WHERE connection_id = $conn", {"conn": connection_id})
     stage_cols = [c for c, _ in LINEAGE if c != "patient_key"] + ["patient_ref_type", "patient_ref_value"] + [
         c for c, _ in ENTITY_COLUMNS[entity]
     ]
@@ -188,7 +207,7 @@ def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: 
         "x.patient_key AS patient_key" if c == "patient_key" else _pick("latest", c) for c in out_cols
     )
     con.execute(
-        f"""INSERT INTO {MODEL_SCHEMA}.{entity}
+        f"""INSERT INTO {ms}.{entity}
         WITH s AS ({union}),
         ranked AS (
             SELECT *, row_number() OVER (PARTITION BY connection_id, "{key}"
@@ -199,7 +218,7 @@ def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: 
             FROM s)
         SELECT {select}
         FROM ranked latest
-        LEFT JOIN {MODEL_SCHEMA}.patient_identifiers x
+        LEFT JOIN {ms}.patient_identifiers x
           ON x.connection_id = latest.connection_id
          AND x.id_system = latest.patient_ref_type
          AND x.id_value = latest.patient_ref_value
@@ -207,5 +226,5 @@ def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: 
         {"conn": connection_id},
     )
     return con.execute(
-        f"SELECT count(*) FROM {MODEL_SCHEMA}.{entity} WHERE connection_id = ?", [connection_id]
+        f"SELECT count(*) FROM {ms}.{entity} WHERE connection_id = ?", [connection_id]
     ).fetchone()[0]

@@ -18,9 +18,9 @@ import duckdb
 
 from pipelines.datamodel import datamodel_source
 from pipelines.fhir import fhir_source
-from pipelines.landing import RawLanding
 from pipelines.lake import export_lake
-from pipelines.publish import publish_connection
+from pipelines.landing import RawLanding
+from pipelines.publish import model_schema, publish_connection
 from pipelines.sync_context import SyncWindow
 from pipelines.warehouse import WarehousePaths, WriterLock
 from resources.audit import AuditLog, load_audit_into_duckdb
@@ -84,6 +84,7 @@ def build_sources(
     landing: RawLanding,
     window: SyncWindow,
     lookback_s: float,
+    known_enterprise_ids: tuple[str, ...] = (),
 ) -> list[Any]:
     sources = []
     if "fhir" in conn.surfaces:
@@ -107,9 +108,31 @@ def build_sources(
                 entities=tuple(conn.entities),
                 window=window,
                 lookback_s=lookback_s,
+                page_size=conn.page_size or 100,
+                also_fhir="fhir" in conn.surfaces,
+                known_enterprise_ids=known_enterprise_ids,
             )
         )
     return sources
+
+
+def enterprise_ids_known(paths: WarehousePaths, except_connection: str) -> tuple[str, ...]:
+    """Enterprise ids other connections have shown: what a clinical network is asked about."""
+    if not paths.duckdb.exists():
+        return ()
+    with duckdb.connect(str(paths.duckdb), read_only=True) as con:
+        exists = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = 'patient_identifiers'",
+            [model_schema(con)],
+        ).fetchone()[0]
+        if not exists:
+            return ()
+        rows = con.execute(
+            f"SELECT DISTINCT id_value FROM {model_schema(con)}.patient_identifiers "
+            "WHERE id_system = 'EPI' AND connection_id <> ? ORDER BY 1",
+            [except_connection],
+        ).fetchall()
+    return tuple(r[0] for r in rows)
 
 
 def sync_connection(
@@ -126,6 +149,7 @@ def sync_connection(
     """Extract + load + publish one connection. The caller holds the writer lock."""
     report = ConnectionReport(conn.id)
     landing = RawLanding(paths.landing_root)
+    known = enterprise_ids_known(paths, conn.id) if conn.kind == "network" else ()
     started = time.monotonic()
     with RedoxClient(settings, conn, audit=audit, run_id=run_id, caller=caller) as client:
         pipeline = dlt.pipeline(
@@ -134,7 +158,7 @@ def sync_connection(
             dataset_name="raw",
             pipelines_dir=str(paths.dlt_dir),
         )
-        info = pipeline.run(build_sources(client, conn, landing, window, lookback_s))
+        info = pipeline.run(build_sources(client, conn, landing, window, lookback_s, known))
         report.extracted, report.quarantined = _row_counts(info, conn.surfaces)
     report.seconds["extract_load"] = time.monotonic() - started
     started = time.monotonic()
@@ -160,6 +184,8 @@ def run_sync(
     window = window or SyncWindow()
     run_id = run_id or uuid.uuid4().hex
     selected = [settings.connection(c) for c in connection_ids] if connection_ids else list(settings.connections)
+    # Networks are asked about the people the EHR connections know, so they go last.
+    selected.sort(key=lambda c: c.kind == "network")
     report = SyncReport(run_id=run_id, window=window)
     with WriterLock(paths):
         audit = AuditLog(paths.audit_log)

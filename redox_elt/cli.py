@@ -11,6 +11,9 @@ from collections.abc import Sequence
 
 os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+# dlt warns on every Arrow batch whose nullability differs from its schema hints; the
+# batches are built from fixed schemas, so keep dlt's log to errors.
+os.environ.setdefault("RUNTIME__LOG_LEVEL", "ERROR")
 
 
 def _sandbox_serve(args: argparse.Namespace) -> int:
@@ -34,14 +37,6 @@ def _sandbox_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sandbox_connect(args: argparse.Namespace) -> int:
-    from resources.onboarding import connect_sandbox
-
-    path = connect_sandbox(args.url, args.out, name=args.name)
-    print(f"wrote connection config {path}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (never PHI)")
@@ -61,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--url", required=True, help="sandbox base URL, e.g. http://127.0.0.1:8400")
     connect.add_argument("--out", required=True, help="connection config file to write (YAML)")
     connect.add_argument("--name", default="redox-elt", help="client name registered with the sandbox")
-    connect.set_defaults(func=_sandbox_connect)
+    from resources.cli import sandbox_connect
+
+    connect.set_defaults(func=sandbox_connect)
 
     from resources.cli import register as register_auth_verbs
 

@@ -185,7 +185,8 @@ def vital_sign_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> lis
 def medication_rows(section: Any, ctx: EventContext, ref: dict[str, str], *, kind: str) -> list[Row]:
     """``Medications[]`` (kind ``statement``) or ``MedicationsAdministered[]`` (kind
     ``administration``): ``medication_id`` = ``<kind>-`` + digest of the patient
-    reference, product code system and code, and the start date."""
+    reference, product code system and code, and the start time (to the second: the same
+    drug started twice on one day is two medications)."""
     rows = []
     for entry in as_list(section):
         if not isinstance(entry, dict):
@@ -193,14 +194,14 @@ def medication_rows(section: Any, ctx: EventContext, ref: dict[str, str], *, kin
         fields = medication_fields(entry)
         if fields["code"] is None and fields["display"] is None:
             continue
-        start_day = fields["start_at"].date().isoformat() if fields["start_at"] else None
+        start = fields["start_at"].isoformat(timespec="seconds") if fields["start_at"] else None
         medication_id = derived_id(
             kind,
             ref["patient_ref_type"],
             ref["patient_ref_value"],
             fields["code_system"],
             fields["code"],
-            start_day,
+            start,
         )
         status = medication_status(entry.get("Status"))
         if status is None:

@@ -427,3 +427,37 @@ def test_search_parameters_may_be_given_as_pairs(tmp_path: Path) -> None:
         ("_lastUpdated", "lt2025-01-01"),
         ("_count", "10"),
     ]
+
+
+def test_fhir_write_operation_sends_a_stable_idempotency_key(tmp_path: Path) -> None:
+    ack = {"resourceType": "Bundle", "type": "message"}
+    script = Script((503, {}), (200, ack))
+    client, _ = make_client(tmp_path, script, write_entities=["orders"])
+    order = {
+        "resourceType": "Bundle",
+        "type": "message",
+        "entry": [{"resource": {"resourceType": "MessageHeader"}}],
+    }
+    assert client.fhir_operation("ServiceRequest/$order-new", order, idempotency_key="outbox-7") == ack
+    first, second = script.requests
+    assert (
+        first.url.path.endswith("/ServiceRequest/$order-new")
+        and first.headers["Content-Type"] == "application/fhir+json"
+    )
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "outbox-7"
+    templates = {r["path_template"] for r in read_audit_file(tmp_path / "audit.jsonl")[0]}
+    assert templates == {"/fhir/R4/{slug}/{env}/ServiceRequest/$order-new"}
+
+
+def test_document_content_is_read_relative_to_the_fhir_base_only(tmp_path: Path) -> None:
+    script = Script((200, b"%PDF-1.7 binary", {"Content-Type": "application/pdf"}))
+    client, _ = make_client(tmp_path, script, entities=["patients", "documents"])
+    assert client.fetch_document_content("Binary/doc-1") == b"%PDF-1.7 binary"
+    assert str(script.requests[0].url) == f"{FHIR}/Binary/doc-1"
+    with pytest.raises(ScopeError, match="another host"):
+        client.fetch_document_content("https://elsewhere.example/Binary/doc-1")
+    assert len(script.requests) == 1
+    assert (
+        read_audit_file(tmp_path / "audit.jsonl")[0][0]["path_template"]
+        == "/fhir/R4/{slug}/{env}/Binary/{id}"
+    )
