@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,6 +72,7 @@ class EntityBatcher:
         self.batch_rows = batch_rows
         # Renormalization: document content comes from the landing's index, never the API.
         self.content_index = content_index
+        self.prefetched: dict[str, bytes] = {}
         self.schema = staged_schema(entity)
         self.rows: list[dict[str, Any]] = []
         self.quarantined: list[dict[str, Any]] = []
@@ -107,7 +109,9 @@ class EntityBatcher:
                     row["content_sha256"] = digest
                     row["content_bytes"] = self.landing.document_path(digest).stat().st_size
             elif content is None and content_url and self.client is not None:
-                content = self.client.fetch_document_content(content_url)
+                content = self.prefetched.pop(content_url, None)
+                if content is None:
+                    content = self.client.fetch_document_content(content_url)
                 digest = self.landing.store_document(content)
                 self.landing.index_content(self.connection_id, content_url, digest)
             if content is not None:
@@ -115,6 +119,17 @@ class EntityBatcher:
                 row["content_bytes"] = len(content)
         row["ingested_at"] = self.ingested_at
         self.rows.append(row)
+
+    def prefetch_contents(self, urls: list[str], workers: int = 8) -> None:
+        """Fetch a page's document contents concurrently (one request each) before the
+        rows are added; a failed fetch is retried inline by ``add_row``."""
+        if self.client is None or not urls:
+            return
+        with ThreadPoolExecutor(min(workers, len(urls))) as pool:
+            futures = {url: pool.submit(self.client.fetch_document_content, url) for url in urls}
+        for url, future in futures.items():
+            if future.exception() is None:
+                self.prefetched[url] = future.result()
 
     def quarantine(self, raw_ref: str, item_id: Any, reason: str) -> None:
         item = str(item_id) if item_id not in (None, "") else "-"

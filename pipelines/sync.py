@@ -85,6 +85,7 @@ def build_sources(
     window: SyncWindow,
     lookback_s: float,
     known_enterprise_ids: tuple[str, ...] = (),
+    known_patients: tuple[tuple[str, str], ...] = (),
 ) -> list[Any]:
     sources = []
     if "fhir" in conn.surfaces:
@@ -111,9 +112,28 @@ def build_sources(
                 page_size=conn.page_size or 100,
                 also_fhir="fhir" in conn.surfaces,
                 known_enterprise_ids=known_enterprise_ids,
+                known_patients=known_patients,
             )
         )
     return sources
+
+
+def datamodel_patients_known(paths: WarehousePaths, connection_id: str) -> tuple[tuple[str, str], ...]:
+    """(identifier type, value) of every patient an earlier sync staged from the Data Model."""
+    if not paths.duckdb.exists():
+        return ()
+    with duckdb.connect(str(paths.duckdb), read_only=True) as con:
+        exists = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'raw' AND table_name = 'datamodel_patients'"
+        ).fetchone()[0]
+        if not exists:
+            return ()
+        rows = con.execute(
+            "SELECT DISTINCT patient_ref_type, patient_ref_value FROM raw.datamodel_patients "
+            "WHERE connection_id = ? AND patient_ref_value IS NOT NULL ORDER BY 2",
+            [connection_id],
+        ).fetchall()
+    return tuple((r[0], r[1]) for r in rows)
 
 
 def enterprise_ids_known(paths: WarehousePaths, except_connection: str) -> tuple[str, ...]:
@@ -150,6 +170,7 @@ def sync_connection(
     report = ConnectionReport(conn.id)
     landing = RawLanding(paths.landing_root)
     known = enterprise_ids_known(paths, conn.id) if conn.kind == "network" else ()
+    patients = datamodel_patients_known(paths, conn.id) if "datamodel" in conn.surfaces else ()
     started = time.monotonic()
     with RedoxClient(settings, conn, audit=audit, run_id=run_id, caller=caller) as client:
         pipeline = dlt.pipeline(
@@ -158,7 +179,7 @@ def sync_connection(
             dataset_name="raw",
             pipelines_dir=str(paths.dlt_dir),
         )
-        info = pipeline.run(build_sources(client, conn, landing, window, lookback_s, known))
+        info = pipeline.run(build_sources(client, conn, landing, window, lookback_s, known, patients))
         report.extracted, report.quarantined = _row_counts(info, conn.surfaces)
     report.seconds["extract_load"] = time.monotonic() - started
     started = time.monotonic()

@@ -7,8 +7,10 @@ the windowed queries Redox offers (see ``pipelines/datamodel/queries.py``):
   Patient blocks give ``patients``.
 * ``results`` — Results.Query by ``LastUpdated`` window.
 * ``appointments`` — Scheduling.Booked by start-time window.
-* ``medications`` and ``documents`` — per patient discovered by the visit query:
-  Clinical Summary PatientQuery (medication section) and Notes/Media queries.
+* ``medications`` and ``documents`` — per patient discovered by the visit query, plus
+  every patient an earlier sync found: Clinical Summary PatientQuery (medication
+  section) and Notes/Media queries. Neither has a time window, so this is the costly
+  part of an incremental Data Model sync until webhook events replace it.
   On a connection that also speaks FHIR, medications come from FHIR only: the
   Clinical Summary carries no medication order ids to reconcile on.
 * A clinical-network connection (no visit query) is asked, per enterprise id the
@@ -151,6 +153,7 @@ def datamodel_source(
     page_size: int = 100,
     also_fhir: bool = False,
     known_enterprise_ids: tuple[str, ...] = (),
+    known_patients: tuple[tuple[str, str], ...] = (),
 ) -> Any:
     """The Data Model surface of one connection."""
     window = window or SyncWindow()
@@ -192,7 +195,11 @@ def datamodel_source(
                     discovered[ident["ID"]] = ident
             yield from emitter.drain("encounters", final=False)
         remember("visit_start", last)
-        yield from _per_patient(emitter, list(discovered.values()))
+        # Medications have no windowed Data Model query: every patient already known is asked
+        # again, so a medication added to a patient without a new visit is still found.
+        for id_type, id_value in known_patients:
+            discovered.setdefault(id_value, {"ID": id_value, "IDType": id_type})
+        yield from _per_patient(emitter, sorted(discovered.values(), key=lambda i: i["ID"]))
         yield from emitter.drain("encounters", final=True)
 
     def _per_patient(emitter: _Emitter, patients: list[dict[str, str]]) -> Iterator[Any]:

@@ -56,6 +56,8 @@ def fetch_entity(
         for body in client.fhir_search_pages(resource_type, params, entity=entity):
             page = landing.land(connection_id, "fhir", entity, body)
             bundle = orjson.loads(body)
+            if entity == "documents":
+                batcher.prefetch_contents(_attachment_urls(bundle))
             for entry in bundle.get("entry") or []:
                 resource = entry.get("resource") or {}
                 rtype = resource.get("resourceType")
@@ -64,6 +66,16 @@ def fetch_entity(
                 batcher.add_resource(resource, NORMALIZERS[rtype][1], page.raw_ref, resource_type=rtype)
             yield from batcher.drain(final=False)
     yield from batcher.drain(final=True)
+
+
+def _attachment_urls(bundle: dict[str, Any]) -> list[str]:
+    urls = []
+    for entry in bundle.get("entry") or []:
+        for content in (entry.get("resource") or {}).get("content") or []:
+            url = (content.get("attachment") or {}).get("url")
+            if url:
+                urls.append(url)
+    return urls
 
 
 @dlt.source(name="fhir", max_table_nesting=0)

@@ -1,0 +1,177 @@
+"""Asset checks on the warehouse. Blocking (a failure stops the assets downstream, e.g.
+the persons view): primary-key uniqueness, referential integrity to the crosswalk and
+the quarantine rate. Warnings: freshness per connection and FHIR counts against the
+source's reported totals. Metadata holds counts per connection only, never rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import duckdb
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    MetadataValue,
+    asset_check,
+    multi_asset_check,
+)
+
+from assets import check_queries as q
+from assets.specs import CROSSWALK, CROSSWALK_KEY, QUARANTINE_KEY, normalized_key, raw_key
+from assets.sync_assets import DUCKDB_POOL
+from pipelines.model import ENTITIES
+from pipelines.warehouse import WriterLock
+from resources.audit import AuditLog
+from resources.client import RedoxClient
+from resources.dagster import RedoxResource, WarehouseResource, configured_connections
+
+MAX_SYNC_AGE_ENV = "REDOX_ELT_MAX_SYNC_AGE_HOURS"
+MAX_QUARANTINE_RATE_ENV = "REDOX_ELT_MAX_QUARANTINE_RATE"
+DEFAULT_MAX_SYNC_AGE_HOURS = 26.0  # the daily reconciliation plus slack
+DEFAULT_MAX_QUARANTINE_RATE = 0.01
+
+PK_CHECK = "primary_key_unique"
+RI_CHECK = "patient_in_crosswalk"
+FRESHNESS_CHECK = "connections_fresh"
+QUARANTINE_CHECK = "quarantine_rate_under_threshold"
+SOURCE_TOTALS_CHECK = "counts_match_source_totals"
+
+
+@contextmanager
+def read_warehouse(warehouse: WarehouseResource) -> Iterator[duckdb.DuckDBPyConnection | None]:
+    """A read-only connection taken under the writer lock: DuckDB refuses to open a file
+    another process is writing. ``None`` when nothing was synced yet."""
+    paths = warehouse.paths()
+    with WriterLock(paths):
+        if not paths.duckdb.exists():
+            yield None
+            return
+        with duckdb.connect(str(paths.duckdb), read_only=True) as con:
+            yield con
+
+
+def _result(key, name: str, outcome: q.CheckOutcome, severity: AssetCheckSeverity) -> AssetCheckResult:
+    return AssetCheckResult(
+        asset_key=key,
+        check_name=name,
+        passed=outcome.passed,
+        severity=severity,
+        description=outcome.summary,
+        metadata={"by_connection": MetadataValue.json(outcome.by_connection)},
+    )
+
+
+_PK_TARGETS = [*ENTITIES, CROSSWALK]
+
+
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec(PK_CHECK, asset=normalized_key(e), blocking=True, description="One row per key, no null key part.")
+        for e in _PK_TARGETS
+    ],
+    pool=DUCKDB_POOL,
+)
+def primary_keys_unique(warehouse: WarehouseResource) -> Iterator[AssetCheckResult]:
+    with read_warehouse(warehouse) as con:
+        for entity in _PK_TARGETS:
+            outcome = q.primary_key_violations(con, entity) if con else q.CheckOutcome(True, {}, "no warehouse yet")
+            yield _result(normalized_key(entity), PK_CHECK, outcome, AssetCheckSeverity.ERROR)
+
+
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec(
+            RI_CHECK,
+            asset=normalized_key(e),
+            blocking=True,
+            additional_deps=[CROSSWALK_KEY],
+            description="Every row's patient_key is in redox.patient_identifiers for its connection.",
+        )
+        for e in q.PATIENT_LINKED
+    ],
+    pool=DUCKDB_POOL,
+)
+def patients_in_crosswalk(warehouse: WarehouseResource) -> Iterator[AssetCheckResult]:
+    with read_warehouse(warehouse) as con:
+        for entity in q.PATIENT_LINKED:
+            outcome = q.orphan_rows(con, entity) if con else q.CheckOutcome(True, {}, "no warehouse yet")
+            yield _result(normalized_key(entity), RI_CHECK, outcome, AssetCheckSeverity.ERROR)
+
+
+@asset_check(
+    asset=CROSSWALK_KEY,
+    name=FRESHNESS_CHECK,
+    pool=DUCKDB_POOL,
+    description=f"Every configured connection synced successfully within ${MAX_SYNC_AGE_ENV} hours (default 26).",
+)
+def connections_fresh(redox: RedoxResource, warehouse: WarehouseResource) -> AssetCheckResult:
+    max_age = timedelta(hours=float(os.environ.get(MAX_SYNC_AGE_ENV, DEFAULT_MAX_SYNC_AGE_HOURS)))
+    connection_ids = [c.id for c in configured_connections(redox.config_path)]
+    with read_warehouse(warehouse) as con:
+        if con is None:
+            outcome = q.CheckOutcome(False, dict.fromkeys(connection_ids), "no warehouse yet: nothing synced")
+        else:
+            outcome = q.sync_ages(con, connection_ids, max_age)
+    return _result(CROSSWALK_KEY, FRESHNESS_CHECK, outcome, AssetCheckSeverity.WARN)
+
+
+@asset_check(
+    asset=QUARANTINE_KEY,
+    name=QUARANTINE_CHECK,
+    blocking=True,
+    pool=DUCKDB_POOL,
+    description=f"Quarantined share of each connection's items at most ${MAX_QUARANTINE_RATE_ENV} (default 1%).",
+)
+def quarantine_rate(warehouse: WarehouseResource) -> AssetCheckResult:
+    max_rate = float(os.environ.get(MAX_QUARANTINE_RATE_ENV, DEFAULT_MAX_QUARANTINE_RATE))
+    with read_warehouse(warehouse) as con:
+        outcome = q.quarantine_rates(con, max_rate) if con else q.CheckOutcome(True, {}, "no warehouse yet")
+    return _result(QUARANTINE_KEY, QUARANTINE_CHECK, outcome, AssetCheckSeverity.ERROR)
+
+
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec(
+            SOURCE_TOTALS_CHECK,
+            asset=raw_key("fhir", e),
+            description="Staged + quarantined FHIR items equal the server's Bundle.total up to the newest record seen.",
+        )
+        for e in ENTITIES
+    ],
+    pool=DUCKDB_POOL,
+)
+def fhir_counts_match_source(
+    context: AssetCheckExecutionContext, redox: RedoxResource, warehouse: WarehouseResource
+) -> Iterator[AssetCheckResult]:
+    settings = redox.settings()
+    fhir_connections = [c for c in settings.connections if "fhir" in c.surfaces]
+    with read_warehouse(warehouse) as con:
+        counts = {c.id: q.warehouse_fhir_counts(con, c.id, c.entities) for c in fhir_connections} if con else {}
+    comparisons: dict[str, dict[str, dict[str, int]]] = {}
+    audit = AuditLog(warehouse.paths().audit_log)  # the calls join the warehouse's audit trail
+    try:
+        for conn in fhir_connections:
+            if not counts.get(conn.id):
+                continue
+            with RedoxClient(settings, conn, audit=audit, run_id=context.run_id, caller="dagster-check") as client:
+                comparisons[conn.id] = q.reconcile_with_source(
+                    counts[conn.id], lambda entity, cutoff, client=client: q.fhir_source_total(client, entity, cutoff)
+                )
+    finally:
+        audit.close()
+    for entity in ENTITIES:
+        per_conn = {c: cmp[entity] for c, cmp in comparisons.items() if entity in cmp}
+        off = sorted(c for c, v in per_conn.items() if v["warehouse"] != v["source"])
+        summary = (
+            f"differs from the source in: {', '.join(off)}"
+            if off
+            else f"matches the source in {len(per_conn)} connection(s)"
+        )
+        yield _result(raw_key("fhir", entity), SOURCE_TOTALS_CHECK, q.CheckOutcome(not off, per_conn, summary),
+                      AssetCheckSeverity.WARN)

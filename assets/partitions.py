@@ -1,0 +1,127 @@
+"""Connection × day partitions, and how a run's partitions become sync windows.
+
+* ``connection`` is dynamic: the ``connection_partitions`` sensor adds a partition for
+  every connection in the config, so a new connection needs no code change.
+* ``day`` is a UTC daily partition on the records' last-updated time. Materializing
+  ``(connection, day)`` syncs the stateless window ``[day, day + 1)``; a range of days
+  is one window, so a backfill never moves the live cursor.
+
+Backfills: Dagster splits a multi-partition backfill into one run per connection and
+contiguous day range, and passes the range as the ``dagster/asset_partition_range_start``
+/ ``_end`` run tags. Those tags are read directly, because ``context.partition_key_range``
+on multi-partitioned single-run backfills has open bugs (shared/STACK.md). A range whose
+ends name different connections (possible from the Python API) falls back to the run's
+full partition list, grouped by connection.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+from dagster import (
+    DailyPartitionsDefinition,
+    DynamicPartitionsDefinition,
+    MultiPartitionKey,
+    MultiPartitionsDefinition,
+)
+
+from pipelines.sync_context import SyncWindow
+
+CONNECTION_DIMENSION = "connection"
+DAY_DIMENSION = "day"
+CONNECTIONS_PARTITIONS_NAME = "redox_connection"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+# The first day a backfill can ask for. The embedded sandbox keeps 730 days of history
+# before its fixed clock (2026-11-01); real deployments set their own.
+PARTITIONS_START_ENV = "REDOX_ELT_PARTITIONS_START"
+DEFAULT_PARTITIONS_START = "2024-11-01"
+
+connection_partitions = DynamicPartitionsDefinition(name=CONNECTIONS_PARTITIONS_NAME)
+day_partitions = DailyPartitionsDefinition(
+    start_date=os.environ.get(PARTITIONS_START_ENV, DEFAULT_PARTITIONS_START),
+    timezone="UTC",
+    # Today is a partition too: the hourly incremental sync materializes (connection, today).
+    end_offset=1,
+)
+sync_partitions = MultiPartitionsDefinition(
+    {CONNECTION_DIMENSION: connection_partitions, DAY_DIMENSION: day_partitions}
+)
+
+
+@dataclass(frozen=True)
+class ConnectionWindow:
+    """One connection's share of a run: a stateless window over whole UTC days."""
+
+    connection_id: str
+    window: SyncWindow
+
+    @property
+    def days(self) -> int:
+        assert self.window.start is not None and self.window.end is not None
+        return (self.window.end - self.window.start) // timedelta(days=1)
+
+
+def partition_key(connection_id: str, day: date | str) -> MultiPartitionKey:
+    day_key = day if isinstance(day, str) else day.isoformat()
+    return MultiPartitionKey({CONNECTION_DIMENSION: connection_id, DAY_DIMENSION: day_key})
+
+
+def _day_start(day_key: str) -> datetime:
+    return datetime.fromisoformat(day_key).replace(tzinfo=UTC)
+
+
+def _split(key: str | MultiPartitionKey) -> tuple[str, str]:
+    if isinstance(key, MultiPartitionKey):
+        dims = key.keys_by_dimension
+    else:
+        dims = sync_partitions.get_partition_key_from_str(key).keys_by_dimension
+    return dims[CONNECTION_DIMENSION], dims[DAY_DIMENSION]
+
+
+def windows_from_keys(keys: Iterable[str | MultiPartitionKey]) -> list[ConnectionWindow]:
+    """Group partition keys by connection; each contiguous run of days is one window."""
+    days_by_connection: dict[str, set[date]] = defaultdict(set)
+    for key in keys:
+        connection_id, day_key = _split(key)
+        days_by_connection[connection_id].add(date.fromisoformat(day_key))
+    windows: list[ConnectionWindow] = []
+    for connection_id in sorted(days_by_connection):
+        days = sorted(days_by_connection[connection_id])
+        first = prev = days[0]
+        for day in [*days[1:], None]:
+            if day is not None and day == prev + timedelta(days=1):
+                prev = day
+                continue
+            start = _day_start(first.isoformat())
+            end = _day_start(prev.isoformat()) + timedelta(days=1)
+            windows.append(ConnectionWindow(connection_id, SyncWindow(start, end)))
+            if day is not None:
+                first = prev = day
+    return windows
+
+
+def windows_for_run(
+    tags: Mapping[str, str], partition_keys: Sequence[str] | None, single_key: str | None
+) -> list[ConnectionWindow]:
+    """The windows a run covers, from its range tags, else its partition key(s)."""
+    start, end = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
+    if start and end:
+        start_conn, start_day = _split(start)
+        end_conn, end_day = _split(end)
+        if start_conn == end_conn:
+            if end_day < start_day:
+                raise ValueError(f"partition range ends ({end_day}) before it starts ({start_day})")
+            window = SyncWindow(_day_start(start_day), _day_start(end_day) + timedelta(days=1))
+            return [ConnectionWindow(start_conn, window)]
+        if not partition_keys:
+            raise ValueError("a partition range across connections needs the run's partition keys")
+        return windows_from_keys(partition_keys)
+    if single_key is None:
+        raise ValueError("a sync run needs a (connection, day) partition or a partition range")
+    return windows_from_keys([single_key])

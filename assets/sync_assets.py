@@ -1,0 +1,182 @@
+"""The sync asset (raw + normalized layers, one step) and the analytics layer.
+
+``redox_sync`` is one multi-asset because one ``sync_connection`` call writes all of its
+tables at once: dlt loads both surfaces' staged tables in one pipeline run (the Data
+Model's visit query writes several tables), then the connection is published into the
+common model in one transaction. Splitting it per table would extract the same pages
+several times. It is the very function ``redox-elt sync`` runs, so the CLI and the UI
+never diverge.
+
+Every step that opens the DuckDB file runs in the ``duckdb_writer`` pool (limit 1 in
+dagster.yaml) and takes the file's ``WriterLock`` (which also covers CLI syncs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import duckdb
+from dagster import (
+    AssetExecutionContext,
+    AutomationCondition,
+    BackfillPolicy,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    multi_asset,
+)
+from pydantic import Field
+
+from assets.partitions import ConnectionWindow, sync_partitions, windows_for_run
+from assets.specs import (
+    ANALYTICS_GROUP,
+    CROSSWALK,
+    CROSSWALK_KEY,
+    OWNERS,
+    PERSONS_KEY,
+    normalized_key,
+    normalized_specs,
+    raw_specs,
+)
+from assets.sync_run import RunOutcome, run_windows
+from pipelines.model import ENTITIES
+from pipelines.publish import ensure_model_tables, model_schema
+from pipelines.sync import DEFAULT_LOOKBACK_S
+from pipelines.sync_context import SyncWindow
+from pipelines.warehouse import WriterLock
+from resources.dagster import RedoxResource, WarehouseResource
+
+DUCKDB_POOL = "duckdb_writer"
+CONNECTION_TAG = "redox/connection"
+MODE_LIVE, MODE_WINDOW = "live", "window"
+
+
+class SyncConfig(Config):
+    """How a sync run reads its partitions."""
+
+    mode: str = Field(
+        default=MODE_WINDOW,
+        description=(
+            "'window': sync the partition's days as a stateless window (backfill; the live cursor "
+            "never moves). 'live': incremental sync from the connection's live cursor (schedules)."
+        ),
+    )
+    window_start: str | None = Field(
+        default=None, description="ISO-8601 instant overriding the partition's window start (CLI --since)."
+    )
+    window_end: str | None = Field(
+        default=None, description="ISO-8601 instant overriding the partition's window end (CLI --until)."
+    )
+    lookback_s: float = Field(default=DEFAULT_LOOKBACK_S, description="Live mode: re-read this much before the cursor.")
+
+
+def _instant(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def plan_windows(context: AssetExecutionContext, config: SyncConfig) -> list[ConnectionWindow]:
+    """The (connection, window) pairs this run syncs."""
+    if config.mode not in (MODE_LIVE, MODE_WINDOW):
+        raise Failure(description=f"sync config: mode must be 'live' or 'window', got {config.mode!r}")
+    keys = context.partition_keys if context.has_partition_key_range else None
+    single = context.partition_key if not context.has_partition_key_range else None
+    try:
+        windows = windows_for_run(context.run.tags, keys, single)
+    except ValueError as exc:
+        raise Failure(description=str(exc)) from None
+    if config.mode == MODE_LIVE:
+        return [ConnectionWindow(c, SyncWindow()) for c in dict.fromkeys(w.connection_id for w in windows)]
+    if config.window_start or config.window_end:
+        start = _instant(config.window_start) if config.window_start else None
+        end = _instant(config.window_end) if config.window_end else None
+        return [ConnectionWindow(c, SyncWindow(start, end)) for c in dict.fromkeys(w.connection_id for w in windows)]
+    return windows
+
+
+def _materializations(outcome: RunOutcome) -> Iterator[MaterializeResult]:
+    """One result per asset: rows per synced connection and this run's extracted counts."""
+    by_conn = {r.connection_id: r for r in outcome.reports}
+
+    def counts(table: str) -> dict[str, int]:
+        return outcome.row_counts.get(table, {})
+
+    def result(key, table: str, extracted: dict[str, int] | None = None) -> MaterializeResult:
+        rows = counts(table)
+        metadata = {
+            "dagster/row_count": MetadataValue.int(sum(rows.values())),
+            "rows_by_connection": MetadataValue.json(rows),
+            "table": MetadataValue.text(table),
+        }
+        if extracted is not None:
+            metadata["extracted_this_run"] = MetadataValue.json(extracted)
+        return MaterializeResult(asset_key=key, metadata=metadata)
+
+    for spec in raw_specs():
+        path = spec.key.path
+        table = "raw.quarantine" if path[-1] == "quarantine" else f"raw.{path[1]}_{path[2]}"
+        yield result(spec.key, table)
+    for entity in (*ENTITIES, CROSSWALK):
+        extracted = None
+        if entity != CROSSWALK:
+            extracted = {c: r.extracted.get(entity, 0) for c, r in by_conn.items()}
+        yield result(normalized_key(entity), f"redox.{entity}", extracted)
+
+
+@multi_asset(
+    name="redox_sync",
+    specs=[*raw_specs(), *normalized_specs()],
+    partitions_def=sync_partitions,
+    # One run per connection and contiguous day range (see assets/partitions.py).
+    backfill_policy=BackfillPolicy.single_run(),
+    can_subset=False,
+    pool=DUCKDB_POOL,
+    description="Extract, load and publish the run's connections and days (pipelines.sync.sync_connection).",
+)
+def redox_sync(
+    context: AssetExecutionContext, config: SyncConfig, redox: RedoxResource, warehouse: WarehouseResource
+) -> Iterator[MaterializeResult]:
+    windows = plan_windows(context, config)
+    for cw in windows:
+        context.log.info(
+            "sync %s: %s",
+            cw.connection_id,
+            f"window {cw.window.start:%Y-%m-%d} .. {cw.window.end:%Y-%m-%d}" if cw.window.is_backfill else "live cursor",
+        )
+    outcome = run_windows(
+        redox.settings(), warehouse.paths(), windows, run_id=context.run_id, lookback_s=config.lookback_s
+    )
+    if outcome.failures:
+        failed = "; ".join(f"{c}: {why}" for c, why in sorted(outcome.failures.items()))
+        raise Failure(description=f"{len(outcome.failures)} of {len(windows)} connections failed: {failed}")
+    yield from _materializations(outcome)
+
+
+@asset(
+    key=PERSONS_KEY,
+    deps=[normalized_key("patients"), CROSSWALK_KEY],
+    group_name=ANALYTICS_GROUP,
+    owners=OWNERS,
+    kinds={"duckdb", "sql"},
+    pool=DUCKDB_POOL,
+    # Refreshed after the sync, but only once the blocking checks upstream have passed.
+    automation_condition=AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed(),
+    description="Persons across connections: patient keys linked on the shared enterprise id (view redox.persons).",
+)
+def persons(warehouse: WarehouseResource) -> MaterializeResult:
+    paths = warehouse.paths()
+    with WriterLock(paths), duckdb.connect(str(paths.duckdb)) as con:
+        ensure_model_tables(con)
+        ms = model_schema(con)
+        n_persons, n_linked = con.execute(
+            f"""SELECT count(*), count(*) FILTER (WHERE n > 1) FROM (
+                    SELECT person_key, count(DISTINCT connection_id) AS n FROM {ms}.persons GROUP BY 1)"""
+        ).fetchone()
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": MetadataValue.int(int(n_persons)),
+            "persons_in_several_connections": MetadataValue.int(int(n_linked)),
+        }
+    )
