@@ -4,7 +4,6 @@ the quarantine rate. Warnings: freshness per connection and FHIR counts against 
 source's reported totals. Metadata holds counts per connection only, never rows.
 """
 
-from __future__ import annotations
 
 import os
 from collections.abc import Iterator

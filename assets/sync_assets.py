@@ -11,7 +11,6 @@ Every step that opens the DuckDB file runs in the ``duckdb_writer`` pool (limit 
 dagster.yaml) and takes the file's ``WriterLock`` (which also covers CLI syncs).
 """
 
-from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
@@ -118,7 +117,8 @@ def _materializations(outcome: RunOutcome) -> Iterator[MaterializeResult]:
         path = spec.key.path
         table = "raw.quarantine" if path[-1] == "quarantine" else f"raw.{path[1]}_{path[2]}"
         yield result(spec.key, table)
-    for entity in (*ENTITIES, CROSSWALK):
+    # Topological order: the crosswalk before the entities that resolve through it.
+    for entity in ("patients", CROSSWALK, *(e for e in ENTITIES if e != "patients")):
         extracted = None
         if entity != CROSSWALK:
             extracted = {c: r.extracted.get(entity, 0) for c, r in by_conn.items()}

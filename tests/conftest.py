@@ -11,6 +11,7 @@ import pytest
 
 os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("RUNTIME__LOG_LEVEL", "ERROR")
 
 from sandbox.config import SandboxConfig  # noqa: E402
 from sandbox.server import SandboxServer  # noqa: E402

@@ -95,7 +95,13 @@ def _variant_hints(entity: str) -> Any:
 
 
 def _meta(model: str, event: str) -> dict[str, Any]:
-    return {"Meta": {"DataModel": model, "EventType": event, "EventDateTime": _dm_time(datetime.now(UTC))}}
+    # No EventDateTime: the response's is then the server's clock, which rows use as their
+    # version time — comparable with the records' own last-updated times.
+    return {"Meta": {"DataModel": model, "EventType": event}}
+
+
+def _server_time(body: dict[str, Any]) -> datetime | None:
+    return _parse((body.get("Meta") or {}).get("EventDateTime"))
 
 
 def _dm_time(value: datetime) -> str:
@@ -175,9 +181,9 @@ def datamodel_source(
 
     def encounters() -> Iterator[Any]:
         emitter = _Emitter(client, landing, connection_id, wanted & {"patients", "encounters", "medications", "documents"})
-        last = None
+        synced_at = None
         discovered: dict[str, dict[str, str]] = {}
-        for body, last in _walk_window(  # noqa: B007 - last is the cursor after the loop
+        for body, _last in _walk_window(
             emitter,
             "encounters",
             lambda s: {**_meta("PatientAdmin", "VisitQuery"), "VisitStartDateTime": _dm_time(s)},
@@ -188,13 +194,16 @@ def datamodel_source(
             page_size,
             window.end,
         ):
+            synced_at = synced_at or _server_time(body)
             emitter.take(body, only={"patients", "encounters"}, event_type="VisitQueryResponse")
             for p in body.get("Patients") or []:
                 ident = _mr_identifier(p.get("Identifiers") or [])
                 if ident:
                     discovered[ident["ID"]] = ident
             yield from emitter.drain("encounters", final=False)
-        remember("visit_start", last)
+        # Visits have no last-updated filter: the next run asks from this run's server time
+        # (less the lookback), which every visit created since then starts after.
+        remember("visit_start", synced_at)
         # Medications have no windowed Data Model query: every patient already known is asked
         # again, so a medication added to a patient without a new visit is still found.
         for id_type, id_value in known_patients:
@@ -260,9 +269,9 @@ def datamodel_source(
 
     def appointments() -> Iterator[Any]:
         emitter = _Emitter(client, landing, connection_id, wanted & {"patients", "appointments"})
-        last = None
+        synced_at = None
         far = window.end or (datetime.now(UTC) + timedelta(days=3650))
-        for body, last in _walk_window(  # noqa: B007 - last is the cursor after the loop
+        for body, _last in _walk_window(
             emitter,
             "appointments",
             lambda s: {**_meta("Scheduling", "Booked"), "StartDateTime": _dm_time(s), "EndDateTime": _dm_time(far)},
@@ -273,9 +282,12 @@ def datamodel_source(
             page_size,
             window.end,
         ):
+            synced_at = synced_at or _server_time(body)
             emitter.take(body, event_type="BookedResponse")
             yield from emitter.drain("appointments", final=False)
-        remember("appointment_start", last)
+        # Appointments are booked into the future: a max-start cursor would skip a new booking
+        # that starts before the latest one already seen, so the cursor is the server time.
+        remember("appointment_start", synced_at)
         yield from emitter.drain("appointments", final=True)
 
     def network_documents() -> Iterator[Any]:

@@ -145,6 +145,7 @@ class SyntheticPopulation(RecordStore):
         member = rng.random(n_persons) < spec.membership
         if spec.kind == "ehr":
             member[:N_CANONICAL] = True
+            _keep_near_duplicates_together(member, persons)
         members = np.flatnonzero(member).astype(np.int32)
         m = len(members)
         patient_of = np.full(n_persons, -1, dtype=np.int32)
@@ -654,3 +655,16 @@ class SyntheticPopulation(RecordStore):
             kind = "update" if i < len(updated) else "cancel"
             pending.append(_Pending(at, cs.spec.id, entity, row, kind, record_status(before), after))
         return moved, cur
+
+
+def _keep_near_duplicates_together(member: np.ndarray, persons: Persons) -> None:
+    """Different people with the same name, sex and birth date are most dangerous inside
+    one EHR, so when one of them is in the connection, so is the other (in place)."""
+    key = (persons.family.astype(np.int64) * 4096 + persons.given) * 4096 + (persons.middle.astype(np.int64) + 1)
+    key = (key * 8 + persons.sex) * 100_000 + persons.dob
+    order = np.argsort(key, kind="stable")
+    same = key[order][1:] == key[order][:-1]
+    a, b = order[1:][same], order[:-1][same]
+    either = member[a] | member[b]
+    member[a] |= either
+    member[b] |= either

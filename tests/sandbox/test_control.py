@@ -263,7 +263,7 @@ def test_near_duplicates_share_demographics_but_are_different_people(sandbox_fac
     for conn_id in ("northwind-fhir", "riverbend-both"):
         patients, _ = live.fhir_all(conn_id, "Patient", {"_count": "500", **EVERYTHING})
         for p in patients:
-            epi = next(i["value"] for i in p["identifier"] if i["system"].endswith(":EPI") or "enterprise" in i["system"].lower())
+            epi = next(i["value"] for i in p["identifier"] if i["system"] == "urn:redox:enterprise:EPI")
             people[(p["name"][0]["family"], tuple(p["name"][0]["given"]), p["birthDate"])].add(epi)
     assert any(len(epis) > 1 for epis in people.values()), "no near-duplicate demographics"
     live.close()
@@ -322,7 +322,12 @@ def dm_order(mrn: str, order_id: str) -> dict[str, Any]:
 def dm_appointment(mrn: str, visit_number: str) -> dict[str, Any]:
     return {
         "Patient": {"Identifiers": [{"ID": mrn, "IDType": "MR"}]},
-        "Visit": {"VisitNumber": visit_number, "VisitDateTime": "2026-12-01T09:00:00.000Z", "Duration": 30},
+        "Visit": {
+            "VisitNumber": visit_number,
+            "VisitDateTime": "2026-12-01T09:00:00.000Z",
+            "Duration": 30,
+            "Location": {"Facility": "RES General Hospital", "Department": "3S"},
+        },
     }
 
 
@@ -345,7 +350,10 @@ def test_writes_lists_every_accepted_write_back_duplicates_included(live: Live) 
     for _ in range(2):
         r = live.dm("lakeside-dm", "Order", "New", **dm_order(dm_patient["mrn"], "ORD-E2E-2"))
         assert r.status_code == 200, r.text
-        strict_redox(r.json())
+        # An async SEND is acknowledged with the echoed Meta and one Log per destination (§2.3).
+        ack = r.json()["Meta"]
+        assert "Errors" not in ack and len(ack["Logs"]) == 1
+        assert ack["Destinations"][0]["ID"] == live.conns["lakeside-dm"]["destination_id"]
     r = live.dm("lakeside-dm", "Scheduling", "New", **dm_appointment(dm_patient["mrn"], "VN-E2E-1"))
     assert r.status_code == 200, r.text
     writes = live.http.get(f"{live.url}/_sandbox/writes").json()

@@ -1,0 +1,156 @@
+"""The sync job, its schedules and the sensor that keeps connection partitions in step
+with the config. Everything is on by default in ``dagster dev``; crons come from the
+environment so operators change them without code.
+
+* ``incremental_sync_ehr`` / ``incremental_sync_network`` (``$REDOX_ELT_SYNC_CRON``,
+  default hourly; networks half an hour later by ``$REDOX_ELT_NETWORK_SYNC_CRON``, since a
+  network is asked about the enterprise ids the EHR connections know): one live run per
+  connection on partition (connection, today).
+* ``daily_reconciliation`` (``$REDOX_ELT_RECONCILE_CRON``, default 04:00 UTC): one run per
+  connection re-reading the last ``$REDOX_ELT_RECONCILE_DAYS`` (default 3) whole days as a
+  stateless window, so late updates are caught and the live cursor is left alone.
+* ``connection_partitions`` sensor: adds a ``connection`` partition for every connection
+  in the config. Removed connections keep their partitions (and their history) until an
+  operator deletes them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta
+
+from dagster import (
+    AssetSelection,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    define_asset_job,
+    schedule,
+    sensor,
+)
+
+from assets.partitions import (
+    CONNECTIONS_PARTITIONS_NAME,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    connection_partitions,
+    partition_key,
+    sync_partitions,
+)
+from assets.sync_assets import CONNECTION_TAG, MODE_LIVE, redox_sync
+from resources.dagster import configured_connections
+
+SYNC_CRON_ENV = "REDOX_ELT_SYNC_CRON"
+NETWORK_SYNC_CRON_ENV = "REDOX_ELT_NETWORK_SYNC_CRON"
+RECONCILE_CRON_ENV = "REDOX_ELT_RECONCILE_CRON"
+RECONCILE_DAYS_ENV = "REDOX_ELT_RECONCILE_DAYS"
+DEFAULT_RECONCILE_DAYS = 3
+
+sync_job = define_asset_job(
+    "redox_sync_job",
+    selection=AssetSelection.assets(redox_sync),
+    partitions_def=sync_partitions,
+    description="Sync connections into the warehouse (with the checks on the synced assets).",
+)
+
+LIVE_RUN_CONFIG = {"ops": {"redox_sync": {"config": {"mode": MODE_LIVE}}}}
+
+
+def _group_connections(context: ScheduleEvaluationContext, kind: str) -> list[str]:
+    """Configured connections of ``kind`` that already have a partition (the sensor adds them)."""
+    known = set(context.instance.get_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME))
+    return [c.id for c in configured_connections() if c.kind == kind and c.id in known]
+
+
+def _tick_day(context: ScheduleEvaluationContext) -> date:
+    moment: datetime = context.scheduled_execution_time
+    return moment.date()
+
+
+def live_run_requests(context: ScheduleEvaluationContext, kind: str) -> Iterator[RunRequest]:
+    today = _tick_day(context)
+    for connection_id in _group_connections(context, kind):
+        yield RunRequest(
+            run_key=None,
+            partition_key=partition_key(connection_id, today),
+            run_config=LIVE_RUN_CONFIG,
+            tags={CONNECTION_TAG: connection_id},
+        )
+
+
+@schedule(
+    name="incremental_sync_ehr",
+    cron_schedule=os.environ.get(SYNC_CRON_ENV, "0 * * * *"),
+    execution_timezone="UTC",
+    job=sync_job,
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Live incremental sync of every EHR connection, one run each.",
+)
+def incremental_sync_ehr(context: ScheduleEvaluationContext) -> Iterator[RunRequest]:
+    yield from live_run_requests(context, "ehr")
+
+
+@schedule(
+    name="incremental_sync_network",
+    cron_schedule=os.environ.get(NETWORK_SYNC_CRON_ENV, "30 * * * *"),
+    execution_timezone="UTC",
+    job=sync_job,
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Live incremental sync of every clinical-network connection, after the EHRs.",
+)
+def incremental_sync_network(context: ScheduleEvaluationContext) -> Iterator[RunRequest]:
+    yield from live_run_requests(context, "network")
+
+
+def reconciliation_run_requests(context: ScheduleEvaluationContext, days: int) -> Iterator[RunRequest]:
+    today = _tick_day(context)
+    first, last = today - timedelta(days=days), today - timedelta(days=1)
+    known = set(context.instance.get_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME))
+    # EHRs first: the network's run is asked about the enterprise ids they load.
+    ordered = sorted(configured_connections(), key=lambda c: c.kind == "network")
+    for conn in ordered:
+        if conn.id not in known:
+            continue
+        yield RunRequest(
+            run_key=None,
+            tags={
+                RANGE_START_TAG: str(partition_key(conn.id, first)),
+                RANGE_END_TAG: str(partition_key(conn.id, last)),
+                CONNECTION_TAG: conn.id,
+            },
+        )
+
+
+@schedule(
+    name="daily_reconciliation",
+    cron_schedule=os.environ.get(RECONCILE_CRON_ENV, "0 4 * * *"),
+    execution_timezone="UTC",
+    job=sync_job,
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Re-read the last N whole days of every connection as a stateless window ($REDOX_ELT_RECONCILE_DAYS).",
+)
+def daily_reconciliation(context: ScheduleEvaluationContext) -> Iterator[RunRequest]:
+    yield from reconciliation_run_requests(context, int(os.environ.get(RECONCILE_DAYS_ENV, DEFAULT_RECONCILE_DAYS)))
+
+
+@sensor(
+    name="connection_partitions",
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Adds a connection partition for every connection in the config ($REDOX_ELT_CONFIG or the sandbox).",
+)
+def connection_partitions_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+    existing = set(context.instance.get_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME))
+    new = [c.id for c in configured_connections() if c.id not in existing]
+    if not new:
+        return SkipReason(f"all {len(existing)} configured connections have partitions")
+    return SensorResult(dynamic_partitions_requests=[connection_partitions.build_add_request(new)])
+
+
+SCHEDULES = [incremental_sync_ehr, incremental_sync_network, daily_reconciliation]
+SENSORS = [connection_partitions_sensor]

@@ -1,0 +1,249 @@
+"""End to end: a real sandbox, the real client and dlt pipeline, a real DuckDB warehouse —
+compared with the sandbox's own truth."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import dlt
+import duckdb
+import httpx
+import pytest
+
+from pipelines.model import ENTITIES, ENTITY_KEY
+from pipelines.publish import model_schema
+from pipelines.renormalize import renormalize
+from pipelines.sync import pipeline_name, run_sync
+from pipelines.sync_context import SyncWindow
+from pipelines.warehouse import WarehousePaths
+from resources.onboarding import connect_sandbox
+from resources.settings import Settings, load_settings
+from sandbox.population.store import Query
+from sandbox.server import SandboxServer
+from tests.conftest import sandbox_config
+
+EHR = ("northwind-fhir", "lakeside-dm", "riverbend-both")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    home = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("REDOX_ELT_HOME", "REDOX_ELT_MASTER_KEY")}
+    os.environ["REDOX_ELT_HOME"] = str(home)
+    os.environ["REDOX_ELT_MASTER_KEY"] = "e2e-master-key"
+    server = SandboxServer(sandbox_config(patients=120, seed=11)).start()
+    try:
+        cfg = connect_sandbox(server.url, home / "connections.yaml")
+        yield {"server": server, "settings": fast(load_settings(cfg)), "home": home, "config": cfg}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fast(settings: Settings) -> Settings:
+    """The sandbox takes 7,500 requests per 5 minutes; start the client's pacing there."""
+    conns = tuple(dataclasses.replace(c, max_rps=200.0) for c in settings.connections)
+    return dataclasses.replace(settings, connections=conns)
+
+
+def truth(server: SandboxServer) -> dict:
+    return httpx.get(f"{server.url}/_sandbox/truth", params={"persons": "false"}, timeout=60).json()
+
+
+def warehouse_counts(paths: WarehousePaths) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    with duckdb.connect(str(paths.duckdb), read_only=True) as con:
+        for e in ENTITIES:
+            for conn, n in con.execute(f"select connection_id, count(*) from redox.{e} group by 1").fetchall():
+                out[conn][e] = n
+    return out
+
+
+def assert_equals_truth(server: SandboxServer, paths: WarehousePaths, connections=EHR) -> None:
+    want = truth(server)["counts"]
+    got = warehouse_counts(paths)
+    diffs = {
+        (c, e): (got.get(c, {}).get(e, 0), n)
+        for c in connections
+        for e, n in want[c].items()
+        if got.get(c, {}).get(e, 0) != n
+    }
+    assert not diffs, f"warehouse != truth (got, want): {diffs}"
+
+
+@pytest.fixture(scope="module")
+def synced(env: dict, tmp_path_factory: pytest.TempPathFactory) -> WarehousePaths:
+    paths = WarehousePaths.at(tmp_path_factory.mktemp("wh") / "redox.duckdb")
+    report = run_sync(env["settings"], paths, connection_ids=list(EHR))
+    assert report.ok, [c.error for c in report.connections]
+    return paths
+
+
+def test_full_sync_equals_truth_for_every_ehr_connection(env: dict, synced: WarehousePaths) -> None:
+    assert_equals_truth(env["server"], synced)
+
+
+def test_primary_keys_are_unique_per_connection(synced: WarehousePaths) -> None:
+    with duckdb.connect(str(synced.duckdb), read_only=True) as con:
+        for e in ENTITIES:
+            key = ENTITY_KEY[e]
+            dupes = con.execute(
+                f"select count(*) - count(distinct (connection_id, {key})) from redox.{e}"
+            ).fetchone()[0]
+            assert dupes == 0, e
+            nulls = con.execute(f"select count(*) from redox.{e} where {key} is null").fetchone()[0]
+            assert nulls == 0, e
+
+
+def test_every_record_resolves_to_a_patient_in_the_crosswalk(synced: WarehousePaths) -> None:
+    with duckdb.connect(str(synced.duckdb), read_only=True) as con:
+        for e in ENTITIES:
+            orphans = con.execute(f"select count(*) from redox.{e} where patient_key is null").fetchone()[0]
+            assert orphans == 0, f"{e}: {orphans} rows without a patient"
+
+
+def test_both_surfaces_give_one_patient_key_per_true_patient(env: dict, synced: WarehousePaths) -> None:
+    store = env["server"].state.store
+    patients = list(store.iter(Query("riverbend-both", "patients")))
+    with duckdb.connect(str(synced.duckdb), read_only=True) as con:
+        ms = model_schema(con)
+        xwalk = {
+            (s, v): k
+            for s, v, k in con.execute(
+                f"select id_system, id_value, patient_key from {ms}.patient_identifiers where connection_id = ?",
+                ["riverbend-both"],
+            ).fetchall()
+        }
+        surfaces = dict(
+            con.execute(
+                f"select source_surface, count(*) from {ms}.patients where connection_id = ? group by 1",
+                ["riverbend-both"],
+            ).fetchall()
+        )
+    keys = set()
+    for p in patients:
+        via_fhir, via_dm = xwalk.get(("fhir", p.id)), xwalk.get(("MR", p.mrn))
+        assert via_fhir is not None and via_fhir == via_dm
+        keys.add(via_fhir)
+    assert len(keys) == len(patients)
+    assert surfaces.get("both") == len(patients)
+
+
+def test_near_duplicate_demographics_are_never_linked(env: dict, synced: WarehousePaths) -> None:
+    store = env["server"].state.store
+    twins = 0
+    with duckdb.connect(str(synced.duckdb), read_only=True) as con:
+        ms = model_schema(con)
+        for conn in EHR:
+            by_demo = defaultdict(set)
+            for p in store.iter(Query(conn, "patients")):
+                by_demo[(p.family_name, p.given_names, p.birth_date)].add(p.enterprise_id)
+            rows = con.execute(
+                f"select family_name, given_names, birth_date, count(distinct patient_key), count(distinct enterprise_id) "
+                f"from {ms}.patients where connection_id = ? group by 1, 2, 3 having count(*) > 1",
+                [conn],
+            ).fetchall()
+            for family, given, born, n_keys, n_people in rows:
+                twins += 1
+                assert n_keys == n_people == len(by_demo[(family, tuple(given.split()), born)])
+    assert twins > 0, "the population should contain near-duplicate demographics"
+
+
+def test_rerun_changes_nothing(env: dict, synced: WarehousePaths) -> None:
+    before = warehouse_counts(synced)
+    report = run_sync(env["settings"], synced, connection_ids=list(EHR))
+    assert report.ok
+    assert warehouse_counts(synced) == before
+
+
+def _fhir_cursor(paths: WarehousePaths, connection_id: str, entity: str) -> object:
+    pipeline = dlt.attach(pipeline_name=pipeline_name(connection_id), pipelines_dir=str(paths.dlt_dir))
+    return pipeline.state["sources"]["fhir"]["resources"][entity]["incremental"]["source_updated_at"]["last_value"]
+
+
+def test_backfill_window_loads_exactly_its_window_and_keeps_the_live_cursor(
+    env: dict, synced: WarehousePaths, tmp_path: Path
+) -> None:
+    store = env["server"].state.store
+    cursor_before = _fhir_cursor(synced, "northwind-fhir", "results")
+    end = store.now - timedelta(days=30)
+    start = end - timedelta(days=60)
+    report = run_sync(
+        env["settings"], synced, connection_ids=["northwind-fhir"], window=SyncWindow(start, end)
+    )
+    assert report.ok
+    assert _fhir_cursor(synced, "northwind-fhir", "results") == cursor_before
+
+    fresh = WarehousePaths.at(tmp_path / "redox.duckdb")
+    report = run_sync(env["settings"], fresh, connection_ids=["northwind-fhir"], window=SyncWindow(start, end))
+    assert report.ok
+    got = warehouse_counts(fresh)["northwind-fhir"]
+    for e in ENTITIES:
+        want = store.count(Query("northwind-fhir", e, updated_ge=start, updated_lt=end))
+        assert got.get(e, 0) == want, e
+
+
+def test_parquet_lake_has_the_same_counts_under_connection_partitions(env: dict, tmp_path: Path) -> None:
+    paths = WarehousePaths.at(tmp_path / "lake", destination="parquet")
+    report = run_sync(env["settings"], paths, connection_ids=["northwind-fhir"])
+    assert report.ok
+    want = truth(env["server"])["counts"]["northwind-fhir"]
+    for e in ENTITIES:
+        folder = paths.lake_root / "redox" / e / "connection=northwind-fhir"
+        assert folder.is_dir(), e
+        n = duckdb.execute(
+            f"select count(*) from read_parquet('{paths.lake_root}/redox/{e}/*/*.parquet', hive_partitioning=true) "
+            "where connection = 'northwind-fhir'"
+        ).fetchone()[0]
+        assert n == want[e], e
+
+
+def test_renormalize_rebuilds_the_model_from_the_landing_alone(env: dict, synced: WarehousePaths) -> None:
+    before = warehouse_counts(synced)
+    calls_before = _audit_lines(synced)
+    with duckdb.connect(str(synced.duckdb)) as con:
+        ms = model_schema(con)
+        for e in ENTITIES:
+            con.execute(f"delete from {ms}.{e}")
+    renormalize(synced, connection_ids=["northwind-fhir", "riverbend-both"])
+    after = warehouse_counts(synced)
+    for conn in ("northwind-fhir", "riverbend-both"):
+        assert after[conn] == before[conn]
+    assert _audit_lines(synced) == calls_before, "renormalize must not call the API"
+
+
+def _audit_lines(paths: WarehousePaths) -> int:
+    return len(paths.audit_log.read_text().splitlines()) if paths.audit_log.exists() else 0
+
+
+def test_audit_has_one_record_per_call_and_the_chain_verifies(synced: WarehousePaths) -> None:
+    from resources.audit import verify_audit
+
+    ok, first_bad, reason = verify_audit(synced.duckdb)
+    assert ok, (first_bad, reason)
+    with duckdb.connect(str(synced.duckdb), read_only=True) as con:
+        n = con.execute("select count(*) from audit.api_calls").fetchone()[0]
+    assert n == _audit_lines(synced) > 0
+
+
+def test_incremental_sync_after_advance_equals_truth_and_fetches_only_changes(
+    env: dict, synced: WarehousePaths
+) -> None:
+    server = env["server"]
+    full_rows = sum(truth(server)["counts"]["northwind-fhir"].values())
+    httpx.post(f"{server.url}/_sandbox/advance", json={"days": 1, "change_fraction": 0.02}, timeout=60)
+    report = run_sync(env["settings"], synced, connection_ids=list(EHR))
+    assert report.ok, [c.error for c in report.connections]
+    assert_equals_truth(server, synced)
+    northwind = next(c for c in report.connections if c.connection_id == "northwind-fhir")
+    # Only the changed records (and the one-hour lookback) are fetched again.
+    assert sum(northwind.extracted.values()) < 0.2 * max(full_rows, 1) + 50
