@@ -158,7 +158,7 @@ def fhir_counts_match_source(
         for conn in fhir_connections:
             if not counts.get(conn.id):
                 continue
-            with RedoxClient(settings, conn, audit=audit, run_id=context.run_id, caller="dagster-check") as client:
+            with RedoxClient(settings, conn, audit=audit, run_id=context.run.run_id, caller="dagster-check") as client:
                 comparisons[conn.id] = q.reconcile_with_source(
                     counts[conn.id], lambda entity, cutoff, client=client: q.fhir_source_total(client, entity, cutoff)
                 )

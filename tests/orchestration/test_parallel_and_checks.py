@@ -1,0 +1,146 @@
+"""Two connections materialized at once into one DuckDB file, then the asset checks on
+that warehouse: clean, and with planted bad rows (a duplicate key, an orphan result)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from dagster import AssetSelection, Definitions, define_asset_job
+
+from assets.check_queries import PATIENT_LINKED
+from assets.checks import (
+    FRESHNESS_CHECK,
+    PK_CHECK,
+    QUARANTINE_CHECK,
+    RI_CHECK,
+    SOURCE_TOTALS_CHECK,
+    connections_fresh,
+    fhir_counts_match_source,
+    patients_in_crosswalk,
+    primary_keys_unique,
+    quarantine_rate,
+)
+from assets.partitions import partition_key
+from assets.sync_assets import redox_sync
+from sandbox.population.store import Query
+from sandbox.server import SandboxServer
+from tests.conftest import sandbox_config
+from tests.orchestration.conftest import (
+    ENTITIES,
+    ORCHESTRATION_PATIENTS,
+    instance_with_connections,
+    model_counts,
+    register,
+    run_sync_asset,
+    sync_resources,
+)
+
+CONNECTIONS = ("northwind-fhir", "lakeside-dm")
+TODAY = datetime.now(UTC).date()
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[SandboxServer]:
+    server = SandboxServer(sandbox_config(patients=ORCHESTRATION_PATIENTS)).start()
+    yield server
+    server.stop()
+
+
+def _live(config: Path, warehouse: Path, connection_id: str) -> Any:
+    return run_sync_asset(
+        sync_resources(config, warehouse),
+        instance_with_connections(CONNECTIONS),
+        partition_key=partition_key(connection_id, TODAY),
+        mode="live",
+    )
+
+
+@pytest.fixture(scope="module")
+def synced(sandbox: SandboxServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Both connections synced in parallel into one warehouse, and one after the other into another."""
+    root = tmp_path_factory.mktemp("parallel")
+    config = register(sandbox, root, CONNECTIONS)
+    with ThreadPoolExecutor(len(CONNECTIONS)) as pool:
+        parallel = list(pool.map(lambda c: _live(config, root / "parallel", c), CONNECTIONS))
+    sequential = [_live(config, root / "sequential", c) for c in CONNECTIONS]
+    return {"config": config, "root": root, "parallel": parallel, "sequential": sequential}
+
+
+def test_two_connections_in_parallel_neither_fail_nor_lose_rows(synced: dict[str, Any], sandbox: SandboxServer) -> None:
+    assert all(r.success for r in synced["parallel"]), "a parallel run failed (DuckDB lock?)"
+    assert all(r.success for r in synced["sequential"])
+    parallel_file = synced["root"] / "parallel" / "redox.duckdb"
+    sequential_file = synced["root"] / "sequential" / "redox.duckdb"
+    for connection_id in CONNECTIONS:
+        counts = model_counts(parallel_file, connection_id)
+        assert counts == model_counts(sequential_file, connection_id)
+        assert counts["patients"] > 0 and counts["encounters"] > 0
+    # The FHIR connection's full sync is the source's whole population.
+    store = sandbox.state.store
+    assert model_counts(parallel_file, "northwind-fhir") == {
+        e: store.count(Query("northwind-fhir", e)) for e in ENTITIES
+    }
+    with duckdb.connect(str(parallel_file), read_only=True) as con:
+        runs = con.execute("SELECT connection_id, mode FROM ops.sync_runs ORDER BY 1").fetchall()
+    assert runs == [("lakeside-dm", "live"), ("northwind-fhir", "live")]
+
+
+CHECKS = [primary_keys_unique, patients_in_crosswalk, quarantine_rate, connections_fresh, fhir_counts_match_source]
+
+
+def run_checks(config: Path, warehouse: Path) -> dict[tuple[str, str], Any]:
+    """Execute every asset check (and nothing else) against ``warehouse``."""
+    defs = Definitions(
+        assets=[redox_sync],
+        asset_checks=CHECKS,
+        jobs=[define_asset_job("checks_only", selection=AssetSelection.all_asset_checks())],
+        resources=sync_resources(config, warehouse),
+    )
+    result = defs.resolve_job_def("checks_only").execute_in_process(
+        instance=instance_with_connections(CONNECTIONS), raise_on_error=False
+    )
+    return {("/".join(e.asset_key.path), e.check_name): e for e in result.get_asset_check_evaluations()}
+
+
+def test_checks_pass_on_clean_data(synced: dict[str, Any]) -> None:
+    evaluations = run_checks(synced["config"], synced["root"] / "parallel")
+    failed = sorted(k for k, e in evaluations.items() if not e.passed)
+    assert failed == []
+    expected = {(f"redox/{e}", PK_CHECK) for e in (*ENTITIES, "patient_identifiers")}
+    expected |= {(f"redox/{e}", RI_CHECK) for e in PATIENT_LINKED}
+    expected |= {("raw/quarantine", QUARANTINE_CHECK), ("redox/patient_identifiers", FRESHNESS_CHECK)}
+    expected |= {(f"raw/fhir/{e}", SOURCE_TOTALS_CHECK) for e in ENTITIES}
+    assert set(evaluations) == expected
+    # Source totals were really compared for the FHIR connection, as counts only.
+    compared = evaluations[("raw/fhir/results", SOURCE_TOTALS_CHECK)].metadata["by_connection"].value
+    assert set(compared) == {"northwind-fhir"}
+    assert compared["northwind-fhir"]["source"] == compared["northwind-fhir"]["warehouse"] > 0
+
+
+def test_checks_fail_on_a_duplicate_key_and_an_orphan_result(synced: dict[str, Any], tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(synced["root"] / "parallel" / "redox.duckdb", bad / "redox.duckdb")
+    with duckdb.connect(str(bad / "redox.duckdb")) as con:
+        # A second copy of one encounter, and a result whose patient the crosswalk does not know.
+        con.execute("INSERT INTO redox.encounters SELECT * FROM redox.encounters LIMIT 1")
+        con.execute(
+            "INSERT INTO redox.results SELECT * REPLACE ('pk_not_in_crosswalk' AS patient_key, "
+            "result_id || '-planted' AS result_id) FROM redox.results WHERE connection_id = 'lakeside-dm' LIMIT 1"
+        )
+    evaluations = run_checks(synced["config"], bad)
+    failed = sorted(k for k, e in evaluations.items() if not e.passed)
+    assert failed == [("redox/encounters", PK_CHECK), ("redox/results", RI_CHECK)]
+    dup = evaluations[("redox/encounters", PK_CHECK)]
+    assert dup.metadata["by_connection"].value and sum(dup.metadata["by_connection"].value.values()) == 2
+    assert dup.blocking
+    orphan = evaluations[("redox/results", RI_CHECK)]
+    assert orphan.metadata["by_connection"].value == {"lakeside-dm": 1}
+    assert orphan.blocking
