@@ -397,7 +397,13 @@ class _Loader:
                 if level == "department" and loc.get("type"):
                     location_type = _text(loc["type"][0])
         if "facility" not in levels:
-            names = [str(r.get("display")) for r in references if isinstance(r, dict) and r.get("display")]
+            names = [
+                str(n)
+                for r in references
+                if isinstance(r, dict)
+                for n in [r.get("display") or (self._resolve(r) or {}).get("name")]
+                if n
+            ]
             if names:
                 levels["facility"] = names[0]
             elif fallback:

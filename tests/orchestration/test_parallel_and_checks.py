@@ -54,12 +54,14 @@ def sandbox() -> Iterator[SandboxServer]:
 
 
 def _live(config: Path, warehouse: Path, connection_id: str) -> Any:
-    return run_sync_asset(
-        sync_resources(config, warehouse),
-        instance_with_connections(CONNECTIONS),
-        partition_key=partition_key(connection_id, TODAY),
-        mode="live",
-    )
+    # The instance is created and disposed in the calling thread (its SQLite handles are per thread).
+    with instance_with_connections(CONNECTIONS) as instance:
+        return run_sync_asset(
+            sync_resources(config, warehouse),
+            instance,
+            partition_key=partition_key(connection_id, TODAY),
+            mode="live",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +105,8 @@ def run_checks(config: Path, warehouse: Path) -> dict[tuple[str, str], Any]:
         jobs=[define_asset_job("checks_only", selection=AssetSelection.all_asset_checks())],
         resources=sync_resources(config, warehouse),
     )
-    result = defs.resolve_job_def("checks_only").execute_in_process(
-        instance=instance_with_connections(CONNECTIONS), raise_on_error=False
-    )
+    with instance_with_connections(CONNECTIONS) as instance:
+        result = defs.resolve_job_def("checks_only").execute_in_process(instance=instance, raise_on_error=False)
     return {("/".join(e.asset_key.path), e.check_name): e for e in result.get_asset_check_evaluations()}
 
 
@@ -124,23 +125,38 @@ def test_checks_pass_on_clean_data(synced: dict[str, Any]) -> None:
     assert compared["northwind-fhir"]["source"] == compared["northwind-fhir"]["warehouse"] > 0
 
 
-def test_checks_fail_on_a_duplicate_key_and_an_orphan_result(synced: dict[str, Any], tmp_path: Path) -> None:
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    shutil.copy(synced["root"] / "parallel" / "redox.duckdb", bad / "redox.duckdb")
-    with duckdb.connect(str(bad / "redox.duckdb")) as con:
-        # A second copy of one encounter, and a result whose patient the crosswalk does not know.
-        con.execute("INSERT INTO redox.encounters SELECT * FROM redox.encounters LIMIT 1")
-        con.execute(
-            "INSERT INTO redox.results SELECT * REPLACE ('pk_not_in_crosswalk' AS patient_key, "
-            "result_id || '-planted' AS result_id) FROM redox.results WHERE connection_id = 'lakeside-dm' LIMIT 1"
-        )
+def _copy_with(synced: dict[str, Any], target: Path, *statements: str) -> Path:
+    target.mkdir()
+    shutil.copy(synced["root"] / "parallel" / "redox.duckdb", target / "redox.duckdb")
+    with duckdb.connect(str(target / "redox.duckdb")) as con:
+        for statement in statements:
+            con.execute(statement)
+    return target
+
+
+def test_a_duplicate_key_fails_its_check_and_blocks_the_checks_downstream(
+    synced: dict[str, Any], tmp_path: Path
+) -> None:
+    bad = _copy_with(synced, tmp_path / "dup", "INSERT INTO redox.encounters SELECT * FROM redox.encounters LIMIT 1")
     evaluations = run_checks(synced["config"], bad)
     failed = sorted(k for k, e in evaluations.items() if not e.passed)
-    assert failed == [("redox/encounters", PK_CHECK), ("redox/results", RI_CHECK)]
+    assert failed == [("redox/encounters", PK_CHECK)]
     dup = evaluations[("redox/encounters", PK_CHECK)]
-    assert dup.metadata["by_connection"].value and sum(dup.metadata["by_connection"].value.values()) == 2
-    assert dup.blocking
+    assert dup.blocking and sum(dup.metadata["by_connection"].value.values()) == 2
+    # Blocking: referential integrity is not even evaluated on top of a broken key.
+    assert not any(name == RI_CHECK for _, name in evaluations)
+
+
+def test_an_orphan_result_fails_referential_integrity(synced: dict[str, Any], tmp_path: Path) -> None:
+    bad = _copy_with(
+        synced,
+        tmp_path / "orphan",
+        # A result whose patient the crosswalk does not know (its own, unique result id).
+        "INSERT INTO redox.results SELECT * REPLACE ('pk_not_in_crosswalk' AS patient_key, "
+        "result_id || '-planted' AS result_id) FROM redox.results WHERE connection_id = 'lakeside-dm' LIMIT 1",
+    )
+    evaluations = run_checks(synced["config"], bad)
+    failed = sorted(k for k, e in evaluations.items() if not e.passed)
+    assert failed == [("redox/results", RI_CHECK)]
     orphan = evaluations[("redox/results", RI_CHECK)]
-    assert orphan.metadata["by_connection"].value == {"lakeside-dm": 1}
-    assert orphan.blocking
+    assert orphan.blocking and orphan.metadata["by_connection"].value == {"lakeside-dm": 1}

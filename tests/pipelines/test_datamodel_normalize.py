@@ -26,7 +26,9 @@ from pipelines.datamodel.normalize import (
 from pipelines.model import ENTITIES, rows_to_table, staged_schema
 from pipelines.normalize_common import NormalizationError
 
-EXAMPLES = Path("/work/shared/redox-examples/datamodel")
+# Real Redox Dev Tools payloads (MIT, see tests/fixtures/redox-examples/LICENSE-*), vendored
+# so the suite is hermetic.
+EXAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "redox-examples" / "datamodel"
 EXAMPLE_FILES = sorted(EXAMPLES.rglob("*.json"))
 CONN = "northwind-dm"
 RAW = "raw/northwind-dm/datamodel/page-0001.json"

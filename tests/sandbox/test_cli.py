@@ -197,11 +197,24 @@ ENCOUNTERS = [
         "meta": {"lastUpdated": f"2026-0{n}-11T09:00:00Z"},
         "status": "finished",
         "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "185349003", "display": "Check up"}]}],
         "subject": {"reference": f"Patient/pt-{n}"},
+        "participant": [{"individual": {"reference": "Practitioner/pr-1"}}],
+        # A bulk export references its Locations (no display): the name comes from Location.ndjson.
+        "location": [{"location": {"reference": "Location/loc-1"}}],
         "period": {"start": f"2026-0{n}-11T08:00:00Z", "end": f"2026-0{n}-11T08:30:00Z"},
     }
     for n in (1, 2)
 ]
+PRACTITIONERS = [
+    {
+        "resourceType": "Practitioner",
+        "id": "pr-1",
+        "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}],
+        "name": [{"family": "Granite", "given": ["Pat"]}],
+    }
+]
+LOCATIONS = [{"resourceType": "Location", "id": "loc-1", "name": "Quarry Street Clinic"}]
 OBSERVATIONS = [
     {
         "resourceType": "Observation",
@@ -230,7 +243,14 @@ OBSERVATIONS = [
 
 def write_ndjson(directory: Path) -> None:
     directory.mkdir()
-    for name, resources in (("Patient", PATIENTS), ("Encounter", ENCOUNTERS), ("Observation", OBSERVATIONS)):
+    files = (
+        ("Patient", PATIENTS),
+        ("Practitioner", PRACTITIONERS),
+        ("Location", LOCATIONS),
+        ("Encounter", ENCOUNTERS),
+        ("Observation", OBSERVATIONS),
+    )
+    for name, resources in files:
         (directory / f"{name}.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in resources) + b"\n")
 
 
@@ -254,10 +274,17 @@ def test_serve_seed_from_a_bulk_export_serves_it_through_both_surfaces(serve, tm
     assert sorted(p["birthDate"] for p in patients) == ["1961-04-12", "1978-11-30", "2001-02-03"]
     observations, _ = live.fhir_all(conn["id"], "Observation", EVERYTHING)
     assert sorted(o["valueQuantity"]["value"] for o in observations) == [91, 92, 93]
+    encounters, _ = live.fhir_all(conn["id"], "Encounter", EVERYTHING)
+    assert {e["period"]["start"][:10] for e in encounters} == {"2026-01-11", "2026-02-11"}
     found = live.dm(conn["id"], "PatientSearch", "Query", Patient={"Identifiers": [{"ID": "E2000", "IDType": "MR"}]})
     assert found.status_code == 200, found.text
     strict_redox(found.json())
     assert found.json()["Patient"]["Demographics"]["LastName"] == "Marsh"
+    visits = live.dm(conn["id"], "PatientAdmin", "VisitQuery", VisitStartDateTime="2026-01-01")
+    assert visits.status_code == 200, visits.text
+    strict_redox(visits.json())
+    facilities = {v["Location"]["Facility"] for p in visits.json()["Patients"] for v in p["Visits"]}
+    assert facilities == {"Quarry Street Clinic"}
     live.close()
 
 

@@ -55,7 +55,9 @@ from sandbox.population.store import Query, RecordStore
 from sandbox.population.synthetic import SyntheticPopulation
 from sandbox.state import SandboxState, WriteLog
 
-EXAMPLES = Path("/work/shared/redox-examples/datamodel")
+# Real Redox Dev Tools payloads (MIT, see tests/fixtures/redox-examples/LICENSE-*), vendored
+# so the suite is hermetic.
+EXAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "redox-examples" / "datamodel"
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 GOOD_TOKEN = "Bearer good-token"
 
