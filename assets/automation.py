@@ -72,11 +72,16 @@ def _tick_day(context: ScheduleEvaluationContext) -> date:
     return moment.date()
 
 
+def _run_key(context: ScheduleEvaluationContext, connection_id: str) -> str:
+    """One run per connection per tick (a schedule with several requests needs run keys)."""
+    return f"{connection_id}@{context.scheduled_execution_time.isoformat()}"
+
+
 def live_run_requests(context: ScheduleEvaluationContext, kind: str) -> Iterator[RunRequest]:
     today = _tick_day(context)
     for connection_id in _group_connections(context, kind):
         yield RunRequest(
-            run_key=None,
+            run_key=_run_key(context, connection_id),
             partition_key=partition_key(connection_id, today),
             run_config=LIVE_RUN_CONFIG,
             tags={CONNECTION_TAG: connection_id},
@@ -117,7 +122,7 @@ def reconciliation_run_requests(context: ScheduleEvaluationContext, days: int) -
         if conn.id not in known:
             continue
         yield RunRequest(
-            run_key=None,
+            run_key=_run_key(context, conn.id),
             tags={
                 RANGE_START_TAG: str(partition_key(conn.id, first)),
                 RANGE_END_TAG: str(partition_key(conn.id, last)),

@@ -21,6 +21,7 @@ import pyarrow as pa
 from pipelines.landing import RawLanding
 from pipelines.model import rows_to_table, staged_schema
 from pipelines.normalize_common import NormalizationError
+from pipelines.progress import PROGRESS
 from pipelines.resource_hints import QUARANTINE_HINTS, quarantine_schema
 from pipelines.sync_context import SyncWindow
 
@@ -97,7 +98,12 @@ class EntityBatcher:
     def add_row(self, row: dict[str, Any]) -> None:
         identifiers = row.pop("identifiers", None) or {}
         if self.entity == "patients":
-            for column, id_type in (("mrn", "MR"), ("enterprise_id", "EPI"), ("ehr_id", "EHRID"), ("nist_id", "NIST")):
+            for column, id_type in (
+                ("mrn", "MR"),
+                ("enterprise_id", "EPI"),
+                ("ehr_id", "EHRID"),
+                ("nist_id", "NIST"),
+            ):
                 if row.get(column) is None and identifiers.get(id_type):
                     row[column] = identifiers[id_type]
         content = row.pop("content", None)
@@ -119,6 +125,7 @@ class EntityBatcher:
                 row["content_bytes"] = len(content)
         row["ingested_at"] = self.ingested_at
         self.rows.append(row)
+        PROGRESS.add(self.connection_id, self.entity)
 
     def prefetch_contents(self, urls: list[str], workers: int = 8) -> None:
         """Fetch a page's document contents concurrently (one request each) before the

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout) -> Non
     table = Table(title=f"redox-elt sync {report.run_id[:8]} ({elapsed:.1f} s)")
     table.add_column("connection")
     table.add_column("entity")
-    table.add_column("extracted", justify="right")
+    table.add_column("rows staged", justify="right")
     table.add_column("in warehouse", justify="right")
     table.add_column("quarantined", justify="right")
     table.add_column("time (s)", justify="right")
@@ -52,6 +55,43 @@ def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout) -> Non
     Console(file=stream).print(table)
 
 
+@contextlib.contextmanager
+def live_progress(stream: Any = sys.stderr) -> Iterator[None]:
+    """A progress line per connection and entity while a sync runs (rows extracted so far)."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from pipelines.progress import PROGRESS
+
+    PROGRESS.reset()
+    console = Console(file=stream)
+    tasks: dict[tuple[str, str], Any] = {}
+    stop = threading.Event()
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed:>9,.0f} rows"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=not console.is_terminal,
+    ) as progress:
+
+        def refresh() -> None:
+            while not stop.wait(0.25):
+                for key, n in sorted(PROGRESS.snapshot().items()):
+                    if key not in tasks:
+                        tasks[key] = progress.add_task(f"{key[0]:<22} {key[1]:<13}", total=None)
+                    progress.update(tasks[key], completed=n)
+
+        worker = threading.Thread(target=refresh, daemon=True)
+        worker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            worker.join()
+
+
 def _sync(args: argparse.Namespace) -> int:
     from pipelines.sync import run_sync
     from pipelines.warehouse import WarehouseBusy, WarehousePaths
@@ -68,7 +108,8 @@ def _sync(args: argparse.Namespace) -> int:
     paths = WarehousePaths.at(args.warehouse, args.destination)
     started = time.monotonic()
     try:
-        report = run_sync(settings, paths, connection_ids=args.connection, window=window, caller="cli")
+        with live_progress():
+            report = run_sync(settings, paths, connection_ids=args.connection, window=window, caller="cli")
     except WarehouseBusy as exc:
         print(f"redox-elt sync: {exc}", file=sys.stderr)
         return 3
@@ -92,7 +133,8 @@ def _demo(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="redox-elt-demo-") as tmp:
             cfg_path = connect_sandbox(server.url, Path(tmp) / "connections.yaml", name="redox-elt-demo")
             settings = load_settings(cfg_path)
-            report = run_sync(settings, paths, caller="demo")
+            with live_progress():
+                report = run_sync(settings, paths, caller="demo")
     _print_summary(report, time.monotonic() - started)
     print(f"warehouse: {paths.duckdb}")
     return 0 if report.ok else 1
@@ -116,17 +158,23 @@ def register(sub: Any) -> None:
     sync.add_argument("--since", default=None, help="backfill window start (ISO-8601, inclusive)")
     sync.add_argument("--until", default=None, help="backfill window end (ISO-8601, exclusive)")
     sync.add_argument("--destination", choices=["duckdb", "parquet"], default="duckdb")
-    sync.add_argument("--warehouse", default=None, help="DuckDB file or directory (default warehouse/redox.duckdb)")
+    sync.add_argument(
+        "--warehouse", default=None, help="DuckDB file or directory (default warehouse/redox.duckdb)"
+    )
     sync.set_defaults(func=_sync)
 
-    demo = sub.add_parser("demo", help="start the sandbox in-process and run a full sync (the README's main job)")
+    demo = sub.add_parser(
+        "demo", help="start the sandbox in-process and run a full sync (the README's main job)"
+    )
     demo.add_argument("--patients", type=int, default=1000)
     demo.add_argument("--seed", type=int, default=42)
     demo.add_argument("--destination", choices=["duckdb", "parquet"], default="duckdb")
     demo.add_argument("--warehouse", default=None)
     demo.set_defaults(func=_demo)
 
-    renorm = sub.add_parser("renormalize", help="rebuild the normalized tables from the raw landing, without the API")
+    renorm = sub.add_parser(
+        "renormalize", help="rebuild the normalized tables from the raw landing, without the API"
+    )
     renorm.add_argument("--connection", action="append")
     renorm.add_argument("--destination", choices=["duckdb", "parquet"], default="duckdb")
     renorm.add_argument("--warehouse", default=None)

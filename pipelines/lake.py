@@ -31,8 +31,12 @@ def export_lake(paths: WarehousePaths, tables: tuple[str, ...] = LAKE_TABLES) ->
     """Rewrite every table's partitions from ``redox.*``. Returns rows written per table."""
     written: dict[str, int] = {}
     with duckdb.connect(str(paths.duckdb), read_only=True) as con:
-        existing = {f"{s}.{t}" for s, t in con.execute(
-            "SELECT table_schema, table_name FROM information_schema.tables").fetchall()}
+        existing = {
+            f"{s}.{t}"
+            for s, t in con.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables"
+            ).fetchall()
+        }
         for table in tables:
             if _physical(con, table) not in existing:
                 continue

@@ -117,10 +117,14 @@ def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> di
     return counts
 
 
-_PATIENT_STAGE_COLS = [c for c, _ in LINEAGE if c not in ("patient_key",)] + [
-    "patient_ref_type",
-    "patient_ref_value",
-] + [c for c, _ in ENTITY_COLUMNS["patients"]]
+_PATIENT_STAGE_COLS = (
+    [c for c, _ in LINEAGE if c not in ("patient_key",)]
+    + [
+        "patient_ref_type",
+        "patient_ref_value",
+    ]
+    + [c for c, _ in ENTITY_COLUMNS["patients"]]
+)
 
 
 def _patient_rows_sql(con: duckdb.DuckDBPyConnection) -> str | None:
@@ -186,7 +190,9 @@ def _publish_patients(con: duckdb.DuckDBPyConnection, connection_id: str) -> int
 
 def _pick(alias: str, column: str) -> str:
     if column == "source_surface":
-        return f"CASE WHEN {alias}.n_surfaces > 1 THEN 'both' ELSE {alias}.source_surface END AS source_surface"
+        return (
+            f"CASE WHEN {alias}.n_surfaces > 1 THEN 'both' ELSE {alias}.source_surface END AS source_surface"
+        )
     if column == "source_id":
         return f"{alias}.first_source_id AS source_id"
     return f'{alias}."{column}"'
@@ -195,9 +201,11 @@ def _pick(alias: str, column: str) -> str:
 def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: str) -> int:
     ms = model_schema(con)
     con.execute(f"DELETE FROM {ms}.{entity} WHERE connection_id = $conn", {"conn": connection_id})
-    stage_cols = [c for c, _ in LINEAGE if c != "patient_key"] + ["patient_ref_type", "patient_ref_value"] + [
-        c for c, _ in ENTITY_COLUMNS[entity]
-    ]
+    stage_cols = (
+        [c for c, _ in LINEAGE if c != "patient_key"]
+        + ["patient_ref_type", "patient_ref_value"]
+        + [c for c, _ in ENTITY_COLUMNS[entity]]
+    )
     union = _staged_union(con, entity, stage_cols)
     if union is None:
         return 0

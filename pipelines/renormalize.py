@@ -28,7 +28,9 @@ from pipelines.warehouse import WarehousePaths, WriterLock
 
 
 def _replay(landing: RawLanding, connection_id: str, surface: str, entity: str) -> Iterator[Any]:
-    batcher = EntityBatcher(entity, connection_id, surface, landing=landing, content_index=landing.content_index())
+    batcher = EntityBatcher(
+        entity, connection_id, surface, landing=landing, content_index=landing.content_index()
+    )
     for page in landing.pages(connection_id, surface, entity):
         try:
             payload = orjson.loads(landing.read(page.raw_ref))
@@ -53,10 +55,14 @@ def _replay(landing: RawLanding, connection_id: str, surface: str, entity: str) 
     yield from batcher.drain(final=True)
 
 
-def renormalize(paths: WarehousePaths, connection_ids: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+def renormalize(
+    paths: WarehousePaths, connection_ids: Sequence[str] | None = None
+) -> dict[str, dict[str, int]]:
     landing = RawLanding(paths.landing_root)
     pages = list(landing.pages())
-    connections = sorted({p.connection_id for p in pages if not connection_ids or p.connection_id in connection_ids})
+    connections = sorted(
+        {p.connection_id for p in pages if not connection_ids or p.connection_id in connection_ids}
+    )
     published: dict[str, dict[str, int]] = {}
     with WriterLock(paths):
         for connection_id in connections:

@@ -204,7 +204,9 @@ def run_sync(
     warehouse's writer lock, then load the audit trail into ``audit.api_calls``."""
     window = window or SyncWindow()
     run_id = run_id or uuid.uuid4().hex
-    selected = [settings.connection(c) for c in connection_ids] if connection_ids else list(settings.connections)
+    selected = (
+        [settings.connection(c) for c in connection_ids] if connection_ids else list(settings.connections)
+    )
     # Networks are asked about the people the EHR connections know, so they go last.
     selected.sort(key=lambda c: c.kind == "network")
     report = SyncReport(run_id=run_id, window=window)
@@ -214,11 +216,19 @@ def run_sync(
             for conn in selected:
                 try:
                     conn_report = sync_connection(
-                        settings, conn, paths, window=window, audit=audit, run_id=run_id,
-                        lookback_s=lookback_s, caller=caller,
+                        settings,
+                        conn,
+                        paths,
+                        window=window,
+                        audit=audit,
+                        run_id=run_id,
+                        lookback_s=lookback_s,
+                        caller=caller,
                     )
                 except Exception as exc:  # noqa: BLE001 - one connection's failure must not stop the others
-                    conn_report = ConnectionReport(conn.id, error=f"{type(exc).__name__}: {_safe_message(exc)}")
+                    conn_report = ConnectionReport(
+                        conn.id, error=f"{type(exc).__name__}: {_safe_message(exc)}"
+                    )
                     log.error("connection %s failed: %s", conn.id, conn_report.error)
                 report.connections.append(conn_report)
                 if on_connection:

@@ -76,7 +76,9 @@ class WriterLock:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(fd)
-                    raise WarehouseBusy(f"another sync is writing {self.path.parent} (lock {self.path.name})") from None
+                    raise WarehouseBusy(
+                        f"another sync is writing {self.path.parent} (lock {self.path.name})"
+                    ) from None
                 time.sleep(0.2)
         self._fd = fd
         return self

@@ -27,7 +27,10 @@ def _sandbox_serve(args: argparse.Namespace) -> int:
         return 2
     server = SandboxServer(config, host=args.host, port=args.port, seed_from=args.seed_from)
     conns = ", ".join(c.id for c in server.config.connections)
-    print(f"redox sandbox listening on {server.url} ({config.patients} patients, seed {config.seed}; {conns})", flush=True)
+    print(
+        f"redox sandbox listening on {server.url} ({config.patients} patients, seed {config.seed}; {conns})",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -38,7 +41,9 @@ def _sandbox_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL.")
+    parser = argparse.ArgumentParser(
+        prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (never PHI)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -50,9 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--patients", type=int, default=None, help="population size (default 1000)")
     serve.add_argument("--seed", type=int, default=None, help="population seed (default 42)")
     serve.add_argument("--config", default=None, help="sandbox config file (YAML or JSON)")
-    serve.add_argument("--seed-from", default=None, help="serve FHIR NDJSON / Bundle files from DIR as one connection")
+    serve.add_argument(
+        "--seed-from", default=None, help="serve FHIR NDJSON / Bundle files from DIR as one connection"
+    )
     serve.set_defaults(func=_sandbox_serve)
-    connect = sandbox_sub.add_parser("connect", help="register a signing key with a sandbox and write the config")
+    connect = sandbox_sub.add_parser(
+        "connect", help="register a signing key with a sandbox and write the config"
+    )
     connect.add_argument("--url", required=True, help="sandbox base URL, e.g. http://127.0.0.1:8400")
     connect.add_argument("--out", required=True, help="connection config file to write (YAML)")
     connect.add_argument("--name", default="redox-elt", help="client name registered with the sandbox")

@@ -55,7 +55,9 @@ class _Emitter:
         self.landing = landing
         self.connection_id = connection_id
         self.batchers = {
-            e: EntityBatcher(e, connection_id, "datamodel", landing=landing) for e in ENTITIES if e in set(entities)
+            e: EntityBatcher(e, connection_id, "datamodel", landing=landing)
+            for e in ENTITIES
+            if e in set(entities)
         }
 
     def query(self, entity: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +65,9 @@ class _Emitter:
         self._last_ref = self.landing.land(self.connection_id, "datamodel", entity, raw).raw_ref
         return body
 
-    def take(self, body: dict[str, Any], *, only: set[str] | None = None, event_type: str | None = None) -> None:
+    def take(
+        self, body: dict[str, Any], *, only: set[str] | None = None, event_type: str | None = None
+    ) -> None:
         try:
             out = normalize_datamodel(body, self.connection_id, self._last_ref, event_type=event_type)
         except NormalizationError as exc:
@@ -180,7 +184,9 @@ def datamodel_source(
                 state[state_key] = value.isoformat()
 
     def encounters() -> Iterator[Any]:
-        emitter = _Emitter(client, landing, connection_id, wanted & {"patients", "encounters", "medications", "documents"})
+        emitter = _Emitter(
+            client, landing, connection_id, wanted & {"patients", "encounters", "medications", "documents"}
+        )
         synced_at = None
         discovered: dict[str, dict[str, str]] = {}
         for body, _last in _walk_window(
@@ -214,6 +220,7 @@ def datamodel_source(
     def _per_patient(emitter: _Emitter, patients: list[dict[str, str]]) -> Iterator[Any]:
         """Medications (Clinical Summary) and documents (Notes/Media) for the patients seen."""
         if "medications" in wanted and not also_fhir:
+
             def summary(ident: dict[str, str]) -> tuple[dict[str, Any], str]:
                 raw, body = client.datamodel_raw(
                     {**_meta("Clinical Summary", "PatientQuery"), "Patient": {"Identifiers": [ident]}},
@@ -274,7 +281,11 @@ def datamodel_source(
         for body, _last in _walk_window(
             emitter,
             "appointments",
-            lambda s: {**_meta("Scheduling", "Booked"), "StartDateTime": _dm_time(s), "EndDateTime": _dm_time(far)},
+            lambda s: {
+                **_meta("Scheduling", "Booked"),
+                "StartDateTime": _dm_time(s),
+                "EndDateTime": _dm_time(far),
+            },
             lambda b: b.get("Visits") or [],
             lambda v: str(v.get("VisitNumber")),
             lambda v: _parse(v.get("VisitDateTime")),
@@ -302,12 +313,18 @@ def datamodel_source(
             if not (found[1].get("Patient") or {}).get("Identifiers"):
                 return []
             ref = landing.land(connection_id, "datamodel", "patients", found[0]).raw_ref
-            rows = [("patients", r) for r in _rows(found[1], connection_id, ref, "Response").get("patients", [])]
+            rows = [
+                ("patients", r) for r in _rows(found[1], connection_id, ref, "Response").get("patients", [])
+            ]
             span = {"StartDate": _dm_time(window.start or EARLIEST)}
             if window.end:
                 span["EndDate"] = _dm_time(window.end)
             raw, docs = client.datamodel_raw(
-                {**_meta("Clinical Summary", "DocumentQuery"), "Patient": {"Identifiers": [ident]}, "Document": span},
+                {
+                    **_meta("Clinical Summary", "DocumentQuery"),
+                    "Patient": {"Identifiers": [ident]},
+                    "Document": span,
+                },
                 entity="documents",
             )
             ref = landing.land(connection_id, "datamodel", "documents", raw).raw_ref
@@ -317,7 +334,9 @@ def datamodel_source(
                     entity="documents",
                 )
                 got_ref = landing.land(connection_id, "datamodel", "documents", raw).raw_ref
-                content = _rows(got, connection_id, got_ref, "DocumentGetResponse", patient=docs.get("Patient"))
+                content = _rows(
+                    got, connection_id, got_ref, "DocumentGetResponse", patient=docs.get("Patient")
+                )
                 for part in content.get("documents", []):
                     if part.get("content") is not None:
                         row["content"] = part["content"]
@@ -334,16 +353,24 @@ def datamodel_source(
 
     resources = []
     if "encounters" in wanted:
-        resources.append(dlt.resource(encounters, name="encounters", **staged_resource_hints("datamodel", "encounters")))
+        resources.append(
+            dlt.resource(encounters, name="encounters", **staged_resource_hints("datamodel", "encounters"))
+        )
     elif "documents" in wanted:
         resources.append(
-            dlt.resource(network_documents, name="documents", **staged_resource_hints("datamodel", "documents"))
+            dlt.resource(
+                network_documents, name="documents", **staged_resource_hints("datamodel", "documents")
+            )
         )
     if "results" in wanted:
-        resources.append(dlt.resource(results, name="results", **staged_resource_hints("datamodel", "results")))
+        resources.append(
+            dlt.resource(results, name="results", **staged_resource_hints("datamodel", "results"))
+        )
     if "appointments" in wanted:
         resources.append(
-            dlt.resource(appointments, name="appointments", **staged_resource_hints("datamodel", "appointments"))
+            dlt.resource(
+                appointments, name="appointments", **staged_resource_hints("datamodel", "appointments")
+            )
         )
     return resources
 
@@ -366,7 +393,12 @@ def _mr_identifier(identifiers: list[dict[str, Any]]) -> dict[str, str] | None:
 
 
 def _documents_for(
-    client: Any, landing: RawLanding, connection_id: str, model: str, batch: list[dict[str, str]], page_size: int
+    client: Any,
+    landing: RawLanding,
+    connection_id: str,
+    model: str,
+    batch: list[dict[str, str]],
+    page_size: int,
 ) -> list[tuple[dict[str, Any], str]]:
     """Notes or Media for a batch of patients; a full response is split and re-asked."""
     raw, body = client.datamodel_raw(
@@ -375,7 +407,7 @@ def _documents_for(
     items = body.get("Notes" if model == "Notes" else "Media") or []
     if len(items) >= page_size and len(batch) > 1:
         half = len(batch) // 2
-        return _documents_for(client, landing, connection_id, model, batch[:half], page_size) + _documents_for(
-            client, landing, connection_id, model, batch[half:], page_size
-        )
+        return _documents_for(
+            client, landing, connection_id, model, batch[:half], page_size
+        ) + _documents_for(client, landing, connection_id, model, batch[half:], page_size)
     return [(body, landing.land(connection_id, "datamodel", "documents", raw).raw_ref)]

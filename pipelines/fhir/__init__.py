@@ -26,7 +26,9 @@ from pipelines.resource_hints import staged_resource_hints
 from pipelines.sync_context import SyncWindow
 
 
-def _search_params(window_start: datetime | None, window_end: datetime | None, page_size: int) -> dict[str, Any]:
+def _search_params(
+    window_start: datetime | None, window_end: datetime | None, page_size: int
+) -> dict[str, Any]:
     params: dict[str, Any] = {"_count": str(page_size)}
     bounds = []
     if window_start is not None:
@@ -97,7 +99,9 @@ def fhir_source(
         ) -> Iterator[Any]:
             start = window.start if window.is_backfill else updated.start_value
             batcher = EntityBatcher(entity, connection_id, "fhir", client=client, landing=landing)
-            yield from fetch_entity(client, landing, connection_id, entity, start, window.end, page_size, batcher)
+            yield from fetch_entity(
+                client, landing, connection_id, entity, start, window.end, page_size, batcher
+            )
 
         return dlt.resource(extract, name=entity, **staged_resource_hints("fhir", entity))
 

@@ -39,7 +39,9 @@ def _identifiers(resource: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for ident in resource.get("identifier") or []:
         value = ident.get("value")
-        kind = identifier_type(ident.get("system"), ((ident.get("type") or {}).get("coding") or [{}])[0].get("code"))
+        kind = identifier_type(
+            ident.get("system"), ((ident.get("type") or {}).get("coding") or [{}])[0].get("code")
+        )
         if value and kind and kind not in out:
             out[kind] = str(value)
     return out
@@ -52,7 +54,10 @@ def _patient_ref(resource: dict[str, Any], field: str = "subject") -> dict[str, 
         return {"patient_ref_type": "fhir", "patient_ref_value": reference.split("/", 1)[1]}
     ident = ref.get("identifier") or {}
     if ident.get("value"):
-        return {"patient_ref_type": identifier_type(ident.get("system"), None) or "MR", "patient_ref_value": ident["value"]}
+        return {
+            "patient_ref_type": identifier_type(ident.get("system"), None) or "MR",
+            "patient_ref_value": ident["value"],
+        }
     raise NormalizationError(f"{resource.get('resourceType')}: no patient reference in '{field}'")
 
 
@@ -73,7 +78,9 @@ def _require(value: Any, what: str) -> Any:
     return value
 
 
-def normalize_patient(resource: dict[str, Any], connection_id: str, raw_ref: str | None = None) -> dict[str, Any]:
+def normalize_patient(
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+) -> dict[str, Any]:
     ids = _identifiers(resource)
     logical_id = _require(resource.get("id"), "Patient.id")
     names = resource.get("name") or []
@@ -127,7 +134,9 @@ def normalize_patient(resource: dict[str, Any], connection_id: str, raw_ref: str
     return row
 
 
-def normalize_encounter(resource: dict[str, Any], connection_id: str, raw_ref: str | None = None) -> dict[str, Any]:
+def normalize_encounter(
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+) -> dict[str, Any]:
     ids = _identifiers(resource)
     period = resource.get("period") or {}
     enc_type = first_coding((resource.get("type") or [None])[0])
@@ -137,7 +146,11 @@ def normalize_encounter(resource: dict[str, Any], connection_id: str, raw_ref: s
         (
             p
             for p in resource.get("participant") or []
-            if any(c.get("code") in ("ATND", "attender") for t in p.get("type") or [] for c in t.get("coding") or [])
+            if any(
+                c.get("code") in ("ATND", "attender")
+                for t in p.get("type") or []
+                for c in t.get("coding") or []
+            )
         ),
         (resource.get("participant") or [{}])[0] if resource.get("participant") else {},
     )
@@ -166,7 +179,9 @@ def normalize_encounter(resource: dict[str, Any], connection_id: str, raw_ref: s
     return row
 
 
-def normalize_observation(resource: dict[str, Any], connection_id: str, raw_ref: str | None = None) -> dict[str, Any]:
+def normalize_observation(
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+) -> dict[str, Any]:
     ids = _identifiers(resource)
     code = first_coding(resource.get("code"))
     if not code:
@@ -176,9 +191,9 @@ def normalize_observation(resource: dict[str, Any], connection_id: str, raw_ref:
     value_numeric = quantity.get("value")
     value_text = resource.get("valueString")
     if value_text is None and resource.get("valueCodeableConcept"):
-        value_text = coding_text(first_coding(resource["valueCodeableConcept"])) or resource["valueCodeableConcept"].get(
-            "text"
-        )
+        value_text = coding_text(first_coding(resource["valueCodeableConcept"])) or resource[
+            "valueCodeableConcept"
+        ].get("text")
     if value_numeric is not None and value_text is None:
         value_text = str(value_numeric)
     rng = (resource.get("referenceRange") or [{}])[0]
@@ -206,14 +221,18 @@ def normalize_observation(resource: dict[str, Any], connection_id: str, raw_ref:
         reference_text=rng.get("text"),
         abnormal_flag=("HH" if flag == "AA" else flag) if flag in INTERPRETATION_FLAGS else None,
         status=resource.get("status"),
-        effective_at=parse_ts(resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start")),
+        effective_at=parse_ts(
+            resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start")
+        ),
         issued_at=parse_ts(resource.get("issued")),
         performer=performer.get("display") or (performer.get("identifier") or {}).get("value"),
     )
     return row
 
 
-def normalize_medication(resource: dict[str, Any], connection_id: str, raw_ref: str | None = None) -> dict[str, Any]:
+def normalize_medication(
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+) -> dict[str, Any]:
     ids = _identifiers(resource)
     is_request = resource.get("resourceType") == "MedicationRequest"
     code = first_coding(resource.get("medicationCodeableConcept"))
@@ -241,7 +260,8 @@ def normalize_medication(resource: dict[str, Any], connection_id: str, raw_ref: 
     row = _lineage(resource, connection_id, raw_ref)
     row.update(_patient_ref(resource))
     row.update(
-        medication_id=ids.get("OrderID") or _require(resource.get("id"), f"{resource.get('resourceType')}.id"),
+        medication_id=ids.get("OrderID")
+        or _require(resource.get("id"), f"{resource.get('resourceType')}.id"),
         encounter_id=_encounter_ref(resource),
         kind="request" if is_request else "statement",
         status=resource.get("status"),
@@ -260,7 +280,9 @@ def normalize_medication(resource: dict[str, Any], connection_id: str, raw_ref: 
     return row
 
 
-def normalize_appointment(resource: dict[str, Any], connection_id: str, raw_ref: str | None = None) -> dict[str, Any]:
+def normalize_appointment(
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+) -> dict[str, Any]:
     ids = _identifiers(resource)
     patient = practitioner = location = None
     for p in resource.get("participant") or []:

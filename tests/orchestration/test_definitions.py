@@ -97,7 +97,9 @@ def test_schedules_request_one_run_per_connection_of_their_group() -> None:
     tick = _utc(2026, 11, 2, 4, 0)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME, SANDBOX_CONNECTIONS)
-        context = build_schedule_context(instance=instance, scheduled_execution_time=tick)
+        context = build_schedule_context(
+            instance=instance, scheduled_execution_time=tick, repository_def=defs.get_repository_def()
+        )
         ehr = list(defs.resolve_schedule_def("incremental_sync_ehr").evaluate_tick(context).run_requests or [])
         network = defs.resolve_schedule_def("incremental_sync_network").evaluate_tick(context).run_requests or []
         daily = defs.resolve_schedule_def("daily_reconciliation").evaluate_tick(context).run_requests or []
