@@ -14,8 +14,6 @@ environment so operators change them without code.
   operator deletes them.
 """
 
-from __future__ import annotations
-
 import os
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta
@@ -43,7 +41,7 @@ from assets.partitions import (
     sync_partitions,
 )
 from assets.sync_assets import CONNECTION_TAG, MODE_LIVE, redox_sync
-from resources.dagster import configured_connections
+from resources.dagster import RedoxResource, configured_connections
 
 SYNC_CRON_ENV = "REDOX_ELT_SYNC_CRON"
 NETWORK_SYNC_CRON_ENV = "REDOX_ELT_NETWORK_SYNC_CRON"
@@ -61,10 +59,10 @@ sync_job = define_asset_job(
 LIVE_RUN_CONFIG = {"ops": {"redox_sync": {"config": {"mode": MODE_LIVE}}}}
 
 
-def _group_connections(context: ScheduleEvaluationContext, kind: str) -> list[str]:
+def _group_connections(context: ScheduleEvaluationContext, redox: RedoxResource, kind: str) -> list[str]:
     """Configured connections of ``kind`` that already have a partition (the sensor adds them)."""
     known = set(context.instance.get_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME))
-    return [c.id for c in configured_connections() if c.kind == kind and c.id in known]
+    return [c.id for c in configured_connections(redox.config_path) if c.kind == kind and c.id in known]
 
 
 def _tick_day(context: ScheduleEvaluationContext) -> date:
@@ -77,9 +75,11 @@ def _run_key(context: ScheduleEvaluationContext, connection_id: str) -> str:
     return f"{connection_id}@{context.scheduled_execution_time.isoformat()}"
 
 
-def live_run_requests(context: ScheduleEvaluationContext, kind: str) -> Iterator[RunRequest]:
+def live_run_requests(
+    context: ScheduleEvaluationContext, redox: RedoxResource, kind: str
+) -> Iterator[RunRequest]:
     today = _tick_day(context)
-    for connection_id in _group_connections(context, kind):
+    for connection_id in _group_connections(context, redox, kind):
         yield RunRequest(
             run_key=_run_key(context, connection_id),
             partition_key=partition_key(connection_id, today),
@@ -96,8 +96,8 @@ def live_run_requests(context: ScheduleEvaluationContext, kind: str) -> Iterator
     default_status=DefaultScheduleStatus.RUNNING,
     description="Live incremental sync of every EHR connection, one run each.",
 )
-def incremental_sync_ehr(context: ScheduleEvaluationContext) -> Iterator[RunRequest]:
-    yield from live_run_requests(context, "ehr")
+def incremental_sync_ehr(context: ScheduleEvaluationContext, redox: RedoxResource) -> Iterator[RunRequest]:
+    yield from live_run_requests(context, redox, "ehr")
 
 
 @schedule(
@@ -108,16 +108,20 @@ def incremental_sync_ehr(context: ScheduleEvaluationContext) -> Iterator[RunRequ
     default_status=DefaultScheduleStatus.RUNNING,
     description="Live incremental sync of every clinical-network connection, after the EHRs.",
 )
-def incremental_sync_network(context: ScheduleEvaluationContext) -> Iterator[RunRequest]:
-    yield from live_run_requests(context, "network")
+def incremental_sync_network(
+    context: ScheduleEvaluationContext, redox: RedoxResource
+) -> Iterator[RunRequest]:
+    yield from live_run_requests(context, redox, "network")
 
 
-def reconciliation_run_requests(context: ScheduleEvaluationContext, days: int) -> Iterator[RunRequest]:
+def reconciliation_run_requests(
+    context: ScheduleEvaluationContext, redox: RedoxResource, days: int
+) -> Iterator[RunRequest]:
     today = _tick_day(context)
     first, last = today - timedelta(days=days), today - timedelta(days=1)
     known = set(context.instance.get_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME))
     # EHRs first: the network's run is asked about the enterprise ids they load.
-    ordered = sorted(configured_connections(), key=lambda c: c.kind == "network")
+    ordered = sorted(configured_connections(redox.config_path), key=lambda c: c.kind == "network")
     for conn in ordered:
         if conn.id not in known:
             continue
@@ -139,8 +143,10 @@ def reconciliation_run_requests(context: ScheduleEvaluationContext, days: int) -
     default_status=DefaultScheduleStatus.RUNNING,
     description="Re-read the last N whole days of every connection as a stateless window ($REDOX_ELT_RECONCILE_DAYS).",
 )
-def daily_reconciliation(context: ScheduleEvaluationContext) -> Iterator[RunRequest]:
-    yield from reconciliation_run_requests(context, int(os.environ.get(RECONCILE_DAYS_ENV, DEFAULT_RECONCILE_DAYS)))
+def daily_reconciliation(context: ScheduleEvaluationContext, redox: RedoxResource) -> Iterator[RunRequest]:
+    yield from reconciliation_run_requests(
+        context, redox, int(os.environ.get(RECONCILE_DAYS_ENV, DEFAULT_RECONCILE_DAYS))
+    )
 
 
 @sensor(
@@ -149,9 +155,11 @@ def daily_reconciliation(context: ScheduleEvaluationContext) -> Iterator[RunRequ
     default_status=DefaultSensorStatus.RUNNING,
     description="Adds a connection partition for every connection in the config ($REDOX_ELT_CONFIG or the sandbox).",
 )
-def connection_partitions_sensor(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+def connection_partitions_sensor(
+    context: SensorEvaluationContext, redox: RedoxResource
+) -> SensorResult | SkipReason:
     existing = set(context.instance.get_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME))
-    new = [c.id for c in configured_connections() if c.id not in existing]
+    new = [c.id for c in configured_connections(redox.config_path) if c.id not in existing]
     if not new:
         return SkipReason(f"all {len(existing)} configured connections have partitions")
     return SensorResult(dynamic_partitions_requests=[connection_partitions.build_add_request(new)])

@@ -34,7 +34,8 @@ class CheckOutcome:
 
 def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {
-        f"{s}.{t}" for s, t in con.execute("SELECT table_schema, table_name FROM information_schema.tables").fetchall()
+        f"{s}.{t}"
+        for s, t in con.execute("SELECT table_schema, table_name FROM information_schema.tables").fetchall()
     }
 
 
@@ -90,8 +91,24 @@ def orphan_rows(con: duckdb.DuckDBPyConnection, entity: str) -> CheckOutcome:
     return CheckOutcome(total == 0, bad, f"{total} {entity} rows have no patient in the crosswalk")
 
 
+def fully_synced_connections(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """Connections with at least one successful live (full incremental) sync. Until then a
+    warehouse may hold only backfill windows, whose rows can name patients not loaded yet."""
+    if "ops.sync_runs" not in _tables(con):
+        return set()
+    return {
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT connection_id FROM ops.sync_runs WHERE mode = 'live'"
+        ).fetchall()
+    }
+
+
 def sync_ages(
-    con: duckdb.DuckDBPyConnection, connection_ids: Iterable[str], max_age: timedelta, now: datetime | None = None
+    con: duckdb.DuckDBPyConnection,
+    connection_ids: Iterable[str],
+    max_age: timedelta,
+    now: datetime | None = None,
 ) -> CheckOutcome:
     """Hours since each connection's last successful sync (ops.sync_runs); a connection
     never synced, or older than ``max_age``, fails."""
@@ -99,7 +116,10 @@ def sync_ages(
     last: dict[str, datetime] = {}
     if "ops.sync_runs" in _tables(con):
         last = {
-            c: t for c, t in con.execute("SELECT connection_id, max(finished_at) FROM ops.sync_runs GROUP BY 1").fetchall()
+            c: t
+            for c, t in con.execute(
+                "SELECT connection_id, max(finished_at) FROM ops.sync_runs GROUP BY 1"
+            ).fetchall()
         }
     ages: dict[str, float | None] = {}
     stale: list[str] = []
@@ -114,7 +134,11 @@ def sync_ages(
         if age > max_age:
             stale.append(cid)
     hours = max_age / timedelta(hours=1)
-    summary = f"stale or never synced (> {hours:g} h): {', '.join(stale)}" if stale else f"all synced within {hours:g} h"
+    summary = (
+        f"stale or never synced (> {hours:g} h): {', '.join(stale)}"
+        if stale
+        else f"all synced within {hours:g} h"
+    )
     return CheckOutcome(not stale, ages, summary)
 
 
@@ -134,7 +158,9 @@ def quarantine_rates(con: duckdb.DuckDBPyConnection, max_rate: float) -> CheckOu
     quarantined: dict[str, int] = {}
     if f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}" in tables:
         quarantined = dict(
-            con.execute(f"SELECT connection_id, count(*) FROM {STAGING_SCHEMA}.{QUARANTINE_TABLE} GROUP BY 1").fetchall()
+            con.execute(
+                f"SELECT connection_id, count(*) FROM {STAGING_SCHEMA}.{QUARANTINE_TABLE} GROUP BY 1"
+            ).fetchall()
         )
     rates: dict[str, float] = {}
     for cid in sorted(set(good) | set(quarantined)):
@@ -177,7 +203,8 @@ def warehouse_fhir_counts(
             continue
         cutoff = newest.replace(microsecond=0) + timedelta(seconds=1)
         n = con.execute(
-            f"SELECT count(*) FROM {table} WHERE connection_id = ? AND source_updated_at < ?", [connection_id, cutoff]
+            f"SELECT count(*) FROM {table} WHERE connection_id = ? AND source_updated_at < ?",
+            [connection_id, cutoff],
         ).fetchone()[0]
         if has_quarantine:
             n += con.execute(

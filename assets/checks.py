@@ -4,7 +4,6 @@ the quarantine rate. Warnings: freshness per connection and FHIR counts against 
 source's reported totals. Metadata holds counts per connection only, never rows.
 """
 
-
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,7 +70,9 @@ _PK_TARGETS = [*ENTITIES, CROSSWALK]
 
 @multi_asset_check(
     specs=[
-        AssetCheckSpec(PK_CHECK, asset=normalized_key(e), blocking=True, description="One row per key, no null key part.")
+        AssetCheckSpec(
+            PK_CHECK, asset=normalized_key(e), blocking=True, description="One row per key, no null key part."
+        )
         for e in _PK_TARGETS
     ],
     pool=DUCKDB_POOL,
@@ -79,7 +80,9 @@ _PK_TARGETS = [*ENTITIES, CROSSWALK]
 def primary_keys_unique(warehouse: WarehouseResource) -> Iterator[AssetCheckResult]:
     with read_warehouse(warehouse) as con:
         for entity in _PK_TARGETS:
-            outcome = q.primary_key_violations(con, entity) if con else q.CheckOutcome(True, {}, "no warehouse yet")
+            outcome = (
+                q.primary_key_violations(con, entity) if con else q.CheckOutcome(True, {}, "no warehouse yet")
+            )
             yield _result(normalized_key(entity), PK_CHECK, outcome, AssetCheckSeverity.ERROR)
 
 
@@ -97,10 +100,20 @@ def primary_keys_unique(warehouse: WarehouseResource) -> Iterator[AssetCheckResu
     pool=DUCKDB_POOL,
 )
 def patients_in_crosswalk(warehouse: WarehouseResource) -> Iterator[AssetCheckResult]:
+    """Orphans in a connection that has had a full (live) sync are an error and block
+    downstream. In a connection that so far has only backfill windows, a row may name a
+    patient updated outside the window: reported as a warning until the first live sync."""
     with read_warehouse(warehouse) as con:
+        full = q.fully_synced_connections(con) if con else set()
         for entity in q.PATIENT_LINKED:
             outcome = q.orphan_rows(con, entity) if con else q.CheckOutcome(True, {}, "no warehouse yet")
-            yield _result(normalized_key(entity), RI_CHECK, outcome, AssetCheckSeverity.ERROR)
+            severity = AssetCheckSeverity.ERROR
+            if not outcome.passed and not (set(outcome.by_connection) & full):
+                severity = AssetCheckSeverity.WARN
+                outcome = q.CheckOutcome(
+                    False, outcome.by_connection, outcome.summary + " (only backfill windows loaded so far)"
+                )
+            yield _result(normalized_key(entity), RI_CHECK, outcome, severity)
 
 
 @asset_check(
@@ -151,16 +164,21 @@ def fhir_counts_match_source(
     settings = redox.settings()
     fhir_connections = [c for c in settings.connections if "fhir" in c.surfaces]
     with read_warehouse(warehouse) as con:
-        counts = {c.id: q.warehouse_fhir_counts(con, c.id, c.entities) for c in fhir_connections} if con else {}
+        counts = (
+            {c.id: q.warehouse_fhir_counts(con, c.id, c.entities) for c in fhir_connections} if con else {}
+        )
     comparisons: dict[str, dict[str, dict[str, int]]] = {}
     audit = AuditLog(warehouse.paths().audit_log)  # the calls join the warehouse's audit trail
     try:
         for conn in fhir_connections:
             if not counts.get(conn.id):
                 continue
-            with RedoxClient(settings, conn, audit=audit, run_id=context.run.run_id, caller="dagster-check") as client:
+            with RedoxClient(
+                settings, conn, audit=audit, run_id=context.run.run_id, caller="dagster-check"
+            ) as client:
                 comparisons[conn.id] = q.reconcile_with_source(
-                    counts[conn.id], lambda entity, cutoff, client=client: q.fhir_source_total(client, entity, cutoff)
+                    counts[conn.id],
+                    lambda entity, cutoff, client=client: q.fhir_source_total(client, entity, cutoff),
                 )
     finally:
         audit.close()
@@ -172,5 +190,9 @@ def fhir_counts_match_source(
             if off
             else f"matches the source in {len(per_conn)} connection(s)"
         )
-        yield _result(raw_key("fhir", entity), SOURCE_TOTALS_CHECK, q.CheckOutcome(not off, per_conn, summary),
-                      AssetCheckSeverity.WARN)
+        yield _result(
+            raw_key("fhir", entity),
+            SOURCE_TOTALS_CHECK,
+            q.CheckOutcome(not off, per_conn, summary),
+            AssetCheckSeverity.WARN,
+        )

@@ -51,7 +51,11 @@ class StagedTableTranslator(DagsterDltTranslator):
     def spec_for_table(self, resource: DltResource, entity: str) -> AssetSpec:
         surface = resource.source_name
         base = super().get_asset_spec(DltResourceTranslatorData(resource=resource, pipeline=None))
-        writer = "" if resource.name == entity else f" (written by the {resource.name} resource as a table variant)"
+        writer = (
+            ""
+            if resource.name == entity
+            else f" (written by the {resource.name} resource as a table variant)"
+        )
         return base.replace_attributes(
             key=raw_key(surface, entity),
             deps=[],
@@ -72,7 +76,10 @@ def raw_specs() -> list[AssetSpec]:
     fhir = fhir_source(None, None, "spec")
     ehr_dm = datamodel_source(None, None, "spec")
     network_dm = datamodel_source(None, None, "spec", entities=("patients", "documents"))
-    specs = [translator.get_asset_spec(DltResourceTranslatorData(resource=r, pipeline=None)) for r in fhir.resources.values()]
+    specs = [
+        translator.get_asset_spec(DltResourceTranslatorData(resource=r, pipeline=None))
+        for r in fhir.resources.values()
+    ]
     dm_resources = {**network_dm.resources, **ehr_dm.resources}  # the EHR visit query writes documents too
     for entity in ENTITIES:
         resource = dm_resources.get(entity, ehr_dm.resources["encounters"])

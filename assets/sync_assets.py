@@ -11,7 +11,6 @@ Every step that opens the DuckDB file runs in the ``duckdb_writer`` pool (limit 
 dagster.yaml) and takes the file's ``WriterLock`` (which also covers CLI syncs).
 """
 
-
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -69,7 +68,9 @@ class SyncConfig(Config):
     window_end: str | None = Field(
         default=None, description="ISO-8601 instant overriding the partition's window end (CLI --until)."
     )
-    lookback_s: float = Field(default=DEFAULT_LOOKBACK_S, description="Live mode: re-read this much before the cursor.")
+    lookback_s: float = Field(
+        default=DEFAULT_LOOKBACK_S, description="Live mode: re-read this much before the cursor."
+    )
 
 
 def _instant(value: str) -> datetime:
@@ -86,12 +87,17 @@ def plan_windows(context: AssetExecutionContext, config: SyncConfig) -> list[Con
         windows = windows_for_run(context.run.tags, keys, single)
     except ValueError as exc:
         raise Failure(description=str(exc)) from None
-    if config.mode == MODE_LIVE:
-        return [ConnectionWindow(c, SyncWindow()) for c in dict.fromkeys(w.connection_id for w in windows)]
+    connection_ids = list(dict.fromkeys(w.connection_id for w in windows))
     if config.window_start or config.window_end:
+        # Exact bounds from the CLI (--since/--until); the partitions only name the connections.
         start = _instant(config.window_start) if config.window_start else None
         end = _instant(config.window_end) if config.window_end else None
-        return [ConnectionWindow(c, SyncWindow(start, end)) for c in dict.fromkeys(w.connection_id for w in windows)]
+        try:
+            return [ConnectionWindow(c, SyncWindow(start, end)) for c in connection_ids]
+        except ValueError as exc:
+            raise Failure(description=str(exc)) from None
+    if config.mode == MODE_LIVE:
+        return [ConnectionWindow(c, SyncWindow()) for c in connection_ids]
     return windows
 
 
@@ -143,7 +149,9 @@ def redox_sync(
         context.log.info(
             "sync %s: %s",
             cw.connection_id,
-            f"window {cw.window.start:%Y-%m-%d} .. {cw.window.end:%Y-%m-%d}" if cw.window.is_backfill else "live cursor",
+            f"window {cw.window.start:%Y-%m-%d} .. {cw.window.end:%Y-%m-%d}"
+            if cw.window.is_backfill
+            else "live cursor",
         )
     outcome = run_windows(
         redox.settings(), warehouse.paths(), windows, run_id=context.run_id, lookback_s=config.lookback_s

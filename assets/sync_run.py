@@ -19,7 +19,7 @@ from assets.partitions import ConnectionWindow
 from assets.specs import CROSSWALK
 from pipelines.lake import export_lake
 from pipelines.model import ENTITIES
-from pipelines.publish import SURFACES, STAGING_SCHEMA, model_schema
+from pipelines.publish import STAGING_SCHEMA, SURFACES, model_schema
 from pipelines.resource_hints import QUARANTINE_TABLE, staged_table_name
 from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, _safe_message, sync_connection
 from pipelines.sync_context import SyncWindow
@@ -54,7 +54,9 @@ def ensure_sync_runs_table(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def _record(paths: WarehousePaths, run_id: str, cw: ConnectionWindow, report: ConnectionReport, caller: str) -> None:
+def _record(
+    paths: WarehousePaths, run_id: str, cw: ConnectionWindow, report: ConnectionReport, caller: str
+) -> None:
     with duckdb.connect(str(paths.duckdb)) as con:
         ensure_sync_runs_table(con)
         published = sum(n for e, n in report.published.items() if e != CROSSWALK)
@@ -97,12 +99,20 @@ def run_windows(
                 try:
                     conn = settings.connection(cw.connection_id)
                     report = sync_connection(
-                        settings, conn, paths, window=cw.window, audit=audit, run_id=run_id,
-                        lookback_s=lookback_s, caller=caller,
+                        settings,
+                        conn,
+                        paths,
+                        window=cw.window,
+                        audit=audit,
+                        run_id=run_id,
+                        lookback_s=lookback_s,
+                        caller=caller,
                     )
                 except Exception as exc:  # noqa: BLE001 - reported per connection, raised by the caller
                     outcome.failures[cw.connection_id] = f"{type(exc).__name__}: {_safe_message(exc)}"
-                    log.error("connection %s failed: %s", cw.connection_id, outcome.failures[cw.connection_id])
+                    log.error(
+                        "connection %s failed: %s", cw.connection_id, outcome.failures[cw.connection_id]
+                    )
                     continue
                 _record(paths, run_id, cw, report, caller)
                 outcome.reports.append(report)
@@ -121,7 +131,8 @@ def live_windows(connection_ids: Sequence[str]) -> list[ConnectionWindow]:
 
 def _existing_tables(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {
-        f"{s}.{t}" for s, t in con.execute("SELECT table_schema, table_name FROM information_schema.tables").fetchall()
+        f"{s}.{t}"
+        for s, t in con.execute("SELECT table_schema, table_name FROM information_schema.tables").fetchall()
     }
 
 

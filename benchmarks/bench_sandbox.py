@@ -10,7 +10,7 @@ ready, after the first truth and first pages, and after a paging load.
 
 ``serve`` starts a sandbox subprocess and drives it from a few concurrent httpx threads for a
 fixed time: FHIR ``Observation/_search`` pages (``_count=500``, following ``next`` links) and
-Data Model queries (Results.Query windows, VisitQuery windows, PatientSearch). It prints
+Data Model queries (Results.Query windows, VisitQuery windows, PatientSearch by MRN). It prints
 requests/s, MB/s and latency percentiles per workload. Only sizes and timings are printed,
 never record content. Everything stays on 127.0.0.1.
 """
@@ -25,6 +25,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -37,6 +38,8 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the sandbox package, when not installed
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -52,11 +55,12 @@ def redox_elt() -> list[str]:
 class SandboxProcess:
     """``redox-elt sandbox serve --port 0`` in a subprocess; the URL comes from its first line."""
 
-    def __init__(self, patients: int, seed: int) -> None:
+    def __init__(self, patients: int, seed: int, config: Path | None = None) -> None:
         self.started_at = time.perf_counter()
         self.process = subprocess.Popen(
             [*redox_elt(), "sandbox", "serve", "--host", "127.0.0.1", "--port", "0"]
-            + ["--patients", str(patients), "--seed", str(seed)],
+            + ["--patients", str(patients), "--seed", str(seed)]
+            + (["--config", str(config)] if config else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -100,6 +104,23 @@ class SandboxProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def unthrottled_config(directory: Path) -> Path:
+    """The default connections with Redox's rate limit (7,500 requests / 5 min) lifted, so a
+    throughput run measures serving, not 429s."""
+    from dataclasses import asdict
+
+    from sandbox.config import default_connections
+
+    connections = []
+    for conn in default_connections():
+        entry = asdict(conn)
+        entry.update(rate_limit=1_000_000_000, latency_ms=0.0)
+        connections.append({k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()})
+    path = directory / "bench-sandbox.json"
+    path.write_text(json.dumps({"connections": connections}))
+    return path
 
 
 # ---- an independent client ------------------------------------------------------------------
@@ -149,7 +170,10 @@ class Client:
     def dm_body(self, conn_id: str, data_model: str, event_type: str, **body: Any) -> dict[str, Any]:
         conn = self.conns[conn_id]
         destination = {"ID": conn["destination_id"], "Name": conn["name"]}
-        return {"Meta": {"DataModel": data_model, "EventType": event_type, "Destinations": [destination]}, **body}
+        return {
+            "Meta": {"DataModel": data_model, "EventType": event_type, "Destinations": [destination]},
+            **body,
+        }
 
 
 # ---- load ---------------------------------------------------------------------------------------
@@ -161,6 +185,7 @@ class Tally:
     errors: int = 0
     bytes: int = 0
     latencies: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, status: int, size: int, seconds: float) -> None:
@@ -168,11 +193,14 @@ class Tally:
             self.requests += 1
             self.bytes += size
             self.latencies.append(seconds)
+            self.statuses[status] = self.statuses.get(status, 0) + 1
             if status != 200:
                 self.errors += 1
 
 
-def drive(threads: int, seconds: float, work: Callable[[httpx.Client, random.Random, Tally], None]) -> tuple[Tally, float]:
+def drive(
+    threads: int, seconds: float, work: Callable[[httpx.Client, random.Random, Tally], None]
+) -> tuple[Tally, float]:
     """Run ``work`` in a loop from ``threads`` threads, each with its own client, for ``seconds``."""
     tally = Tally()
     stop_at = time.monotonic() + seconds
@@ -205,6 +233,7 @@ def report(name: str, tally: Tally, elapsed: float) -> dict[str, Any]:
         "workload": name,
         "requests": tally.requests,
         "errors": tally.errors,
+        "statuses": dict(sorted(tally.statuses.items())),
         "req_per_s": round(tally.requests / elapsed, 1),
         "mb_per_s": round(tally.bytes / elapsed / 1e6, 2),
         "avg_kb": round(tally.bytes / max(1, tally.requests) / 1e3, 1),
@@ -214,13 +243,16 @@ def report(name: str, tally: Tally, elapsed: float) -> dict[str, Any]:
     print(
         f"  {name:<34} {row['req_per_s']:>8.1f} req/s {row['mb_per_s']:>7.2f} MB/s "
         f"avg {row['avg_kb']:>7.1f} kB  p50 {row['p50_ms']:>6.1f} ms  p95 {row['p95_ms']:>6.1f} ms"
-        f"  ({tally.requests} requests, {tally.errors} errors)",
+        f"  ({tally.requests} requests, {tally.errors} not 200"
+        + (f": {dict(sorted(tally.statuses.items()))})" if tally.errors else ")"),
         flush=True,
     )
     return row
 
 
-def fhir_pages(client: Client, conn_id: str, rtype: str, count: int) -> Callable[[httpx.Client, random.Random, Tally], None]:
+def fhir_pages(
+    client: Client, conn_id: str, rtype: str, count: int
+) -> Callable[[httpx.Client, random.Random, Tally], None]:
     """One full paging of ``rtype`` per call (restarted when the time is up mid-way)."""
     base = client.conns[conn_id]["fhir_base_url"]
 
@@ -241,16 +273,23 @@ def fhir_pages(client: Client, conn_id: str, rtype: str, count: int) -> Callable
     return work
 
 
-def dm_queries(client: Client, conn_id: str, mrns: list[str], now: str) -> Callable[[httpx.Client, random.Random, Tally], None]:
+def dm_queries(
+    client: Client, conn_id: str, kind: str, mrns: list[str]
+) -> Callable[[httpx.Client, random.Random, Tally], None]:
+    """One Data Model query per call: a Results or VisitQuery window from a random month, or a
+    PatientSearch by a random MRN of the connection."""
     url = client.conns[conn_id]["datamodel_url"]
     months = [f"2026-{m:02d}-01" for m in range(1, 11)]
 
     def work(http: httpx.Client, rng: random.Random, tally: Tally) -> None:
-        pick = rng.random()
-        if pick < 0.4:
-            body = client.dm_body(conn_id, "Results", "Query", LastUpdated={"StartDateTime": rng.choice(months)})
-        elif pick < 0.7:
-            body = client.dm_body(conn_id, "PatientAdmin", "VisitQuery", VisitStartDateTime=rng.choice(months))
+        if kind == "results":
+            body = client.dm_body(
+                conn_id, "Results", "Query", LastUpdated={"StartDateTime": rng.choice(months)}
+            )
+        elif kind == "visits":
+            body = client.dm_body(
+                conn_id, "PatientAdmin", "VisitQuery", VisitStartDateTime=rng.choice(months)
+            )
         else:
             ident = [{"ID": rng.choice(mrns), "IDType": "MR"}]
             body = client.dm_body(conn_id, "PatientSearch", "Query", Patient={"Identifiers": ident})
@@ -268,14 +307,16 @@ def bench_startup(patients: int, seed: int) -> dict[str, Any]:
     try:
         ready_s = sandbox.wait_ready()
         rss_ready, hwm_ready = sandbox.memory_mb()
-        print(f"  socket bound after {sandbox.bound_s:.2f} s; /_sandbox/connections answered after {ready_s:.2f} s")
+        print(
+            f"  socket bound after {sandbox.bound_s:.2f} s; /_sandbox/connections answered after {ready_s:.2f} s"
+        )
         print(f"  RSS when ready: {rss_ready:.0f} MB (peak {hwm_ready:.0f} MB)")
         t = time.perf_counter()
         truth = httpx.get(f"{sandbox.url}/_sandbox/truth", timeout=300).json()
         truth_s = time.perf_counter() - t
         rows = sum(sum(c.values()) for c in truth["counts"].values())
         client = Client(sandbox.url)
-        for conn_id, conn in client.conns.items():
+        for conn in client.conns.values():
             if conn["fhir_base_url"]:
                 httpx.post(
                     f"{conn['fhir_base_url']}/Observation/_search",
@@ -307,17 +348,25 @@ def bench_startup(patients: int, seed: int) -> dict[str, Any]:
 
 
 def bench_serving(patients: int, seed: int, threads: int, seconds: float) -> list[dict[str, Any]]:
-    print(f"serving: {patients:,} patients, {threads} client threads, {seconds:.0f} s per workload", flush=True)
-    sandbox = SandboxProcess(patients, seed)
+    print(
+        f"serving: {patients:,} patients, {threads} client threads, {seconds:.0f} s per workload", flush=True
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        # The server reads its config before it announces its URL, so the file may go after.
+        sandbox = SandboxProcess(patients, seed, unthrottled_config(Path(scratch)))
     try:
         sandbox.wait_ready()
         client = Client(sandbox.url)
         truth = httpx.get(f"{sandbox.url}/_sandbox/truth", timeout=120).json()
-        mrns = [r["mrn"] for p in truth["persons"] for r in p["records"] if r["connection_id"] == "lakeside-dm"]
+        mrns = [
+            r["mrn"] for p in truth["persons"] for r in p["records"] if r["connection_id"] == "lakeside-dm"
+        ]
         workloads = [
             ("FHIR Observation _count=500", fhir_pages(client, "riverbend-both", "Observation", 500)),
             ("FHIR Patient _count=500", fhir_pages(client, "northwind-fhir", "Patient", 500)),
-            ("Data Model queries (mixed)", dm_queries(client, "lakeside-dm", mrns, truth["now"])),
+            ("DM Results.Query (month window)", dm_queries(client, "lakeside-dm", "results", mrns)),
+            ("DM VisitQuery (month window)", dm_queries(client, "lakeside-dm", "visits", mrns)),
+            ("DM PatientSearch (by MRN)", dm_queries(client, "lakeside-dm", "patients", mrns)),
         ]
         rows = []
         for name, work in workloads:
@@ -332,7 +381,9 @@ def bench_serving(patients: int, seed: int, threads: int, seconds: float) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", nargs="?", choices=("startup", "serve", "all"), default="all")
-    parser.add_argument("--patients", type=int, default=None, help="default: 100,000 for startup, 10,000 for serve")
+    parser.add_argument(
+        "--patients", type=int, default=None, help="default: 100,000 for startup, 10,000 for serve"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=15.0)

@@ -136,8 +136,14 @@ def datamodel_patients_known(paths: WarehousePaths, connection_id: str) -> tuple
     return tuple((r[0], r[1]) for r in rows)
 
 
-def enterprise_ids_known(paths: WarehousePaths, except_connection: str) -> tuple[str, ...]:
-    """Enterprise ids other connections have shown: what a clinical network is asked about."""
+def enterprise_ids_known(
+    paths: WarehousePaths, except_connection: str, *, only_new: bool = False
+) -> tuple[str, ...]:
+    """Enterprise ids other connections have shown: what a clinical network is asked about.
+
+    ``only_new`` leaves out people the network already answered for: a network query is
+    slow (several calls per person, cross-organization latency), so live runs ask about new
+    people only and a backfill window re-asks everyone."""
     if not paths.duckdb.exists():
         return ()
     with duckdb.connect(str(paths.duckdb), read_only=True) as con:
@@ -152,7 +158,18 @@ def enterprise_ids_known(paths: WarehousePaths, except_connection: str) -> tuple
             "WHERE id_system = 'EPI' AND connection_id <> ? ORDER BY 1",
             [except_connection],
         ).fetchall()
-    return tuple(r[0] for r in rows)
+        known = tuple(r[0] for r in rows)
+        if not only_new:
+            return known
+        asked = {
+            r[0]
+            for r in con.execute(
+                f"SELECT id_value FROM {model_schema(con)}.patient_identifiers "
+                "WHERE id_system = 'EPI' AND connection_id = ?",
+                [except_connection],
+            ).fetchall()
+        }
+    return tuple(e for e in known if e not in asked)
 
 
 def sync_connection(
@@ -169,7 +186,11 @@ def sync_connection(
     """Extract + load + publish one connection. The caller holds the writer lock."""
     report = ConnectionReport(conn.id)
     landing = RawLanding(paths.landing_root)
-    known = enterprise_ids_known(paths, conn.id) if conn.kind == "network" else ()
+    known = (
+        enterprise_ids_known(paths, conn.id, only_new=not window.is_backfill)
+        if conn.kind == "network"
+        else ()
+    )
     patients = datamodel_patients_known(paths, conn.id) if "datamodel" in conn.surfaces else ()
     started = time.monotonic()
     with RedoxClient(settings, conn, audit=audit, run_id=run_id, caller=caller) as client:

@@ -11,7 +11,7 @@ os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("RUNTIME__LOG_LEVEL", "ERROR")
 
-from dagster import Definitions  # noqa: E402
+from dagster import Definitions, in_process_executor  # noqa: E402
 
 from assets.automation import SCHEDULES, SENSORS, sync_job  # noqa: E402
 from assets.checks import (  # noqa: E402
@@ -42,6 +42,10 @@ def build_definitions(
         schedules=SCHEDULES,
         sensors=SENSORS,
         resources={"redox": redox or RedoxResource(), "warehouse": warehouse or WarehouseResource()},
+        # One process per run: the steps share the DuckDB pool anyway, so per-step processes
+        # would only add start-up time (and an embedded sandbox per step). Connections run in
+        # parallel as separate runs.
+        executor=in_process_executor,
     )
 
 

@@ -90,13 +90,19 @@ class RedoxResource(ConfigurableResource):
         from sandbox.config import load_config
         from sandbox.server import SandboxServer
 
-        patients = self.sandbox_patients or int(os.environ.get(SANDBOX_PATIENTS_ENV, DEFAULT_SANDBOX_PATIENTS))
+        patients = self.sandbox_patients or int(
+            os.environ.get(SANDBOX_PATIENTS_ENV, DEFAULT_SANDBOX_PATIENTS)
+        )
         config = load_config(None, patients=patients, seed=self.sandbox_seed)
         self._server = SandboxServer(config).start()
         self._workdir = tempfile.mkdtemp(prefix="redox-elt-dagster-")
-        log.info("embedded sandbox on %s (%d patients, seed %d)", self._server.url, patients, self.sandbox_seed)
+        log.info(
+            "embedded sandbox on %s (%d patients, seed %d)", self._server.url, patients, self.sandbox_seed
+        )
         try:
-            path = connect_sandbox(self._server.url, Path(self._workdir) / "connections.yaml", name=EMBEDDED_CLIENT_NAME)
+            path = connect_sandbox(
+                self._server.url, Path(self._workdir) / "connections.yaml", name=EMBEDDED_CLIENT_NAME
+            )
             return load_settings(path)
         except Exception:
             self.close()

@@ -90,7 +90,9 @@ def run_sync_asset(
 def model_counts(warehouse_file: Path, connection_id: str) -> dict[str, int]:
     with duckdb.connect(str(warehouse_file), read_only=True) as con:
         return {
-            e: con.execute(f"SELECT count(*) FROM redox.{e} WHERE connection_id = ?", [connection_id]).fetchone()[0]
+            e: con.execute(
+                f"SELECT count(*) FROM redox.{e} WHERE connection_id = ?", [connection_id]
+            ).fetchone()[0]
             for e in ENTITIES
         }
 

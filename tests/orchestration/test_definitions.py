@@ -40,7 +40,9 @@ def _utc(*args: int) -> datetime:
 def test_every_expected_asset_exists_with_layer_and_partitions() -> None:
     graph = defs.resolve_asset_graph()
     keys = set(graph.get_all_asset_keys())
-    raw = {AssetKey(["raw", s, e]) for s in ("fhir", "datamodel") for e in ENTITIES} | {AssetKey(["raw", "quarantine"])}
+    raw = {AssetKey(["raw", s, e]) for s in ("fhir", "datamodel") for e in ENTITIES} | {
+        AssetKey(["raw", "quarantine"])
+    }
     normalized = {AssetKey(["redox", e]) for e in (*ENTITIES, "patient_identifiers")}
     assert keys == raw | normalized | {AssetKey(["analytics", "persons"])}
     groups = {k: graph.get(k).group_name for k in keys}
@@ -62,14 +64,32 @@ def test_every_expected_check_schedule_and_sensor_exists() -> None:
     graph = defs.resolve_asset_graph()
     checks = {("/".join(k.asset_key.path), k.name) for k in graph.asset_check_keys}
     expected = {(f"redox/{e}", "primary_key_unique") for e in (*ENTITIES, "patient_identifiers")}
-    expected |= {(f"redox/{e}", "patient_in_crosswalk") for e in ("encounters", "results", "medications", "appointments")}
-    expected |= {("redox/patient_identifiers", "connections_fresh"), ("raw/quarantine", "quarantine_rate_under_threshold")}
+    expected |= {
+        (f"redox/{e}", "patient_in_crosswalk")
+        for e in ("encounters", "results", "medications", "appointments")
+    }
+    expected |= {
+        ("redox/patient_identifiers", "connections_fresh"),
+        ("raw/quarantine", "quarantine_rate_under_threshold"),
+    }
     expected |= {(f"raw/fhir/{e}", "counts_match_source_totals") for e in ENTITIES}
     assert checks == expected
-    blocking = {("/".join(k.asset_key.path), k.name) for k in graph.asset_check_keys if graph.get_check_spec(k).blocking}
-    assert blocking == {c for c in expected if c[1] in ("primary_key_unique", "patient_in_crosswalk", "quarantine_rate_under_threshold")}
+    blocking = {
+        ("/".join(k.asset_key.path), k.name)
+        for k in graph.asset_check_keys
+        if graph.get_check_spec(k).blocking
+    }
+    assert blocking == {
+        c
+        for c in expected
+        if c[1] in ("primary_key_unique", "patient_in_crosswalk", "quarantine_rate_under_threshold")
+    }
     repo = defs.get_repository_def()
-    assert {s.name for s in repo.schedule_defs} == {"incremental_sync_ehr", "incremental_sync_network", "daily_reconciliation"}
+    assert {s.name for s in repo.schedule_defs} == {
+        "incremental_sync_ehr",
+        "incremental_sync_network",
+        "daily_reconciliation",
+    }
     assert all(s.default_status.value == "RUNNING" for s in repo.schedule_defs)
     assert "connection_partitions" in {s.name for s in repo.sensor_defs}
     assert repo.get_job("redox_sync_job").partitions_def is not None
@@ -83,13 +103,15 @@ def test_loading_the_code_location_starts_no_sandbox() -> None:
 
 
 def test_the_sensor_adds_a_partition_per_configured_connection() -> None:
+    sensor = defs.resolve_sensor_def("connection_partitions")
+    resources = {"redox": RedoxResource()}
     with DagsterInstance.ephemeral() as instance:
-        sensor = defs.resolve_sensor_def("connection_partitions")
-        result = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
-        requests = result.dynamic_partitions_requests
+        with build_sensor_context(instance=instance, definitions=defs, resources=resources) as context:
+            requests = sensor.evaluate_tick(context).dynamic_partitions_requests
         assert len(requests) == 1 and list(requests[0].partition_keys) == SANDBOX_CONNECTIONS
         instance.add_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME, list(requests[0].partition_keys))
-        again = sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+        with build_sensor_context(instance=instance, definitions=defs, resources=resources) as context:
+            again = sensor.evaluate_tick(context)
         assert not again.dynamic_partitions_requests and again.skip_message
 
 
@@ -97,12 +119,17 @@ def test_schedules_request_one_run_per_connection_of_their_group() -> None:
     tick = _utc(2026, 11, 2, 4, 0)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME, SANDBOX_CONNECTIONS)
-        context = build_schedule_context(
-            instance=instance, scheduled_execution_time=tick, repository_def=defs.get_repository_def()
-        )
-        ehr = list(defs.resolve_schedule_def("incremental_sync_ehr").evaluate_tick(context).run_requests or [])
-        network = defs.resolve_schedule_def("incremental_sync_network").evaluate_tick(context).run_requests or []
-        daily = defs.resolve_schedule_def("daily_reconciliation").evaluate_tick(context).run_requests or []
+        with build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=tick,
+            repository_def=defs.get_repository_def(),
+            resources={"redox": RedoxResource()},
+        ) as context:
+            ehr = defs.resolve_schedule_def("incremental_sync_ehr").evaluate_tick(context).run_requests
+            network = (
+                defs.resolve_schedule_def("incremental_sync_network").evaluate_tick(context).run_requests
+            )
+            daily = defs.resolve_schedule_def("daily_reconciliation").evaluate_tick(context).run_requests
     assert [r.tags[CONNECTION_TAG] for r in ehr] == ["northwind-fhir", "lakeside-dm", "riverbend-both"]
     assert [r.tags[CONNECTION_TAG] for r in network] == ["carequality-network"]
     assert ehr[0].partition_key == str(partition_key("northwind-fhir", "2026-11-02"))
@@ -124,15 +151,26 @@ def test_a_range_over_one_connection_is_one_window() -> None:
 
 
 def test_keys_across_connections_group_into_contiguous_windows() -> None:
-    keys = [partition_key("a", "2026-10-01"), partition_key("a", "2026-10-02"), partition_key("a", "2026-10-05")]
+    keys = [
+        partition_key("a", "2026-10-01"),
+        partition_key("a", "2026-10-02"),
+        partition_key("a", "2026-10-05"),
+    ]
     keys += [partition_key("b", "2026-10-02")]
     windows = windows_from_keys(keys)
-    assert [(w.connection_id, w.window.start.day, w.days) for w in windows] == [("a", 1, 2), ("a", 5, 1), ("b", 2, 1)]
+    assert [(w.connection_id, w.window.start.day, w.days) for w in windows] == [
+        ("a", 1, 2),
+        ("a", 5, 1),
+        ("b", 2, 1),
+    ]
     single = windows_for_run({}, None, str(partition_key("b", "2026-10-02")))
     assert single[0].window.end - single[0].window.start == timedelta(days=1)
     with pytest.raises(ValueError, match="ends"):
         windows_for_run(
-            {RANGE_START_TAG: str(partition_key("a", "2026-10-05")), RANGE_END_TAG: str(partition_key("a", "2026-10-01"))},
+            {
+                RANGE_START_TAG: str(partition_key("a", "2026-10-05")),
+                RANGE_END_TAG: str(partition_key("a", "2026-10-01")),
+            },
             None,
             None,
         )

@@ -81,14 +81,18 @@ def test_seven_day_range_via_backfill_tags_equals_truth_and_keeps_the_live_curso
     result = run_sync_asset(fresh, instance, tags=tags)
     assert result.success
     expected = truth(small_sandbox, FHIR_CONN, first, last + timedelta(days=1))
-    assert sum(expected.values()) > sum(truth(small_sandbox, FHIR_CONN, last, last + timedelta(days=1)).values())
+    assert sum(expected.values()) > sum(
+        truth(small_sandbox, FHIR_CONN, last, last + timedelta(days=1)).values()
+    )
     assert model_counts(tmp_path / "fresh" / "redox.duckdb", FHIR_CONN) == expected
     partitions = {e.partition for e in result.get_asset_materialization_events()}
     assert partitions == {str(partition_key(FHIR_CONN, (first + timedelta(days=i)).date())) for i in range(7)}
 
     # A warehouse with a live cursor: the same range run leaves the cursor as it was.
     live = sync_resources(config, tmp_path / "live")
-    assert run_sync_asset(live, instance, partition_key=partition_key(FHIR_CONN, last.date()), mode="live").success
+    assert run_sync_asset(
+        live, instance, partition_key=partition_key(FHIR_CONN, last.date()), mode="live"
+    ).success
     live_file = tmp_path / "live" / "redox.duckdb"
     before = live_cursor(live_file, FHIR_CONN)
     assert before is not None and not _no_cursor(before[1])

@@ -75,7 +75,9 @@ def synced(sandbox: SandboxServer, tmp_path_factory: pytest.TempPathFactory) -> 
     return {"config": config, "root": root, "parallel": parallel, "sequential": sequential}
 
 
-def test_two_connections_in_parallel_neither_fail_nor_lose_rows(synced: dict[str, Any], sandbox: SandboxServer) -> None:
+def test_two_connections_in_parallel_neither_fail_nor_lose_rows(
+    synced: dict[str, Any], sandbox: SandboxServer
+) -> None:
     assert all(r.success for r in synced["parallel"]), "a parallel run failed (DuckDB lock?)"
     assert all(r.success for r in synced["sequential"])
     parallel_file = synced["root"] / "parallel" / "redox.duckdb"
@@ -94,7 +96,13 @@ def test_two_connections_in_parallel_neither_fail_nor_lose_rows(synced: dict[str
     assert runs == [("lakeside-dm", "live"), ("northwind-fhir", "live")]
 
 
-CHECKS = [primary_keys_unique, patients_in_crosswalk, quarantine_rate, connections_fresh, fhir_counts_match_source]
+CHECKS = [
+    primary_keys_unique,
+    patients_in_crosswalk,
+    quarantine_rate,
+    connections_fresh,
+    fhir_counts_match_source,
+]
 
 
 def run_checks(config: Path, warehouse: Path) -> dict[tuple[str, str], Any]:
@@ -106,7 +114,9 @@ def run_checks(config: Path, warehouse: Path) -> dict[tuple[str, str], Any]:
         resources=sync_resources(config, warehouse),
     )
     with instance_with_connections(CONNECTIONS) as instance:
-        result = defs.resolve_job_def("checks_only").execute_in_process(instance=instance, raise_on_error=False)
+        result = defs.resolve_job_def("checks_only").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
     return {("/".join(e.asset_key.path), e.check_name): e for e in result.get_asset_check_evaluations()}
 
 
@@ -137,7 +147,9 @@ def _copy_with(synced: dict[str, Any], target: Path, *statements: str) -> Path:
 def test_a_duplicate_key_fails_its_check_and_blocks_the_checks_downstream(
     synced: dict[str, Any], tmp_path: Path
 ) -> None:
-    bad = _copy_with(synced, tmp_path / "dup", "INSERT INTO redox.encounters SELECT * FROM redox.encounters LIMIT 1")
+    bad = _copy_with(
+        synced, tmp_path / "dup", "INSERT INTO redox.encounters SELECT * FROM redox.encounters LIMIT 1"
+    )
     evaluations = run_checks(synced["config"], bad)
     failed = sorted(k for k, e in evaluations.items() if not e.passed)
     assert failed == [("redox/encounters", PK_CHECK)]

@@ -175,7 +175,9 @@ PATIENTS = [
         "meta": {"lastUpdated": f"2026-0{n}-10T08:00:00Z"},
         "identifier": [
             {
-                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]},
+                "type": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]
+                },
                 "system": "urn:oid:1.2.840.114350.1.13.0.1.7.5.737384.14",
                 "value": f"E{n}000",
             }
@@ -197,7 +199,9 @@ ENCOUNTERS = [
         "meta": {"lastUpdated": f"2026-0{n}-11T09:00:00Z"},
         "status": "finished",
         "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-        "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "185349003", "display": "Check up"}]}],
+        "type": [
+            {"coding": [{"system": "http://snomed.info/sct", "code": "185349003", "display": "Check up"}]}
+        ],
         "subject": {"reference": f"Patient/pt-{n}"},
         "participant": [{"individual": {"reference": "Practitioner/pr-1"}}],
         # A bulk export references its Locations (no display): the name comes from Location.ndjson.
@@ -234,7 +238,12 @@ OBSERVATIONS = [
         "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]},
         "subject": {"reference": f"Patient/pt-{n}"},
         "effectiveDateTime": f"2026-0{n}-12T07:45:00Z",
-        "valueQuantity": {"value": 90 + n, "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"},
+        "valueQuantity": {
+            "value": 90 + n,
+            "unit": "mg/dL",
+            "system": "http://unitsofmeasure.org",
+            "code": "mg/dL",
+        },
         "referenceRange": [{"low": {"value": 70, "unit": "mg/dL"}, "high": {"value": 99, "unit": "mg/dL"}}],
     }
     for n in (1, 2, 3)
@@ -276,7 +285,9 @@ def test_serve_seed_from_a_bulk_export_serves_it_through_both_surfaces(serve, tm
     assert sorted(o["valueQuantity"]["value"] for o in observations) == [91, 92, 93]
     encounters, _ = live.fhir_all(conn["id"], "Encounter", EVERYTHING)
     assert {e["period"]["start"][:10] for e in encounters} == {"2026-01-11", "2026-02-11"}
-    found = live.dm(conn["id"], "PatientSearch", "Query", Patient={"Identifiers": [{"ID": "E2000", "IDType": "MR"}]})
+    found = live.dm(
+        conn["id"], "PatientSearch", "Query", Patient={"Identifiers": [{"ID": "E2000", "IDType": "MR"}]}
+    )
     assert found.status_code == 200, found.text
     strict_redox(found.json())
     assert found.json()["Patient"]["Demographics"]["LastName"] == "Marsh"
@@ -331,7 +342,15 @@ def test_connect_registers_a_vault_key_and_writes_the_sync_config(
     assert again.returncode == 0, again.stderr
     assert yaml.safe_load(out.read_text())["auth"]["client_id"] == settings.auth.client_id
     unreachable = subprocess.run(
-        [*redox_elt(), "sandbox", "connect", "--url", "http://127.0.0.1:9", "--out", str(tmp_path / "x.yaml")],
+        [
+            *redox_elt(),
+            "sandbox",
+            "connect",
+            "--url",
+            "http://127.0.0.1:9",
+            "--out",
+            str(tmp_path / "x.yaml"),
+        ],
         capture_output=True,
         text=True,
         env=cli_env,

@@ -53,7 +53,9 @@ def dm_bytes(response: httpx.Response) -> bytes:
         raw = raw.replace(log["ID"].encode(), b"<log-id>").replace(log["AttemptID"].encode(), b"<attempt-id>")
     for counter in ("Message", "Transmission"):
         if counter in meta:
-            raw = raw.replace(f'"{counter}":{{"ID":{meta[counter]["ID"]}}}'.encode(), f'"{counter}":<id>'.encode())
+            raw = raw.replace(
+                f'"{counter}":{{"ID":{meta[counter]["ID"]}}}'.encode(), f'"{counter}":<id>'.encode()
+            )
     return raw
 
 
@@ -105,7 +107,9 @@ def test_same_seed_serves_byte_identical_fhir(pair: tuple[Live, Live]) -> None:
 def test_same_seed_serves_byte_identical_data_model(pair: tuple[Live, Live]) -> None:
     one, two = pair
     for conn_id in ("lakeside-dm", "riverbend-both"):
-        for i, (x, y) in enumerate(zip(dm_transcript(one, conn_id), dm_transcript(two, conn_id), strict=True)):
+        for i, (x, y) in enumerate(
+            zip(dm_transcript(one, conn_id), dm_transcript(two, conn_id), strict=True)
+        ):
             assert x == y, f"{conn_id}: query {i} differs"
 
 
@@ -144,7 +148,12 @@ def test_different_seed_serves_different_data(sandbox_factory: Callable[..., San
         assert all(x != y for x, y in zip(a, b, strict=True))
         assert one.truth()["persons"] != other.truth()["persons"]
         ids = [
-            {e["resource"]["id"] for e in live.fhir_search("riverbend-both", "Patient", {"_count": "500", **EVERYTHING}).json()["entry"]}
+            {
+                e["resource"]["id"]
+                for e in live.fhir_search(
+                    "riverbend-both", "Patient", {"_count": "500", **EVERYTHING}
+                ).json()["entry"]
+            }
             for live in (one, other)
         ]
         assert not ids[0] & ids[1]

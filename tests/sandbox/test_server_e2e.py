@@ -118,7 +118,9 @@ class Live:
         return r.json()
 
     def advance(self, days: float, change_fraction: float) -> dict[str, Any]:
-        r = self.http.post(f"{self.url}/_sandbox/advance", json={"days": days, "change_fraction": change_fraction})
+        r = self.http.post(
+            f"{self.url}/_sandbox/advance", json={"days": days, "change_fraction": change_fraction}
+        )
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -302,6 +304,8 @@ def wait_until_delivered(live: Live, timeout_s: float = 30.0) -> dict[str, int]:
 
 # ---- a 1,000-patient population, served for real ----------------------------------------
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def big() -> Iterator[Live]:
@@ -355,14 +359,20 @@ def test_documents_have_binary_content_that_reads_back(big: Live) -> None:
         assert raw.headers["content-type"].startswith(attachment["contentType"])
         assert len(raw.content) == attachment["size"]
         as_json = big.http.get(
-            f"{big.fhir_base(conn_id)}/Binary/{binary_id}", headers={**big.bearer(), "Accept": "application/fhir+json"}
+            f"{big.fhir_base(conn_id)}/Binary/{binary_id}",
+            headers={**big.bearer(), "Accept": "application/fhir+json"},
         ).json()
         fhir_valid(as_json)
 
 
 def sample_patients(live: Live, conn_id: str, n: int) -> list[dict[str, str]]:
     """``n`` of the connection's patients spread over the population, from truth.persons."""
-    records = [rec for person in live.truth()["persons"] for rec in person["records"] if rec["connection_id"] == conn_id]
+    records = [
+        rec
+        for person in live.truth()["persons"]
+        for rec in person["records"]
+        if rec["connection_id"] == conn_id
+    ]
     step = max(1, len(records) // n)
     return records[::step][:n]
 

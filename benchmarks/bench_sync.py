@@ -1,0 +1,654 @@
+"""Benchmark the extraction pipeline end to end against sandbox populations, next to two
+reference lanes on the same FHIR endpoints (issue 4, "Benchmark"). A script, not a test.
+
+    python benchmarks/bench_sync.py --patients 10000 100000 --out benchmarks/results
+    python benchmarks/bench_sync.py --profile 2000 --out /tmp/bench-profile   # cProfile a sync
+
+For each population size:
+
+1. ``redox-elt sandbox serve`` runs in a subprocess with the default connections, except that
+   the emulated request quota (``rate_limit`` per ``rate_window_s``) is lifted, so the numbers
+   measure this pipeline rather than Redox's quota. The connection config comes from the
+   onboarding API (what ``redox-elt sandbox connect`` does) with a high ``max_rps`` per connection
+   so the client's throttle starts (and stays) out of the way.
+2. **pipeline lane**: a full sync (``run_sync``, what ``redox-elt sync`` runs, minus the progress
+   bar) in a child process that reports its per-connection stage times and its own peak RSS
+   (``ru_maxrss``). Rows = the sum of ``redox.<entity>`` rows; the warehouse is compared with
+   ``/_sandbox/truth`` for every EHR connection.
+3. **incremental**: ``POST /_sandbox/advance {"days": 1, "change_fraction": 0.01}``, a second sync
+   into the same warehouse, its time as a share of the full sync, and truth again.
+4. **rest_api lane**: dlt's generic ``rest_api`` source on the FHIR-only connection's searches
+   (``POST {Type}/_search``, form-encoded, following the Bundle ``next`` links) into its own DuckDB.
+5. **limit lane**: the same searches fetched raw with httpx (no parsing), the bytes written to
+   files, then DuckDB ``read_json_auto`` over those files into one table per resource type.
+
+Lanes 4 and 5 and the pipeline's ``northwind-fhir`` connection read the same endpoints with the
+same page size, so their rows/s compare like for like. Every result records the machine's
+load average (other work may share the machine). Only counts and timings are printed, never
+record content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's packages, when not installed
+
+os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+os.environ.setdefault("RUNTIME__LOG_LEVEL", "ERROR")
+
+ENTITIES = ("patients", "encounters", "results", "medications", "appointments", "documents")
+FHIR_CONNECTION = "northwind-fhir"
+# The resource types the pipeline's FHIR source searches (pipelines/fhir/settings.py).
+FHIR_TYPES = (
+    "Patient",
+    "Encounter",
+    "Observation",
+    "MedicationRequest",
+    "MedicationStatement",
+    "Appointment",
+    "DocumentReference",
+)
+LIFTED_RATE_LIMIT = 100_000_000  # requests per window: never reached
+CLIENT_MAX_RPS = 5000.0
+ALL_OF_TIME = "ge1900-01-01T00:00:00Z"
+
+
+def redox_elt() -> list[str]:
+    script = Path(sys.executable).with_name("redox-elt")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "redox_elt.cli"]
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def proc_status_kb(pid: int, field: str) -> int | None:
+    """A ``VmHWM``/``VmRSS`` line of /proc/PID/status, in kB (Linux only)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# ---- the sandbox subprocess ----------------------------------------------------------------
+
+
+def sandbox_config_file(directory: Path) -> Path:
+    """The default connections with the emulated request quota lifted; nothing else changed."""
+    from dataclasses import asdict
+
+    from sandbox.config import default_connections
+
+    conns = []
+    for spec in default_connections():
+        entry = asdict(spec)
+        entry["rate_limit"] = LIFTED_RATE_LIMIT
+        conns.append({k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()})
+    path = directory / "sandbox.yaml"
+    path.write_text(yaml.safe_dump({"connections": conns}, sort_keys=False))
+    return path
+
+
+class Sandbox:
+    """``redox-elt sandbox serve --port 0`` in a subprocess; its URL is on its first stdout line."""
+
+    def __init__(self, patients: int, seed: int, config: Path) -> None:
+        started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [*redox_elt(), "sandbox", "serve", "--host", "127.0.0.1", "--port", "0"]
+            + ["--patients", str(patients), "--seed", str(seed), "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if "listening on " not in line:
+            self.stop()
+            raise SystemExit(f"the sandbox did not start (exit {self.process.poll()})")
+        self.url = line.split("listening on ", 1)[1].split()[0]
+        self.truth()  # the population is built lazily by some stores: wait until it answers
+        self.ready_s = time.perf_counter() - started
+
+    def truth(self) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/_sandbox/truth", params={"persons": "false"}, timeout=600)
+        response.raise_for_status()
+        return response.json()
+
+    def advance(self, days: float, change_fraction: float) -> dict[str, Any]:
+        response = httpx.post(
+            f"{self.url}/_sandbox/advance",
+            json={"days": days, "change_fraction": change_fraction},
+            timeout=600,
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the sandbox process has used so far."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float | None:
+        kb = proc_status_kb(self.process.pid, "VmHWM")
+        return round(kb / 1024, 1) if kb else None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def connect(url: str, directory: Path) -> Path:
+    """Onboard like ``redox-elt sandbox connect``, then raise every connection's ``max_rps``."""
+    from resources.onboarding import connect_sandbox
+
+    path = connect_sandbox(url, directory / "connections.yaml", name="redox-elt-bench")
+    document = yaml.safe_load(path.read_text())
+    for conn in document["connections"]:
+        conn["max_rps"] = CLIENT_MAX_RPS
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+# ---- child processes: each lane runs alone so its peak RSS is its own -----------------------
+
+
+def run_child(
+    lane: str, params: dict[str, Any], sandbox: Sandbox | None = None, timeout_s: float = 7200
+) -> dict[str, Any]:
+    """Run ``lane`` in a fresh interpreter; returns its JSON result plus wall time as seen here
+    and the CPU seconds the sandbox spent serving it."""
+    sandbox_cpu = sandbox.cpu_s() if sandbox else 0.0
+    started = time.perf_counter()
+    load_before = load_average()
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", lane, json.dumps(params)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=os.environ.copy(),
+        cwd=str(ROOT),
+    )
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        # Exception text can carry library messages; show only the tail of the child's stderr.
+        raise SystemExit(f"lane {lane} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = round(wall, 2)
+    if sandbox:
+        result["sandbox_cpu_s"] = round(sandbox.cpu_s() - sandbox_cpu, 2)
+    result["load_before"] = load_before
+    result["load_after"] = load_average()
+    return result
+
+
+def peak_rss() -> dict[str, float]:
+    """This process's peak RSS and CPU seconds (and those of any children it waited for)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "peak_rss_mb": round(own.ru_maxrss / 1024, 1),
+        "children_peak_rss_mb": round(children.ru_maxrss / 1024, 1),
+        "cpu_s": round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 2),
+    }
+
+
+def child_sync(params: dict[str, Any]) -> dict[str, Any]:
+    from pipelines.sync import run_sync
+    from pipelines.warehouse import WarehousePaths
+    from resources.settings import load_settings
+
+    settings = load_settings(params["config"])
+    paths = WarehousePaths.at(params["warehouse"])
+    started = time.perf_counter()
+    profiler = cProfile.Profile() if params.get("profile") else None
+    if profiler:
+        profiler.enable()
+    report = run_sync(settings, paths, connection_ids=params.get("connections"), caller="benchmark")
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(params["profile"])
+    seconds = time.perf_counter() - started
+    return {
+        "run_sync_s": round(seconds, 2),
+        "connections": {
+            c.connection_id: {
+                "seconds": {k: round(v, 2) for k, v in c.seconds.items()},
+                "staged": c.extracted,
+                "published": {k: v for k, v in c.published.items()},
+                "quarantined": sum(c.quarantined.values()),
+                "error": c.error,
+            }
+            for c in report.connections
+        },
+        **peak_rss(),
+    }
+
+
+def token_provider(config: str) -> Any:
+    from resources.client import SHARED
+    from resources.settings import load_settings
+
+    settings = load_settings(config)
+    return SHARED.oauth(settings, SHARED.vault(None)), settings.connection(FHIR_CONNECTION)
+
+
+def child_rest_api(params: dict[str, Any]) -> dict[str, Any]:
+    import dlt
+    from dlt.common.configuration import configspec
+    from dlt.sources.helpers.rest_client.auth import AuthConfigBase
+    from dlt.sources.helpers.rest_client.paginators import JSONLinkPaginator
+    from dlt.sources.rest_api import rest_api_source
+
+    provider, conn = token_provider(params["config"])
+
+    @configspec
+    class BenchAuth(AuthConfigBase):
+        """A bearer token from the project's token provider (cached, refreshed before its
+        5-minute expiry): obtained once per token lifetime, never expired mid-run."""
+
+        def __call__(self, request: Any) -> Any:
+            request.headers["Authorization"] = f"Bearer {provider.get_token()}"
+            return request
+
+    class FhirNextLinkPaginator(JSONLinkPaginator):
+        """The Bundle's ``next`` link, posted without the search form: the link carries
+        the page token and FHIR refuses a token combined with search parameters."""
+
+        def update_request(self, request: Any) -> None:
+            super().update_request(request)
+            request.data = None
+
+    source = rest_api_source(
+        {
+            "client": {
+                "base_url": conn.fhir_base_url.rstrip("/") + "/",
+                "auth": BenchAuth(),
+                "headers": {"Accept": "application/fhir+json"},
+            },
+            "resource_defaults": {"write_disposition": "replace"},
+            "resources": [
+                {
+                    "name": rtype.lower(),
+                    "endpoint": {
+                        "path": f"{rtype}/_search",
+                        "method": "POST",
+                        "data": {"_count": str(params["page_size"]), "_lastUpdated": ALL_OF_TIME},
+                        "data_selector": "entry[*].resource",
+                        "paginator": FhirNextLinkPaginator(next_url_path="link[?relation=='next'].url"),
+                    },
+                }
+                for rtype in FHIR_TYPES
+            ],
+        }
+    )
+    pipeline = dlt.pipeline(
+        pipeline_name="bench_rest_api",
+        destination=dlt.destinations.duckdb(params["warehouse"]),
+        dataset_name="fhir",
+        pipelines_dir=params["pipelines_dir"],
+    )
+    started = time.perf_counter()
+    pipeline.run(source)
+    seconds = time.perf_counter() - started
+    with duckdb.connect(params["warehouse"], read_only=True) as con:
+        rows = {
+            rtype: con.execute(f"select count(*) from fhir.{rtype.lower()}").fetchone()[0]
+            for rtype in FHIR_TYPES
+        }
+        child_tables = con.execute(
+            "select count(*) from information_schema.tables where table_schema = 'fhir' "
+            "and table_name like '%\\_\\_%' escape '\\'"
+        ).fetchone()[0]
+    return {
+        "seconds": round(seconds, 2),
+        "rows": rows,
+        "child_tables": child_tables,
+        **peak_rss(),
+    }
+
+
+def fetch_pages(client: httpx.Client, base: str, rtype: str, page_size: int, out: Path) -> tuple[int, int]:
+    """Every page of one search written to ``out`` as received; returns (pages, bytes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    response = client.post(f"{base}/{rtype}/_search", data={"_count": page_size, "_lastUpdated": ALL_OF_TIME})
+    pages = size = 0
+    while True:
+        response.raise_for_status()
+        body = response.content
+        (out / f"{pages:06d}.json").write_bytes(body)
+        pages += 1
+        size += len(body)
+        # The next link is found without parsing the page: the limit lane never decodes JSON
+        # in Python. The sandbox writes the links before the entries.
+        head = body[:4096].decode("utf-8", "replace")
+        marker = head.find('"relation":"next","url":"')
+        if marker < 0:
+            return pages, size
+        start = marker + len('"relation":"next","url":"')
+        response = client.post(head[start : head.index('"', start)])
+
+
+def child_limit(params: dict[str, Any]) -> dict[str, Any]:
+    provider, conn = token_provider(params["config"])
+    base = conn.fhir_base_url.rstrip("/")
+    pages_dir = Path(params["pages_dir"])
+    fetch: dict[str, Any] = {}
+    started = time.perf_counter()
+    with httpx.Client(
+        timeout=120, auth=_HttpxBearer(provider), headers={"Accept": "application/fhir+json"}
+    ) as client:
+        for rtype in FHIR_TYPES:
+            pages, size = fetch_pages(client, base, rtype, params["page_size"], pages_dir / rtype)
+            fetch[rtype] = {"pages": pages, "bytes": size}
+    fetch_s = time.perf_counter() - started
+    started = time.perf_counter()
+    rows = {}
+    with duckdb.connect(params["warehouse"]) as con:
+        for rtype in FHIR_TYPES:
+            pattern = str(pages_dir / rtype / "*.json").replace("'", "''")
+            con.execute(
+                f"create or replace table {rtype.lower()} as "
+                f"select unnest(entry, recursive := false).resource as resource "
+                f"from read_json_auto('{pattern}', maximum_object_size = 268435456)"
+            )
+            rows[rtype] = con.execute(f"select count(*) from {rtype.lower()}").fetchone()[0]
+    load_s = time.perf_counter() - started
+    return {
+        "seconds": round(fetch_s + load_s, 2),
+        "fetch_s": round(fetch_s, 2),
+        "read_json_s": round(load_s, 2),
+        "pages": fetch,
+        "rows": rows,
+        **peak_rss(),
+    }
+
+
+class _HttpxBearer(httpx.Auth):
+    def __init__(self, provider: Any) -> None:
+        self.provider = provider
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        request.headers["Authorization"] = f"Bearer {self.provider.get_token()}"
+        yield request
+
+
+CHILD_LANES = {"sync": child_sync, "rest_api": child_rest_api, "limit": child_limit}
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+
+
+def warehouse_counts(warehouse: Path) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        for entity in ENTITIES:
+            for conn, n in con.execute(
+                f"select connection_id, count(*) from redox.{entity} group by 1"
+            ).fetchall():
+                out.setdefault(conn, {})[entity] = n
+    return out
+
+
+def truth_diffs(truth: dict[str, Any], got: dict[str, dict[str, int]], ehr: list[str]) -> dict[str, Any]:
+    """(connection.entity) -> [in warehouse, in truth] wherever they differ."""
+    return {
+        f"{c}.{e}": [got.get(c, {}).get(e, 0), n]
+        for c in ehr
+        for e, n in truth["counts"][c].items()
+        if got.get(c, {}).get(e, 0) != n
+    }
+
+
+def rate(rows: int, seconds: float) -> float:
+    return round(rows / seconds, 1) if seconds > 0 else 0.0
+
+
+def bench_size(patients: int, seed: int, workdir: Path, lanes: set[str]) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "patients": patients,
+        "seed": seed,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_at_start": load_average(),
+        },
+    }
+    sandbox = Sandbox(patients, seed, sandbox_config_file(workdir))
+    try:
+        result["sandbox"] = {"ready_s": round(sandbox.ready_s, 2)}
+        config = connect(sandbox.url, workdir)
+        with httpx.Client(timeout=30) as http:
+            meta = http.get(f"{sandbox.url}/_sandbox/connections").json()
+        ehr = [c["id"] for c in meta["connections"] if c.get("kind", "ehr") == "ehr"]
+        # The clinical network answers after an emulated 150 ms per call (a remote network, by
+        # design): it is latency-bound and timed on its own, after the EHR connections it asks about.
+        network = [c["id"] for c in meta["connections"] if c.get("kind") == "network"]
+        fhir_conn = next(c for c in meta["connections"] if c["id"] == FHIR_CONNECTION)
+        page_size = int(fhir_conn.get("page_size") or 100)
+        warehouse = workdir / "wh" / "redox.duckdb"
+
+        print(f"[{patients}] full sync ...", flush=True)
+        sync_params = {"config": str(config), "warehouse": str(warehouse), "connections": ehr}
+        full = run_child("sync", sync_params, sandbox)
+        got = warehouse_counts(warehouse)
+        rows = sum(sum(per.values()) for per in got.values())
+        truth = sandbox.truth()
+        full.update(
+            rows_loaded=rows,
+            rows_per_connection={c: sum(v.values()) for c, v in got.items()},
+            rows_per_s=rate(rows, full["wall_s"]),
+            truth_diffs=truth_diffs(truth, got, ehr),
+            ehr_connections=ehr,
+        )
+        nw = full["connections"].get(FHIR_CONNECTION, {})
+        nw_rows = sum(got.get(FHIR_CONNECTION, {}).values())
+        nw_s = sum(nw.get("seconds", {}).values())
+        full["fhir_connection"] = {
+            "rows": nw_rows,
+            "seconds": round(nw_s, 2),
+            "rows_per_s": rate(nw_rows, nw_s),
+        }
+        result["full_sync"] = full
+        print(
+            f"[{patients}] full sync {full['wall_s']} s, {rows} rows, truth diffs {len(full['truth_diffs'])}",
+            flush=True,
+        )
+
+        if "incremental" in lanes:
+            advanced = sandbox.advance(1, 0.01)
+            print(f"[{patients}] incremental sync ...", flush=True)
+            inc = run_child("sync", sync_params, sandbox)
+            got = warehouse_counts(warehouse)
+            inc.update(
+                advance=advanced,
+                rows_loaded=sum(sum(per.values()) for per in got.values()),
+                share_of_full=round(inc["wall_s"] / full["wall_s"], 4),
+                truth_diffs=truth_diffs(sandbox.truth(), got, ehr),
+            )
+            result["incremental_sync"] = inc
+            print(
+                f"[{patients}] incremental {inc['wall_s']} s ({100 * inc['share_of_full']:.1f}% of full)",
+                flush=True,
+            )
+
+        if "network" in lanes and network:
+            print(f"[{patients}] network connection sync ...", flush=True)
+            net = run_child("sync", {**sync_params, "connections": network}, sandbox)
+            got = warehouse_counts(warehouse)
+            net["rows_loaded"] = sum(sum(got.get(c, {}).values()) for c in network)
+            net["rows_per_s"] = rate(net["rows_loaded"], net["wall_s"])
+            result["network_sync"] = net
+            print(f"[{patients}] network {net['wall_s']} s, {net['rows_loaded']} rows", flush=True)
+
+        # The reference lanes read the population as advanced: both see the same records.
+        common = {"config": str(config), "page_size": page_size}
+        if "rest_api" in lanes:
+            print(f"[{patients}] rest_api lane ...", flush=True)
+            rest = run_child(
+                "rest_api",
+                {
+                    **common,
+                    "warehouse": str(workdir / "rest_api.duckdb"),
+                    "pipelines_dir": str(workdir / "rest_api_pipelines"),
+                },
+                sandbox,
+            )
+            rest_rows = sum(rest["rows"].values())
+            rest.update(rows_total=rest_rows, rows_per_s=rate(rest_rows, rest["seconds"]))
+            result["rest_api_lane"] = rest
+            print(f"[{patients}] rest_api {rest['seconds']} s, {rest_rows} rows", flush=True)
+        if "limit" in lanes:
+            print(f"[{patients}] limit lane ...", flush=True)
+            limit = run_child(
+                "limit",
+                {**common, "warehouse": str(workdir / "limit.duckdb"), "pages_dir": str(workdir / "pages")},
+                sandbox,
+            )
+            limit_rows = sum(limit["rows"].values())
+            limit.update(rows_total=limit_rows, rows_per_s=rate(limit_rows, limit["seconds"]))
+            result["limit_lane"] = limit
+            print(f"[{patients}] limit {limit['seconds']} s, {limit_rows} rows", flush=True)
+        result["sandbox"]["peak_rss_mb"] = sandbox.peak_rss_mb()
+    finally:
+        sandbox.stop()
+    result["machine"]["load_at_end"] = load_average()
+    result["comparisons"] = comparisons(result)
+    return result
+
+
+def comparisons(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    full = result.get("full_sync") or {}
+    nw = (full.get("fhir_connection") or {}).get("rows_per_s")
+    if "rest_api_lane" in result and nw:
+        out["fhir_connection_vs_rest_api"] = round(nw / result["rest_api_lane"]["rows_per_s"], 2)
+    if "limit_lane" in result and nw:
+        out["limit_vs_fhir_connection"] = round(result["limit_lane"]["rows_per_s"] / nw, 2)
+    return out
+
+
+def profile_sync(patients: int, seed: int, workdir: Path, out: Path) -> Path:
+    """cProfile one in-process full sync (sandbox in its own process) and write the top functions."""
+    sandbox = Sandbox(patients, seed, sandbox_config_file(workdir))
+    try:
+        config = connect(sandbox.url, workdir)
+        with httpx.Client(timeout=30) as http:
+            meta = http.get(f"{sandbox.url}/_sandbox/connections").json()
+        ehr = [c["id"] for c in meta["connections"] if c.get("kind", "ehr") == "ehr"]
+        stats_file = workdir / "sync.prof"
+        params = {
+            "config": str(config),
+            "warehouse": str(workdir / "wh" / "redox.duckdb"),
+            "connections": ehr,
+            "profile": str(stats_file),
+        }
+        result = run_child("sync", params, sandbox)
+    finally:
+        sandbox.stop()
+    text = io.StringIO()
+    text.write(json.dumps(result, indent=1) + "\n")
+    stats = pstats.Stats(str(stats_file), stream=text)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(40)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"profile-sync-{patients}.txt"
+    target.write_text(text.getvalue())
+    shutil.copy(stats_file, out / f"profile-sync-{patients}.prof")
+    return target
+
+
+@contextlib.contextmanager
+def isolated_home() -> Iterator[Path]:
+    """A throwaway vault and key ring, so the benchmark never touches the user's own."""
+    saved = {k: os.environ.get(k) for k in ("REDOX_ELT_HOME", "REDOX_ELT_MASTER_KEY")}
+    with tempfile.TemporaryDirectory(prefix="redox-bench-") as tmp:
+        os.environ["REDOX_ELT_HOME"] = str(Path(tmp) / "home")
+        os.environ["REDOX_ELT_MASTER_KEY"] = "benchmark-only-master-key"
+        try:
+            yield Path(tmp)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, nargs="+", default=[10_000])
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--lanes",
+        nargs="+",
+        default=["incremental", "rest_api", "limit", "network"],
+        choices=["incremental", "rest_api", "limit", "network"],
+        help="what to run besides the full sync (default: all)",
+    )
+    parser.add_argument(
+        "--profile", type=int, default=None, metavar="N", help="cProfile a full sync of N patients"
+    )
+    parser.add_argument("--child", nargs=2, metavar=("LANE", "PARAMS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        lane, params = args.child
+        print(json.dumps(CHILD_LANES[lane](json.loads(params))))
+        return 0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with isolated_home() as tmp:
+        if args.profile:
+            print(f"profile written to {profile_sync(args.profile, args.seed, tmp, out)}")
+            return 0
+        for patients in args.patients:
+            workdir = tmp / f"n{patients}"
+            workdir.mkdir()
+            result = bench_size(patients, args.seed, workdir, set(args.lanes))
+            result["command"] = " ".join(["python", "benchmarks/bench_sync.py", *(argv or sys.argv[1:])])
+            target = out / f"sync-{patients}.json"
+            target.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"[{patients}] written {target}", flush=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

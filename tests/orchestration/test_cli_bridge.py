@@ -1,0 +1,61 @@
+"""``assets.cli_bridge.run_sync_job``: the CLI's sync executed as the Dagster job."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from assets.cli_bridge import run_plan, run_sync_job
+from assets.partitions import RANGE_END_TAG, RANGE_START_TAG, partition_key
+from pipelines.sync_context import SyncWindow
+from pipelines.warehouse import WarehousePaths
+from sandbox.population.store import Query
+from sandbox.server import SandboxServer
+from tests.orchestration.conftest import ENTITIES, model_counts, register
+
+FHIR_CONN = "northwind-fhir"
+
+
+def test_a_cli_window_becomes_a_day_range_with_its_exact_bounds() -> None:
+    window = SyncWindow(datetime(2026, 10, 3, 12, 30, tzinfo=UTC), datetime(2026, 10, 5, tzinfo=UTC))
+    plan = run_plan(FHIR_CONN, window, 60.0, datetime(2026, 11, 25, tzinfo=UTC))
+    assert plan["partition_key"] is None
+    assert plan["tags"][RANGE_START_TAG] == str(partition_key(FHIR_CONN, "2026-10-03"))
+    assert plan["tags"][RANGE_END_TAG] == str(partition_key(FHIR_CONN, "2026-10-04"))  # end is exclusive
+    config = plan["run_config"]["ops"]["redox_sync"]["config"]
+    assert (
+        config["window_start"] == window.start.isoformat() and config["window_end"] == window.end.isoformat()
+    )
+    live = run_plan(FHIR_CONN, SyncWindow(), 60.0, datetime(2026, 11, 25, 9, tzinfo=UTC))
+    assert live["partition_key"] == str(partition_key(FHIR_CONN, "2026-11-25"))
+    assert live["run_config"]["ops"]["redox_sync"]["config"]["mode"] == "live"
+
+
+def test_the_cli_sync_runs_the_dagster_job_live_and_windowed(
+    small_sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    config = register(small_sandbox, tmp_path, (FHIR_CONN,))
+    window = SyncWindow(datetime(2026, 10, 3, 12, 30, tzinfo=UTC), datetime(2026, 10, 17, 6, tzinfo=UTC))
+    windowed = WarehousePaths.at(tmp_path / "windowed")
+    report = run_sync_job(config, windowed, window=window)
+    assert report.ok, [c.error for c in report.connections]
+    store = small_sandbox.state.store
+    expected = {
+        e: store.count(Query(FHIR_CONN, e, updated_ge=window.start, updated_lt=window.end)) for e in ENTITIES
+    }
+    assert model_counts(windowed.duckdb, FHIR_CONN) == expected
+    assert report.connections[0].published["results"] == expected["results"]
+    with duckdb.connect(str(windowed.duckdb), read_only=True) as con:
+        assert con.execute("SELECT mode, window_start, window_end FROM ops.sync_runs").fetchall() == [
+            ("backfill", window.start, window.end)
+        ]
+
+    live = WarehousePaths.at(tmp_path / "live")
+    report = run_sync_job(config, live)
+    assert report.ok
+    assert report.connections[0].published == {
+        **{e: store.count(Query(FHIR_CONN, e)) for e in ENTITIES},
+        "patient_identifiers": report.connections[0].published["patient_identifiers"],
+    }
