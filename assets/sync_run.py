@@ -21,7 +21,7 @@ from pipelines.lake import export_lake
 from pipelines.model import ENTITIES
 from pipelines.publish import STAGING_SCHEMA, SURFACES, model_schema
 from pipelines.resource_hints import QUARANTINE_TABLE, staged_table_name
-from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, _safe_message, sync_connection
+from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, safe_message, sync_connection
 from pipelines.sync_context import SyncWindow
 from pipelines.warehouse import WarehousePaths, WriterLock
 from resources.audit import AuditLog, load_audit_into_duckdb
@@ -109,7 +109,7 @@ def run_windows(
                         caller=caller,
                     )
                 except Exception as exc:  # noqa: BLE001 - reported per connection, raised by the caller
-                    outcome.failures[cw.connection_id] = f"{type(exc).__name__}: {_safe_message(exc)}"
+                    outcome.failures[cw.connection_id] = f"{type(exc).__name__}: {safe_message(exc)}"
                     log.error(
                         "connection %s failed: %s", cw.connection_id, outcome.failures[cw.connection_id]
                     )

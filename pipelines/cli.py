@@ -92,7 +92,10 @@ def live_progress(stream: Any = sys.stderr) -> Iterator[None]:
             worker.join()
 
 
-def _sync(args: argparse.Namespace) -> int:
+def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
+    """``redox-elt sync``. ``runner(config_path, paths, connection_ids=, window=)`` executes the
+    sync; the application wires the Dagster job in (``redox_elt.cli``) so the CLI and the UI
+    run the same asset code. Without one, ``run_sync`` runs it directly."""
     from pipelines.sync import run_sync
     from pipelines.warehouse import WarehouseBusy, WarehousePaths
     from resources.settings import ConfigError, load_settings
@@ -109,7 +112,12 @@ def _sync(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         with live_progress():
-            report = run_sync(settings, paths, connection_ids=args.connection, window=window, caller="cli")
+            if runner is None:
+                report = run_sync(
+                    settings, paths, connection_ids=args.connection, window=window, caller="cli"
+                )
+            else:
+                report = runner(settings.source_path, paths, connection_ids=args.connection, window=window)
     except WarehouseBusy as exc:
         print(f"redox-elt sync: {exc}", file=sys.stderr)
         return 3
@@ -161,7 +169,7 @@ def register(sub: Any) -> None:
     sync.add_argument(
         "--warehouse", default=None, help="DuckDB file or directory (default warehouse/redox.duckdb)"
     )
-    sync.set_defaults(func=_sync)
+    sync.set_defaults(func=sync_command)
 
     demo = sub.add_parser(
         "demo", help="start the sandbox in-process and run a full sync (the README's main job)"

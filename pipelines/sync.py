@@ -248,7 +248,7 @@ def run_sync(
                     )
                 except Exception as exc:  # noqa: BLE001 - one connection's failure must not stop the others
                     conn_report = ConnectionReport(
-                        conn.id, error=f"{type(exc).__name__}: {_safe_message(exc)}"
+                        conn.id, error=f"{type(exc).__name__}: {safe_message(exc)}"
                     )
                     log.error("connection %s failed: %s", conn.id, conn_report.error)
                 report.connections.append(conn_report)
@@ -262,7 +262,7 @@ def run_sync(
     return report
 
 
-def _safe_message(exc: Exception) -> str:
+def safe_message(exc: Exception) -> str:
     """Our own errors are written without PHI and are shown; a library's error text can
     echo payload values, so for those only the chain of exception types is shown."""
     chain: list[BaseException] = []

@@ -40,6 +40,14 @@ def _sandbox_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync_through_dagster(args: argparse.Namespace) -> int:
+    """``redox-elt sync`` executes the same Dagster job the UI materializes, in-process."""
+    from assets.cli_bridge import run_sync_job
+    from pipelines.cli import sync_command
+
+    return sync_command(args, runner=run_sync_job)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL."
@@ -75,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.cli import register as register_pipeline_verbs
 
     register_pipeline_verbs(sub)
+    sub.choices["sync"].set_defaults(func=_sync_through_dagster)
     return parser
 
 

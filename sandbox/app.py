@@ -26,7 +26,9 @@ from sandbox.webhooks import WebhookSender
 log = logging.getLogger("sandbox")
 
 
-def build_store(config: SandboxConfig, seed_from: str | Path | None = None) -> tuple[SandboxConfig, RecordStore]:
+def build_store(
+    config: SandboxConfig, seed_from: str | Path | None = None
+) -> tuple[SandboxConfig, RecordStore]:
     """The synthetic population, or (``seed_from``) one connection served from FHIR files."""
     if seed_from is not None:
         from sandbox.fhir.seed_from import load_seed_dir
@@ -40,12 +42,16 @@ def build_store(config: SandboxConfig, seed_from: str | Path | None = None) -> t
     return config, SyntheticPopulation(config)
 
 
-def build_state(config: SandboxConfig, *, seed_from: str | Path | None = None, base_url: str = "") -> SandboxState:
+def build_state(
+    config: SandboxConfig, *, seed_from: str | Path | None = None, base_url: str = ""
+) -> SandboxState:
     config, store = build_store(config, seed_from)
     faults = Faults(config, seed=config.seed)
     auth = AuthServer(config, faults)
     webhooks = WebhookSender(config, _push_renderer(config, store, base_url), faults)
-    return SandboxState(config=config, store=store, auth=auth, faults=faults, webhooks=webhooks, base_url=base_url)
+    return SandboxState(
+        config=config, store=store, auth=auth, faults=faults, webhooks=webhooks, base_url=base_url
+    )
 
 
 def _push_renderer(config: SandboxConfig, store: RecordStore, base_url: str):

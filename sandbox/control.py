@@ -8,6 +8,7 @@ are a contract (see the sandbox issue): keep them exactly.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from sandbox.population.records import Change
 from sandbox.state import SandboxState
 
 
@@ -65,6 +67,16 @@ def connections_document(state: SandboxState) -> dict[str, Any]:
 
 
 def routes(state: SandboxState) -> list[BaseRoute]:
+    advance_lock = threading.Lock()
+
+    def _advance_and_enqueue(days: float, fraction: float) -> list[Change]:
+        # Rendering the events of a large advance takes seconds: off the event loop, so the API
+        # keeps answering. One advance at a time, so events are queued in the order they happened.
+        with advance_lock:
+            changes = state.store.advance(days, fraction)
+            state.webhooks.enqueue(changes, state.config.connections)
+            return changes
+
     async def connections(request: Request) -> Response:
         return _json(connections_document(state))
 
@@ -129,8 +141,7 @@ def routes(state: SandboxState) -> list[BaseRoute]:
             return _error("advance: 'days' must be in (0, 3650]")
         if not 0 <= fraction <= 1:
             return _error("advance: 'change_fraction' must be in [0, 1]")
-        changes = await asyncio.to_thread(state.store.advance, days, fraction)
-        state.webhooks.enqueue(changes, state.config.connections)
+        changes = await asyncio.to_thread(_advance_and_enqueue, days, fraction)
         summary: dict[str, dict[str, int]] = {}
         for ch in changes:
             per = summary.setdefault(ch.record.connection_id, {})

@@ -22,7 +22,9 @@ TEST_SEED = 7
 
 def sandbox_config(**overrides: Any) -> SandboxConfig:
     """A small, fast population with a time-scaled webhook ladder."""
-    base = SandboxConfig(seed=TEST_SEED, patients=TEST_PATIENTS, webhook_time_scale=0.001, webhook_timeout_s=5.0)
+    base = SandboxConfig(
+        seed=TEST_SEED, patients=TEST_PATIENTS, webhook_time_scale=0.001, webhook_timeout_s=5.0
+    )
     return replace(base, **overrides).validate()
 
 

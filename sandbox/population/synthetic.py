@@ -660,7 +660,9 @@ class SyntheticPopulation(RecordStore):
 def _keep_near_duplicates_together(member: np.ndarray, persons: Persons) -> None:
     """Different people with the same name, sex and birth date are most dangerous inside
     one EHR, so when one of them is in the connection, so is the other (in place)."""
-    key = (persons.family.astype(np.int64) * 4096 + persons.given) * 4096 + (persons.middle.astype(np.int64) + 1)
+    key = (persons.family.astype(np.int64) * 4096 + persons.given) * 4096 + (
+        persons.middle.astype(np.int64) + 1
+    )
     key = (key * 8 + persons.sex) * 100_000 + persons.dob
     order = np.argsort(key, kind="stable")
     same = key[order][1:] == key[order][:-1]

@@ -53,9 +53,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 def _staged_counts(paths: WarehousePaths) -> dict[str, int]:
     with duckdb.connect(str(paths.duckdb), read_only=True) as con:
-        tables = [r[0] for r in con.execute(
-            "select table_name from information_schema.tables where table_schema = 'raw'").fetchall()]
-        return {t: con.execute(f"select count(*) from raw.{t}").fetchone()[0] for t in tables if not t.startswith("_")}
+        tables = [
+            r[0]
+            for r in con.execute(
+                "select table_name from information_schema.tables where table_schema = 'raw'"
+            ).fetchall()
+        ]
+        return {
+            t: con.execute(f"select count(*) from raw.{t}").fetchone()[0]
+            for t in tables
+            if not t.startswith("_")
+        }
 
 
 @pytest.mark.parametrize(("surface", "entity"), STREAMS)
@@ -110,7 +118,9 @@ def test_fhir_backfill_window_loads_exactly_the_window(world: dict, entity: str,
     end = store.now - timedelta(days=20)
     start = end - timedelta(days=90)
     paths = WarehousePaths.at(tmp_path / "redox.duckdb")
-    assert run_sync(world["settings"], paths, connection_ids=["northwind-fhir"], window=SyncWindow(start, end)).ok
+    assert run_sync(
+        world["settings"], paths, connection_ids=["northwind-fhir"], window=SyncWindow(start, end)
+    ).ok
     with duckdb.connect(str(paths.duckdb), read_only=True) as con:
         got = con.execute(f"select count(*) from raw.{staged_table_name('fhir', entity)}").fetchone()[0]
     assert got == store.count(Query("northwind-fhir", entity, updated_ge=start, updated_lt=end))
@@ -122,7 +132,9 @@ def test_datamodel_results_backfill_window_loads_exactly_the_window(world: dict,
     end = store.now - timedelta(days=20)
     start = end - timedelta(days=90)
     paths = WarehousePaths.at(tmp_path / "redox.duckdb")
-    assert run_sync(world["settings"], paths, connection_ids=["lakeside-dm"], window=SyncWindow(start, end)).ok
+    assert run_sync(
+        world["settings"], paths, connection_ids=["lakeside-dm"], window=SyncWindow(start, end)
+    ).ok
     with duckdb.connect(str(paths.duckdb), read_only=True) as con:
         got = con.execute("select count(*) from raw.datamodel_results").fetchone()[0]
     assert got == store.count(Query("lakeside-dm", "results", updated_ge=start, updated_lt=end))

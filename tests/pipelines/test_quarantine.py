@@ -36,15 +36,23 @@ class OnePageClient:
             return
         loinc = {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]}
         entries = [observation("a", loinc), observation("bad", None), observation("b", loinc)]
-        yield orjson.dumps({"resourceType": "Bundle", "type": "searchset", "total": 3,
-                            "entry": [{"resource": r} for r in entries]})
+        yield orjson.dumps(
+            {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": 3,
+                "entry": [{"resource": r} for r in entries],
+            }
+        )
 
 
 def test_unnormalizable_resource_is_quarantined_and_the_batch_goes_on(tmp_path: Path) -> None:
     landing = RawLanding(tmp_path / "landing")
     pipeline = dlt.pipeline(
-        "quarantine_test", destination=dlt.destinations.duckdb(str(tmp_path / "w.duckdb")),
-        dataset_name="raw", pipelines_dir=str(tmp_path / ".dlt"),
+        "quarantine_test",
+        destination=dlt.destinations.duckdb(str(tmp_path / "w.duckdb")),
+        dataset_name="raw",
+        pipelines_dir=str(tmp_path / ".dlt"),
     )
     pipeline.run(fhir_source(OnePageClient(), landing, "test-conn", entities=("results",)))
     with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:

@@ -63,7 +63,9 @@ def warehouse_counts(paths: WarehousePaths) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = defaultdict(dict)
     with duckdb.connect(str(paths.duckdb), read_only=True) as con:
         for e in ENTITIES:
-            for conn, n in con.execute(f"select connection_id, count(*) from redox.{e} group by 1").fetchall():
+            for conn, n in con.execute(
+                f"select connection_id, count(*) from redox.{e} group by 1"
+            ).fetchall():
                 out[conn][e] = n
     return out
 
@@ -167,7 +169,9 @@ def test_rerun_changes_nothing(env: dict, synced: WarehousePaths) -> None:
 
 def _fhir_cursor(paths: WarehousePaths, connection_id: str, entity: str) -> object:
     pipeline = dlt.attach(pipeline_name=pipeline_name(connection_id), pipelines_dir=str(paths.dlt_dir))
-    return pipeline.state["sources"]["fhir"]["resources"][entity]["incremental"]["source_updated_at"]["last_value"]
+    return pipeline.state["sources"]["fhir"]["resources"][entity]["incremental"]["source_updated_at"][
+        "last_value"
+    ]
 
 
 def test_backfill_window_loads_exactly_its_window_and_keeps_the_live_cursor(
@@ -184,7 +188,9 @@ def test_backfill_window_loads_exactly_its_window_and_keeps_the_live_cursor(
     assert _fhir_cursor(synced, "northwind-fhir", "results") == cursor_before
 
     fresh = WarehousePaths.at(tmp_path / "redox.duckdb")
-    report = run_sync(env["settings"], fresh, connection_ids=["northwind-fhir"], window=SyncWindow(start, end))
+    report = run_sync(
+        env["settings"], fresh, connection_ids=["northwind-fhir"], window=SyncWindow(start, end)
+    )
     assert report.ok
     got = warehouse_counts(fresh)["northwind-fhir"]
     for e in ENTITIES:
@@ -266,7 +272,9 @@ def test_sync_killed_at_random_points_then_rerun_equals_truth(env: dict, tmp_pat
         cmd += ["--connection", c]
     rng = random.Random(5)
     for delay in sorted(rng.uniform(0.5, 6.0) for _ in range(4)):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         time.sleep(delay)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -277,4 +285,9 @@ def test_sync_killed_at_random_points_then_rerun_equals_truth(env: dict, tmp_pat
     with duckdb.connect(str(wh), read_only=True) as con:
         for e in ENTITIES:
             key = ENTITY_KEY[e]
-            assert con.execute(f"select count(*) - count(distinct (connection_id, {key})) from redox.{e}").fetchone()[0] == 0
+            assert (
+                con.execute(
+                    f"select count(*) - count(distinct (connection_id, {key})) from redox.{e}"
+                ).fetchone()[0]
+                == 0
+            )

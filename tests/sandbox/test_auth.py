@@ -180,10 +180,10 @@ def test_token_lifetime_fault_sets_expires_in(sandbox: Sandbox, keys: dict, rsa_
     [
         ({"aud": "https://api.redoxengine.com/v2/auth/token"}, 401, ""),
         ({"aud": DROP}, 401, "Unexpected aud claim value"),
-        ({"exp": int(time.time()) - 60}, 401, ""),
+        ({"exp": lambda now: now - 60}, 401, ""),
         ({"exp": DROP}, 401, "Unexpected exp claim value"),
-        ({"iat": int(time.time()) - 400}, 401, ""),
-        ({"iat": int(time.time()) + 60}, 401, ""),
+        ({"iat": lambda now: now - 400}, 401, ""),
+        ({"iat": lambda now: now + 60}, 401, ""),
         ({"iat": DROP}, 401, "Unexpected iat claim value"),
         ({"jti": DROP}, 401, "Unexpected jti claim value"),
         ({"sub": "someone-else"}, 401, "Unexpected sub claim value"),
@@ -205,6 +205,9 @@ def test_token_lifetime_fault_sets_expires_in(sandbox: Sandbox, keys: dict, rsa_
 def test_bad_claims_are_refused(
     sandbox: Sandbox, keys: dict, rsa_client: str, claims, status, description
 ) -> None:
+    # Times are relative to the sandbox's clock when the test runs, not when it was collected.
+    now = int(sandbox.clock.now)
+    claims = {k: v(now) if callable(v) else v for k, v in claims.items()}
     response = sandbox.token_request(sandbox.assertion(keys["rsa_a"], "RS384", "rsa-a", rsa_client, **claims))
     assert_oauth_error(response, status, description)
 
