@@ -18,13 +18,16 @@ os.environ.setdefault("RUNTIME__LOG_LEVEL", "ERROR")
 
 def _sandbox_serve(args: argparse.Namespace) -> int:
     from sandbox.config import SandboxConfigError, load_config
-    from sandbox.server import SandboxServer
 
     try:
         config = load_config(args.config, seed=args.seed, patients=args.patients)
     except (SandboxConfigError, OSError) as exc:
         print(f"redox-elt sandbox: config error: {exc}", file=sys.stderr)
         return 2
+    # Imported after the config is read: the server pulls in the Redox models (seconds), and a
+    # config error should be reported at once.
+    from sandbox.server import SandboxServer
+
     server = SandboxServer(config, host=args.host, port=args.port, seed_from=args.seed_from)
     conns = ", ".join(c.id for c in server.config.connections)
     print(

@@ -48,6 +48,7 @@ Capping and windows (what the ELT's Data Model source relies on):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -216,12 +217,45 @@ def matches(
         # The store already orders by (last_updated, id).
         yield from (r for r in ctx.store.iter(queries[0], batch=max(ctx.limit + 1, 100)) if predicate(r))
         return
+    if (
+        len(queries) == 1
+        and order == _CLINICAL_ORDER.get(entity)
+        and not (window.get("date_gt") or window.get("date_le"))
+    ):
+        yield from _by_date_slices(ctx, queries[0], order, predicate)
+        return
     seen: dict[str, Record] = {}
     for q in queries:
         for record in ctx.store.iter(q):
             if record.id not in seen and predicate(record):
                 seen[record.id] = record
     yield from sorted(seen.values(), key=lambda r: (getattr(r, order), r.id))
+
+
+# Orders that equal the store's clinical date, so date-window slices come out in order.
+_CLINICAL_ORDER = {"encounters": "start_at", "appointments": "start_at", "documents": "authored_at"}
+_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+
+
+def _by_date_slices(
+    ctx: QueryContext, query: Query, order: str, predicate: Callable[[Any], bool]
+) -> Iterator[Any]:
+    """Records in ``(order, id)`` order without reading the whole window: walk it in
+    disjoint date slices that double in width, sorting one slice at a time, so a capped
+    page reads little more than it returns."""
+    lo = query.date_ge or _EARLIEST
+    hi = query.date_lt
+    width = timedelta(days=1)
+    while hi is None or lo < hi:
+        remaining = dataclasses.replace(query, date_ge=lo)
+        if ctx.store.count(remaining) == 0:
+            return
+        b = lo + width if hi is None else min(lo + width, hi)
+        part = dataclasses.replace(query, date_ge=lo, date_lt=b)
+        if ctx.store.count(part):
+            chunk = [r for r in ctx.store.iter(part) if predicate(r)]
+            yield from sorted(chunk, key=lambda r: (getattr(r, order), r.id))
+        lo, width = b, width * 2
 
 
 def collect(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC
 from email.utils import format_datetime
 from typing import Any
 from urllib.parse import parse_qsl
@@ -254,7 +254,7 @@ class FhirApi:
             b'{"resourceType":"Bundle","id":"',
             str(uuid.uuid4()).encode(),
             b'","meta":{"lastUpdated":',
-            orjson.dumps(instant(datetime.now(UTC))),
+            orjson.dumps(instant(self.state.store.now)),
             b'},"type":"searchset","total":',
             str(page.total).encode(),
             b',"link":',
