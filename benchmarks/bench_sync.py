@@ -40,9 +40,11 @@ import platform
 import pstats
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +228,69 @@ def peak_rss() -> dict[str, float]:
     }
 
 
+class StackSampler:
+    """A wall-clock sampling profiler over every thread. cProfile sees only the main thread,
+    and dlt runs the sources' generators (fetch, normalize, Binary prefetch) in worker
+    threads, so cProfile alone shows the main thread waiting on futures. Each sample counts,
+    per busy thread, its innermost frame ("self") and the innermost frame under /work/main
+    ("project"); threads parked in threading/queue/futures waits are idle and not counted."""
+
+    IDLE = ("/threading.py", "/queue.py", "/concurrent/futures/", "/selectors.py")
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.samples = 0
+        self.busy: dict[str, int] = {}
+        self.project: dict[str, int] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def __enter__(self) -> StackSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+    @staticmethod
+    def _where(frame: Any) -> str:
+        code = frame.f_code
+        path = code.co_filename.replace(str(ROOT) + "/", "").split("site-packages/")[-1]
+        return f"{path}:{code.co_name}"
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        root = str(ROOT) + "/"
+        while not self._stop:
+            time.sleep(self.interval_s)
+            self.samples += 1
+            for ident, frame in sys._current_frames().items():
+                if ident == me or any(part in frame.f_code.co_filename for part in self.IDLE):
+                    continue
+                top = self._where(frame)
+                self.busy[top] = self.busy.get(top, 0) + 1
+                cur = frame
+                while cur is not None and not (
+                    cur.f_code.co_filename.startswith(root) and "/benchmarks/" not in cur.f_code.co_filename
+                ):
+                    cur = cur.f_back
+                owner = self._where(cur) if cur is not None else "(outside the project)"
+                self.project[owner] = self.project.get(owner, 0) + 1
+
+    def report(self, top: int = 40) -> dict[str, Any]:
+        def ranked(counts: dict[str, int]) -> list[tuple[str, float]]:
+            pairs = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+            return [(k, round(v * self.interval_s, 2)) for k, v in pairs]
+
+        return {
+            "interval_s": self.interval_s,
+            "samples": self.samples,
+            "busy_thread_seconds_by_frame": ranked(self.busy),
+            "busy_thread_seconds_by_project_function": ranked(self.project),
+        }
+
+
 def child_sync(params: dict[str, Any]) -> dict[str, Any]:
     from pipelines.sync import run_sync
     from pipelines.warehouse import WarehousePaths
@@ -235,12 +300,16 @@ def child_sync(params: dict[str, Any]) -> dict[str, Any]:
     paths = WarehousePaths.at(params["warehouse"])
     started = time.perf_counter()
     profiler = cProfile.Profile() if params.get("profile") else None
-    if profiler:
-        profiler.enable()
-    report = run_sync(settings, paths, connection_ids=params.get("connections"), caller="benchmark")
-    if profiler:
-        profiler.disable()
-        profiler.dump_stats(params["profile"])
+    sampler = StackSampler() if params.get("profile") else contextlib.nullcontext()
+    with sampler:
+        if profiler:
+            profiler.enable()
+        report = run_sync(settings, paths, connection_ids=params.get("connections"), caller="benchmark")
+        if profiler:
+            profiler.disable()
+            profiler.dump_stats(params["profile"])
+    if isinstance(sampler, StackSampler):
+        Path(params["profile"] + ".threads.json").write_text(json.dumps(sampler.report(), indent=1))
     seconds = time.perf_counter() - started
     return {
         "run_sync_s": round(seconds, 2),
@@ -582,6 +651,16 @@ def profile_sync(patients: int, seed: int, workdir: Path, out: Path) -> Path:
         sandbox.stop()
     text = io.StringIO()
     text.write(json.dumps(result, indent=1) + "\n")
+    threads = json.loads(Path(str(stats_file) + ".threads.json").read_text())
+    text.write("\n== all threads, sampled (busy thread-seconds) ==\n")
+    for title, key in (
+        ("innermost frame", "busy_thread_seconds_by_frame"),
+        ("innermost project function", "busy_thread_seconds_by_project_function"),
+    ):
+        text.write(f"-- by {title}\n")
+        for where, seconds in threads[key]:
+            text.write(f"{seconds:9.2f}  {where}\n")
+    text.write("\n== main thread, cProfile ==\n")
     stats = pstats.Stats(str(stats_file), stream=text)
     stats.sort_stats("cumulative").print_stats(60)
     stats.sort_stats("tottime").print_stats(40)
@@ -632,6 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(CHILD_LANES[lane](json.loads(params))))
         return 0
 
+    # SIGTERM unwinds like Ctrl-C, so the sandbox subprocess and the temp dirs are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with isolated_home() as tmp:

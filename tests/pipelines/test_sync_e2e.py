@@ -270,8 +270,9 @@ def test_sync_killed_at_random_points_then_rerun_equals_truth(env: dict, tmp_pat
     cmd = [sys.executable, "-m", "redox_elt.cli", "sync", "--config", str(cfg), "--warehouse", str(wh)]
     for c in EHR:
         cmd += ["--connection", c]
+    # Ten kill points spread over a run (start-up, extract, load, publish, audit load).
     rng = random.Random(5)
-    for delay in sorted(rng.uniform(0.5, 6.0) for _ in range(4)):
+    for delay in sorted(rng.uniform(0.5, 14.0) for _ in range(10)):
         proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
