@@ -291,6 +291,27 @@ class StackSampler:
         }
 
 
+def api_call_summary(audit_log: Path, run_id: str) -> dict[str, dict[str, Any]]:
+    """Per connection and operation kind: calls and summed latency, from this run's audit records
+    (operation names and path templates only: no identifiers)."""
+    out: dict[str, dict[str, Any]] = {}
+    with open(audit_log, encoding="utf-8") as lines:
+        for line in lines:
+            rec = json.loads(line)
+            if rec.get("run_id") != run_id:
+                continue
+            op = rec["operation"]
+            if op.startswith("read "):
+                op = op.split(" (")[0]
+            per = out.setdefault(rec.get("connection_id") or "-", {}).setdefault(op, [0, 0.0])
+            per[0] += 1
+            per[1] += rec["duration_ms"] / 1000
+    return {
+        conn: {op: {"calls": n, "latency_s": round(lat, 2)} for op, (n, lat) in sorted(ops.items())}
+        for conn, ops in out.items()
+    }
+
+
 def child_sync(params: dict[str, Any]) -> dict[str, Any]:
     from pipelines.sync import run_sync
     from pipelines.warehouse import WarehousePaths
@@ -313,6 +334,7 @@ def child_sync(params: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     return {
         "run_sync_s": round(seconds, 2),
+        "api_calls": api_call_summary(paths.audit_log, report.run_id),
         "connections": {
             c.connection_id: {
                 "seconds": {k: round(v, 2) for k, v in c.seconds.items()},

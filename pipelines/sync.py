@@ -30,6 +30,7 @@ from resources.settings import ConnectionSettings, Settings
 log = logging.getLogger(__name__)
 
 DEFAULT_LOOKBACK_S = 3600.0
+FHIR_PAGE_SIZE = 500
 
 
 @dataclass
@@ -96,7 +97,8 @@ def build_sources(
                 conn.id,
                 entities=tuple(conn.entities),
                 window=window,
-                page_size=conn.page_size or 200,
+                # Ask for big pages; a server caps _count at what it allows (the sandbox: 500).
+                page_size=max(conn.page_size or 0, FHIR_PAGE_SIZE),
                 lookback_s=lookback_s,
             )
         )

@@ -11,8 +11,10 @@ the windowed queries Redox offers (see ``pipelines/datamodel/queries.py``):
   every patient an earlier sync found: Clinical Summary PatientQuery (medication
   section) and Notes/Media queries. Neither has a time window, so this is the costly
   part of an incremental Data Model sync until webhook events replace it.
-  On a connection that also speaks FHIR, medications come from FHIR only: the
-  Clinical Summary carries no medication order ids to reconcile on.
+  On a connection that also speaks FHIR, medications and documents come from FHIR
+  only: the Clinical Summary carries no medication order ids to reconcile on, and
+  asking per patient for documents FHIR already pages in bulk doubles the cost of a
+  sync for rows that reconcile into the same ones.
 * A clinical-network connection (no visit query) is asked, per enterprise id the
   warehouse already knows, for the patient (PatientSearch) and its documents
   (DocumentQuery + DocumentGet).
@@ -233,7 +235,7 @@ def datamodel_source(
                     emitter._last_ref = ref
                     emitter.take(body, only={"medications"}, event_type="PatientQueryResponse")
                     yield from emitter.drain("encounters", final=False)
-        if "documents" in wanted:
+        if "documents" in wanted and not also_fhir:
             batches = [patients[i : i + PATIENT_BATCH] for i in range(0, len(patients), PATIENT_BATCH)]
 
             def notes_and_media(batch: list[dict[str, str]]) -> list[tuple[dict[str, Any], str]]:
