@@ -22,6 +22,7 @@ from pipelines.fhir.normalize import NORMALIZERS
 from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES, fhir_instant
 from pipelines.landing import RawLanding
 from pipelines.model import ENTITIES
+from pipelines.prefetch import read_ahead
 from pipelines.resource_hints import staged_resource_hints
 from pipelines.sync_context import SyncWindow
 
@@ -55,7 +56,7 @@ def fetch_entity(
     """Page every resource type that feeds ``entity``; yield Arrow tables of staged rows."""
     for resource_type in ENTITY_RESOURCE_TYPES[entity]:
         params = _search_params(window_start, window_end, page_size)
-        for body in client.fhir_search_pages(resource_type, params, entity=entity):
+        for body in read_ahead(client.fhir_search_pages(resource_type, params, entity=entity)):
             page = landing.land(connection_id, "fhir", entity, body)
             bundle = orjson.loads(body)
             if entity == "documents":
