@@ -228,23 +228,35 @@ def flowsheet_rows(
         code = _require(as_str(obs.get("Code")), ctx, f"Observations[{index}] has no Code")
         when = as_ts(obs.get("DateTime"))
         result_id = derived_id("flowsheet", ref["patient_ref_type"], ref["patient_ref_value"], code, when)
-        observer = provider_id(obs.get("Observer"))
         rows.append(
-            result_row(
-                ctx,
-                ref,
-                result_id=result_id,
-                order_id=None,
-                encounter_id=encounter_id,
-                category="vital-signs",
-                observation=obs,
-                status=obs.get("Status"),
-                effective_at=when,
-                issued_at=None,
-                performer=observer,
-            )
+            vital_sign_row(ctx, ref, obs, result_id, when, encounter_id, provider_id(obs.get("Observer")))
         )
     return rows
+
+
+def vital_sign_row(
+    ctx: EventContext,
+    ref: dict[str, str],
+    obs: dict[str, Any],
+    result_id: str,
+    when: Any,
+    encounter_id: str | None,
+    performer: str | None,
+) -> Row:
+    """A vital sign outside any order (Flowsheet, Clinical Summary VitalSigns)."""
+    return result_row(
+        ctx,
+        ref,
+        result_id=result_id,
+        order_id=None,
+        encounter_id=encounter_id,
+        category="vital-signs",
+        observation=obs,
+        status=obs.get("Status"),
+        effective_at=when,
+        issued_at=None,
+        performer=performer,
+    )
 
 
 # ---- medications -------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pipelines.datamodel.normalize_fields import (
     visit_status,
 )
 from pipelines.datamodel.normalize_patient import EventContext
-from pipelines.datamodel.normalize_records import Row, medication_fields, result_row
+from pipelines.datamodel.normalize_records import Row, medication_fields, result_row, vital_sign_row
 
 # Encounter identifier types that are the visit number the other events use, compared
 # upper-case without spaces. Epic's contact serial number (CSN) is its visit number.
@@ -164,21 +164,7 @@ def vital_sign_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> lis
             result_id = derived_id(
                 "summary-vital", ref["patient_ref_type"], ref["patient_ref_value"], obs.get("Code"), when
             )
-            rows.append(
-                result_row(
-                    ctx,
-                    ref,
-                    result_id=result_id,
-                    order_id=None,
-                    encounter_id=None,
-                    category="vital-signs",
-                    observation=obs,
-                    status=obs.get("Status"),
-                    effective_at=when,
-                    issued_at=None,
-                    performer=None,
-                )
-            )
+            rows.append(vital_sign_row(ctx, ref, obs, result_id, when, None, None))
     return rows
 
 
