@@ -101,6 +101,8 @@ def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
     from resources.settings import ConfigError, load_settings
 
     try:
+        if args.lookback_hours < 0:
+            raise ValueError("--lookback-hours must be >= 0")
         settings = load_settings(args.config)
         window = SyncWindow(_parse_instant(args.since, "--since"), _parse_instant(args.until, "--until"))
         for cid in args.connection or []:
@@ -112,12 +114,24 @@ def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
     started = time.monotonic()
     try:
         with live_progress():
+            lookback_s = args.lookback_hours * 3600.0
             if runner is None:
                 report = run_sync(
-                    settings, paths, connection_ids=args.connection, window=window, caller="cli"
+                    settings,
+                    paths,
+                    connection_ids=args.connection,
+                    window=window,
+                    lookback_s=lookback_s,
+                    caller="cli",
                 )
             else:
-                report = runner(settings.source_path, paths, connection_ids=args.connection, window=window)
+                report = runner(
+                    settings.source_path,
+                    paths,
+                    connection_ids=args.connection,
+                    window=window,
+                    lookback_s=lookback_s,
+                )
     except WarehouseBusy as exc:
         print(f"redox-elt sync: {exc}", file=sys.stderr)
         return 3
@@ -165,6 +179,12 @@ def register(sub: Any) -> None:
     sync.add_argument("--connection", action="append", help="only this connection (repeatable)")
     sync.add_argument("--since", default=None, help="backfill window start (ISO-8601, inclusive)")
     sync.add_argument("--until", default=None, help="backfill window end (ISO-8601, exclusive)")
+    sync.add_argument(
+        "--lookback-hours",
+        type=float,
+        default=1.0,
+        help="live runs re-read this much before the cursor, for late-arriving updates (default 1)",
+    )
     sync.add_argument("--destination", choices=["duckdb", "parquet"], default="duckdb")
     sync.add_argument(
         "--warehouse", default=None, help="DuckDB file or directory (default warehouse/redox.duckdb)"
