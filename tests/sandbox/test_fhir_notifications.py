@@ -19,7 +19,9 @@ def test_fhir_notification_bundles_are_pushed_with_the_verification_token(
     receiver = Receiver()
     try:
         token = "fhir-notify-token"
-        r = httpx.post(f"{server.url}/_sandbox/webhooks", json={"url": receiver.url, "token": token}, timeout=30)
+        r = httpx.post(
+            f"{server.url}/_sandbox/webhooks", json={"url": receiver.url, "token": token}, timeout=30
+        )
         assert r.status_code == 200, r.text
         httpx.post(f"{server.url}/_sandbox/advance", json={"days": 1, "change_fraction": 0.05}, timeout=60)
         receiver.wait_for(20)
@@ -39,6 +41,8 @@ def test_fhir_notification_bundles_are_pushed_with_the_verification_token(
             assert header["resourceType"] == "MessageHeader"
             assert header["eventCoding"]["system"] == "urn:redox:event-type"
         fhir_slugs = {c.slug for c in server.config.connections if "fhir" in c.surfaces}
-        assert any(any(s in e.get("fullUrl", "") for s in fhir_slugs) for b in bundles for e in b["entry"][1:])
+        assert any(
+            any(s in e.get("fullUrl", "") for s in fhir_slugs) for b in bundles for e in b["entry"][1:]
+        )
     finally:
         receiver.close()
