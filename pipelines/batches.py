@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dlt
-import pyarrow as pa
 
 from pipelines.landing import RawLanding
 from pipelines.model import rows_to_table, staged_schema
@@ -109,23 +108,33 @@ class EntityBatcher:
         content = row.pop("content", None)
         content_url = row.pop("content_url", None)
         if self.entity == "documents" and self.landing is not None:
-            if content is None and content_url and self.content_index is not None:
-                digest = self.content_index.get((self.connection_id, content_url))
-                if digest and self.landing.document_path(digest).exists():
-                    row["content_sha256"] = digest
-                    row["content_bytes"] = self.landing.document_path(digest).stat().st_size
-            elif content is None and content_url and self.client is not None:
-                content = self.prefetched.pop(content_url, None)
-                if content is None:
-                    content = self.client.fetch_document_content(content_url)
-                digest = self.landing.store_document(content)
-                self.landing.index_content(self.connection_id, content_url, digest)
-            if content is not None:
-                row["content_sha256"] = self.landing.store_document(content)
-                row["content_bytes"] = len(content)
+            self._attach_content(row, content, content_url)
         row["ingested_at"] = self.ingested_at
         self.rows.append(row)
         PROGRESS.add(self.connection_id, self.entity)
+
+    def _attach_content(self, row: dict[str, Any], content: bytes | None, content_url: str | None) -> None:
+        """Store a document's content by hash and record the hash on the row. Content comes
+        with the payload (Data Model), from the landing's index (renormalization, never the
+        API), or from one fetch of the attachment URL (FHIR)."""
+        if content is None and content_url and self.content_index is not None:
+            digest = self.content_index.get((self.connection_id, content_url))
+            if digest and self.landing.document_path(digest).exists():
+                row["content_sha256"] = digest
+                row["content_bytes"] = self.landing.document_path(digest).stat().st_size
+            return
+        from_url = content is None and bool(content_url) and self.client is not None
+        if from_url:
+            content = self.prefetched.pop(content_url, None) or self.client.fetch_document_content(
+                content_url
+            )
+        if content is None:
+            return
+        digest = self.landing.store_document(content)
+        if from_url:
+            self.landing.index_content(self.connection_id, content_url, digest)
+        row["content_sha256"] = digest
+        row["content_bytes"] = len(content)
 
     def prefetch_contents(self, urls: list[str], workers: int = 8) -> None:
         """Fetch a page's document contents concurrently (one request each) before the
@@ -176,7 +185,3 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, NormalizationError):
         return str(exc)
     return f"unexpected {type(exc).__name__} while normalizing"
-
-
-def empty_table(entity: str) -> pa.Table:
-    return staged_schema(entity).empty_table()

@@ -107,9 +107,7 @@ def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> di
         for entity in ENTITIES:
             if entity != "patients":
                 counts[entity] = _publish_entity(con, connection_id, entity)
-        counts["patient_identifiers"] = con.execute(
-            f"SELECT count(*) FROM {ms}.patient_identifiers WHERE connection_id = ?", [connection_id]
-        ).fetchone()[0]
+        counts["patient_identifiers"] = _count(con, f"{ms}.patient_identifiers", connection_id)
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
@@ -117,18 +115,33 @@ def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> di
     return counts
 
 
-_PATIENT_STAGE_COLS = (
-    [c for c, _ in LINEAGE if c not in ("patient_key",)]
-    + [
-        "patient_ref_type",
-        "patient_ref_value",
-    ]
-    + [c for c, _ in ENTITY_COLUMNS["patients"]]
-)
+def _stage_columns(entity: str) -> list[str]:
+    """Columns of a staged row: lineage (the patient still a reference) + the entity's."""
+    return (
+        [c for c, _ in LINEAGE if c != "patient_key"]
+        + ["patient_ref_type", "patient_ref_value"]
+        + [c for c, _ in ENTITY_COLUMNS[entity]]
+    )
+
+
+def _latest_per_key(source: str, key: str) -> str:
+    """Staged rows ranked per business key: ``rn = 1`` is the version that wins (most recent,
+    FHIR on ties), ``n_surfaces`` how many surfaces showed it, ``first_source_id`` the id
+    on the surface it was first seen through."""
+    return f"""SELECT *, row_number() OVER (PARTITION BY connection_id, {key}
+                         ORDER BY source_updated_at DESC NULLS LAST, source_surface = 'fhir' DESC, ingested_at DESC) AS rn,
+                      count(DISTINCT source_surface) OVER (PARTITION BY connection_id, {key}) AS n_surfaces,
+                      first_value(source_id) OVER (PARTITION BY connection_id, {key} ORDER BY ingested_at,
+                         source_surface = 'fhir' DESC) AS first_source_id
+            FROM {source}"""
+
+
+def _count(con: duckdb.DuckDBPyConnection, table: str, connection_id: str) -> int:
+    return con.execute(f"SELECT count(*) FROM {table} WHERE connection_id = ?", [connection_id]).fetchone()[0]
 
 
 def _patient_rows_sql(con: duckdb.DuckDBPyConnection) -> str | None:
-    union = _staged_union(con, "patients", _PATIENT_STAGE_COLS)
+    union = _staged_union(con, "patients", _stage_columns("patients"))
     if union is None:
         return None
     return f"SELECT *, {_patient_key_sql('s')} AS patient_key FROM ({union}) s"
@@ -172,20 +185,11 @@ def _publish_patients(con: duckdb.DuckDBPyConnection, connection_id: str) -> int
     select = ", ".join(_pick("latest", c) for c in out_cols)
     con.execute(
         f"""INSERT INTO {ms}.patients
-        WITH p AS ({rows}),
-        ranked AS (
-            SELECT *, row_number() OVER (PARTITION BY connection_id, patient_key
-                         ORDER BY source_updated_at DESC NULLS LAST, source_surface = 'fhir' DESC, ingested_at DESC) AS rn,
-                      count(DISTINCT source_surface) OVER (PARTITION BY connection_id, patient_key) AS n_surfaces,
-                      first_value(source_id) OVER (PARTITION BY connection_id, patient_key ORDER BY ingested_at,
-                         source_surface = 'fhir' DESC) AS first_source_id
-            FROM p)
+        WITH p AS ({rows}), ranked AS ({_latest_per_key("p", "patient_key")})
         SELECT {select} FROM ranked latest WHERE rn = 1""",
         {"conn": connection_id},
     )
-    return con.execute(
-        f"SELECT count(*) FROM {ms}.patients WHERE connection_id = ?", [connection_id]
-    ).fetchone()[0]
+    return _count(con, f"{ms}.patients", connection_id)
 
 
 def _pick(alias: str, column: str) -> str:
@@ -201,12 +205,7 @@ def _pick(alias: str, column: str) -> str:
 def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: str) -> int:
     ms = model_schema(con)
     con.execute(f"DELETE FROM {ms}.{entity} WHERE connection_id = $conn", {"conn": connection_id})
-    stage_cols = (
-        [c for c, _ in LINEAGE if c != "patient_key"]
-        + ["patient_ref_type", "patient_ref_value"]
-        + [c for c, _ in ENTITY_COLUMNS[entity]]
-    )
-    union = _staged_union(con, entity, stage_cols)
+    union = _staged_union(con, entity, _stage_columns(entity))
     if union is None:
         return 0
     key = ENTITY_KEY[entity]
@@ -216,14 +215,7 @@ def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: 
     )
     con.execute(
         f"""INSERT INTO {ms}.{entity}
-        WITH s AS ({union}),
-        ranked AS (
-            SELECT *, row_number() OVER (PARTITION BY connection_id, "{key}"
-                         ORDER BY source_updated_at DESC NULLS LAST, source_surface = 'fhir' DESC, ingested_at DESC) AS rn,
-                      count(DISTINCT source_surface) OVER (PARTITION BY connection_id, "{key}") AS n_surfaces,
-                      first_value(source_id) OVER (PARTITION BY connection_id, "{key}" ORDER BY ingested_at,
-                         source_surface = 'fhir' DESC) AS first_source_id
-            FROM s)
+        WITH s AS ({union}), ranked AS ({_latest_per_key("s", f'"{key}"')})
         SELECT {select}
         FROM ranked latest
         LEFT JOIN {ms}.patient_identifiers x
@@ -233,6 +225,4 @@ def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: 
         WHERE latest.rn = 1""",
         {"conn": connection_id},
     )
-    return con.execute(
-        f"SELECT count(*) FROM {ms}.{entity} WHERE connection_id = ?", [connection_id]
-    ).fetchone()[0]
+    return _count(con, f"{ms}.{entity}", connection_id)

@@ -24,7 +24,7 @@ from pipelines.normalize_common import NormalizationError
 from pipelines.publish import publish_connection
 from pipelines.resource_hints import staged_resource_hints
 from pipelines.sync import pipeline_name
-from pipelines.warehouse import WarehousePaths, WriterLock
+from pipelines.warehouse import WarehousePaths, WriterLock, table_exists
 
 
 def _replay(landing: RawLanding, connection_id: str, surface: str, entity: str) -> Iterator[Any]:
@@ -88,12 +88,10 @@ def renormalize(
             with duckdb.connect(str(paths.duckdb)) as con:
                 for surface in surfaces:
                     for entity in ENTITIES:
-                        table = f"raw.{surface}_{entity}"
-                        if con.execute(
-                            "SELECT count(*) FROM information_schema.tables WHERE table_schema='raw' AND table_name=?",
-                            [f"{surface}_{entity}"],
-                        ).fetchone()[0]:
-                            con.execute(f"DELETE FROM {table} WHERE connection_id = ?", [connection_id])
+                        if table_exists(con, "raw", f"{surface}_{entity}"):
+                            con.execute(
+                                f"DELETE FROM raw.{surface}_{entity} WHERE connection_id = ?", [connection_id]
+                            )
             pipeline.run(resources)
             with duckdb.connect(str(paths.duckdb)) as con:
                 published[connection_id] = publish_connection(con, connection_id)

@@ -22,7 +22,7 @@ from pipelines.lake import export_lake
 from pipelines.landing import RawLanding
 from pipelines.publish import model_schema, publish_connection
 from pipelines.sync_context import SyncWindow
-from pipelines.warehouse import WarehousePaths, WriterLock
+from pipelines.warehouse import WarehousePaths, WriterLock, table_exists
 from resources.audit import AuditLog, load_audit_into_duckdb
 from resources.client import RedoxClient
 from resources.settings import ConnectionSettings, Settings
@@ -120,21 +120,30 @@ def build_sources(
     return sources
 
 
+def _rows_if_table(
+    paths: WarehousePaths, schema: str | None, table: str, sql: str, params: list
+) -> list[tuple]:
+    """Rows of a read-only query against ``{schema}.{table}`` (``schema`` None: the model's),
+    or none when the warehouse or the table does not exist yet (a first sync)."""
+    if not paths.duckdb.exists():
+        return []
+    with duckdb.connect(str(paths.duckdb), read_only=True) as con:
+        schema = schema or model_schema(con)
+        if not table_exists(con, schema, table):
+            return []
+        return con.execute(sql.format(table=f"{schema}.{table}"), params).fetchall()
+
+
 def datamodel_patients_known(paths: WarehousePaths, connection_id: str) -> tuple[tuple[str, str], ...]:
     """(identifier type, value) of every patient an earlier sync staged from the Data Model."""
-    if not paths.duckdb.exists():
-        return ()
-    with duckdb.connect(str(paths.duckdb), read_only=True) as con:
-        exists = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'raw' AND table_name = 'datamodel_patients'"
-        ).fetchone()[0]
-        if not exists:
-            return ()
-        rows = con.execute(
-            "SELECT DISTINCT patient_ref_type, patient_ref_value FROM raw.datamodel_patients "
-            "WHERE connection_id = ? AND patient_ref_value IS NOT NULL ORDER BY 2",
-            [connection_id],
-        ).fetchall()
+    rows = _rows_if_table(
+        paths,
+        "raw",
+        "datamodel_patients",
+        "SELECT DISTINCT patient_ref_type, patient_ref_value FROM {table} "
+        "WHERE connection_id = ? AND patient_ref_value IS NOT NULL ORDER BY 2",
+        [connection_id],
+    )
     return tuple((r[0], r[1]) for r in rows)
 
 
@@ -146,32 +155,11 @@ def enterprise_ids_known(
     ``only_new`` leaves out people the network already answered for: a network query is
     slow (several calls per person, cross-organization latency), so live runs ask about new
     people only and a backfill window re-asks everyone."""
-    if not paths.duckdb.exists():
-        return ()
-    with duckdb.connect(str(paths.duckdb), read_only=True) as con:
-        exists = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = 'patient_identifiers'",
-            [model_schema(con)],
-        ).fetchone()[0]
-        if not exists:
-            return ()
-        rows = con.execute(
-            f"SELECT DISTINCT id_value FROM {model_schema(con)}.patient_identifiers "
-            "WHERE id_system = 'EPI' AND connection_id <> ? ORDER BY 1",
-            [except_connection],
-        ).fetchall()
-        known = tuple(r[0] for r in rows)
-        if not only_new:
-            return known
-        asked = {
-            r[0]
-            for r in con.execute(
-                f"SELECT id_value FROM {model_schema(con)}.patient_identifiers "
-                "WHERE id_system = 'EPI' AND connection_id = ?",
-                [except_connection],
-            ).fetchall()
-        }
-    return tuple(e for e in known if e not in asked)
+    known = "SELECT DISTINCT id_value FROM {table} WHERE id_system = 'EPI' AND connection_id <> ?"
+    asked = " EXCEPT SELECT id_value FROM {table} WHERE id_system = 'EPI' AND connection_id = ?"
+    sql = (known + asked if only_new else known) + " ORDER BY 1"
+    params = [except_connection, except_connection] if only_new else [except_connection]
+    return tuple(r[0] for r in _rows_if_table(paths, None, "patient_identifiers", sql, params))
 
 
 def sync_connection(

@@ -9,7 +9,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
+
 DEFAULT_WAREHOUSE = Path("warehouse") / "redox.duckdb"
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+            [schema, table],
+        ).fetchone()[0]
+    )
 
 
 class WarehouseBusy(RuntimeError):

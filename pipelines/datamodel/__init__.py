@@ -62,19 +62,24 @@ class _Emitter:
             if e in set(entities)
         }
 
-    def query(self, entity: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def query(self, entity: str, payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Send a query and land the answer; -> (parsed body, raw_ref)."""
         raw, body = self.client.datamodel_raw(payload, entity=entity)
-        self._last_ref = self.landing.land(self.connection_id, "datamodel", entity, raw).raw_ref
-        return body
+        return body, self.landing.land(self.connection_id, "datamodel", entity, raw).raw_ref
 
     def take(
-        self, body: dict[str, Any], *, only: set[str] | None = None, event_type: str | None = None
+        self,
+        body: dict[str, Any],
+        raw_ref: str,
+        *,
+        only: set[str] | None = None,
+        event_type: str | None = None,
     ) -> None:
         try:
-            out = normalize_datamodel(body, self.connection_id, self._last_ref, event_type=event_type)
+            out = normalize_datamodel(body, self.connection_id, raw_ref, event_type=event_type)
         except NormalizationError as exc:
             first = next(iter(self.batchers.values()))
-            first.quarantine(self._last_ref, None, str(exc))
+            first.quarantine(raw_ref, None, str(exc))
             return
         for entity, rows in out.rows.items():
             if entity in self.batchers and (only is None or entity in only):
@@ -131,25 +136,24 @@ def _walk_window(
     start: datetime,
     page_size: int,
     end: datetime | None = None,
-) -> Iterator[tuple[dict[str, Any], datetime]]:
+) -> Iterator[tuple[dict[str, Any], str, datetime]]:
     """Enumerate a window through a capped query: move the start to the last item's time
-    and drop the items already seen, until a response is not full."""
+    and drop the items already seen, until a response is not full. Yields (body, raw_ref,
+    latest item time)."""
     seen: set[str] = set()
     cursor = start
     while True:
-        body = emitter.query(entity, build(cursor))
+        body, raw_ref = emitter.query(entity, build(cursor))
         items = items_of(body)
         fresh = [i for i in items if key_of(i) not in seen]
         seen.update(key_of(i) for i in items)
         times = [t for t in (time_of(i) for i in items) if t is not None]
-        yield body, max(times) if times else cursor
+        yield body, raw_ref, max(times) if times else cursor
         full = len(items) >= page_size or bool((body.get("Meta") or {}).get("IsIncomplete"))
         if not full or not fresh or not times:
             return
         nxt = max(times)
         if end is not None and nxt >= end:
-            return
-        if nxt <= cursor and len(fresh) == 0:
             return
         cursor = nxt
 
@@ -191,7 +195,7 @@ def datamodel_source(
         )
         synced_at = None
         discovered: dict[str, dict[str, str]] = {}
-        for body, _last in _walk_window(
+        for body, raw_ref, _last in _walk_window(
             emitter,
             "encounters",
             lambda s: {**_meta("PatientAdmin", "VisitQuery"), "VisitStartDateTime": _dm_time(s)},
@@ -203,7 +207,7 @@ def datamodel_source(
             window.end,
         ):
             synced_at = synced_at or _server_time(body)
-            emitter.take(body, only={"patients", "encounters"}, event_type="VisitQueryResponse")
+            emitter.take(body, raw_ref, only={"patients", "encounters"}, event_type="VisitQueryResponse")
             for p in body.get("Patients") or []:
                 ident = _mr_identifier(p.get("Identifiers") or [])
                 if ident:
@@ -232,8 +236,7 @@ def datamodel_source(
 
             with ThreadPoolExecutor(WORKERS) as pool:
                 for body, ref in pool.map(summary, patients):
-                    emitter._last_ref = ref
-                    emitter.take(body, only={"medications"}, event_type="PatientQueryResponse")
+                    emitter.take(body, ref, only={"medications"}, event_type="PatientQueryResponse")
                     yield from emitter.drain("encounters", final=False)
         if "documents" in wanted and not also_fhir:
             batches = [patients[i : i + PATIENT_BATCH] for i in range(0, len(patients), PATIENT_BATCH)]
@@ -247,8 +250,7 @@ def datamodel_source(
             with ThreadPoolExecutor(WORKERS) as pool:
                 for results in pool.map(notes_and_media, batches):
                     for body, ref in results:
-                        emitter._last_ref = ref
-                        emitter.take(body, only={"documents", "patients"}, event_type="QueryResponse")
+                        emitter.take(body, ref, only={"documents", "patients"}, event_type="QueryResponse")
                     yield from emitter.drain("encounters", final=False)
 
     def results() -> Iterator[Any]:
@@ -261,7 +263,7 @@ def datamodel_source(
                 span["EndDateTime"] = _dm_time(window.end)
             return {**_meta("Results", "Query"), "LastUpdated": span}
 
-        for body, last in _walk_window(  # noqa: B007 - last is the cursor after the loop
+        for body, raw_ref, last in _walk_window(  # noqa: B007 - last is the cursor after the loop
             emitter,
             "results",
             build,
@@ -271,7 +273,7 @@ def datamodel_source(
             start_from("results_updated"),
             page_size,
         ):
-            emitter.take(body, event_type="QueryResponse")
+            emitter.take(body, raw_ref, event_type="QueryResponse")
             yield from emitter.drain("results", final=False)
         remember("results_updated", last)
         yield from emitter.drain("results", final=True)
@@ -280,7 +282,7 @@ def datamodel_source(
         emitter = _Emitter(client, landing, connection_id, wanted & {"patients", "appointments"})
         synced_at = None
         far = window.end or (datetime.now(UTC) + timedelta(days=3650))
-        for body, _last in _walk_window(
+        for body, raw_ref, _last in _walk_window(
             emitter,
             "appointments",
             lambda s: {
@@ -296,7 +298,7 @@ def datamodel_source(
             window.end,
         ):
             synced_at = synced_at or _server_time(body)
-            emitter.take(body, event_type="BookedResponse")
+            emitter.take(body, raw_ref, event_type="BookedResponse")
             yield from emitter.drain("appointments", final=False)
         # Appointments are booked into the future: a max-start cursor would skip a new booking
         # that starts before the latest one already seen, so the cursor is the server time.
