@@ -114,6 +114,7 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
                 "patients": 120,
                 "seed": 5,
                 "environment": "Staging",
+                "search_policy": "open",  # not Redox: lets this test list every patient at once
                 "connections": [
                     {
                         "id": "alpha-fhir",
@@ -123,6 +124,8 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
                         "slug": "alpha-hospital",
                         "membership": 1.0,
                         "page_size": 25,
+                        "bulk_export": True,
+                        "refresh_days": 3,
                     },
                     {
                         "id": "beta-dm",
@@ -144,6 +147,8 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
     assert alpha["fhir_base_url"] == f"{served.url}/fhir/R4/alpha-hospital/Staging"
     assert (beta["id"], beta["surfaces"], beta["write_entities"]) == ("beta-dm", ["datamodel"], ["orders"])
     assert beta["rate_limit"] == {"requests": 100, "window_s": 60}
+    assert (alpha["bulk_export"], alpha["refresh_days"], beta["bulk_export"]) == (True, 3, False)
+    assert alpha["bulk_group_id"] and beta["bulk_group_id"] is None
     truth = httpx.get(f"{served.url}/_sandbox/truth", timeout=10).json()
     assert set(truth["counts"]) == {"alpha-fhir", "beta-dm"}
     assert set(truth["counts"]["alpha-fhir"]) == {"patients", "results"}
