@@ -274,12 +274,14 @@ class BulkExports:
 
     def poll(self, job: ExportJob) -> tuple[str, Any]:
         """("progress", text) while in progress, ("failed", message) or ("ready", job)."""
-        job.polls += 1
-        if job.polls > 1 and job.future is not None:
+        with self._lock:
+            job.polls += 1
+            polls = job.polls
+        if polls > 1 and job.future is not None:
             # A running export gets a bounded wait; its own failure is recorded on the job.
             with contextlib.suppress(TimeoutError, CancelledError):
                 job.future.result(timeout=POLL_WAIT_S)
-        if job.polls == 1 or not job.done:
+        if polls == 1 or not job.done:
             total = max(1, len(job.request.types))
             return "progress", f"in progress: {job.types_done} of {total} resource types written"
         if job.failure is not None:
