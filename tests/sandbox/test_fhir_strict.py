@@ -317,3 +317,23 @@ def test_active_since_counts_patients_with_an_encounter_or_appointment_from_then
     bad = live.http.get(f"{live.url}/_sandbox/truth", params={"active_since": "last tuesday"})
     assert bad.status_code == 400 and "active_since" in bad.json()["error"]
     assert "active" not in live.http.get(f"{live.url}/_sandbox/truth", params={"persons": "false"}).json()
+
+
+def test_roster_and_active_fast_paths_agree_with_the_record_level_definitions() -> None:
+    """Both backends' column-level roster / active counts equal the RecordStore definitions."""
+    from sandbox.population.static import StaticPopulation
+    from sandbox.population.store import RecordStore
+    from tests.sandbox.test_fhir import CLINIC, ENTITY_OF, NOW, make_records
+
+    synthetic = SyntheticPopulation(sandbox_config())
+    by_entity: dict[str, list] = {}
+    for record in make_records("clinic"):
+        by_entity.setdefault(ENTITY_OF[type(record)], []).append(record)
+    static = StaticPopulation([CLINIC], {"clinic": by_entity}, NOW)
+    for store, conn_ids in ((synthetic, [c.id for c in sandbox_config().connections]), (static, ["clinic"])):
+        for conn_id in conn_ids:
+            assert sorted(store.roster(conn_id)) == sorted(RecordStore.roster(store, conn_id))
+            for since in (store.now - timedelta(days=400), store.now - timedelta(days=20), store.now):
+                assert store.active_patients(conn_id, since) == RecordStore.active_patients(
+                    store, conn_id, since
+                )
