@@ -1436,3 +1436,69 @@ def test_the_synthetic_population_renders_valid_fhir() -> None:
         "Appointment",
         "DocumentReference",
     }
+
+
+# --- _revinclude and _elements ---------------------------------------------------------------
+
+
+def test_revinclude_pages_matches_and_includes_once_each_at_their_current_version(
+    client: TestClient, store: ListStore
+) -> None:
+    p = records_of(store, "patients")[1]
+    mine = {
+        (resource_type(r), r.id)
+        for entity in ("encounters", "results", "medications", "appointments", "documents")
+        for r in records_of(store, entity)
+        if r.patient.patient_id == p.id
+    }
+    assert len(mine) > 6
+    bundle = search(client, "Patient", {"_id": p.id, "_revinclude": "*", "_count": "3"})
+    entries = list(bundle["entry"])
+    assert bundle["total"] == 1 and len(entries) == 3 and entries[0]["search"] == {"mode": "match"}
+    # A record not served yet changes between pages: it is served once, as it is now.
+    later = next(e for e in records_of(store, "results") if e.patient.patient_id == p.id)
+    served_ids = {e["resource"]["id"] for e in entries}
+    if later.id not in served_ids:
+        store.touch("clinic", "results", later.id, NOW)
+    while (url := next_url(bundle)) is not None:
+        bundle = client.post(url, headers=AUTH).json()
+        assert bundle["total"] == 1 and len(bundle.get("entry", [])) <= 3
+        entries += bundle.get("entry", [])
+    included = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in entries[1:]]
+    assert all(e["search"] == {"mode": "include"} for e in entries[1:])
+    assert len(included) == len(set(included)) and set(included) == mine
+    if later.id not in served_ids:
+        got = next(e["resource"] for e in entries if e["resource"]["id"] == later.id)
+        assert got["meta"]["versionId"] == str(later.version + 1)
+    validate(bundle)
+
+
+def test_revinclude_is_refused_by_name_where_the_connection_does_not_honour_it(
+    client: TestClient, state: SandboxState, store: ListStore
+) -> None:
+    p = records_of(store, "patients")[0]
+    state.config = dataclasses.replace(
+        state.config, connections=[dataclasses.replace(CLINIC, revinclude=False), LIMITED, DM_ONLY]
+    )
+    r = client.post(f"{BASE}/Patient/_search", data={"_id": p.id, "_revinclude": "*"}, headers=FORM)
+    assert r.status_code == 400 and "'_revinclude'" in r.json()["issue"][0]["diagnostics"]
+    limited = "/fhir/R4/limited-net/Development"
+    q = records_of(store, "patients", "limited")[0]
+    # `*` means the types this connection is entitled to: the limited one has none beyond Patient.
+    assert search(client, "Patient", {"_id": q.id, "_revinclude": "*"}, limited)["total"] == 1
+    r = client.post(
+        f"{limited}/Patient/_search", data={"_id": q.id, "_revinclude": "Observation:patient"}, headers=FORM
+    )
+    assert r.status_code == 403
+
+
+def test_elements_subsets_documents_and_tags_them(client: TestClient, store: ListStore) -> None:
+    doc = records_of(store, "documents")[0]
+    params = {"patient": doc.patient.patient_id, "_elements": "subject,masterIdentifier,date,type,context"}
+    bundle = search(client, "DocumentReference", params)
+    assert bundle["entry"]
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        assert "content" not in resource and resource["subject"]["reference"].endswith(doc.patient.patient_id)
+        assert resource["meta"]["tag"][-1]["code"] == "SUBSETTED"
+    # No validation: a SUBSETTED resource may lack required elements (FHIR R4 §3.1.1.5.9).
