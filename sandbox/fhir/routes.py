@@ -2,14 +2,17 @@
 
 Every request: bearer token (OAuth only) -> destination slug and environment -> fault gate ->
 entitlement. Reads are ``GET {Type}/{id}``; search is ``POST {Type}/_search`` with a form body
-only (no PHI in URLs), paged through opaque ``next`` tokens; write-backs are ``$``-operations
-taking message Bundles. Responses are assembled as bytes from cached rendered resources.
+only (no PHI in URLs), paged through opaque ``next`` tokens, with the required parameter sets,
+``_revinclude`` and ``_elements`` of ``sandbox.fhir.search``; write-backs are ``$``-operations
+taking message Bundles; ``Group/{id}/$export`` and its status / file URLs are the bulk export of
+``sandbox.fhir.bulk``. Responses are assembled as bytes from cached rendered resources.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC
 from email.utils import format_datetime
 from typing import Any
@@ -309,7 +312,10 @@ class FhirApi:
 
     # --- bulk export (FHIR Bulk Data Access; sandbox.fhir.bulk) --------------------------------
 
-    async def _bulk(self, request: Request, handler) -> Response:  # type: ignore[no-untyped-def]
+    async def _bulk(
+        self, request: Request, handler: Callable[[Request, ConnectionSpec], Awaitable[Response]]
+    ) -> Response:
+        """Enter like any request, then require the connection's bulk entitlement."""
         entered = await self._enter(request)
         if isinstance(entered, Response):
             return entered
