@@ -8,7 +8,7 @@ still being written), then 200 with the manifest; output files are NDJSON, one p
 behind the bearer token; DELETE on the status URL cancels. One Group per connection holds all of
 its patients (its id is the connection's ``bulk_group_id``).
 
-The export is generated in one background worker per sandbox, type by type, streaming each
+Exports are written one at a time on a background (daemon) thread, type by type, streaming each
 record's rendered bytes straight to a file in the sandbox's temp directory, so memory stays
 bounded whatever the population size. The bytes are those of the search responses (same
 renderers), so an NDJSON line equals the resource a per-patient search returns.
@@ -16,7 +16,6 @@ renderers), so an NDJSON line equals the resource a per-patient search returns.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import shutil
 import tempfile
@@ -24,7 +23,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -94,14 +92,14 @@ class ExportJob:
     created: float = field(default_factory=time.monotonic)
     polls: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
-    future: Future | None = None
+    finished: threading.Event = field(default_factory=threading.Event)  # written, failed or cancelled
     outputs: list[OutputFile] = field(default_factory=list)
     types_done: int = 0
     failure: str | None = None
 
     @property
     def done(self) -> bool:
-        return self.future is not None and self.future.done()
+        return self.finished.is_set()
 
 
 def parse_kickoff(params: list[tuple[str, str]], conn: ConnectionSpec) -> ExportRequest:
@@ -195,7 +193,9 @@ class BulkExports:
         self._jobs: OrderedDict[str, ExportJob] = OrderedDict()
         self._lock = threading.Lock()
         self._root: tempfile.TemporaryDirectory | None = None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-bulk-export")
+        # One export is written at a time (the others wait their turn), on daemon threads so a
+        # long export never holds up the server's shutdown.
+        self._one_at_a_time = threading.Semaphore(1)
 
     def _directory(self) -> Path:
         with self._lock:
@@ -221,7 +221,9 @@ class BulkExports:
         with self._lock:
             self._jobs[job_id] = job
             self._evict()
-        job.future = self._worker.submit(self._generate, job, conn)
+        threading.Thread(
+            target=self._generate, args=(job, conn), name=f"sandbox-bulk-export-{conn.id}", daemon=True
+        ).start()
         return job
 
     def _evict(self) -> None:
@@ -236,32 +238,37 @@ class BulkExports:
         job = self._jobs.pop(job_id, None)
         if job is not None:
             job.cancelled.set()
-            if job.future is not None and not job.future.running():
-                job.future.cancel()
-            if job.done or job.future is None or job.future.cancelled():
+            if job.done:
                 shutil.rmtree(job.directory, ignore_errors=True)
-            else:
-                job.future.add_done_callback(lambda _f, d=job.directory: shutil.rmtree(d, ignore_errors=True))
+            # else: the writer sees ``cancelled`` within one page and removes the directory itself
 
     def _generate(self, job: ExportJob, conn: ConnectionSpec) -> None:
         def render(record: Record) -> bytes:
             return orjson.dumps(render_resource(record, conn))
 
-        try:
-            for rtype in job.request.types:
+        with self._one_at_a_time:
+            try:
+                self._write_all(job, conn, render)
+            except Exception as exc:  # noqa: BLE001 - reported to the client as the export's failure
+                job.failure = type(exc).__name__
+            finally:
                 if job.cancelled.is_set():
-                    return
-                path = job.directory / f"{rtype}.ndjson"
-                count = write_ndjson(
-                    self.store, type_query(conn, rtype, job.request.since), path, render, job.cancelled
-                )
-                if count:
-                    job.outputs.append(OutputFile(rtype, path, count))
-                else:
-                    path.unlink(missing_ok=True)
-                job.types_done += 1
-        except Exception as exc:  # noqa: BLE001 - reported to the client as the export's failure
-            job.failure = type(exc).__name__
+                    shutil.rmtree(job.directory, ignore_errors=True)
+                job.finished.set()
+
+    def _write_all(self, job: ExportJob, conn: ConnectionSpec, render: Callable[[Record], bytes]) -> None:
+        for rtype in job.request.types:
+            if job.cancelled.is_set():
+                return
+            path = job.directory / f"{rtype}.ndjson"
+            count = write_ndjson(
+                self.store, type_query(conn, rtype, job.request.since), path, render, job.cancelled
+            )
+            if count:
+                job.outputs.append(OutputFile(rtype, path, count))
+            else:
+                path.unlink(missing_ok=True)
+            job.types_done += 1
 
     def job(self, job_id: str, conn: ConnectionSpec, client_id: str) -> ExportJob:
         """The caller's job (another client's or connection's job does not exist for it)."""
@@ -277,10 +284,8 @@ class BulkExports:
         with self._lock:
             job.polls += 1
             polls = job.polls
-        if polls > 1 and job.future is not None:
-            # A running export gets a bounded wait; its own failure is recorded on the job.
-            with contextlib.suppress(TimeoutError, CancelledError):
-                job.future.result(timeout=POLL_WAIT_S)
+        if polls > 1:
+            job.finished.wait(POLL_WAIT_S)  # a bounded wait for a running export
         if polls == 1 or not job.done:
             total = max(1, len(job.request.types))
             return "progress", f"in progress: {job.types_done} of {total} resource types written"
@@ -313,6 +318,5 @@ class BulkExports:
         with self._lock:
             for job_id in list(self._jobs):
                 self._drop(job_id)
-        self._worker.shutdown(wait=False, cancel_futures=True)
         if self._root is not None:
             self._root.cleanup()
