@@ -9,6 +9,7 @@ are a contract (see the sandbox issue): keep them exactly.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -42,9 +43,11 @@ async def _body(request: Request) -> dict[str, Any]:
 
 
 def parse_instant(raw: str) -> datetime:
-    """An ISO 8601 date or date-time; a naive one is UTC."""
+    """An ISO 8601 date or date-time; a naive one is UTC. A ``+hh:mm`` offset sent unescaped in a
+    query string arrives as `` hh:mm`` and is read as meant."""
+    text = re.sub(r" (\d{2}:?\d{2})$", r"+\1", raw.strip()).replace("Z", "+00:00")
     try:
-        value = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+        value = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError("expected an ISO 8601 instant such as 2026-10-01T00:00:00Z") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)

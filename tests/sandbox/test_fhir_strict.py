@@ -310,6 +310,14 @@ def test_active_since_counts_patients_with_an_encounter_or_appointment_from_then
             if isinstance(r, EncounterRecord | AppointmentRecord) and r.start_at >= since
         }
         assert active[conn_id] == len(patients), conn_id
+    # The same instant with an offset, escaped or (as a hand-built URL sends it) not.
+    for url in (
+        httpx.URL(
+            f"{live.url}/_sandbox/truth", params={"active_since": since.isoformat(), "persons": "false"}
+        ),
+        f"{live.url}/_sandbox/truth?persons=false&active_since={since.isoformat()}",
+    ):
+        assert live.http.get(url).json()["active"] == active
     later = live.http.get(
         f"{live.url}/_sandbox/truth", params={"active_since": "2100-01-01", "persons": "false"}
     )
