@@ -345,3 +345,25 @@ def test_roster_and_active_fast_paths_agree_with_the_record_level_definitions() 
                 assert store.active_patients(conn_id, since) == RecordStore.active_patients(
                     store, conn_id, since
                 )
+
+
+def test_config_keys_of_the_access_issue_fail_fast_with_the_field_named(tmp_path) -> None:
+    from sandbox.config import SandboxConfigError, load_config
+
+    def load(text: str):
+        path = tmp_path / "sandbox.yaml"
+        path.write_text(text)
+        return load_config(path)
+
+    assert load("search_policy: open\n").search_policy == "open"
+    assert load("patients: 10\n").search_policy == "redox"
+    one = "connections:\n  - {id: a, name: A, surfaces: [fhir], %s}\n"
+    loaded = load(one % "bulk_export: true, refresh_days: 2, revinclude: false").connections[0]
+    assert (loaded.bulk_export, loaded.refresh_days, loaded.revinclude) == (True, 2, False)
+    for text, field in (
+        ("search_policy: closed\n", "search_policy"),
+        (one % "refresh_days: 0", "refresh_days"),
+        ("connections:\n  - {id: a, name: A, surfaces: [datamodel], bulk_export: true}\n", "bulk_export"),
+    ):
+        with pytest.raises(SandboxConfigError, match=field):
+            load(text)
