@@ -15,11 +15,20 @@ from pathlib import Path
 
 import duckdb
 
-from pipelines.model import ENTITIES
+from pipelines.landing import UnsafePath, safe_path
 from pipelines.publish import model_schema
+from pipelines.vocabulary import (
+    CROSSWALK_TABLE,
+    ENTITIES,
+    QUARANTINE_TABLE,
+    STAGING_SCHEMA,
+    is_plain_connection_id,
+)
 from pipelines.warehouse import WarehousePaths
 
-LAKE_TABLES = tuple(f"redox.{t}" for t in (*ENTITIES, "patient_identifiers")) + ("raw.quarantine",)
+LAKE_TABLES = tuple(f"redox.{t}" for t in (*ENTITIES, CROSSWALK_TABLE)) + (
+    f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}",
+)
 
 
 def _physical(con: duckdb.DuckDBPyConnection, table: str) -> str:
@@ -41,11 +50,12 @@ def export_lake(paths: WarehousePaths, tables: tuple[str, ...] = LAKE_TABLES) ->
             if _physical(con, table) not in existing:
                 continue
             schema, name = table.split(".")
-            target = paths.lake_root / schema / name
+            target = safe_path(paths.lake_root, schema, name)
             tmp = target.with_name(f".{name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             source = _physical(con, table)
+            _check_partition_values(con, source)
             n = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
             if n:
                 con.execute(
@@ -55,6 +65,13 @@ def export_lake(paths: WarehousePaths, tables: tuple[str, ...] = LAKE_TABLES) ->
             _swap(tmp, target)
             written[table] = n
     return written
+
+
+def _check_partition_values(con: duckdb.DuckDBPyConnection, source: str) -> None:
+    """Connection ids become folder names (``connection=<id>``): refuse one that is not a plain name."""
+    for (cid,) in con.execute(f"SELECT DISTINCT connection_id FROM {source}").fetchall():
+        if not is_plain_connection_id(cid):
+            raise UnsafePath(f"a connection id in {source} is not a plain name; it cannot be a lake folder")
 
 
 def _swap(new: Path, target: Path) -> None:
