@@ -94,8 +94,7 @@ def test_renormalize_reproduces_every_table_of_all_four_connections(
         before = fingerprint(con)
         calls_before = audit_rows(con)
         kinds = {
-            cid
-            for (cid,) in con.execute("select distinct connection_id from redox.patients").fetchall()
+            cid for (cid,) in con.execute("select distinct connection_id from redox.patients").fetchall()
         }
     assert kinds == set(connection_ids), "every connection kind must have loaded patients"
     # The tables the issue names: the Data-Model-only connection's staged patients among them.
