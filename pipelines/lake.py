@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 
-from pipelines.landing import UnsafePath, safe_path
+from pipelines.landing import DIR_MODE, FILE_MODE, UnsafePath, private_dirs, safe_path
 from pipelines.publish import model_schema
 from pipelines.vocabulary import (
     CROSSWALK_TABLE,
@@ -53,7 +53,7 @@ def export_lake(paths: WarehousePaths, tables: tuple[str, ...] = LAKE_TABLES) ->
             target = safe_path(paths.lake_root, schema, name)
             tmp = target.with_name(f".{name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            private_dirs(tmp)
             source = _physical(con, table)
             _check_partition_values(con, source)
             n = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
@@ -62,6 +62,7 @@ def export_lake(paths: WarehousePaths, tables: tuple[str, ...] = LAKE_TABLES) ->
                     f"COPY (SELECT *, connection_id AS connection FROM {source}) TO '{tmp}' "
                     "(FORMAT parquet, PARTITION_BY (connection), COMPRESSION zstd)"
                 )
+            _owner_only(tmp)
             _swap(tmp, target)
             written[table] = n
     return written
@@ -72,6 +73,13 @@ def _check_partition_values(con: duckdb.DuckDBPyConnection, source: str) -> None
     for (cid,) in con.execute(f"SELECT DISTINCT connection_id FROM {source}").fetchall():
         if not is_plain_connection_id(cid):
             raise UnsafePath(f"a connection id in {source} is not a plain name; it cannot be a lake folder")
+
+
+def _owner_only(folder: Path) -> None:
+    """The lake holds PHI: its folders and files are the owner's only."""
+    os.chmod(folder, DIR_MODE)
+    for path in folder.rglob("*"):
+        os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
 
 
 def _swap(new: Path, target: Path) -> None:

@@ -27,6 +27,7 @@ half-written page behind. The page's relative path is the ``raw_ref`` every row 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import itertools
@@ -90,10 +91,33 @@ def check_segments(connection_id: str, surface: str, entity: str) -> None:
         raise UnsafePath(f"entity must be one of {', '.join(ENTITIES)}")
 
 
+# The landing holds PHI: folders and files are the owner's only, whatever the umask.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dirs(path: Path) -> None:
+    """Create ``path`` and any missing parents owner-only (``mkdir(parents=True)`` would
+    give the parents the umask's mode)."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another thread made it
+            folder.mkdir(mode=DIR_MODE)
+        os.chmod(folder, DIR_MODE)
+
+
+def _open_private(path: Path, flags: int) -> int:
+    return os.open(path, flags | os.O_CREAT, FILE_MODE)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
+    with os.fdopen(_open_private(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)
 
@@ -228,8 +252,8 @@ class RawLanding:
             return  # cannot be indexed in a TSV line; renormalize will leave the hash unset
         line = f"{connection_id}\t{url}\t{digest}\n".encode()
         path = self._path(LANDING_DOCUMENTS_DIR, "index.tsv")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _INDEX_LOCK, open(path, "ab") as fh:
+        private_dirs(path.parent)
+        with _INDEX_LOCK, os.fdopen(_open_private(path, os.O_WRONLY | os.O_APPEND), "ab") as fh:
             fh.write(line)
 
     def content_index(self) -> dict[tuple[str, str], str]:

@@ -17,7 +17,7 @@ from pipelines.batches import PageRouter
 from pipelines.datamodel.pages import payload_rows
 from pipelines.fhir import fhir_source
 from pipelines.fhir.pages import bundle_rows
-from pipelines.landing import RawLanding, UnsafePath, safe_path
+from pipelines.landing import PageContext, RawLanding, UnsafePath, safe_path
 from pipelines.quarantine import resolve_quarantine, unresolved_entries, unresolved_quarantine_counts
 
 CONN = "test-conn"
@@ -239,3 +239,18 @@ def test_safe_path_never_leaves_its_root(tmp_path: Path) -> None:
         RawLanding(root).read("../outside.json.gz")
     with pytest.raises(UnsafePath):
         RawLanding(root).document_path("../../etc")
+
+
+def test_landed_files_and_folders_are_owner_only(tmp_path: Path) -> None:
+    import stat
+
+    landing = RawLanding(tmp_path / "landing")
+    page = landing.land("ok-conn", "datamodel", "documents", b"{}", PageContext(event_type="QueryResponse"))
+    digest = landing.store_document(b"content")
+    landing.index_content("ok-conn", "https://example.test/doc", digest)
+    created = [p for p in (tmp_path / "landing").rglob("*")] + [tmp_path / "landing"]
+    assert any(p.name.endswith(".context.json") for p in created)
+    for path in created:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path.relative_to(tmp_path)} is {oct(mode)}"
+    assert landing.context(page.raw_ref).event_type == "QueryResponse"

@@ -85,6 +85,7 @@ def synced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Warehouse
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+@pytest.mark.slow
 def test_renormalize_reproduces_every_table_of_all_four_connections(
     synced: tuple[WarehousePaths, list[str]],
 ) -> None:
@@ -131,6 +132,7 @@ def test_renormalize_reproduces_every_table_of_all_four_connections(
     assert set(after) == set(before)
 
 
+@pytest.mark.slow
 def test_landing_uses_the_responses_folder_with_context(synced: tuple[WarehousePaths, list[str]]) -> None:
     paths, _ = synced
     root: Path = paths.landing_root
