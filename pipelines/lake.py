@@ -20,20 +20,21 @@ from pipelines.publish import model_schema
 from pipelines.vocabulary import (
     CROSSWALK_TABLE,
     ENTITIES,
+    MODEL_SCHEMA,
     QUARANTINE_TABLE,
     STAGING_SCHEMA,
     is_plain_connection_id,
 )
 from pipelines.warehouse import WarehousePaths
 
-LAKE_TABLES = tuple(f"redox.{t}" for t in (*ENTITIES, CROSSWALK_TABLE)) + (
+LAKE_TABLES = tuple(f"{MODEL_SCHEMA}.{t}" for t in (*ENTITIES, CROSSWALK_TABLE)) + (
     f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}",
 )
 
 
 def _physical(con: duckdb.DuckDBPyConnection, table: str) -> str:
     schema, name = table.split(".")
-    return f"{model_schema(con)}.{name}" if schema == "redox" else table
+    return f"{model_schema(con)}.{name}" if schema == MODEL_SCHEMA else table
 
 
 def export_lake(paths: WarehousePaths, tables: tuple[str, ...] = LAKE_TABLES) -> dict[str, int]:

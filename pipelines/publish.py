@@ -30,7 +30,7 @@ from pipelines.model import (
     identifiers_schema,
     published_schema,
 )
-from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES, staged_table_name
+from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES, MODEL_SCHEMA, staged_table_name
 from pipelines.vocabulary import STAGING_SCHEMA as STAGING_SCHEMA  # re-exported for assets/
 from pipelines.vocabulary import SURFACES as SURFACES  # re-exported for assets/
 
@@ -39,7 +39,8 @@ def model_schema(con: duckdb.DuckDBPyConnection) -> str:
     """Where ``redox.<entity>`` lives. Normally schema ``redox``; but DuckDB 2.0 refuses a
     schema named like its catalog, and a file ``redox.duckdb`` is catalog ``redox`` — there
     the tables live in ``main``, which ``redox.<entity>`` then addresses as catalog.table."""
-    return "main" if con.execute("SELECT current_database()").fetchone()[0] == "redox" else "redox"
+    catalog = con.execute("SELECT current_database()").fetchone()[0]
+    return "main" if catalog == MODEL_SCHEMA else MODEL_SCHEMA
 
 
 def _patient_key_sql(alias: str) -> str:
