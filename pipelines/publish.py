@@ -30,6 +30,7 @@ from pipelines.model import (
     identifiers_schema,
     published_schema,
 )
+from pipelines.quarantine import resolve_quarantine
 from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES, MODEL_SCHEMA, staged_table_name
 from pipelines.vocabulary import STAGING_SCHEMA as STAGING_SCHEMA  # re-exported for assets/
 from pipelines.vocabulary import SURFACES as SURFACES  # re-exported for assets/
@@ -95,7 +96,10 @@ def _staged_union(con: duckdb.DuckDBPyConnection, entity: str, columns: list[str
 
 
 def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> dict[str, int]:
-    """Rebuild ``redox.*`` rows of one connection from its staged rows. Returns row counts."""
+    """Rebuild ``redox.*`` rows of one connection from its staged rows. Returns row counts.
+
+    Every load is followed by a publish, so this is also where quarantine entries whose
+    record has since loaded in good shape are marked resolved (``resolve_quarantine``)."""
     ms = model_schema(con)
     ensure_model_tables(con)
     counts: dict[str, int] = {}
@@ -107,6 +111,7 @@ def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> di
             if entity != "patients":
                 counts[entity] = _publish_entity(con, connection_id, entity)
         counts[CROSSWALK_TABLE] = _count(con, f"{ms}.{CROSSWALK_TABLE}", connection_id)
+        resolve_quarantine(con, connection_id)
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")

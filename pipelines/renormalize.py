@@ -23,7 +23,6 @@ import duckdb
 from pipelines.batches import PageRouter
 from pipelines.landing import LandedPage, PageContext, RawLanding
 from pipelines.publish import publish_connection
-from pipelines.quarantine import resolve_quarantine
 from pipelines.resource_hints import staged_resource_hints
 from pipelines.sync import pipeline_name
 from pipelines.vocabulary import ENTITIES, QUARANTINE_TABLE, STAGING_SCHEMA, staged_table_name
@@ -165,7 +164,7 @@ def renormalize(
                             )
             pipeline.run(resources)
             with duckdb.connect(str(paths.duckdb)) as con:
+                # Before publishing, which resolves entries whose record has loaded since.
                 _restore_quarantine(con, kept)
-                resolve_quarantine(con, connection_id)
                 published[connection_id] = publish_connection(con, connection_id)
     return published
