@@ -28,6 +28,9 @@ from pipelines.vocabulary import ENTITIES, QUARANTINE_TABLE, STAGING_SCHEMA, SUR
 from pipelines.warehouse import table_columns, table_exists
 
 NO_ID = "-"
+# What ``item_id`` holds: the record's id (business id or surface id), its position in the
+# page when it has no usable id, or nothing (a whole page could not be read).
+ITEM_ID, ITEM_POSITION, ITEM_PAGE = "id", "position", "page"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class QuarantineEntry:
     reason: str  # PHI-free: names the problem, never a value
     patient_ref_type: str | None = None
     patient_ref_value: str | None = None
+    item_kind: str = ITEM_ID
 
 
 def quarantine_schema() -> pa.Schema:
@@ -50,6 +54,7 @@ def quarantine_schema() -> pa.Schema:
             ("entity", STR),
             ("raw_ref", STR),
             ("item_id", STR),
+            ("item_kind", STR),
             ("reason", STR),
             ("patient_ref_type", STR),
             ("patient_ref_value", STR),
@@ -74,6 +79,7 @@ def quarantine_row(
     """The ``raw.quarantine`` row of one entry; its id is stable for (page, record, entity),
     so replaying the page (renormalize, a retried load) never duplicates it."""
     item = entry.item_id if entry.item_id not in (None, "") else NO_ID
+    kind = ITEM_PAGE if item == NO_ID else entry.item_kind
     key = hashlib.sha256(f"{raw_ref}|{item}|{entry.entity}".encode()).hexdigest()[:32]
     return {
         "quarantine_id": key,
@@ -82,6 +88,7 @@ def quarantine_row(
         "entity": entry.entity,
         "raw_ref": raw_ref,
         "item_id": item,
+        "item_kind": kind,
         "reason": entry.reason,
         "patient_ref_type": entry.patient_ref_type,
         "patient_ref_value": entry.patient_ref_value,
@@ -99,13 +106,25 @@ def _has_resolution_column(con: duckdb.DuckDBPyConnection) -> bool:
 
 
 def resolve_quarantine(con: duckdb.DuckDBPyConnection, connection_id: str) -> int:
-    """Mark the connection's unresolved entries whose record has since loaded in good shape
-    (a staged row of the same surface and entity, same business id or surface id, ingested
-    at or after the entry was first seen). Call after each load; returns entries resolved."""
+    """Mark the connection's unresolved entries whose record has since loaded in good shape.
+
+    * An entry with the record's id is resolved by a staged row of the same surface and
+      entity with that id (business id or surface id; for a Data Model order, its order
+      id) ingested at or after the entry was first seen.
+    * An entry known only by its position (the record had no usable id) is resolved when a
+      later load (ingested after it) brings that patient's records of the entity from a
+      page on which nothing of that patient and entity was quarantined: the patient's
+      records were fetched again and all of them read.
+    * A whole unreadable page (no record known) is never resolved here; dismiss it.
+
+    Called by ``publish_connection`` after each load; returns the entries resolved."""
     if not _has_resolution_column(con):
         return 0
-    resolved = 0
     q = f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}"
+    has_kind = "item_kind" in table_columns(con, STAGING_SCHEMA, QUARANTINE_TABLE)
+    by_id = f"coalesce(q.item_kind, '{ITEM_ID}') = '{ITEM_ID}'" if has_kind else "true"
+    by_position = f"q.item_kind = '{ITEM_POSITION}'" if has_kind else "false"
+    resolved = 0
     for surface in SURFACES:
         for entity in ENTITIES:
             table = staged_table_name(surface, entity)
@@ -118,12 +137,25 @@ def resolve_quarantine(con: duckdb.DuckDBPyConnection, connection_id: str) -> in
             n = con.execute(
                 f"""UPDATE {q} SET resolved_at = now() WHERE quarantine_id IN (
                     SELECT q.quarantine_id FROM {q} q
-                    JOIN {STAGING_SCHEMA}.{table} s
-                      ON s.connection_id = q.connection_id
-                     AND ({match})
-                     AND s.ingested_at >= q.first_seen_at
                     WHERE q.connection_id = $conn AND q.source_surface = $surface AND q.entity = $entity
-                      AND q.resolved_at IS NULL AND q.item_id <> '{NO_ID}')""",
+                      AND q.resolved_at IS NULL AND q.item_id <> '{NO_ID}'
+                      AND (
+                        ({by_id} AND EXISTS (
+                            SELECT 1 FROM {STAGING_SCHEMA}.{table} s
+                            WHERE s.connection_id = q.connection_id AND ({match})
+                              AND s.ingested_at >= q.first_seen_at))
+                        OR ({by_position} AND q.patient_ref_value IS NOT NULL AND EXISTS (
+                            SELECT 1 FROM {STAGING_SCHEMA}.{table} s
+                            WHERE s.connection_id = q.connection_id
+                              AND s.patient_ref_type = q.patient_ref_type
+                              AND s.patient_ref_value = q.patient_ref_value
+                              AND s.ingested_at > q.first_seen_at
+                              AND NOT EXISTS (
+                                SELECT 1 FROM {q} q2
+                                WHERE q2.connection_id = q.connection_id AND q2.raw_ref = s.raw_ref
+                                  AND q2.entity = q.entity
+                                  AND q2.patient_ref_value IS NOT DISTINCT FROM q.patient_ref_value)))
+                      ))""",
                 {"conn": connection_id, "surface": surface, "entity": entity},
             ).fetchone()
             resolved += int(n[0]) if n else 0

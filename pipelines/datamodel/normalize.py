@@ -75,7 +75,7 @@ from pipelines.datamodel.normalize_patient import (
 )
 from pipelines.model import ENTITY_KEY
 from pipelines.normalize_common import NormalizationError, parse_ts
-from pipelines.quarantine import QuarantineEntry
+from pipelines.quarantine import ITEM_ID, ITEM_POSITION, QuarantineEntry
 from pipelines.vocabulary import ENTITIES
 
 ROWS = "rows"
@@ -181,6 +181,7 @@ class _Collector:
                     str(exc),
                     ref.get("patient_ref_type"),
                     ref.get("patient_ref_value"),
+                    ITEM_ID if item_id else ITEM_POSITION,
                 )
             )
             return None
@@ -260,7 +261,10 @@ def _require_patient(payload: dict[str, Any], fallback: Any) -> Any:
 def _patient_admin(payload: dict[str, Any], event: str, ctx: EventContext, out: _Collector) -> None:
     if event in ("VisitQueryResponse", "CensusQueryResponse"):
         for position, entry in enumerate(as_list(payload.get("Patients"))):
-            if not isinstance(entry, dict) or not has_identifiers(entry):
+            if not isinstance(entry, dict):
+                continue
+            if not has_identifiers(entry):
+                _quarantine_unidentified(entry, f"Patients[{position}]", out)
                 continue
             ref = out.record(
                 "patients",
@@ -303,6 +307,25 @@ def _patient_admin(payload: dict[str, Any], event: str, ctx: EventContext, out: 
         status = _visit_event_status(event, visit, ctx)
         diagnoses = as_dict(payload.get("Patient")).get("Diagnoses")
         out.add("encounters", [records.encounter_row(visit, ctx, ref, status, patient_diagnoses=diagnoses)])
+
+
+def _quarantine_unidentified(entry: dict[str, Any], where: str, out: _Collector) -> None:
+    """A visit-query patient without identifiers cannot be keyed: its visits are quarantined
+    by their visit numbers (a later good copy resolves them), or the patient by position."""
+    reason = f"{where} has no Identifiers"
+    visits = [v for v in as_list(entry.get("Visits")) if isinstance(v, dict)]
+    for number, visit in enumerate(visits):
+        visit_id = records.visit_number(visit)
+        out.quarantined.append(
+            QuarantineEntry(
+                "encounters",
+                visit_id or f"{where}.Visits[{number}]",
+                reason,
+                item_kind=ITEM_ID if visit_id else ITEM_POSITION,
+            )
+        )
+    if not visits:
+        out.quarantined.append(QuarantineEntry("patients", where, reason, item_kind=ITEM_POSITION))
 
 
 def _visit_event_status(event: str, visit: dict[str, Any], ctx: EventContext) -> str:

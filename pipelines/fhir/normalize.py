@@ -48,6 +48,11 @@ def _identifiers(resource: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def identifier_values(resource: dict[str, Any]) -> dict[str, str]:
+    """Identifier type → value of a resource (the first of each type)."""
+    return _identifiers(resource)
+
+
 def _patient_ref(resource: dict[str, Any], field: str = "subject") -> dict[str, Any]:
     ref = resource.get(field) or resource.get("patient") or {}
     reference = ref.get("reference") or ""

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.fhir.normalize import NORMALIZERS, patient_reference
+from pipelines.fhir.normalize import NORMALIZERS, identifier_values, patient_reference
 from pipelines.normalize_common import NormalizationError, safe_reason
 from pipelines.pages import PageRows
-from pipelines.quarantine import QuarantineEntry
+from pipelines.quarantine import ITEM_ID, ITEM_POSITION, QuarantineEntry
 from pipelines.vocabulary import FHIR_RESOURCE_ENTITIES
 
 # Entries a search Bundle may carry that are not records (search.mode "outcome").
 INFORMATIONAL_TYPES = frozenset({"OperationOutcome"})
+# The identifier type that carries each entity's business id (the staged key).
+BUSINESS_IDENTIFIER = {
+    "encounters": "VN",
+    "results": "ResultID",
+    "medications": "OrderID",
+    "appointments": "VN",
+    "documents": "DocumentID",
+}
 
 
 def bundle_rows(bundle: Any, connection_id: str, raw_ref: str | None, fetched_entity: str) -> PageRows:
@@ -35,25 +43,26 @@ def bundle_rows(bundle: Any, connection_id: str, raw_ref: str | None, fetched_en
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if not isinstance(resource, dict):
             what = "is not an object" if not isinstance(entry, dict) else "has no resource object"
-            out.quarantined.append(QuarantineEntry(fetched_entity, where, f"Bundle {where} {what}"))
+            out.quarantined.append(
+                QuarantineEntry(fetched_entity, where, f"Bundle {where} {what}", item_kind=ITEM_POSITION)
+            )
             continue
         rtype = resource.get("resourceType")
         if rtype in INFORMATIONAL_TYPES:
             continue
+        rid = resource.get("id") if isinstance(resource.get("id"), str) and resource.get("id") else None
         if rtype not in FHIR_RESOURCE_ENTITIES:
-            out.quarantined.append(
-                QuarantineEntry(
-                    fetched_entity, where, f"Bundle {where}: resourceType is not one the pipeline reads"
-                )
-            )
+            # The entity asked for; the id, when there is one, lets a later good copy resolve it.
+            ref_type, ref_value = _patient_of(resource, None)
+            reason = f"Bundle {where}: resourceType is not one the pipeline reads"
+            out.quarantined.append(_entry(fetched_entity, rid, where, reason, ref_type, ref_value))
             continue
         entity = FHIR_RESOURCE_ENTITIES[rtype]
         ref_type, ref_value = _patient_of(resource, rtype)
-        rid = resource.get("id")
-        if not isinstance(rid, str) or not rid:
-            out.quarantined.append(
-                QuarantineEntry(entity, where, f"{rtype} {where} has no id", ref_type, ref_value)
-            )
+        if rid is None:
+            reason = f"{rtype} {where} has no id"
+            business = _business_id(resource, entity)
+            out.quarantined.append(_entry(entity, business, where, reason, ref_type, ref_value))
             continue
         try:
             row = NORMALIZERS[rtype][1](resource, connection_id, raw_ref)
@@ -80,7 +89,27 @@ def attachment_urls(bundle: Any) -> list[str]:
     return urls
 
 
-def _patient_of(resource: dict[str, Any], rtype: str) -> tuple[str | None, str | None]:
+def _entry(
+    entity: str, item_id: str | None, where: str, reason: str, ref_type: str | None, ref_value: str | None
+) -> QuarantineEntry:
+    """An entry named by the record's id when it has one, else by its position."""
+    if item_id:
+        return QuarantineEntry(entity, item_id, reason, ref_type, ref_value, ITEM_ID)
+    return QuarantineEntry(entity, where, reason, ref_type, ref_value, ITEM_POSITION)
+
+
+def _business_id(resource: dict[str, Any], entity: str) -> str | None:
+    """The entity's business id from the resource's identifiers (the staged key), if any."""
+    if entity == "patients":
+        return None  # a patient's staged key is its logical id
+    try:
+        ids = identifier_values(resource)
+    except (TypeError, AttributeError):
+        return None
+    return ids.get(BUSINESS_IDENTIFIER[entity])
+
+
+def _patient_of(resource: dict[str, Any], rtype: str | None) -> tuple[str | None, str | None]:
     """The patient a resource belongs to, for re-fetching it (None when it cannot be told)."""
     try:
         if rtype == "Patient":

@@ -55,9 +55,14 @@ def bad_bundle() -> dict[str, Any]:
         "x",
         None,
         {"resource": {"resourceType": "Basic", "id": "b1", "code": {"text": PATIENT_NAME}}},
-        {"resource": observation(None)},
+        {
+            "resource": observation(
+                None, identifier=[{"system": "urn:redox:test:ResultID", "value": "ord1-c"}]
+            )
+        },
         {"resource": observation("late", meta={"lastUpdated": "31/12/2020 10:00"})},
         {"resource": observation("b")},
+        {"resource": observation(None, identifier=[])},
     ]
     return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
 
@@ -66,17 +71,21 @@ def test_bundle_rows_quarantines_each_bad_entry_and_keeps_the_rest() -> None:
     page = bundle_rows(bad_bundle(), CONN, "ref-1", "results")
     assert [r["result_id"] for r in page.rows["results"]] == ["ord1-a", "ord1-b"]
     got = {(q.entity, q.item_id): q for q in page.quarantined}
-    assert set(got) == {
-        ("results", "entry[1]"),
-        ("results", "entry[2]"),
-        ("results", "entry[3]"),
-        ("results", "entry[4]"),
-        ("results", "entry[5]"),
-        ("results", "late"),
+    # Named by the record's id where it has one (the resource id, else its business id),
+    # so a later good copy resolves the entry; by position otherwise.
+    assert {k: q.item_kind for k, q in got.items()} == {
+        ("results", "entry[1]"): "position",
+        ("results", "entry[2]"): "position",
+        ("results", "entry[3]"): "position",
+        ("results", "b1"): "id",
+        ("results", "ord1-c"): "id",
+        ("results", "late"): "id",
+        ("results", "entry[8]"): "position",
     }
     assert "not an object" in got[("results", "entry[1]")].reason
-    assert "resourceType is not one the pipeline reads" in got[("results", "entry[4]")].reason
-    assert "has no id" in got[("results", "entry[5]")].reason
+    assert "resourceType is not one the pipeline reads" in got[("results", "b1")].reason
+    assert "has no id" in got[("results", "ord1-c")].reason
+    assert got[("results", "entry[8]")].patient_ref_value == "p1"
     assert "ISO-8601" in got[("results", "late")].reason
     # What a later sync needs to fetch the record again: its patient.
     assert (got[("results", "late")].patient_ref_type, got[("results", "late")].patient_ref_value) == (
@@ -124,16 +133,18 @@ def test_a_later_good_load_resolves_the_entry_and_the_check_counts_only_unresolv
         cols = {r[0] for r in con.execute("describe raw.quarantine").fetchall()}
         assert {"patient_ref_type", "patient_ref_value", "resolved_at", "raw_ref", "item_id"} <= cols
         assert resolve_quarantine(con, CONN) == 0
-        assert unresolved_quarantine_counts(con) == {CONN: 6}
+        assert unresolved_quarantine_counts(con) == {CONN: 7}
     # The server recovers: the record that had a bad date comes back well-formed.
     fixed = copy.deepcopy(bad_bundle())
     fixed["entry"] = [{"resource": observation("late")}]
     run(tmp_path, fixed)
     with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
         publish_connection(con, CONN)  # every load is followed by a publish, which resolves
-        assert unresolved_quarantine_counts(con) == {CONN: 5}
+        # "late" by its id; entry[8] (no id, patient p1) because p1's results were fetched
+        # again and all of them read.
         left = {e["item_id"] for e in unresolved_entries(con, CONN)}
-        assert "late" not in left and "entry[4]" in left
+        assert left == {"entry[1]", "entry[2]", "entry[3]", "b1", "ord1-c"}
+        assert unresolved_quarantine_counts(con) == {CONN: 5}
         assert resolve_quarantine(con, CONN) == 0  # idempotent
 
 
@@ -255,3 +266,23 @@ def test_landed_files_and_folders_are_owner_only(tmp_path: Path) -> None:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path.relative_to(tmp_path)} is {oct(mode)}"
     assert landing.context(page.raw_ref).event_type == "QueryResponse"
+
+
+def test_an_entry_without_id_stays_unresolved_while_the_patient_still_has_a_bad_record(
+    tmp_path: Path,
+) -> None:
+    first = {"resourceType": "Bundle", "entry": [{"resource": observation(None, identifier=[])}]}
+    run(tmp_path, first)
+    # The patient's records come again, one still without any id: nothing proves the record loaded.
+    still_bad = {
+        "resourceType": "Bundle",
+        "entry": [{"resource": observation("a")}, {"resource": observation(None, identifier=[])}],
+    }
+    run(tmp_path, still_bad)
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        publish_connection(con, CONN)
+        assert unresolved_quarantine_counts(con) == {CONN: 2}
+    run(tmp_path, {"resourceType": "Bundle", "entry": [{"resource": observation("a")}]})
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        publish_connection(con, CONN)
+        assert unresolved_quarantine_counts(con) == {}
