@@ -286,3 +286,22 @@ def test_an_entry_without_id_stays_unresolved_while_the_patient_still_has_a_bad_
     with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
         publish_connection(con, CONN)
         assert unresolved_quarantine_counts(con) == {}
+
+
+def test_pages_landed_under_the_old_raw_folder_are_still_read(tmp_path: Path) -> None:
+    import gzip
+
+    landing = RawLanding(tmp_path / "landing")
+    new = landing.land("ok-conn", "fhir", "results", b'{"resourceType": "Bundle"}')
+    old = tmp_path / "landing" / "raw" / "connection=ok-conn" / "surface=fhir" / "entity=results"
+    old.mkdir(parents=True)
+    (old / "20200101T000000000000Z-1-000001.json.gz").write_bytes(
+        gzip.compress(b'{"resourceType": "Bundle"}')
+    )
+    refs = [p.raw_ref for p in landing.pages("ok-conn")]
+    assert refs == [
+        "raw/connection=ok-conn/surface=fhir/entity=results/20200101T000000000000Z-1-000001.json.gz",
+        new.raw_ref,
+    ]
+    assert new.raw_ref.startswith("responses/")
+    assert landing.read(refs[0]) == b'{"resourceType": "Bundle"}'
