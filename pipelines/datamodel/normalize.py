@@ -155,6 +155,12 @@ class _Collector:
         self.skipped: list[str] = []
         self.quarantined: list[QuarantineEntry] = []
 
+    def not_an_object(self, entity: str, where: str) -> None:
+        """A list item that is not a JSON object (``1``, ``"x"``, ``null``): quarantined by position."""
+        self.quarantined.append(
+            QuarantineEntry(entity, where, f"{where} is not an object", item_kind=ITEM_POSITION)
+        )
+
     def record(
         self,
         entity: str,
@@ -262,6 +268,7 @@ def _patient_admin(payload: dict[str, Any], event: str, ctx: EventContext, out: 
     if event in ("VisitQueryResponse", "CensusQueryResponse"):
         for position, entry in enumerate(as_list(payload.get("Patients"))):
             if not isinstance(entry, dict):
+                out.not_an_object("patients", f"Patients[{position}]")
                 continue
             if not has_identifiers(entry):
                 _quarantine_unidentified(entry, f"Patients[{position}]", out)
@@ -280,6 +287,7 @@ def _patient_admin(payload: dict[str, Any], event: str, ctx: EventContext, out: 
             )
             for number, visit in enumerate(visits):
                 if not isinstance(visit, dict):
+                    out.not_an_object("encounters", f"Patients[{position}].Visits[{number}]")
                     continue
                 default = "in-progress" if event == "CensusQueryResponse" else None
                 status = visit_status(visit.get("Status")) or default
@@ -344,6 +352,7 @@ def _results(payload: dict[str, Any], event: str, ctx: EventContext, out: _Colle
     top_ref = out.patient(_require_patient(payload, fallback), ctx) if event != "QueryResponse" else None
     for position, order in enumerate(as_list(payload.get("Orders"))):
         if not isinstance(order, dict):
+            out.not_an_object("results", f"Orders[{position}]")
             continue
         where = f"Orders[{position}]"
         ref = top_ref
@@ -401,6 +410,7 @@ def _scheduling(
     if event == "BookedResponse":
         for position, visit in enumerate(as_list(payload.get("Visits"))):
             if not isinstance(visit, dict):
+                out.not_an_object("appointments", f"Visits[{position}]")
                 continue
             where = f"Visits[{position}]"
             number = records.visit_number(visit)
@@ -437,6 +447,7 @@ def _documents(payload: dict[str, Any], model: str, event: str, ctx: EventContex
     if event == "QueryResponse":
         for position, entry in enumerate(as_list(payload.get(list_key))):
             if not isinstance(entry, dict):
+                out.not_an_object("documents", f"{list_key}[{position}]")
                 continue
             where = f"{list_key}[{position}]"
             doc_id = as_str(entry.get("DocumentID") or entry.get("ID"))
@@ -471,6 +482,7 @@ def _clinical_summary(
         ref = out.patient(_require_patient(payload, fallback), ctx)
         for position, entry in enumerate(as_list(payload.get("Documents"))):
             if not isinstance(entry, dict):
+                out.not_an_object("documents", f"Documents[{position}]")
                 continue
             row = out.record(
                 "documents",

@@ -201,11 +201,16 @@ def test_datamodel_result_order_without_id_is_quarantined_and_the_other_orders_l
             "EventType": "QueryResponse",
             "EventDateTime": "2026-10-01T10:00:00Z",
         },
-        "Orders": [order("O1"), order(None), order("O3")],
+        "Orders": [order("O1"), order(None), order("O3"), 1, "x", None],
     }
     page = payload_rows(payload, CONN, "ref-r", "QueryResponse")
     assert sorted({r["order_id"] for r in page.rows["results"]}) == ["O1", "O3"]
-    assert [(q.entity, q.item_id) for q in page.quarantined] == [("results", "Orders[1]")]
+    assert [(q.entity, q.item_id, q.item_kind) for q in page.quarantined] == [
+        ("results", "Orders[1]", "position"),
+        ("results", "Orders[3]", "position"),
+        ("results", "Orders[4]", "position"),
+        ("results", "Orders[5]", "position"),
+    ]
     assert page.quarantined[0].patient_ref_value == "MRN1"
 
 
