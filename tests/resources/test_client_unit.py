@@ -22,6 +22,8 @@ from resources.audit import AuditLog, read_audit_file
 from resources.auth import OAuthTokenProvider
 from resources.client import (
     DataModelError,
+    PagingCycleError,
+    PartialFailure,
     RedoxAPIError,
     RedoxAuthError,
     RedoxClient,
@@ -322,7 +324,8 @@ def test_meta_errors_fail_even_on_200_without_phi_in_the_message(tmp_path: Path)
     body = {
         "Meta": {
             "Errors": [
-                {"ID": 1, "Text": f"no patient named {CANARY_NAME}", "Type": "query", "Module": "Search"}
+                {"ID": 1, "Text": f"no patient named {CANARY_NAME}", "Type": "query", "Module": "Send"},
+                {"ID": 2, "Text": "x", "Type": CANARY_NAME, "Module": f"MRN {CANARY_NAME}"},
             ]
         }
     }
@@ -330,9 +333,13 @@ def test_meta_errors_fail_even_on_200_without_phi_in_the_message(tmp_path: Path)
     client, _ = make_client(tmp_path, script)
     with pytest.raises(DataModelError) as caught:
         client.datamodel({"Meta": {"DataModel": "PatientSearch", "EventType": "Query"}, "Patient": {}})
+    assert isinstance(caught.value, PartialFailure) and caught.value.retryable
     assert CANARY_NAME not in str(caught.value) and CANARY_NAME not in repr(caught.value)
-    assert "query/Search" in str(caught.value)
+    assert CANARY_NAME not in "".join(caught.value.codes)
+    assert "query/Send" in str(caught.value)
+    assert "<unrecognized, 10 chars>/<unrecognized, 14 chars>" in str(caught.value)
     assert any(CANARY_NAME in d for d in caught.value.details)
+    assert len(script.requests) == 1  # a partial failure is reported, not retried into the quota
 
 
 # ---- token provider ------------------------------------------------------------------------------
@@ -401,7 +408,13 @@ def test_unregistered_new_key_falls_back_to_the_previous_one_then_switches(key_r
         transport=httpx.MockTransport(_token_endpoint(calls, lifetime=10, delay_s=0, unknown_kids=unknown))
     )
     provider = OAuthTokenProvider(
-        f"{BASE}/v2/auth/token", "client-1", key_ring, http, clock=lambda: clock[0], reprobe_after_s=30
+        f"{BASE}/v2/auth/token",
+        "client-1",
+        key_ring,
+        http,
+        clock=lambda: clock[0],
+        reprobe_after_s=30,
+        min_lifetime_s=1,  # 10 s tokens on purpose: this test is about rotation, not clamping
     )
     provider.get_token()
     assert provider.signing_kid == old.kid and len(calls) == 2  # tried the new key, fell back
