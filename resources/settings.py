@@ -314,7 +314,7 @@ def _headers(raw: dict[str, Any], where: str) -> dict[str, str]:
     ):
         raise ConfigError(f"{where}: 'headers' must map header names to string values")
     for name, value in headers.items():
-        if not _HEADER_NAME.match(name):
+        if not _HEADER_NAME.fullmatch(name):
             raise ConfigError(
                 f"{where}: header name {name[:40]!r} is not a valid HTTP header name (letters, digits, -)"
             )
@@ -332,7 +332,7 @@ def _headers(raw: dict[str, Any], where: str) -> dict[str, str]:
 def _connection_id(raw: dict[str, Any], index: int) -> str:
     conn_id = _text(raw, "id", f"connections[{index}]", required=True)
     assert conn_id is not None
-    if not CONNECTION_ID_PATTERN.match(conn_id):
+    if not CONNECTION_ID_PATTERN.fullmatch(conn_id):
         shown = conn_id if len(conn_id) <= 40 and not _CONTROL.search(conn_id) else f"<{len(conn_id)} chars>"
         raise ConfigError(f"connections[{index}]: id {shown!r} is not a plain name: use {CONNECTION_ID_RULE}")
     return conn_id
