@@ -151,7 +151,7 @@ class RequestBudget:
         return max(1, math.floor(self.requests * (1.0 - RESERVE_FRACTION[check_priority(priority)])))
 
     def _transaction(self, priority: str, take: bool) -> tuple[bool, float, int, float]:
-        """(granted, wait_s, used, paused_s) at this instant; records the send when granted and ``take``."""
+        """(granted, wait_s or send time when granted, used, paused_s); records the send when granted and ``take``."""
         allowance = self.allowance(priority)
         with self._lock:
             db = self._db
@@ -171,7 +171,7 @@ class RequestBudget:
                             db.execute("insert into sends (t) values (?)", (now,))
                             used += 1
                         db.execute("commit")
-                        return True, 0.0, used, 0.0
+                        return True, now, used, 0.0  # granted: the second value is the send time
                     wait = paused_s
                     if used >= allowance:
                         oldest = db.execute(
@@ -192,8 +192,8 @@ class RequestBudget:
         """Take a slot now if ``priority`` may spend one; False (nothing recorded) otherwise."""
         return self._transaction(priority, take=True)[0]
 
-    def acquire(self, priority: str = DEFAULT_PRIORITY, *, deadline_s: float | None = None) -> None:
-        """Block until ``priority`` may send one request, then record it.
+    def acquire(self, priority: str = DEFAULT_PRIORITY, *, deadline_s: float | None = None) -> float:
+        """Block until ``priority`` may send one request, record it and return its recorded time.
 
         ``deadline_s`` bounds the wait: when the next free slot comes later than that (or the
         time runs out), ``BudgetExhausted`` is raised instead of waiting.
@@ -202,7 +202,7 @@ class RequestBudget:
         while True:
             granted, wait, used, paused = self._transaction(priority, take=True)
             if granted:
-                return
+                return wait
             if give_up_at is not None and time.monotonic() + wait > give_up_at:
                 why = (
                     f"paused {paused:.0f} s by a 429"

@@ -22,7 +22,6 @@ from resources.audit import AuditLog, read_audit_file
 from resources.auth import OAuthTokenProvider
 from resources.client import (
     DataModelError,
-    PagingCycleError,
     PartialFailure,
     RedoxAPIError,
     RedoxAuthError,
