@@ -178,7 +178,7 @@ def test_token_expiry_mid_run_keeps_calls_succeeding(sandbox_server: Any, tmp_pa
     settings = onboard(sandbox_server, tmp_path)
     lifetime, duration = 2.0, 6.0
     set_faults(sandbox_server, token_lifetime_s=lifetime)
-    provider = provider_for(settings)
+    provider = provider_for(settings, min_lifetime_s=0.1)  # short tokens on purpose (production floor: 30 s)
     audit = AuditLog(tmp_path / "audit.jsonl")
     with RedoxClient(settings, FHIR_CONN, audit=audit, fhir_tokens=provider) as client:
         calls, errors = run_for(duration, 2, lambda: first_page(client))
@@ -287,7 +287,7 @@ def test_key_rotation_during_a_run_fails_no_request(sandbox_server: Any, tmp_pat
     set_faults(sandbox_server, token_lifetime_s=0.5)
     ring = KeyRing(Vault(), settings.auth.key_ring)
     old = ring.load().newest
-    provider = provider_for(settings, reprobe_after_s=0.3)
+    provider = provider_for(settings, reprobe_after_s=0.3, min_lifetime_s=0.1)
     audit = AuditLog(tmp_path / "audit.jsonl")
     steps: list[str] = []
 

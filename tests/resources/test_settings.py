@@ -154,7 +154,7 @@ NAN, INF = float("nan"), float("inf")
             "must not carry user:password@",
         ),
         (config(token_url="http://127.0.0.1:9/v2/auth/token\r\n"), "without spaces or control characters"),
-        (config(quota={"requests": 0}), "quota: 'requests' must be a whole number from 1 to 1000000"),
+        (config(quota={"requests": 0}), "quota: 'requests' must be a whole number from 1 to 100000000"),
         (config(quota={"requests": 7500.5}), "quota: 'requests' must be a whole number"),
         (config(quota={"window_s": NAN}), "quota: 'window_s' must be a number from 1 to 86400"),
         (config(quota={"window_s": -300}), "quota: 'window_s' must be a number from 1 to 86400"),
