@@ -117,6 +117,7 @@ class RequestBudget:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._db = self._open()
 
     def __repr__(self) -> str:
@@ -144,6 +145,13 @@ class RequestBudget:
         with self._lock:
             self._db.close()
 
+    def _connection(self) -> sqlite3.Connection:
+        """The SQLite handle of this process: a forked child must not share its parent's."""
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._db = self._open()
+        return self._db
+
     # ---- the rule ----------------------------------------------------------------------------
 
     def allowance(self, priority: str) -> int:
@@ -154,7 +162,7 @@ class RequestBudget:
         """(granted, wait_s or send time when granted, used, paused_s); records the send when granted and ``take``."""
         allowance = self.allowance(priority)
         with self._lock:
-            db = self._db
+            db = self._connection()
             try:
                 db.execute("begin immediate")
                 try:
@@ -234,7 +242,7 @@ class RequestBudget:
         with self._lock:
             try:
                 until = self._clock() + seconds
-                self._db.execute(
+                self._connection().execute(
                     "insert into state (k, v) values ('paused_until', ?) "
                     "on conflict (k) do update set v = max(v, excluded.v)",
                     (until,),

@@ -218,3 +218,60 @@ def test_state_survives_a_process_kill(tmp_path: Path) -> None:
     assert seen <= used <= seen + 1  # every printed send is recorded; at most one was not printed yet
     survivor.acquire("event")
     assert survivor.stats().used == used + 1
+
+
+# ---- the CLI verb -------------------------------------------------------------------------------
+
+
+def _run_cli(*argv: str) -> int:
+    import argparse
+
+    from resources.cli import register
+
+    parser = argparse.ArgumentParser(prog="redox-elt")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def test_quota_verb_reports_the_shared_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from resources.settings import settings_from_dict, write_settings
+
+    doc = {
+        "token_url": "http://127.0.0.1:9/v2/auth/token",
+        "auth": {"client_id": "c-1"},
+        "quota": {"requests": 40, "window_s": 60},
+        "connections": [
+            {"id": "a", "surfaces": ["fhir"], "fhir_base_url": "http://127.0.0.1:9/fhir/R4/a/Development"},
+            {"id": "b", "surfaces": ["fhir"], "fhir_base_url": "http://127.0.0.1:9/fhir/R4/b/Development"},
+        ],
+    }
+    path = write_settings(settings_from_dict(doc, source_path=tmp_path / "c.yaml"), tmp_path / "c.yaml")
+    assert _run_cli("quota", "--config", str(path), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == {
+        "127.0.0.1:9": {
+            "requests": 40,
+            "window_s": 60.0,
+            "used": 0,
+            "remaining": 40,
+            "paused_s": 0.0,
+            "connections": ["a", "b"],
+        }
+    }
+    assert _run_cli("quota", "--config", str(tmp_path / "missing.yaml")) == 2
+    assert (
+        _run_cli(
+            "audit",
+            "load",
+            "--file",
+            str(tmp_path / "nope.jsonl"),
+            "--warehouse",
+            str(tmp_path / "w" / "x.duckdb"),
+        )
+        == 2
+    )
+    assert not (tmp_path / "w").exists()
+    assert "does not exist" in capsys.readouterr().err
