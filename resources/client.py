@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urljoin, urlparse
 
 import httpx
@@ -648,7 +648,7 @@ class RedoxClient:
             if content_type:
                 headers["Content-Type"] = content_type
             if write and idempotency_key:
-                headers["Idempotency-Key"] = idempotency_key
+                headers["Idempotency-Key"] = idempotency_key  # the same on every retry: the same write
             attempt = self._transmit(state.attempts, sent_at, method, url, headers, parse, request)
             self._record(attempt, surface, operation, method, template, count)
             verdict = classify(
@@ -661,58 +661,72 @@ class RedoxClient:
             if verdict.kind == OK:
                 self.throttle.on_success(sent_at)
                 return attempt.response, attempt.body  # type: ignore[return-value]
-            if verdict.kind == PARTIAL:
-                self.throttle.on_success(sent_at)  # the server answered; the EHR behind it failed
-                cls = DataModelPartialFailure if surface == "datamodel" else PartialFailure
-                raise self._error(
-                    cls, "failed: partial failure", operation, attempt.status, verdict, retryable=True
-                )
+            if verdict.kind in (PARTIAL, FATAL):
+                self._fail(verdict, attempt, surface, operation)
             if verdict.kind == REAUTH:
-                if state.reauthenticated:
-                    raise self._error(
-                        RedoxAuthError,
-                        "still unauthorized (HTTP 401) after re-authenticating; "
-                        "check the OAuth key registration and the connection's entitlements",
-                        operation,
-                        401,
-                    )
-                state.reauthenticated = True
-                provider.invalidate(token)
-                log.info("connection %s: %s got 401; re-authenticating once", self.conn.id, operation)
+                self._reauthenticate(state, provider, token, operation)
                 continue
-            if verdict.kind == FATAL:
-                cls = DataModelError if surface == "datamodel" and verdict.errors.codes else RedoxAPIError
-                raise self._error(
-                    cls,
-                    f"failed: HTTP {attempt.status}",
-                    operation,
-                    attempt.status,
-                    verdict,
-                    retryable=attempt.status == 500,
-                )
-            try:  # RETRY
-                if verdict.rate_limited:
-                    self._on_rate_limited(attempt, verdict)
-                    state.after_rate_limit()
-                    continue  # the throttle and budget pace (and pause) the retry
-                delay = state.after_failure(self._rng, verdict.retry_after_s)
-            except GiveUp as stop:
-                raise self._error(
-                    RedoxAPIError,
-                    f"failed after {stop.reason} (last: {verdict.reason})",
-                    operation,
-                    attempt.status,
-                    retryable=True,
-                ) from None
-            log.info(
-                "connection %s: %s -> %s; retry %d in %.2f s",
-                self.conn.id,
-                operation,
-                verdict.reason,
-                state.failures,
-                delay,
+            delay = self._retry_delay(verdict, attempt, state, operation)
+            if delay:
+                self._sleep(delay)
+
+    def _fail(self, verdict: Verdict, attempt: _Attempt, surface: str, operation: str) -> NoReturn:
+        """Raise the error of a partial failure (HTTP 200, the EHR failed) or a fatal answer."""
+        if verdict.kind == PARTIAL:
+            self.throttle.on_success(attempt.sent_at)  # the server answered; the EHR behind it failed
+            cls: type[RedoxAPIError] = DataModelPartialFailure if surface == "datamodel" else PartialFailure
+            raise self._error(
+                cls, "failed: partial failure", operation, attempt.status, verdict, retryable=True
             )
-            self._sleep(delay)
+        cls = DataModelError if surface == "datamodel" and verdict.errors.codes else RedoxAPIError
+        raise self._error(
+            cls,
+            f"failed: HTTP {attempt.status}",
+            operation,
+            attempt.status,
+            verdict,
+            retryable=attempt.status == 500,
+        )
+
+    def _reauthenticate(self, state: RetryState, provider: TokenProvider, token: str, operation: str) -> None:
+        """A 401: drop the token and try once more with a new one; a second 401 is final."""
+        if state.reauthenticated:
+            raise self._error(
+                RedoxAuthError,
+                "still unauthorized (HTTP 401) after re-authenticating; "
+                "check the OAuth key registration and the connection's entitlements",
+                operation,
+                401,
+            )
+        state.reauthenticated = True
+        provider.invalidate(token)
+        log.info("connection %s: %s got 401; re-authenticating once", self.conn.id, operation)
+
+    def _retry_delay(self, verdict: Verdict, attempt: _Attempt, state: RetryState, operation: str) -> float:
+        """Seconds to wait before retrying (0 after a 429: the throttle and budget pace that retry)."""
+        try:
+            if verdict.rate_limited:
+                self._on_rate_limited(attempt, verdict)
+                state.after_rate_limit()
+                return 0.0
+            delay = state.after_failure(self._rng, verdict.retry_after_s)
+        except GiveUp as stop:
+            raise self._error(
+                RedoxAPIError,
+                f"failed after {stop.reason} (last: {verdict.reason})",
+                operation,
+                attempt.status,
+                retryable=True,
+            ) from None
+        log.info(
+            "connection %s: %s -> %s; retry %d in %.2f s",
+            self.conn.id,
+            operation,
+            verdict.reason,
+            state.failures,
+            delay,
+        )
+        return delay
 
     # ---- FHIR ------------------------------------------------------------------------------
 
