@@ -416,3 +416,45 @@ def test_legacy_only_connection_warns_and_still_works(
     assert caught.value.status_code in (200, 400) and caught.value.codes
     operations = [r["operation"] for r in read_audit_file(tmp_path / "audit.jsonl")[0]]
     assert operations[0] == "legacy authenticate"
+
+
+# ---- one quota across connections --------------------------------------------------------------
+
+
+def test_two_connections_share_one_request_budget(sandbox_server: Any, tmp_path: Path) -> None:
+    settings = onboard(sandbox_server, tmp_path)
+    document = settings.to_dict()
+    document["quota"] = {"requests": 30, "window_s": 2}
+    shared = settings_from_dict(document, source_path=tmp_path / "connections.yaml")
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    clients = [RedoxClient(shared, conn, audit=audit) for conn in (FHIR_CONN, "riverbend-both")]
+    assert clients[0].budget is clients[1].budget
+    errors: list[BaseException] = []
+
+    def work(client: RedoxClient) -> Callable[[], Any]:
+        return lambda: first_page(client)
+
+    threads = [
+        threading.Thread(target=lambda c=c: errors.extend(run_for(4.5, 2, work(c))[1])) for c in clients
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for client in clients:
+        client.close()
+    audit.close()
+    records = [r for r in read_audit_file(tmp_path / "audit.jsonl")[0] if r["surface"] == "fhir"]
+    times = sorted(
+        time.mktime(time.strptime(r["called_at"][:19], "%Y-%m-%dT%H:%M:%S")) + float(r["called_at"][19:26])
+        for r in records
+    )
+    busiest = max(sum(1 for t in times[i:] if t < start + 2.0) for i, start in enumerate(times))
+    print(
+        f"\nshared budget: {len(times)} calls over two connections, busiest 2 s window {busiest} (budget 30)"
+    )
+    assert not errors, errors[:3]
+    assert {r["connection_id"] for r in records} == {FHIR_CONN, "riverbend-both"}
+    assert len(times) > 30  # the window rolled: the budget paced, it did not just stop
+    assert busiest <= 30
+    assert not any(r["status_code"] == 429 for r in records)
