@@ -26,6 +26,8 @@ discovery      15%
 =============  ===========================================
 
 A 429 with ``Retry-After`` pauses the whole budget (every process) until it has passed.
+Every API attempt takes a slot (retries included); token requests do not (a few per hour,
+well inside the 10% between this budget and Redox's limit).
 """
 
 from __future__ import annotations
