@@ -275,3 +275,22 @@ def test_quota_verb_reports_the_shared_budget(tmp_path: Path, capsys: pytest.Cap
     )
     assert not (tmp_path / "w").exists()
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_sandbox_onboarding_sets_ninety_percent_of_the_sandbox_limit() -> None:
+    from resources.onboarding import _quota_entry
+
+    per_connection = {
+        "connections": [
+            {"rate_limit": {"requests": 7500, "window_s": 300}},
+            {"rate_limit": {"requests": 100, "window_s": 60}},
+        ]
+    }
+    assert _quota_entry(per_connection) == {"requests": 90, "window_s": 60.0}
+    assert _quota_entry({"quota": {"requests": 7500, "window_s": 300}, **per_connection}) == {
+        "requests": 6750,
+        "window_s": 300.0,
+    }
+    assert _quota_entry({"connections": []}) == {"requests": 6750, "window_s": 300.0}
+    lifted = _quota_entry({"quota": {"requests": 10**12, "window_s": 300}})
+    assert lifted["requests"] == 100_000_000  # clamped into the config's range
