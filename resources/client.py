@@ -101,6 +101,9 @@ DATAMODEL_WRITE_ENTITIES: dict[str, str] = {"Order": "orders", "Scheduling": "ap
 # Data Model event types that ask for data rather than send it (REDOX-REFERENCE §2.5).
 _QUERY_EVENTS = frozenset({"Booked", "AvailableSlots", "DocumentGet"})
 
+# Redox caps API traffic at 40 MB (REDOX-REFERENCE §12.6); anything much larger is not an answer.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _OPERATION = re.compile(r"^([A-Z][A-Za-z]{1,63})/\$([a-z][a-z0-9\-]{0,63})$")
@@ -401,6 +404,7 @@ class RedoxClient:
         retry: RetryPolicy | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.conn = settings.connection(connection) if isinstance(connection, str) else connection
@@ -411,6 +415,7 @@ class RedoxClient:
         self.retry = retry or RetryPolicy()
         self._rng = rng or random.Random()
         self._sleep = sleep
+        self._clock = clock
         self._vault = SHARED.vault(vault) if (fhir_tokens is None or datamodel_tokens is None) else vault
         self.throttle = throttle or SHARED.throttle(settings, self.conn)
         # The request budget shared by every connection of this Redox client and every process
@@ -566,11 +571,35 @@ class RedoxClient:
         headers: dict[str, str],
         parse: bool,
         request: Any,
+        remaining_s: float,
     ) -> _Attempt:
-        """One request; the body parsed as JSON when asked (2xx) or when it looks like JSON (errors)."""
+        """One request; the body parsed as JSON when asked (2xx) or when it looks like JSON (errors).
+
+        The body is streamed with a total time limit (httpx's timeouts are per read, so a server
+        trickling bytes could hold a call for ever) and a size limit (Redox caps API traffic at
+        40 MB, REDOX-REFERENCE §12.6).
+        """
         attempt = _Attempt(number, sent_at, time.perf_counter(), datetime.now(UTC))
+        give_up_at = self._clock() + min(remaining_s, max(4 * self.conn.timeout_s, 60.0))
         try:
-            response = self.http.request(method, url, headers=headers, **request)
+            with self.http.stream(method, url, headers=headers, **request) as streamed:
+                content = bytearray()
+                for chunk in streamed.iter_bytes():
+                    content += chunk
+                    if len(content) > MAX_BODY_BYTES:
+                        attempt.error = "BodyTooLarge"
+                        break
+                    if self._clock() > give_up_at:
+                        attempt.error = "BodyTooSlow"
+                        break
+            if attempt.error is not None:
+                return attempt
+            response = httpx.Response(
+                streamed.status_code,
+                headers=streamed.headers,
+                content=bytes(content),
+                request=streamed.request,
+            )
             attempt.response, attempt.status = response, response.status_code
             if parse and 200 <= response.status_code < 300:
                 attempt.body = orjson.loads(response.content)
@@ -639,7 +668,7 @@ class RedoxClient:
     ) -> tuple[httpx.Response, Any]:
         """One logical call with retries; returns (response, parsed body or None)."""
         priority = check_priority(priority or ("event" if write else DEFAULT_PRIORITY))
-        state = self.retry.start()
+        state = self.retry.start(self._clock)
         while True:
             state.attempts += 1
             sent_at = self._wait_for_slot(priority, state, operation)
@@ -649,7 +678,9 @@ class RedoxClient:
                 headers["Content-Type"] = content_type
             if write and idempotency_key:
                 headers["Idempotency-Key"] = idempotency_key  # the same on every retry: the same write
-            attempt = self._transmit(state.attempts, sent_at, method, url, headers, parse, request)
+            attempt = self._transmit(
+                state.attempts, sent_at, method, url, headers, parse, request, state.remaining_s()
+            )
             self._record(attempt, surface, operation, method, template, count)
             verdict = classify(
                 status=attempt.status,
@@ -681,7 +712,7 @@ class RedoxClient:
         cls = DataModelError if surface == "datamodel" and verdict.errors.codes else RedoxAPIError
         raise self._error(
             cls,
-            f"failed: HTTP {attempt.status}",
+            f"failed: {verdict.reason}",
             operation,
             attempt.status,
             verdict,

@@ -72,6 +72,8 @@ DATAMODEL_ERROR_MODULES = frozenset(
 )
 FAILED_SEVERITIES = frozenset({"error", "fatal"})
 RETRIABLE_STATUSES = frozenset({502, 503, 504})
+# A body over the size limit would be just as large the next time: asking again wastes quota.
+UNRETRIABLE_TRANSPORT_ERRORS = frozenset({"BodyTooLarge"})
 
 OK, RETRY, REAUTH, PARTIAL, FATAL = "ok", "retry", "reauth", "partial", "fatal"
 
@@ -195,6 +197,8 @@ def classify(
     response: httpx.Response | None,
 ) -> Verdict:
     """The verdict on one attempt. ``body`` is the parsed JSON (None when not parsed or not JSON)."""
+    if transport_error in UNRETRIABLE_TRANSPORT_ERRORS:
+        return Verdict(FATAL, transport_error)
     if transport_error is not None:
         # Connect errors never reached the server; for the rest, reads are safe and writes carry
         # an idempotency key, so the retry is the same write.

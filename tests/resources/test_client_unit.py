@@ -758,3 +758,42 @@ def test_every_attempt_and_token_call_is_audited(tmp_path: Path, key_ring: KeyRi
         ("fhir", 200, 3),
     ]
     assert client.budget.stats().used == 3  # API attempts spend the budget
+
+
+# ---- bodies: size and time limits ------------------------------------------------------------------
+
+
+def test_an_oversized_body_is_refused_without_retrying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resources.client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_BODY_BYTES", 1000)
+    script = Script((200, bundle(50)))
+    client, sleeps = make_client(tmp_path, script)
+    with pytest.raises(RedoxAPIError, match="failed: BodyTooLarge"):
+        list(client.fhir_search_pages("Patient", {}))
+    assert len(script.requests) == 1 and sleeps == []
+    assert read_audit_file(tmp_path / "audit.jsonl")[0][0]["error"] == "BodyTooLarge"
+
+
+def test_a_trickling_body_is_cut_off_at_the_attempt_limit(tmp_path: Path) -> None:
+    class Trickle(httpx.SyncByteStream):
+        def __iter__(self):
+            for _ in range(1000):
+                yield b" "
+
+    now = [0.0]
+
+    def clock() -> float:  # every look at the clock is 10 s later: a very slow server
+        now[0] += 10.0
+        return now[0]
+
+    answers = iter([httpx.Response(200, stream=Trickle()), httpx.Response(200, json=bundle(1))])
+    script = Script(lambda r: next(answers))
+    client, sleeps = make_client(tmp_path, script)
+    client._clock = clock
+    client.retry = RetryPolicy(deadline_s=100_000.0, base_delay_s=0.01)
+    assert len(list(client.fhir_search_pages("Patient", {}))) == 1
+    errors = [r["error"] for r in read_audit_file(tmp_path / "audit.jsonl")[0]]
+    assert errors == ["BodyTooSlow", None] and len(sleeps) == 1
