@@ -170,7 +170,7 @@ class Settings:
             if conn.id == connection_id:
                 return conn
         known = ", ".join(c.id for c in self.connections)
-        raise ConfigError(f"connections: no connection '{connection_id}' (known: {known})")
+        raise ConfigError(f"connections: no connection {str(connection_id)[:64]!r} (known: {known})")
 
     def to_dict(self) -> dict[str, Any]:
         """The file form: plain YAML-able values, audit path relative to the file when possible."""

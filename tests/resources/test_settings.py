@@ -186,3 +186,94 @@ def test_config_file_is_owner_only(tmp_path: Path) -> None:
     write_settings(settings_from_dict(config(), source_path=path), path)
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
+# ---- fuzz: any value in any field is either accepted or refused with a ConfigError ----------------
+
+HOSTILE = [
+    None,
+    "",
+    " ",
+    "../../escape",
+    "a\r\nb",
+    "\x00",
+    "é" * 300,
+    0,
+    -1,
+    10**30,
+    1e-9,
+    float("nan"),
+    float("inf"),
+    True,
+    [],
+    ["x"],
+    {},
+    {"k": "v"},
+    "http://",
+    "http://h:0/x",
+    "http://[::1/x",
+    "https://h/x y",
+]
+TOP_FIELDS = [
+    "organization",
+    "environment",
+    "token_url",
+    "legacy_auth_url",
+    "auth",
+    "connections",
+    "audit",
+    "quota",
+]
+CONN_FIELDS = [
+    "id",
+    "name",
+    "kind",
+    "surfaces",
+    "entities",
+    "write_entities",
+    "fhir_base_url",
+    "datamodel_url",
+    "destination_id",
+    "destination_slug",
+    "headers",
+    "timeout_s",
+    "max_rps",
+    "page_size",
+]
+
+
+def test_config_fuzz_never_raises_anything_but_config_error() -> None:
+    import random
+
+    rng = random.Random(14)
+    outcomes = {"accepted": 0, "refused": 0}
+    for _ in range(1500):
+        doc = config()
+        for _ in range(rng.randint(1, 3)):
+            value = rng.choice(HOSTILE)
+            where = rng.random()
+            if where < 0.25:
+                doc[rng.choice(TOP_FIELDS)] = value
+            elif where < 0.35:
+                doc["auth"] = dict(doc["auth"]) if isinstance(doc.get("auth"), dict) else {}
+                doc["auth"][rng.choice(["client_id", "key_ring", "legacy_api_key", "legacy_secret_ref"])] = (
+                    value
+                )
+            elif where < 0.45:
+                doc["quota"] = {rng.choice(["requests", "window_s"]): value}
+            elif (
+                isinstance(doc.get("connections"), list)
+                and doc["connections"]
+                and isinstance(doc["connections"][0], dict)
+            ):
+                doc["connections"] = [dict(doc["connections"][0], **{rng.choice(CONN_FIELDS): value})]
+            elif where < 0.5:
+                doc["connections"] = [{"headers": {rng.choice(["X-A", "Bad Name", ""]): value}}]
+        try:
+            settings_from_dict(doc)
+            outcomes["accepted"] += 1
+        except ConfigError as exc:
+            text = str(exc)
+            assert "\n" not in text and "\r" not in text and len(text) < 400, text
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 1000 and outcomes["accepted"] > 10, outcomes
