@@ -48,7 +48,17 @@ from resources.audit import AuditLog, CallRecord, audit_context
 from resources.auth import LegacyTokenProvider, OAuthTokenProvider, TokenError, TokenProvider, token_audit
 from resources.keys import KeyRing
 from resources.quota import DEFAULT_PRIORITY, BudgetExhausted, RequestBudget, budget_file, check_priority
-from resources.responses import FATAL, OK, PARTIAL, REAUTH, Verdict, classify, limit_hint, server_errors
+from resources.responses import (
+    FATAL,
+    OK,
+    PARTIAL,
+    REAUTH,
+    Verdict,
+    as_list,
+    classify,
+    limit_hint,
+    server_errors,
+)
 from resources.retry import GiveUp, RetryPolicy, RetryState
 from resources.settings import ConnectionSettings, Settings, redox_home
 from resources.throttle import AdaptiveThrottle
@@ -215,11 +225,11 @@ def _form(params: dict[str, Any] | list[tuple[str, Any]] | None) -> dict[str, li
 def _bundle_count(bundle: Any) -> int | None:
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         return None
-    return len(bundle.get("entry") or [])
+    return len(as_list(bundle.get("entry")))
 
 
 def _next_link(bundle: dict[str, Any]) -> str | None:
-    for link in bundle.get("link") or []:
+    for link in as_list(bundle.get("link")):
         if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
             return link["url"] or None
     return None
@@ -239,7 +249,7 @@ class _PageCycleGuard:
 
     def see_page(self, bundle: dict[str, Any]) -> str | None:
         self.pages += 1
-        entries = bundle.get("entry") or []
+        entries = as_list(bundle.get("entry"))
         if not entries:
             self._empty_run += 1
             if self._empty_run > self._max_empty:
@@ -475,7 +485,7 @@ class RedoxClient:
             raise self._refuse(f"the {surface} surface (surfaces: {', '.join(self.conn.surfaces)})")
 
     def _fhir_entity(self, resource_type: str, entity: str | None = None) -> str | None:
-        if not _RESOURCE_TYPE.match(resource_type):
+        if not _RESOURCE_TYPE.fullmatch(resource_type):
             raise ScopeError(f"'{resource_type[:40]}' is not a FHIR resource type")
         self._require_surface("fhir")
         if resource_type in FHIR_REFERENCE_TYPES:
@@ -861,7 +871,7 @@ class RedoxClient:
     ) -> Iterator[dict[str, Any]]:
         """Every resource of every page of a search (``entry[].resource``)."""
         for page in self.fhir_search_pages(resource_type, params, entity=entity, priority=priority):
-            for entry in orjson.loads(page).get("entry") or []:
+            for entry in as_list(orjson.loads(page).get("entry")):
                 resource = entry.get("resource") if isinstance(entry, dict) else None
                 if isinstance(resource, dict):
                     yield resource
@@ -871,7 +881,7 @@ class RedoxClient:
     ) -> dict[str, Any]:
         """``GET {Type}/{id}``."""
         self._fhir_entity(resource_type)
-        if not _RESOURCE_ID.match(resource_id or ""):
+        if not _RESOURCE_ID.fullmatch(resource_id or ""):
             raise ScopeError(f"not a FHIR resource id (1-64 of A-Z a-z 0-9 - .) for {resource_type}")
         with self._attribution():
             _, body = self._send(
@@ -884,6 +894,13 @@ class RedoxClient:
                 count=lambda b: 1 if isinstance(b, dict) else None,
                 accept="application/fhir+json",
                 priority=priority,
+            )
+        if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
+            raise RedoxAPIError(
+                f"connection '{self.conn.id}': read {resource_type} answered without a FHIR resource",
+                connection_id=self.conn.id,
+                operation=f"read {resource_type}",
+                status_code=None,
             )
         return body
 
@@ -914,7 +931,7 @@ class RedoxClient:
         self, path: str, bundle: dict[str, Any], idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """``POST {Type}/${operation}`` with a message Bundle (write-back), e.g. ``ServiceRequest/$order-new``."""
-        match = _OPERATION.match(path)
+        match = _OPERATION.fullmatch(path)
         if not match:
             raise ScopeError(f"'{path[:60]}' is not a FHIR operation path like 'ServiceRequest/$order-new'")
         self._require_surface("fhir")

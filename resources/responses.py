@@ -78,6 +78,13 @@ UNRETRIABLE_TRANSPORT_ERRORS = frozenset({"BodyTooLarge"})
 OK, RETRY, REAUTH, PARTIAL, FATAL = "ok", "retry", "reauth", "partial", "fatal"
 
 
+def as_list(value: Any) -> list[Any]:
+    """A JSON array field as a list: a lone object counts as one item, anything else as none."""
+    if isinstance(value, list):
+        return value
+    return [value] if isinstance(value, dict) else []
+
+
 def safe_value(value: Any, vocabulary: frozenset[str]) -> str:
     """``value`` when it is a known vocabulary word, else ``<unrecognized, N chars>``."""
     if value is None:
@@ -97,10 +104,10 @@ class ServerErrors:
 
 def _outcome_issues(outcome: dict[str, Any], codes: list[str], texts: list[str]) -> bool:
     failed = False
-    for issue in outcome.get("issue") or []:
+    for issue in as_list(outcome.get("issue")):
         if not isinstance(issue, dict):
             continue
-        severity = issue.get("severity")
+        severity = issue.get("severity") if isinstance(issue.get("severity"), str) else None
         codes.append(
             f"{safe_value(severity, FHIR_ISSUE_SEVERITIES)}:{safe_value(issue.get('code'), FHIR_ISSUE_TYPES)}"
         )
@@ -115,7 +122,7 @@ def _outcome_issues(outcome: dict[str, Any], codes: list[str], texts: list[str])
 def _bundle_outcomes(bundle: dict[str, Any]) -> list[dict[str, Any]]:
     """OperationOutcomes inside a Bundle: as entries (search mode ``outcome``) or batch responses."""
     found: list[dict[str, Any]] = []
-    for entry in bundle.get("entry") or []:
+    for entry in as_list(bundle.get("entry")):
         if not isinstance(entry, dict):
             continue
         resource = entry.get("resource")

@@ -797,3 +797,118 @@ def test_a_trickling_body_is_cut_off_at_the_attempt_limit(tmp_path: Path) -> Non
     assert len(list(client.fhir_search_pages("Patient", {}))) == 1
     errors = [r["error"] for r in read_audit_file(tmp_path / "audit.jsonl")[0]]
     assert errors == ["BodyTooSlow", None] and len(sleeps) == 1
+
+
+# ---- fuzz: hostile server answers end in a RedoxError with a PHI-free message, or in data -------------
+
+
+def _hostile_value(rng: random.Random, depth: int = 0) -> Any:
+    pick = rng.random()
+    if depth > 2 or pick < 0.3:
+        return rng.choice(
+            [None, 1, -5, 1e308, True, "", CANARY_NAME, f"MRN {CANARY_NAME}", "error", "x" * 50]
+        )
+    if pick < 0.6:
+        return [_hostile_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    keys = [
+        "resourceType",
+        "entry",
+        "issue",
+        "severity",
+        "code",
+        "Meta",
+        "Errors",
+        "Type",
+        "Module",
+        "link",
+        "resource",
+    ]
+    return {rng.choice(keys): _hostile_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _hostile_body(rng: random.Random) -> Any:
+    shapes = [
+        lambda: _hostile_value(rng),
+        lambda: {"resourceType": "Bundle", "entry": [_hostile_value(rng) for _ in range(3)]},
+        lambda: {
+            "resourceType": "Bundle",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "OperationOutcome",
+                        "issue": [
+                            {
+                                "severity": rng.choice(["error", "fatal", "warning", CANARY_NAME, None]),
+                                "code": rng.choice(["processing", CANARY_NAME, 7]),
+                            }
+                        ],
+                    }
+                }
+            ],
+        },
+        lambda: {"resourceType": "OperationOutcome", "issue": _hostile_value(rng)},
+        lambda: {
+            "Meta": {
+                "Errors": [
+                    {"Type": rng.choice(["query", CANARY_NAME]), "Module": CANARY_NAME, "Text": CANARY_NAME}
+                ]
+            }
+        },
+        lambda: {"Meta": _hostile_value(rng), "Results": _hostile_value(rng)},
+        lambda: {
+            "resourceType": "Bundle",
+            "link": [
+                {
+                    "relation": "next",
+                    "url": rng.choice([f"{FHIR}/Patient/_search?p=1", "https://evil.example/x", 5, None]),
+                }
+            ],
+            "entry": [],
+        },
+    ]
+    return rng.choice(shapes)()
+
+
+def test_fuzzed_server_answers_never_escape_as_anything_but_redox_errors(tmp_path: Path) -> None:
+    from resources.client import RedoxError
+
+    rng = random.Random(1414)
+    statuses = [200, 200, 200, 201, 400, 401, 403, 404, 409, 429, 500, 502, 503]
+    outcomes: dict[str, int] = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        status = rng.choice(statuses)
+        headers = {}
+        if rng.random() < 0.3:
+            headers["Retry-After"] = rng.choice(["1000000", "-1", "nan", "soon", "0.5", "1e400"])
+        if rng.random() < 0.2:
+            headers["X-RateLimit-Limit"] = rng.choice(["0", "-3", "inf", "abc", "7500"])
+        if rng.random() < 0.15:
+            return httpx.Response(
+                status, content=rng.choice([b"", b"{", b"<html>", b"\xff\xfe", b"[1,2"]), headers=headers
+            )
+        return httpx.Response(status, content=json.dumps(_hostile_body(rng)).encode(), headers=headers)
+
+    calls = [
+        lambda c: list(c.fhir_search_pages("Patient", {"identifier": "urn:mrn|1"})),
+        lambda c: c.fhir_read("Patient", "p1"),
+        lambda c: c.datamodel({"Meta": {"DataModel": "Results", "EventType": "Query"}, "Patient": {}}),
+    ]
+    for i in range(400):
+        client, _ = make_client(
+            tmp_path / f"c{i % 4}",
+            Script(answer),
+            retry=RetryPolicy(max_attempts=2, max_rate_limited=2, base_delay_s=0.0),
+        )
+        try:
+            rng.choice(calls)(client)
+            outcomes["ok"] = outcomes.get("ok", 0) + 1
+        except RedoxError as exc:
+            text = str(exc) + repr(exc) + " ".join(exc.codes if hasattr(exc, "codes") else ())
+            assert CANARY_NAME not in text, text
+            assert "\n" not in str(exc)
+            outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
+        finally:
+            client.close()
+            client.budget.close()
+    assert outcomes.get("ok", 0) > 10 and outcomes.get("PartialFailure", 0) > 5, outcomes
