@@ -499,6 +499,8 @@ def _pull_generator(
                 return FHIR_COST_REVINCLUDE
             return 2 + sum(len(fhir_pull.ENTITY_RESOURCE_TYPES[e]) for e in entities if e != "patients")
 
+        resolved: dict[str, str] = {}  # FHIR id -> MR of the patients pulled so far this run
+
         def pull(patient: P.DuePatient) -> tuple[P.DuePatient, Any, P.PullOutcome]:
             started = out.clock.now()
             outcome = P.PullOutcome(
@@ -507,7 +509,15 @@ def _pull_generator(
             before = out.counter.total
             try:
                 if fctx is not None:
+                    known = resolved.get(patient.id_value) if patient.id_system == P.FHIR_ID_SYSTEM else None
+                    if known is not None:
+                        # Already pulled this run under its identifier (roster row): this row
+                        # folds into that one after the load, without a second pull.
+                        outcome.ok, outcome.fhir_id, outcome.mrn = True, patient.id_value, known
+                        return patient, fhir_pull.FhirPatientResult(), outcome
                     result = fhir_pull.pull_patient(patient, fctx)
+                    if result.fhir_id and result.mrn:
+                        resolved[result.fhir_id] = result.mrn
                     outcome.fhir_id, outcome.mrn = result.fhir_id, result.mrn
                     if result.revinclude is not None:
                         stats.revinclude = result.revinclude

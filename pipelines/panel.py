@@ -518,9 +518,11 @@ def select_due(
         SELECT connection_id, id_system, id_value, fhir_id, mrn, {reason} AS reason,
                last_full_pull_at IS NULL, found_ways
         FROM ops.patient_panel
-        WHERE connection_id = ? AND next_pull_due_at IS NOT NULL AND next_pull_due_at <= ?
+        WHERE connection_id = ? AND {DUE_SQL}
         ORDER BY CASE {reason} {" ".join(f"WHEN '{k}' THEN {v}" for k, v in REASON_RANK.items())} ELSE 9 END,
-                 last_full_pull_at NULLS FIRST, next_pull_due_at, id_system, id_value
+                 -- identifier rows before rows known only by a FHIR id: pulling the former first
+                 -- resolves the latter, which then fold in without a second pull
+                 (id_system = 'fhir'), last_full_pull_at NULLS FIRST, next_pull_due_at, id_system, id_value
     """
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
@@ -528,6 +530,12 @@ def select_due(
         DuePatient(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), tuple(r[7] or ()))
         for r in con.execute(sql, [connection_id, at]).fetchall()
     ]
+
+
+# A row is due when something asked for a pull (a reason is set: an event, new activity, a new
+# patient, --full) or its rolling refresh date passed. A reason makes it due whatever the clock
+# says, so a roster imported on this machine's clock is due against a server clock behind it.
+DUE_SQL = "(pull_reason IS NOT NULL OR (next_pull_due_at IS NOT NULL AND next_pull_due_at <= ?))"
 
 
 # ---- after the load ----------------------------------------------------------------------------
@@ -630,7 +638,8 @@ def _merge_same_patient(con: duckdb.DuckDBPyConnection, connection_id: str, o: P
         return 0
     rows = con.execute(
         """
-        SELECT id_system, id_value, found_ways, first_seen_at, first_activity_at, last_activity_at
+        SELECT id_system, id_value, found_ways, first_seen_at, first_activity_at, last_activity_at,
+               last_full_pull_at
         FROM ops.patient_panel
         WHERE connection_id = ? AND (fhir_id = ? OR mrn = ? OR (id_system = 'MR' AND id_value = ?)
                                      OR (id_system = 'fhir' AND id_value = ?))
@@ -641,6 +650,20 @@ def _merge_same_patient(con: duckdb.DuckDBPyConnection, connection_id: str, o: P
     if len(rows) < 2:
         return 0
     keep, drop = rows[0], rows[1:]
+    # The pull state (last pull, next due, reason, failures) of the most recently pulled row wins.
+    latest = max(rows, key=lambda r: (r[6] is not None, r[6] or datetime.min.replace(tzinfo=UTC)))
+    con.execute(
+        """
+        UPDATE ops.patient_panel AS k SET last_full_pull_at = s.last_full_pull_at,
+            next_pull_due_at = s.next_pull_due_at, pull_reason = s.pull_reason,
+            pull_priority = s.pull_priority, consecutive_failures = s.consecutive_failures,
+            last_error = s.last_error, last_attempt_at = s.last_attempt_at, not_found = s.not_found
+        FROM ops.patient_panel AS s
+        WHERE s.connection_id = ? AND s.id_system = ? AND s.id_value = ?
+          AND k.connection_id = ? AND k.id_system = ? AND k.id_value = ?
+        """,
+        [connection_id, latest[0], latest[1], connection_id, keep[0], keep[1]],
+    )
     ways = sorted({w for r in rows for w in (r[2] or [])})
     firsts = [r[3] for r in rows]
     acts_lo = [r[4] for r in rows if r[4] is not None]
@@ -712,14 +735,19 @@ def panel_stats(
     out: dict[str, dict[str, Any]] = {c: _empty_stats() for c in connection_ids or ()}
     for conn_id, patients, due, pulled, never, failing, not_found, oldest, newest in con.execute(
         """
-        SELECT connection_id, count(*),
-               count(*) FILTER (WHERE next_pull_due_at <= ?),
+        SELECT p.connection_id, count(*),
+               count(*) FILTER (WHERE pull_reason IS NOT NULL OR next_pull_due_at <= ?
+                   + to_seconds(coalesce(TRY_CAST(c.value AS DOUBLE), 0))),
                count(*) FILTER (WHERE last_full_pull_at IS NOT NULL),
                count(*) FILTER (WHERE last_full_pull_at IS NULL),
                count(*) FILTER (WHERE consecutive_failures > 0),
                count(*) FILTER (WHERE not_found),
                min(last_full_pull_at), max(last_full_pull_at)
-        FROM ops.patient_panel GROUP BY 1 ORDER BY 1
+        FROM ops.patient_panel p
+        -- "now" on each connection's server clock (learned by the syncs; about zero against Redox)
+        LEFT JOIN ops.connection_capabilities c
+          ON c.connection_id = p.connection_id AND c.capability = 'server_clock_offset_s'
+        GROUP BY 1 ORDER BY 1
         """,
         [at],
     ).fetchall():
@@ -803,7 +831,7 @@ def panel_list(
                 "last_activity_at": _iso(r[6]),
                 "last_full_pull_at": _iso(r[7]),
                 "next_pull_due_at": _iso(r[8]),
-                "due": bool(r[8] is not None and r[8] <= at),
+                "due": bool(r[9] is not None or (r[8] is not None and r[8] <= at)),
                 "pull_reason": r[9],
                 "consecutive_failures": r[10],
                 "not_found": bool(r[11]),
