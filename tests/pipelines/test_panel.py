@@ -47,7 +47,9 @@ def test_roster_import_maps_redox_systems_and_is_idempotent(con, tmp_path: Path)
         ("MR", "MRN002", "roster", "new_patient"),
         ("urn:oid:1.2.3", "X9", "roster", "new_patient"),
     ]
-    assert P.fhir_identifier_token("MR", "MRN001", "northwind-health") == "urn:redox:northwind-health:MR|MRN001"
+    assert (
+        P.fhir_identifier_token("MR", "MRN001", "northwind-health") == "urn:redox:northwind-health:MR|MRN001"
+    )
     assert P.datamodel_id_type("urn:redox:lakeside:MR") == "MR"
 
 
@@ -187,7 +189,10 @@ def test_cli_add_list_stats(tmp_path: Path, capsys) -> None:
     from pipelines import panel_cli
 
     assert panel_cli.import_roster(wh, CONN, path).added == 2
-    for argv in (["panel", "list", "--connection", CONN, "--warehouse", wh], ["panel", "stats", "--json", "--warehouse", wh]):
+    for argv in (
+        ["panel", "list", "--connection", CONN, "--warehouse", wh],
+        ["panel", "stats", "--json", "--warehouse", wh],
+    ):
         a = parser.parse_args(argv)
         assert a.func(a) == 0
     out = capsys.readouterr().out

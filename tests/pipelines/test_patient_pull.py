@@ -192,7 +192,9 @@ def test_revinclude_path_pulls_a_patient_in_one_search(world: dict[str, Any]) ->
     meta = _connections_meta(server)
     honouring = [cid for cid, c in meta.items() if c.get("revinclude") is True and "fhir" in c["surfaces"]]
     if not any("revinclude" in c for c in meta.values()):
-        pytest.skip("this sandbox does not describe _revinclude support (/_sandbox/connections has no 'revinclude')")
+        pytest.skip(
+            "this sandbox does not describe _revinclude support (/_sandbox/connections has no 'revinclude')"
+        )
     if not honouring:
         pytest.skip("no sandbox connection honours _revinclude")
     conn_id = honouring[0]
@@ -205,5 +207,9 @@ def test_revinclude_path_pulls_a_patient_in_one_search(world: dict[str, Any]) ->
     assert published_counts(paths, conn_id) == {e: want.get(e, 0) for e in ENTITIES}
     patient_searches = extract.stats.requests_by_kind.get("search Patient", 0)
     assert patient_searches >= n
-    per_type = sum(v for k, v in extract.stats.requests_by_kind.items() if k.startswith("search ") and k != "search Patient")
+    per_type = sum(
+        v
+        for k, v in extract.stats.requests_by_kind.items()
+        if k.startswith("search ") and k != "search Patient"
+    )
     assert per_type == 0, extract.stats.requests_by_kind
