@@ -377,6 +377,26 @@ def record_sighting(
     return False
 
 
+def record_event(
+    con: duckdb.DuckDBPyConnection,
+    connection_id: str,
+    id_system: str,
+    id_value: str,
+    *,
+    event_at: datetime | None = None,
+    fhir_id: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """A pushed event named this patient (the webhook receiver calls this): due now, first in
+    line. ``id_system`` may be a Redox system URI or an identifier type."""
+    return record_sighting(
+        con,
+        connection_id,
+        Sighting(canonical_system(id_system), id_value, "event", event_at, event_at, fhir_id=fhir_id),
+        now=now,
+    )
+
+
 def record_sightings(
     con: duckdb.DuckDBPyConnection,
     connection_id: str,

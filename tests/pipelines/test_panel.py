@@ -198,3 +198,20 @@ def test_cli_add_list_stats(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "SECRET" not in out
     assert json.loads(out[out.index("{") :])[CONN]["patients"] == 2
+
+
+def test_documented_sql_roster_path_and_events(con) -> None:
+    con.execute("CREATE TABLE my_patients AS SELECT * FROM (VALUES ('S1'), ('S2')) t(mrn)")
+    sql = """
+        INSERT INTO ops.patient_panel (connection_id, id_system, id_value, found_by, found_ways,
+                                       first_seen_at, next_pull_due_at, pull_priority, pull_reason)
+        SELECT 'northwind-fhir', 'MR', mrn, 'roster', ['roster'], now(), now(), 2, 'new_patient'
+        FROM my_patients
+        ON CONFLICT DO NOTHING
+    """
+    con.execute(sql)
+    con.execute(sql)  # idempotent
+    assert [d.id_value for d in P.select_due(con, CONN, now=T0)] == ["S1", "S2"]
+    # An event names S2 (by its Redox system URI): it goes first.
+    assert not P.record_event(con, CONN, "urn:redox:northwind-health:MR", "S2", event_at=T0, now=T0)
+    assert [(d.id_value, d.reason) for d in P.select_due(con, CONN, now=T0)][0] == ("S2", "event")

@@ -213,3 +213,42 @@ def test_revinclude_path_pulls_a_patient_in_one_search(world: dict[str, Any]) ->
         if k.startswith("search ") and k != "search Patient"
     )
     assert per_type == 0, extract.stats.requests_by_kind
+
+
+class SmallBudget:
+    """The shared budget's contract (remaining/stats), nearly spent."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def remaining(self) -> int:
+        return self.left
+
+    def stats(self) -> dict[str, int]:
+        return {"remaining": self.left}
+
+
+def test_patients_that_do_not_fit_the_budget_are_deferred_and_stay_due(world: dict[str, Any]) -> None:
+    server, settings, paths = world["server"], world["settings"], world["paths"]
+    conn_id = "northwind-fhir"
+    n = write_roster(server, settings, conn_id, world["tmp"] / "all.csv")
+    with duckdb.connect(str(paths.duckdb)) as con:
+        P.add_roster(con, conn_id, world["tmp"] / "all.csv")
+    conn = settings.connection(conn_id)
+    with RedoxClient(settings, conn, caller="test") as client:
+        client.budget = SmallBudget(20)  # two patients' worth on the per-type path
+        extract = extract_connection(client, conn, RawLanding(paths.landing_root), paths, discover_days=1)
+        pipeline = dlt.pipeline(
+            pipeline_name=pipeline_name(conn.id),
+            destination=dlt.destinations.duckdb(str(paths.duckdb)),
+            dataset_name="raw",
+            pipelines_dir=str(paths.dlt_dir),
+        )
+        pipeline.run(extract.sources)
+        extract.finish(paths)
+    # Everyone due (the roster and the patients discovery found by FHIR id) but two is deferred.
+    assert extract.stats.due >= n
+    assert extract.stats.pulled == 2 and extract.stats.deferred == extract.stats.due - 2
+    assert extract.stats.budget_left == 20 and extract.stats.budget == {"remaining": 20}
+    stats = panel_stats(paths, conn_id)
+    assert stats["pulled"] == 2 and stats["due"] == extract.stats.deferred
