@@ -546,7 +546,14 @@ def _pull_generator(
         pending: set[Future] = set()
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix=f"pull-{surface}") as pool:
             while queue or pending:
-                while queue and len(pending) < workers * 2:
+                # Until the first pull learns whether _revinclude / _elements are honoured, one
+                # patient at a time: the probe is then sent once, not once per worker.
+                probing = fctx is not None and (
+                    fctx.revinclude is None
+                    or (fctx.revinclude is False and fctx.elements is None and "documents" in entities)
+                )
+                in_flight = 1 if probing else workers * 2
+                while queue and len(pending) < in_flight:
                     left = budget_remaining(client)
                     if left is not None and left < cost() * (len(pending) + 1):
                         # The budget will not cover this patient: defer it and everyone after

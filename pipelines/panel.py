@@ -392,7 +392,9 @@ def record_event(
     return record_sighting(
         con,
         connection_id,
-        Sighting(canonical_system(id_system), id_value, "event", event_at, event_at, fhir_id=fhir_id),
+        Sighting(
+            canonical_system(id_system), id_value, "event", event_at, event_at or _now(now), fhir_id=fhir_id
+        ),
         now=now,
     )
 

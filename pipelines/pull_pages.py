@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dlt
+import orjson
 import pyarrow as pa
 
 from pipelines.batches import EntityBatcher
@@ -96,8 +97,6 @@ class StagedEmitter:
     def take(self, page: PulledPage) -> None:
         body = page.body
         if body is None:
-            import orjson
-
             body = orjson.loads(self.landing.read(page.raw_ref))
         if self.surface == "fhir":
             self._take_fhir(body, page.raw_ref)

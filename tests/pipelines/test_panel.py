@@ -215,3 +215,45 @@ def test_documented_sql_roster_path_and_events(con) -> None:
     # An event names S2 (by its Redox system URI): it goes first.
     assert not P.record_event(con, CONN, "urn:redox:northwind-health:MR", "S2", event_at=T0, now=T0)
     assert [(d.id_value, d.reason) for d in P.select_due(con, CONN, now=T0)][0] == ("S2", "event")
+
+
+def test_sandbox_roster_is_written_as_a_user_csv_and_imported_through_panel_add(tmp_path: Path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from types import SimpleNamespace
+
+    from pipelines.panel_cli import import_sandbox_rosters
+
+    class Roster(BaseHTTPRequestHandler):
+        def log_message(self, *a) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            conn = self.path.split("connection=", 1)[1]
+            body = json.dumps(
+                {
+                    "connection": conn,
+                    "patients": [{"system": "urn:redox:nw:MR", "value": f"{conn}-{i}"} for i in range(3)],
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Roster)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        conns = (SimpleNamespace(id="a", kind="ehr"), SimpleNamespace(id="net", kind="network"))
+        settings = SimpleNamespace(
+            connections=conns, connection=lambda cid: next(c for c in conns if c.id == cid)
+        )
+        wh = tmp_path / "wh" / "redox.duckdb"
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        results = import_sandbox_rosters(url, settings, wh, tmp_path)
+        assert set(results) == {"a"} and results["a"].added == 3
+        assert (tmp_path / "roster-a.csv").read_text().splitlines()[0] == "system,value"
+        assert import_sandbox_rosters(url, settings, wh, tmp_path)["a"].already == 3
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
