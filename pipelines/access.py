@@ -514,6 +514,7 @@ def _pull_generator(
                         # Already pulled this run under its identifier (roster row): this row
                         # folds into that one after the load, without a second pull.
                         outcome.ok, outcome.fhir_id, outcome.mrn = True, patient.id_value, known
+                        outcome.incomplete = True  # not a pull of its own: only the fold
                         return patient, fhir_pull.FhirPatientResult(), outcome
                     result = fhir_pull.pull_patient(patient, fctx)
                     if result.fhir_id and result.mrn:
