@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import tempfile
 import threading
@@ -93,45 +94,32 @@ def live_progress(stream: Any = sys.stderr) -> Iterator[None]:
 
 
 def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
-    """``redox-elt sync``. ``runner(config_path, paths, connection_ids=, window=)`` executes the
-    sync; the application wires the Dagster job in (``redox_elt.cli``) so the CLI and the UI
-    run the same asset code. Without one, ``run_sync`` runs it directly."""
-    from pipelines.sync import run_sync
+    """``redox-elt sync``. ``runner(settings, paths, windows, lookback_s=)`` executes the
+    sync and returns a ``SyncReport``; the application wires the Dagster job in
+    (``redox_elt.sync_job``) so a CLI sync is recorded like a UI one. Without one,
+    ``run_sync`` (what every Dagster asset calls too) runs it directly."""
+    from pipelines.sync import connection_windows, run_sync
     from pipelines.warehouse import WarehouseBusy, WarehousePaths
     from resources.settings import ConfigError, load_settings
 
     try:
-        if args.lookback_hours < 0:
-            raise ValueError("--lookback-hours must be >= 0")
+        if not math.isfinite(args.lookback_hours) or args.lookback_hours < 0:
+            raise ValueError("--lookback-hours must be a finite number >= 0")
         settings = load_settings(args.config)
         window = SyncWindow(_parse_instant(args.since, "--since"), _parse_instant(args.until, "--until"))
-        for cid in args.connection or []:
-            settings.connection(cid)
-    except (ConfigError, ValueError, KeyError) as exc:
+        windows = connection_windows(settings, args.connection, window)
+        paths = WarehousePaths.at(args.warehouse, args.destination)
+    except (ConfigError, ValueError, KeyError, OSError) as exc:
         print(f"redox-elt sync: {exc}", file=sys.stderr)
         return 2
-    paths = WarehousePaths.at(args.warehouse, args.destination)
     started = time.monotonic()
+    lookback_s = args.lookback_hours * 3600.0
     try:
         with live_progress():
-            lookback_s = args.lookback_hours * 3600.0
             if runner is None:
-                report = run_sync(
-                    settings,
-                    paths,
-                    connection_ids=args.connection,
-                    window=window,
-                    lookback_s=lookback_s,
-                    caller="cli",
-                )
+                report = run_sync(settings, paths, windows, lookback_s=lookback_s, caller="cli")
             else:
-                report = runner(
-                    settings.source_path,
-                    paths,
-                    connection_ids=args.connection,
-                    window=window,
-                    lookback_s=lookback_s,
-                )
+                report = runner(settings, paths, windows, lookback_s=lookback_s)
     except WarehouseBusy as exc:
         print(f"redox-elt sync: {exc}", file=sys.stderr)
         return 3
