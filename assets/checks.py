@@ -192,3 +192,12 @@ def fhir_counts_match_source(
             q.CheckOutcome(not off, per_conn, summary),
             AssetCheckSeverity.WARN,
         )
+
+
+CHECKS = [
+    primary_keys_unique,
+    patients_in_crosswalk,
+    quarantine_rate,
+    connections_fresh,
+    fhir_counts_match_source,
+]

@@ -15,13 +15,7 @@ harden_process()
 from dagster import Definitions, EnvVar, in_process_executor  # noqa: E402
 
 from assets.automation import SENSORS, ScheduleSettings, build_schedules, build_sync_job  # noqa: E402
-from assets.checks import (  # noqa: E402
-    connections_fresh,
-    fhir_counts_match_source,
-    patients_in_crosswalk,
-    primary_keys_unique,
-    quarantine_rate,
-)
+from assets.checks import CHECKS  # noqa: E402
 from assets.partitions import sync_partitions_def  # noqa: E402
 from assets.resources import (  # noqa: E402
     CheckThresholds,
@@ -66,13 +60,7 @@ def build_definitions(
     )
     return Definitions(
         assets=[sync.redox_sync, sync.persons],
-        asset_checks=[
-            primary_keys_unique,
-            patients_in_crosswalk,
-            quarantine_rate,
-            connections_fresh,
-            fhir_counts_match_source,
-        ],
+        asset_checks=CHECKS,
         jobs=[job],
         schedules=build_schedules(job, when),
         sensors=SENSORS,

@@ -138,10 +138,10 @@ def test_the_postgres_instance_config_stores_runs_partitions_and_materialization
 ) -> None:
     from dagster import DagsterInstance, materialize
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
+    from resources.dagster import WarehouseResource
 
     from assets.partitions import CONNECTIONS_PARTITIONS_NAME
     from assets.sync_assets import persons
-    from resources.dagster import WarehouseResource
 
     for key, value in postgres.items():
         monkeypatch.setenv(key, value)

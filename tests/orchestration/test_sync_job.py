@@ -1,4 +1,4 @@
-"""``assets.cli_bridge.run_sync_job``: the CLI's sync executed as the Dagster job."""
+"""``redox_elt.sync_job``: the CLI's sync executed as the Dagster job, through the one runner."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from pathlib import Path
 
 import duckdb
 
-from assets.cli_bridge import run_plan, run_sync_job
 from assets.partitions import RANGE_END_TAG, RANGE_START_TAG, partition_key
+from pipelines.sync import connection_windows
 from pipelines.sync_context import SyncWindow
 from pipelines.warehouse import WarehousePaths
+from redox_elt.environment import Environment
+from redox_elt.sync_job import DagsterSyncRunner, run_plan
+from resources.settings import load_settings
 from sandbox.population.store import Query
 from sandbox.server import SandboxServer
 from tests.orchestration.conftest import ENTITIES, model_counts, register
@@ -36,10 +39,11 @@ def test_a_cli_window_becomes_a_day_range_with_its_exact_bounds() -> None:
 def test_the_cli_sync_runs_the_dagster_job_live_and_windowed(
     small_sandbox: SandboxServer, tmp_path: Path
 ) -> None:
-    config = register(small_sandbox, tmp_path, (FHIR_CONN,))
+    settings = load_settings(register(small_sandbox, tmp_path, (FHIR_CONN,)))
+    run_sync_job = DagsterSyncRunner(Environment())
     window = SyncWindow(datetime(2026, 10, 3, 12, 30, tzinfo=UTC), datetime(2026, 10, 17, 6, tzinfo=UTC))
     windowed = WarehousePaths.at(tmp_path / "windowed")
-    report = run_sync_job(config, windowed, window=window)
+    report = run_sync_job(settings, windowed, connection_windows(settings, window=window))
     assert report.ok, [c.error for c in report.connections]
     store = small_sandbox.state.store
     expected = {
@@ -48,12 +52,12 @@ def test_the_cli_sync_runs_the_dagster_job_live_and_windowed(
     assert model_counts(windowed.duckdb, FHIR_CONN) == expected
     assert report.connections[0].published["results"] == expected["results"]
     with duckdb.connect(str(windowed.duckdb), read_only=True) as con:
-        assert con.execute("SELECT mode, window_start, window_end FROM ops.sync_runs").fetchall() == [
-            ("backfill", window.start, window.end)
-        ]
+        assert con.execute(
+            "SELECT mode, window_start, window_end, caller, status, error FROM ops.sync_runs"
+        ).fetchall() == [("backfill", window.start, window.end, "dagster", "success", None)]
 
     live = WarehousePaths.at(tmp_path / "live")
-    report = run_sync_job(config, live)
+    report = run_sync_job(settings, live, connection_windows(settings))
     assert report.ok
     assert report.connections[0].published == {
         **{e: store.count(Query(FHIR_CONN, e)) for e in ENTITIES},
