@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-CONFIG_ENV = "REDOX_ELT_CONFIG"
+from resources.settings import CONFIG_ENV
+
 WAREHOUSE_ENV = "REDOX_ELT_WAREHOUSE"
 SANDBOX_PATIENTS_ENV = "REDOX_ELT_SANDBOX_PATIENTS"
 SANDBOX_SEED_ENV = "REDOX_ELT_SANDBOX_SEED"

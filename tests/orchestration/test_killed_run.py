@@ -26,7 +26,16 @@ CONNECTION = "northwind-fhir"
 
 
 def _sync(config: Path, warehouse: Path, env: dict[str, str], **kwargs) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "redox_elt.cli", "sync", "--config", str(config), "--warehouse", str(warehouse)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "redox_elt.cli",
+        "sync",
+        "--config",
+        str(config),
+        "--warehouse",
+        str(warehouse),
+    ]
     return subprocess.Popen(cmd, env=env, start_new_session=True, **kwargs)
 
 
@@ -53,7 +62,9 @@ def test_a_sigkilled_sync_does_not_block_the_next(small_sandbox: SandboxServer, 
     try:
         with DagsterInstance.from_config(str(home)) as instance:
             killed = wait_until(
-                lambda: first.poll() is None and _slot_holder(instance), 120, "the first sync to hold the pool slot"
+                lambda: first.poll() is None and _slot_holder(instance),
+                120,
+                "the first sync to hold the pool slot",
             )
     finally:
         os.killpg(first.pid, signal.SIGKILL)

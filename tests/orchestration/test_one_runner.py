@@ -42,7 +42,9 @@ def test_demo_leaves_one_run_row_per_connection_and_every_check_passing(
     assert {r[1:5] for r in rows} == {("live", "demo", "success", None)}
     assert all(r[5] > 0 for r in rows)
     # The runner's counts are what Dagster's metadata and the CLI summary show.
-    assert report.row_counts["redox.patients"]["northwind-fhir"] == report.connections[0].published["patients"]
+    assert (
+        report.row_counts["redox.patients"]["northwind-fhir"] == report.connections[0].published["patients"]
+    )
 
     evaluations = run_checks(sync_resources(config, tmp_path / "wh"), ALL)
     failed = {k: e.description for k, e in evaluations.items() if not e.passed}
@@ -65,7 +67,10 @@ def test_a_failed_connection_is_recorded_and_not_counted_fresh(
         rows = con.execute(
             "SELECT run_id, connection_id, status, error IS NULL FROM ops.sync_runs ORDER BY 2"
         ).fetchall()
-    assert rows == [("run-1", "northwind-fhir", "success", True), ("run-1", "not-configured", "failed", False)]
+    assert rows == [
+        ("run-1", "northwind-fhir", "success", True),
+        ("run-1", "not-configured", "failed", False),
+    ]
     evaluations = run_checks(sync_resources(config, tmp_path / "wh"), ["northwind-fhir"])
     fresh = evaluations[("redox/patient_identifiers", "connections_fresh")]
     assert fresh.passed and set(fresh.metadata["by_connection"].value) == {"northwind-fhir"}

@@ -138,10 +138,12 @@ def test_the_postgres_instance_config_stores_runs_partitions_and_materialization
 ) -> None:
     from dagster import DagsterInstance, materialize
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
-    from resources.dagster import WarehouseResource
 
     from assets.partitions import CONNECTIONS_PARTITIONS_NAME
-    from assets.sync_assets import persons
+    from assets.resources import WarehouseResource
+    from tests.orchestration.conftest import SYNC_ASSETS
+
+    persons = SYNC_ASSETS.persons
 
     for key, value in postgres.items():
         monkeypatch.setenv(key, value)
