@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -65,7 +66,7 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _process_tags() -> dict[str, str]:
+def process_tags() -> dict[str, str]:
     pid = os.getpid()
     return {PID_TAG: str(pid), HOST_TAG: socket.gethostname(), PROCESS_START_TAG: _process_start(pid) or ""}
 
@@ -119,10 +120,19 @@ def wait_for_pool(instance: DagsterInstance, wait_s: float) -> None:
     on the way; raises ``WarehouseBusy`` when the time is up. SIGTERM/SIGINT end it (the
     CLI turns both into ``KeyboardInterrupt``)."""
     deadline = time.monotonic() + wait_s
+    told = False
     while True:
         release_dead_runs(instance)
         if not _pool_is_busy(instance):
             return
+        if not told:
+            print(
+                f"redox-elt sync: waiting for the {DUCKDB_POOL} pool (another sync holds it; "
+                f"up to {wait_s:g} s, Ctrl-C or SIGTERM to stop)",
+                file=sys.stderr,
+                flush=True,
+            )
+            told = True
         if time.monotonic() >= deadline:
             raise WarehouseBusy(
                 f"the {DUCKDB_POOL} pool stayed busy for {wait_s:g} s (another sync is running; "
@@ -251,7 +261,7 @@ class DagsterSyncRunner:
             instance.add_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME, [w.connection_id for w in ordered])
             for cw in ordered:
                 plan = run_plan(cw.connection_id, cw.window, lookback_s, today)
-                plan["tags"].update(_process_tags())
+                plan["tags"].update(process_tags())
                 wait_for_pool(instance, self.env.pool_wait_s)
                 run_id_box: list[str] = []
                 with _watch_blocked_run(instance, run_id_box, self.env.pool_wait_s):

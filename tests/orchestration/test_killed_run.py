@@ -11,13 +11,17 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.test_utils import create_run_for_test
 
+from assets.automation import SYNC_JOB
 from assets.sync_assets import DUCKDB_POOL
 from pipelines.warehouse import WarehousePaths
+from redox_elt.sync_job import process_tags
 from sandbox.server import SandboxServer
 from tests.orchestration.conftest import register, wait_until
 
@@ -69,6 +73,10 @@ def test_a_sigkilled_sync_does_not_block_the_next(small_sandbox: SandboxServer, 
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+    with DagsterInstance.from_config(str(home)) as instance:
+        # The scenario is real: the dead run still holds the slot and is still "started".
+        assert killed in instance.event_log_storage.get_concurrency_info(DUCKDB_POOL).active_run_ids
+        assert instance.get_run_by_id(killed).status == DagsterRunStatus.STARTED
 
     second = _sync(config, warehouse, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -92,3 +100,46 @@ def test_a_sigkilled_sync_does_not_block_the_next(small_sandbox: SandboxServer, 
     packages = [p for p in paths.dlt_dir.rglob("load/*/*") if p.is_dir()]
     assert packages == []
     assert paths.duckdb.exists() and any(paths.landing_root.rglob("*"))
+
+
+def test_sigterm_ends_a_sync_waiting_for_the_pool(small_sandbox: SandboxServer, tmp_path: Path) -> None:
+    """A live run (this test's process) holds the slot: the CLI waits, says so, and SIGTERM ends it."""
+    config = register(small_sandbox, tmp_path, (CONNECTION,))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    with DagsterInstance.from_config(str(home)) as instance:
+        holder = create_run_for_test(
+            instance, job_name=SYNC_JOB, status=DagsterRunStatus.STARTED, tags=process_tags()
+        )
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots(DUCKDB_POOL, 1)
+        assert storage.claim_concurrency_slot(DUCKDB_POOL, holder.run_id, "redox_sync").is_claimed
+        env = dict(os.environ, DAGSTER_HOME=str(home))
+        waiting = _sync(
+            config, tmp_path / "wh" / "redox.duckdb", env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            lines: list[str] = []
+            reader = threading.Thread(
+                target=lambda: lines.extend(ln.decode() for ln in waiting.stderr), daemon=True
+            )
+            reader.start()
+            wait_until(
+                lambda: (
+                    any(f"waiting for the {DUCKDB_POOL} pool" in ln for ln in lines)
+                    or waiting.poll() is not None
+                ),
+                120,
+                "the CLI to report that it waits for the pool",
+            )
+            assert waiting.poll() is None, lines
+            waiting.send_signal(signal.SIGTERM)
+            assert waiting.wait(timeout=30) == 130
+        finally:
+            if waiting.poll() is None:
+                os.killpg(waiting.pid, signal.SIGKILL)
+                waiting.wait()
+        # The live holder was left alone.
+        assert holder.run_id in storage.get_concurrency_info(DUCKDB_POOL).active_run_ids
+        assert instance.get_run_by_id(holder.run_id).status == DagsterRunStatus.STARTED
