@@ -43,9 +43,10 @@ def _sandbox_serve(args: argparse.Namespace) -> int:
 def _sync_through_dagster(args: argparse.Namespace) -> int:
     """``redox-elt sync`` executes the same Dagster job the UI materializes, in-process."""
     from pipelines.cli import sync_command
+    from redox_elt.definitions import build_definitions
     from redox_elt.sync_job import DagsterSyncRunner
 
-    return sync_command(args, runner=DagsterSyncRunner(args.environment))
+    return sync_command(args, runner=DagsterSyncRunner(args.environment, build_definitions))
 
 
 def _interrupt(signum: int, frame: Any) -> None:

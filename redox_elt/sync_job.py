@@ -24,13 +24,13 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterInstance, DagsterRunStatus, Definitions, RunsFilter
 from dagster._utils.interrupts import check_captured_interrupt
 
 from assets.automation import SYNC_JOB
@@ -228,9 +228,13 @@ def _with_window(report: ConnectionReport, cw: ConnectionWindow) -> ConnectionRe
 
 @dataclass(frozen=True)
 class DagsterSyncRunner:
-    """The CLI's ``runner``: ``runner(settings, paths, windows, lookback_s=)`` → ``SyncReport``."""
+    """The CLI's ``runner``: ``runner(settings, paths, windows, lookback_s=)`` → ``SyncReport``.
+
+    ``build_definitions(env, redox, warehouse)`` is the code location's factory, passed in
+    by the CLI entry point (only the entry point and Dagster's loader import it)."""
 
     env: Environment
+    build_definitions: Callable[..., Definitions]
 
     def _instance(self) -> DagsterInstance:
         return DagsterInstance.get() if self.env.dagster_home else DagsterInstance.ephemeral()
@@ -243,11 +247,9 @@ class DagsterSyncRunner:
         *,
         lookback_s: float = DEFAULT_LOOKBACK_S,
     ) -> SyncReport:
-        from redox_elt.definitions import build_definitions
-
         if settings.source_path is None:
             raise ValueError("the CLI sync needs settings read from a connections file")
-        defs = build_definitions(
+        defs = self.build_definitions(
             self.env,
             ConnectionsFileResource(config_path=str(settings.source_path)),
             WarehouseResource(path=str(paths.duckdb), destination=paths.destination),

@@ -11,6 +11,7 @@ from assets.partitions import RANGE_END_TAG, RANGE_START_TAG, partition_key
 from pipelines.sync import connection_windows
 from pipelines.sync_context import SyncWindow
 from pipelines.warehouse import WarehousePaths
+from redox_elt.definitions import build_definitions
 from redox_elt.environment import Environment
 from redox_elt.sync_job import DagsterSyncRunner, run_plan
 from resources.settings import load_settings
@@ -40,7 +41,7 @@ def test_the_cli_sync_runs_the_dagster_job_live_and_windowed(
     small_sandbox: SandboxServer, tmp_path: Path
 ) -> None:
     settings = load_settings(register(small_sandbox, tmp_path, (FHIR_CONN,)))
-    run_sync_job = DagsterSyncRunner(Environment())
+    run_sync_job = DagsterSyncRunner(Environment(), build_definitions)
     window = SyncWindow(datetime(2026, 10, 3, 12, 30, tzinfo=UTC), datetime(2026, 10, 17, 6, tzinfo=UTC))
     windowed = WarehousePaths.at(tmp_path / "windowed")
     report = run_sync_job(settings, windowed, connection_windows(settings, window=window))
