@@ -10,11 +10,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from pipelines.sync_context import SyncWindow
+
+# Records' last-updated times a window can name: nothing predates Unix time, and a bound
+# more than a day ahead is a typo (and would overflow day arithmetic near year 9999).
+EARLIEST_INSTANT = datetime(1970, 1, 1, tzinfo=UTC)
+FUTURE_SLACK = timedelta(days=1)
 
 
 def _parse_instant(value: str | None, flag: str) -> datetime | None:
@@ -23,8 +28,20 @@ def _parse_instant(value: str | None, flag: str) -> datetime | None:
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise SystemExit(f"redox-elt: {flag}: not an ISO-8601 date or time: {value!r}") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+        raise ValueError(f"{flag}: not an ISO-8601 date or time: {value!r}") from None
+    dt = dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    latest = datetime.now(UTC) + FUTURE_SLACK
+    if not EARLIEST_INSTANT <= dt <= latest:
+        raise ValueError(f"{flag}: {value!r} is outside {EARLIEST_INSTANT:%Y-%m-%d} .. {latest:%Y-%m-%d}")
+    return dt
+
+
+def sync_window(since: str | None, until: str | None) -> SyncWindow:
+    """The window ``--since``/``--until`` ask for; raises ``ValueError`` with one line."""
+    start, end = _parse_instant(since, "--since"), _parse_instant(until, "--until")
+    if end is not None and start is None:
+        raise ValueError("--until needs --since (a backfill is the window [since, until))")
+    return SyncWindow(start, end)
 
 
 def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout) -> None:
@@ -106,7 +123,7 @@ def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
         if not math.isfinite(args.lookback_hours) or args.lookback_hours < 0:
             raise ValueError("--lookback-hours must be a finite number >= 0")
         settings = load_settings(args.config)
-        window = SyncWindow(_parse_instant(args.since, "--since"), _parse_instant(args.until, "--until"))
+        window = sync_window(args.since, args.until)
         windows = connection_windows(settings, args.connection, window)
         paths = WarehousePaths.at(args.warehouse, args.destination)
     except (ConfigError, ValueError, KeyError, OSError) as exc:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from dagster import DagsterInstance, DagsterRunStatus, Definitions, RunsFilter
@@ -178,8 +178,12 @@ def _watch_blocked_run(instance: DagsterInstance, run_id_box: list[str], wait_s:
         thread.join()
 
 
-def run_plan(connection_id: str, window: SyncWindow, lookback_s: float, today: datetime) -> dict[str, Any]:
-    """Partition, tags and run config of one connection's CLI run."""
+def run_plan(
+    connection_id: str, window: SyncWindow, lookback_s: float, today: datetime, first_day: date | None = None
+) -> dict[str, Any]:
+    """Partition, tags and run config of one connection's CLI run. The exact bounds travel
+    as run config; the partition range only labels the run, so it is clamped to the days
+    the partitions cover (``first_day`` .. today)."""
     config: dict[str, Any] = {
         "mode": MODE_WINDOW if window.is_backfill else MODE_LIVE,
         "lookback_s": lookback_s,
@@ -194,6 +198,8 @@ def run_plan(connection_id: str, window: SyncWindow, lookback_s: float, today: d
         assert window.end is not None
         first = (window.start or window.end - timedelta(days=1)).astimezone(UTC).date()
         last = (window.end - timedelta(microseconds=1)).astimezone(UTC).date()
+        first = min(max(first, first_day or first), today.date())
+        last = max(min(last, today.date()), first)
         tags[RANGE_START_TAG] = str(partition_key(connection_id, first))
         tags[RANGE_END_TAG] = str(partition_key(connection_id, last))
     else:
@@ -236,6 +242,10 @@ class DagsterSyncRunner:
     env: Environment
     build_definitions: Callable[..., Definitions]
 
+    @property
+    def first_day(self) -> date:
+        return date.fromisoformat(self.env.partitions_start)
+
     def _instance(self) -> DagsterInstance:
         return DagsterInstance.get() if self.env.dagster_home else DagsterInstance.ephemeral()
 
@@ -262,7 +272,7 @@ class DagsterSyncRunner:
         with self._instance() as instance:
             instance.add_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME, [w.connection_id for w in ordered])
             for cw in ordered:
-                plan = run_plan(cw.connection_id, cw.window, lookback_s, today)
+                plan = run_plan(cw.connection_id, cw.window, lookback_s, today, self.first_day)
                 plan["tags"].update(process_tags())
                 wait_for_pool(instance, self.env.pool_wait_s)
                 run_id_box: list[str] = []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from assets.partitions import RANGE_END_TAG, RANGE_START_TAG, partition_key
+from pipelines.cli import sync_window
 from pipelines.sync import connection_windows
 from pipelines.sync_context import SyncWindow
 from pipelines.warehouse import WarehousePaths
@@ -32,6 +35,12 @@ def test_a_cli_window_becomes_a_day_range_with_its_exact_bounds() -> None:
     assert (
         config["window_start"] == window.start.isoformat() and config["window_end"] == window.end.isoformat()
     )
+    # Before the first partition day: the range label is clamped, the exact bounds are kept.
+    early = SyncWindow(datetime(2020, 1, 1, tzinfo=UTC), datetime(2024, 11, 3, tzinfo=UTC))
+    plan = run_plan(FHIR_CONN, early, 60.0, datetime(2026, 11, 25, tzinfo=UTC), date(2024, 11, 1))
+    assert plan["tags"][RANGE_START_TAG] == str(partition_key(FHIR_CONN, "2024-11-01"))
+    assert plan["tags"][RANGE_END_TAG] == str(partition_key(FHIR_CONN, "2024-11-02"))
+    assert plan["run_config"]["ops"]["redox_sync"]["config"]["window_start"] == early.start.isoformat()
     live = run_plan(FHIR_CONN, SyncWindow(), 60.0, datetime(2026, 11, 25, 9, tzinfo=UTC))
     assert live["partition_key"] == str(partition_key(FHIR_CONN, "2026-11-25"))
     assert live["run_config"]["ops"]["redox_sync"]["config"]["mode"] == "live"
@@ -64,3 +73,18 @@ def test_the_cli_sync_runs_the_dagster_job_live_and_windowed(
         **{e: store.count(Query(FHIR_CONN, e)) for e in ENTITIES},
         "patient_identifiers": report.connections[0].published["patient_identifiers"],
     }
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "says"),
+    [
+        (None, "2026-10-01", "--until needs --since"),
+        ("0001-01-01", None, "--since: '0001-01-01' is outside"),
+        ("2026-10-01", "9999-12-31", "--until: '9999-12-31' is outside"),
+        ("yesterday", None, "--since: not an ISO-8601"),
+        ("2026-10-02", "2026-10-01", "start must be before end"),
+    ],
+)
+def test_a_window_the_cli_cannot_sync_is_one_clear_line(since: str, until: str, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        sync_window(since, until)
