@@ -169,9 +169,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _renormalize(args: argparse.Namespace) -> int:
     from pipelines.renormalize import renormalize
-    from pipelines.warehouse import WarehousePaths
+    from pipelines.warehouse import DEFAULT_WAREHOUSE, WarehousePaths
 
-    paths = WarehousePaths.at(args.warehouse, args.destination)
+    target = Path(args.warehouse) if args.warehouse else DEFAULT_WAREHOUSE
+    file = target if target.suffix == ".duckdb" else target / "redox.duckdb"
+    if not file.is_file():
+        # Nothing to rebuild from: say so instead of creating an empty warehouse.
+        print(f"redox-elt renormalize: no warehouse at {file} (run redox-elt sync first)", file=sys.stderr)
+        return 2
+    paths = WarehousePaths.at(file, args.destination)
     counts = renormalize(paths, connection_ids=args.connection)
     for conn, per in counts.items():
         print(f"{conn}: " + ", ".join(f"{e}={n}" for e, n in sorted(per.items())))

@@ -88,3 +88,12 @@ def test_the_cli_sync_runs_the_dagster_job_live_and_windowed(
 def test_a_window_the_cli_cannot_sync_is_one_clear_line(since: str, until: str, says: str) -> None:
     with pytest.raises(ValueError, match=re.escape(says)):
         sync_window(since, until)
+
+
+def test_renormalize_without_a_warehouse_is_one_line_and_creates_nothing(tmp_path: Path, capsys) -> None:
+    from redox_elt.cli import main
+
+    missing = tmp_path / "nowhere" / "redox.duckdb"
+    assert main(["renormalize", "--warehouse", str(missing)]) == 2
+    assert "no warehouse at" in capsys.readouterr().err
+    assert not missing.parent.exists()
