@@ -91,9 +91,17 @@ def test_a_window_the_cli_cannot_sync_is_one_clear_line(since: str, until: str, 
 
 
 def test_renormalize_without_a_warehouse_is_one_line_and_creates_nothing(tmp_path: Path, capsys) -> None:
+    import os
+    import signal
+
     from redox_elt.cli import main
 
     missing = tmp_path / "nowhere" / "redox.duckdb"
-    assert main(["renormalize", "--warehouse", str(missing)]) == 2
+    handler, umask = signal.getsignal(signal.SIGTERM), os.umask(0o077)
+    try:
+        assert main(["renormalize", "--warehouse", str(missing)]) == 2
+    finally:  # main() sets the process's SIGTERM handler and umask: give pytest its own back
+        signal.signal(signal.SIGTERM, handler)
+        os.umask(umask)
     assert "no warehouse at" in capsys.readouterr().err
     assert not missing.parent.exists()
