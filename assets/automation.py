@@ -1,6 +1,7 @@
 """The sync job, its schedules and the sensor that keeps connection partitions in step
 with the config. Everything is on by default in ``dagster dev``; crons come from the
-environment so operators change them without code.
+environment (read once in ``redox_elt/definitions.py``) so operators change them without
+code.
 
 * ``incremental_sync_ehr`` / ``incremental_sync_network`` (``$REDOX_ELT_SYNC_CRON``,
   default hourly; networks half an hour later by ``$REDOX_ELT_NETWORK_SYNC_CRON``, since a
@@ -14,16 +15,20 @@ environment so operators change them without code.
   operator deletes them.
 """
 
-import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from dagster import (
+    AssetsDefinition,
     AssetSelection,
     DefaultScheduleStatus,
     DefaultSensorStatus,
+    MultiPartitionsDefinition,
     RunRequest,
+    ScheduleDefinition,
     ScheduleEvaluationContext,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -31,6 +36,7 @@ from dagster import (
     schedule,
     sensor,
 )
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from assets.partitions import (
     CONNECTIONS_PARTITIONS_NAME,
@@ -38,31 +44,40 @@ from assets.partitions import (
     RANGE_START_TAG,
     connection_partitions,
     partition_key,
-    sync_partitions,
 )
-from assets.sync_assets import CONNECTION_TAG, MODE_LIVE, redox_sync
-from resources.dagster import RedoxResource, configured_connections
+from assets.resources import RedoxResource
+from assets.sync_assets import CONNECTION_TAG, MODE_LIVE
+from pipelines.sync_context import networks_last
 
-SYNC_CRON_ENV = "REDOX_ELT_SYNC_CRON"
-NETWORK_SYNC_CRON_ENV = "REDOX_ELT_NETWORK_SYNC_CRON"
-RECONCILE_CRON_ENV = "REDOX_ELT_RECONCILE_CRON"
-RECONCILE_DAYS_ENV = "REDOX_ELT_RECONCILE_DAYS"
-DEFAULT_RECONCILE_DAYS = 3
-
-sync_job = define_asset_job(
-    "redox_sync_job",
-    selection=AssetSelection.assets(redox_sync),
-    partitions_def=sync_partitions,
-    description="Sync connections into the warehouse (with the checks on the synced assets).",
-)
-
+SYNC_JOB = "redox_sync_job"
 LIVE_RUN_CONFIG = {"ops": {"redox_sync": {"config": {"mode": MODE_LIVE}}}}
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """When the schedules fire (from the environment, read at the code location's edge)."""
+
+    sync_cron: str
+    network_sync_cron: str
+    reconcile_cron: str
+    reconcile_days: int
+
+
+def build_sync_job(
+    redox_sync: AssetsDefinition, partitions_def: MultiPartitionsDefinition
+) -> UnresolvedAssetJobDefinition:
+    return define_asset_job(
+        SYNC_JOB,
+        selection=AssetSelection.assets(redox_sync),
+        partitions_def=partitions_def,
+        description="Sync connections into the warehouse (with the checks on the synced assets).",
+    )
 
 
 def _group_connections(context: ScheduleEvaluationContext, redox: RedoxResource, kind: str) -> list[str]:
     """Configured connections of ``kind`` that already have a partition (the sensor adds them)."""
     known = set(context.instance.get_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME))
-    return [c.id for c in configured_connections(redox.config_path) if c.kind == kind and c.id in known]
+    return [c.id for c in redox.connections() if c.kind == kind and c.id in known]
 
 
 def _tick_day(context: ScheduleEvaluationContext) -> date:
@@ -88,41 +103,13 @@ def live_run_requests(
         )
 
 
-@schedule(
-    name="incremental_sync_ehr",
-    cron_schedule=os.environ.get(SYNC_CRON_ENV, "0 * * * *"),
-    execution_timezone="UTC",
-    job=sync_job,
-    default_status=DefaultScheduleStatus.RUNNING,
-    description="Live incremental sync of every EHR connection, one run each.",
-)
-def incremental_sync_ehr(context: ScheduleEvaluationContext, redox: RedoxResource) -> Iterator[RunRequest]:
-    yield from live_run_requests(context, redox, "ehr")
-
-
-@schedule(
-    name="incremental_sync_network",
-    cron_schedule=os.environ.get(NETWORK_SYNC_CRON_ENV, "30 * * * *"),
-    execution_timezone="UTC",
-    job=sync_job,
-    default_status=DefaultScheduleStatus.RUNNING,
-    description="Live incremental sync of every clinical-network connection, after the EHRs.",
-)
-def incremental_sync_network(
-    context: ScheduleEvaluationContext, redox: RedoxResource
-) -> Iterator[RunRequest]:
-    yield from live_run_requests(context, redox, "network")
-
-
 def reconciliation_run_requests(
     context: ScheduleEvaluationContext, redox: RedoxResource, days: int
 ) -> Iterator[RunRequest]:
     today = _tick_day(context)
     first, last = today - timedelta(days=days), today - timedelta(days=1)
     known = set(context.instance.get_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME))
-    # EHRs first: the network's run is asked about the enterprise ids they load.
-    ordered = sorted(configured_connections(redox.config_path), key=lambda c: c.kind == "network")
-    for conn in ordered:
+    for conn in networks_last(redox.connections(), lambda c: c.kind):
         if conn.id not in known:
             continue
         yield RunRequest(
@@ -135,18 +122,53 @@ def reconciliation_run_requests(
         )
 
 
-@schedule(
-    name="daily_reconciliation",
-    cron_schedule=os.environ.get(RECONCILE_CRON_ENV, "0 4 * * *"),
-    execution_timezone="UTC",
-    job=sync_job,
-    default_status=DefaultScheduleStatus.RUNNING,
-    description="Re-read the last N whole days of every connection as a stateless window ($REDOX_ELT_RECONCILE_DAYS).",
-)
-def daily_reconciliation(context: ScheduleEvaluationContext, redox: RedoxResource) -> Iterator[RunRequest]:
-    yield from reconciliation_run_requests(
-        context, redox, int(os.environ.get(RECONCILE_DAYS_ENV, DEFAULT_RECONCILE_DAYS))
+def build_schedules(job: UnresolvedAssetJobDefinition, when: ScheduleSettings) -> list[ScheduleDefinition]:
+    @schedule(
+        name="incremental_sync_ehr",
+        cron_schedule=when.sync_cron,
+        execution_timezone="UTC",
+        job=job,
+        default_status=DefaultScheduleStatus.RUNNING,
+        description="Live incremental sync of every EHR connection, one run each ($REDOX_ELT_SYNC_CRON).",
     )
+    def incremental_sync_ehr(
+        context: ScheduleEvaluationContext, redox: RedoxResource
+    ) -> Iterator[RunRequest]:
+        yield from live_run_requests(context, redox, "ehr")
+
+    @schedule(
+        name="incremental_sync_network",
+        cron_schedule=when.network_sync_cron,
+        execution_timezone="UTC",
+        job=job,
+        default_status=DefaultScheduleStatus.RUNNING,
+        description=(
+            "Live incremental sync of every clinical-network connection, after the EHRs "
+            "($REDOX_ELT_NETWORK_SYNC_CRON)."
+        ),
+    )
+    def incremental_sync_network(
+        context: ScheduleEvaluationContext, redox: RedoxResource
+    ) -> Iterator[RunRequest]:
+        yield from live_run_requests(context, redox, "network")
+
+    @schedule(
+        name="daily_reconciliation",
+        cron_schedule=when.reconcile_cron,
+        execution_timezone="UTC",
+        job=job,
+        default_status=DefaultScheduleStatus.RUNNING,
+        description=(
+            f"Re-read the last {when.reconcile_days} whole days of every connection as a stateless "
+            "window ($REDOX_ELT_RECONCILE_CRON, $REDOX_ELT_RECONCILE_DAYS)."
+        ),
+    )
+    def daily_reconciliation(
+        context: ScheduleEvaluationContext, redox: RedoxResource
+    ) -> Iterator[RunRequest]:
+        yield from reconciliation_run_requests(context, redox, when.reconcile_days)
+
+    return [incremental_sync_ehr, incremental_sync_network, daily_reconciliation]
 
 
 @sensor(
@@ -159,11 +181,10 @@ def connection_partitions_sensor(
     context: SensorEvaluationContext, redox: RedoxResource
 ) -> SensorResult | SkipReason:
     existing = set(context.instance.get_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME))
-    new = [c.id for c in configured_connections(redox.config_path) if c.id not in existing]
+    new = [c.id for c in redox.connections() if c.id not in existing]
     if not new:
         return SkipReason(f"all {len(existing)} configured connections have partitions")
     return SensorResult(dynamic_partitions_requests=[connection_partitions.build_add_request(new)])
 
 
-SCHEDULES = [incremental_sync_ehr, incremental_sync_network, daily_reconciliation]
-SENSORS = [connection_partitions_sensor]
+SENSORS: list[SensorDefinition] = [connection_partitions_sensor]

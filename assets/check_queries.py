@@ -17,8 +17,9 @@ from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES, fhir_instant
 from pipelines.model import ENTITIES, ENTITY_KEY
 from pipelines.publish import STAGING_SCHEMA, model_schema
 from pipelines.resource_hints import QUARANTINE_TABLE, staged_table_name
+from pipelines.sync_runs import CROSSWALK_TABLE, MODE_LIVE, STATUS_SUCCESS, SYNC_RUNS_TABLE
 
-CROSSWALK = "patient_identifiers"
+CROSSWALK = CROSSWALK_TABLE
 CROSSWALK_KEY_COLUMNS = ("connection_id", "id_system", "id_value")
 # Entities whose rows must name a patient the crosswalk knows.
 PATIENT_LINKED = ("encounters", "results", "medications", "appointments")
@@ -94,12 +95,13 @@ def orphan_rows(con: duckdb.DuckDBPyConnection, entity: str) -> CheckOutcome:
 def fully_synced_connections(con: duckdb.DuckDBPyConnection) -> set[str]:
     """Connections with at least one successful live (full incremental) sync. Until then a
     warehouse may hold only backfill windows, whose rows can name patients not loaded yet."""
-    if "ops.sync_runs" not in _tables(con):
+    if SYNC_RUNS_TABLE not in _tables(con):
         return set()
     return {
         r[0]
         for r in con.execute(
-            "SELECT DISTINCT connection_id FROM ops.sync_runs WHERE mode = 'live'"
+            f"SELECT DISTINCT connection_id FROM {SYNC_RUNS_TABLE} WHERE mode = '{MODE_LIVE}' "
+            f"AND coalesce(status, '{STATUS_SUCCESS}') = '{STATUS_SUCCESS}'"
         ).fetchall()
     }
 
@@ -114,11 +116,12 @@ def sync_ages(
     never synced, or older than ``max_age``, fails."""
     now = now or datetime.now(UTC)
     last: dict[str, datetime] = {}
-    if "ops.sync_runs" in _tables(con):
+    if SYNC_RUNS_TABLE in _tables(con):
         last = {
             c: t
             for c, t in con.execute(
-                "SELECT connection_id, max(finished_at) FROM ops.sync_runs GROUP BY 1"
+                f"SELECT connection_id, max(finished_at) FROM {SYNC_RUNS_TABLE} "
+                f"WHERE coalesce(status, '{STATUS_SUCCESS}') = '{STATUS_SUCCESS}' GROUP BY 1"
             ).fetchall()
         }
     ages: dict[str, float | None] = {}

@@ -4,7 +4,6 @@ the quarantine rate. Warnings: freshness per connection and FHIR counts against 
 source's reported totals. Metadata holds counts per connection only, never rows.
 """
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -21,18 +20,13 @@ from dagster import (
 )
 
 from assets import check_queries as q
+from assets.resources import CheckThresholds, RedoxResource, WarehouseResource
 from assets.specs import CROSSWALK, CROSSWALK_KEY, QUARANTINE_KEY, normalized_key, raw_key
 from assets.sync_assets import DUCKDB_POOL
 from pipelines.model import ENTITIES
 from pipelines.warehouse import WriterLock
 from resources.audit import AuditLog
 from resources.client import RedoxClient
-from resources.dagster import RedoxResource, WarehouseResource, configured_connections
-
-MAX_SYNC_AGE_ENV = "REDOX_ELT_MAX_SYNC_AGE_HOURS"
-MAX_QUARANTINE_RATE_ENV = "REDOX_ELT_MAX_QUARANTINE_RATE"
-DEFAULT_MAX_SYNC_AGE_HOURS = 26.0  # the daily reconciliation plus slack
-DEFAULT_MAX_QUARANTINE_RATE = 0.01
 
 PK_CHECK = "primary_key_unique"
 RI_CHECK = "patient_in_crosswalk"
@@ -120,11 +114,13 @@ def patients_in_crosswalk(warehouse: WarehouseResource) -> Iterator[AssetCheckRe
     asset=CROSSWALK_KEY,
     name=FRESHNESS_CHECK,
     pool=DUCKDB_POOL,
-    description=f"Every configured connection synced successfully within ${MAX_SYNC_AGE_ENV} hours (default 26).",
+    description="Every configured connection synced successfully within $REDOX_ELT_MAX_SYNC_AGE_HOURS hours (default 26).",
 )
-def connections_fresh(redox: RedoxResource, warehouse: WarehouseResource) -> AssetCheckResult:
-    max_age = timedelta(hours=float(os.environ.get(MAX_SYNC_AGE_ENV, DEFAULT_MAX_SYNC_AGE_HOURS)))
-    connection_ids = [c.id for c in configured_connections(redox.config_path)]
+def connections_fresh(
+    redox: RedoxResource, warehouse: WarehouseResource, thresholds: CheckThresholds
+) -> AssetCheckResult:
+    max_age = timedelta(hours=thresholds.max_sync_age_hours)
+    connection_ids = [c.id for c in redox.connections()]
     with read_warehouse(warehouse) as con:
         if con is None:
             outcome = q.CheckOutcome(False, dict.fromkeys(connection_ids), "no warehouse yet: nothing synced")
@@ -138,10 +134,10 @@ def connections_fresh(redox: RedoxResource, warehouse: WarehouseResource) -> Ass
     name=QUARANTINE_CHECK,
     blocking=True,
     pool=DUCKDB_POOL,
-    description=f"Quarantined share of each connection's items at most ${MAX_QUARANTINE_RATE_ENV} (default 1%).",
+    description="Quarantined share of each connection's items at most $REDOX_ELT_MAX_QUARANTINE_RATE (default 1%).",
 )
-def quarantine_rate(warehouse: WarehouseResource) -> AssetCheckResult:
-    max_rate = float(os.environ.get(MAX_QUARANTINE_RATE_ENV, DEFAULT_MAX_QUARANTINE_RATE))
+def quarantine_rate(warehouse: WarehouseResource, thresholds: CheckThresholds) -> AssetCheckResult:
+    max_rate = thresholds.max_quarantine_rate
     with read_warehouse(warehouse) as con:
         outcome = q.quarantine_rates(con, max_rate) if con else q.CheckOutcome(True, {}, "no warehouse yet")
     return _result(QUARANTINE_KEY, QUARANTINE_CHECK, outcome, AssetCheckSeverity.ERROR)
@@ -196,3 +192,12 @@ def fhir_counts_match_source(
             q.CheckOutcome(not off, per_conn, summary),
             AssetCheckSeverity.WARN,
         )
+
+
+CHECKS = [
+    primary_keys_unique,
+    patients_in_crosswalk,
+    quarantine_rate,
+    connections_fresh,
+    fhir_counts_match_source,
+]

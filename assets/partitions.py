@@ -16,10 +16,8 @@ full partition list, grouped by connection.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from dagster import (
@@ -29,7 +27,7 @@ from dagster import (
     MultiPartitionsDefinition,
 )
 
-from pipelines.sync_context import SyncWindow
+from pipelines.sync_context import ConnectionWindow, SyncWindow
 
 CONNECTION_DIMENSION = "connection"
 DAY_DIMENSION = "day"
@@ -37,34 +35,20 @@ CONNECTIONS_PARTITIONS_NAME = "redox_connection"
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 
-# The first day a backfill can ask for. The embedded sandbox keeps 730 days of history
-# before its fixed clock (2026-11-01); real deployments set their own.
-PARTITIONS_START_ENV = "REDOX_ELT_PARTITIONS_START"
-DEFAULT_PARTITIONS_START = "2024-11-01"
-
 connection_partitions = DynamicPartitionsDefinition(name=CONNECTIONS_PARTITIONS_NAME)
-day_partitions = DailyPartitionsDefinition(
-    start_date=os.environ.get(PARTITIONS_START_ENV, DEFAULT_PARTITIONS_START),
-    timezone="UTC",
-    # Today is a partition too: the hourly incremental sync materializes (connection, today).
-    end_offset=1,
-)
-sync_partitions = MultiPartitionsDefinition(
-    {CONNECTION_DIMENSION: connection_partitions, DAY_DIMENSION: day_partitions}
-)
 
 
-@dataclass(frozen=True)
-class ConnectionWindow:
-    """One connection's share of a run: a stateless window over whole UTC days."""
-
-    connection_id: str
-    window: SyncWindow
-
-    @property
-    def days(self) -> int:
-        assert self.window.start is not None and self.window.end is not None
-        return (self.window.end - self.window.start) // timedelta(days=1)
+def sync_partitions_def(start_date: str) -> MultiPartitionsDefinition:
+    """(connection, day) partitions whose days begin at ``start_date`` (YYYY-MM-DD)."""
+    day_partitions = DailyPartitionsDefinition(
+        start_date=start_date,
+        timezone="UTC",
+        # Today is a partition too: the hourly incremental sync materializes (connection, today).
+        end_offset=1,
+    )
+    return MultiPartitionsDefinition(
+        {CONNECTION_DIMENSION: connection_partitions, DAY_DIMENSION: day_partitions}
+    )
 
 
 def partition_key(connection_id: str, day: date | str) -> MultiPartitionKey:
@@ -79,9 +63,13 @@ def _day_start(day_key: str) -> datetime:
 def _split(key: str | MultiPartitionKey) -> tuple[str, str]:
     if isinstance(key, MultiPartitionKey):
         dims = key.keys_by_dimension
-    else:
-        dims = sync_partitions.get_partition_key_from_str(key).keys_by_dimension
-    return dims[CONNECTION_DIMENSION], dims[DAY_DIMENSION]
+        return dims[CONNECTION_DIMENSION], dims[DAY_DIMENSION]
+    # A multi-partition key's string form joins the dimensions' keys in the order of their
+    # sorted names: "connection|day".
+    connection_id, sep, day_key = str(key).rpartition("|")
+    if not sep or not connection_id:
+        raise ValueError(f"not a (connection, day) partition key: {key!r}")
+    return connection_id, day_key
 
 
 def windows_from_keys(keys: Iterable[str | MultiPartitionKey]) -> list[ConnectionWindow]:

@@ -22,10 +22,11 @@ from pipelines.datamodel import datamodel_source
 from pipelines.fhir import fhir_source
 from pipelines.model import ENTITIES, ENTITY_KEY
 from pipelines.publish import SURFACES
+from pipelines.sync_runs import CROSSWALK_TABLE
 
 OWNERS = ["team:data-platform"]
 RAW_GROUP, NORMALIZED_GROUP, ANALYTICS_GROUP = "raw", "normalized", "analytics"
-CROSSWALK = "patient_identifiers"
+CROSSWALK = CROSSWALK_TABLE
 
 QUARANTINE_KEY = AssetKey(["raw", "quarantine"])
 CROSSWALK_KEY = AssetKey(["redox", CROSSWALK])

@@ -4,31 +4,36 @@
 tables at once: dlt loads both surfaces' staged tables in one pipeline run (the Data
 Model's visit query writes several tables), then the connection is published into the
 common model in one transaction. Splitting it per table would extract the same pages
-several times. It is the very function ``redox-elt sync`` runs, so the CLI and the UI
-never diverge.
+several times. It calls the one runner, ``pipelines.sync.run_sync``, that ``redox-elt
+sync`` and ``redox-elt demo`` run, so the CLI and the UI never diverge.
 
 Every step that opens the DuckDB file runs in the ``duckdb_writer`` pool (limit 1 in
 dagster.yaml) and takes the file's ``WriterLock`` (which also covers CLI syncs).
 """
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import duckdb
 from dagster import (
     AssetExecutionContext,
+    AssetsDefinition,
     AutomationCondition,
     BackfillPolicy,
     Config,
     Failure,
     MaterializeResult,
     MetadataValue,
+    MultiPartitionsDefinition,
     asset,
     multi_asset,
 )
 from pydantic import Field
 
-from assets.partitions import ConnectionWindow, sync_partitions, windows_for_run
+from assets.partitions import windows_for_run
+from assets.resources import RedoxResource, WarehouseResource
 from assets.specs import (
     ANALYTICS_GROUP,
     CROSSWALK,
@@ -39,17 +44,17 @@ from assets.specs import (
     normalized_specs,
     raw_specs,
 )
-from assets.sync_run import RunOutcome, run_windows
 from pipelines.model import ENTITIES
 from pipelines.publish import ensure_model_tables, model_schema
-from pipelines.sync import DEFAULT_LOOKBACK_S
-from pipelines.sync_context import SyncWindow
+from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, SyncReport, run_sync
+from pipelines.sync_context import ConnectionWindow, SyncWindow
 from pipelines.warehouse import WriterLock
-from resources.dagster import RedoxResource, WarehouseResource
 
 DUCKDB_POOL = "duckdb_writer"
 CONNECTION_TAG = "redox/connection"
 MODE_LIVE, MODE_WINDOW = "live", "window"
+# Metadata key carrying the run's per-connection reports (counts, timings, safe errors).
+REPORTS_METADATA = "connection_reports"
 
 
 class SyncConfig(Config):
@@ -101,22 +106,49 @@ def plan_windows(context: AssetExecutionContext, config: SyncConfig) -> list[Con
     return windows
 
 
-def _materializations(outcome: RunOutcome) -> Iterator[MaterializeResult]:
+def report_metadata(reports: list[ConnectionReport]) -> MetadataValue:
+    """The connections' reports as JSON metadata (counts and PHI-safe errors only)."""
+    return MetadataValue.json(
+        [
+            {
+                "connection_id": r.connection_id,
+                "extracted": r.extracted,
+                "quarantined": r.quarantined,
+                "published": r.published,
+                "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
+                "error": r.error,
+            }
+            for r in reports
+        ]
+    )
+
+
+def reports_from_metadata(value: Any) -> list[ConnectionReport]:
+    """The inverse of ``report_metadata`` (the CLI reads a run's reports back)."""
+    return [
+        ConnectionReport(
+            d["connection_id"],
+            extracted=dict(d["extracted"]),
+            quarantined=dict(d["quarantined"]),
+            published=dict(d["published"]),
+            seconds=dict(d["seconds"]),
+            error=d["error"],
+        )
+        for d in value or []
+    ]
+
+
+def _materializations(report: SyncReport) -> Iterator[MaterializeResult]:
     """One result per asset: rows per synced connection and this run's extracted counts."""
-    by_conn = {r.connection_id: r for r in outcome.reports}
 
-    def counts(table: str) -> dict[str, int]:
-        return outcome.row_counts.get(table, {})
-
-    def result(key, table: str, extracted: dict[str, int] | None = None) -> MaterializeResult:
-        rows = counts(table)
+    def result(key, table: str, extra: dict[str, MetadataValue] | None = None) -> MaterializeResult:
+        rows = report.row_counts.get(table, {})
         metadata = {
             "dagster/row_count": MetadataValue.int(sum(rows.values())),
             "rows_by_connection": MetadataValue.json(rows),
             "table": MetadataValue.text(table),
+            **(extra or {}),
         }
-        if extracted is not None:
-            metadata["extracted_this_run"] = MetadataValue.json(extracted)
         return MaterializeResult(asset_key=key, metadata=metadata)
 
     for spec in raw_specs():
@@ -124,67 +156,96 @@ def _materializations(outcome: RunOutcome) -> Iterator[MaterializeResult]:
         table = "raw.quarantine" if path[-1] == "quarantine" else f"raw.{path[1]}_{path[2]}"
         yield result(spec.key, table)
     # Topological order: the crosswalk before the entities that resolve through it.
-    for entity in ("patients", CROSSWALK, *(e for e in ENTITIES if e != "patients")):
-        extracted = None
-        if entity != CROSSWALK:
-            extracted = {c: r.extracted.get(entity, 0) for c, r in by_conn.items()}
-        yield result(normalized_key(entity), f"redox.{entity}", extracted)
+    yield result(normalized_key("patients"), "redox.patients", _extracted(report, "patients"))
+    yield result(CROSSWALK_KEY, f"redox.{CROSSWALK}", {REPORTS_METADATA: report_metadata(report.connections)})
+    for entity in ENTITIES:
+        if entity != "patients":
+            yield result(normalized_key(entity), f"redox.{entity}", _extracted(report, entity))
 
 
-@multi_asset(
-    name="redox_sync",
-    specs=[*raw_specs(), *normalized_specs()],
-    partitions_def=sync_partitions,
-    # One run per connection and contiguous day range (see assets/partitions.py).
-    backfill_policy=BackfillPolicy.single_run(),
-    can_subset=False,
-    pool=DUCKDB_POOL,
-    description="Extract, load and publish the run's connections and days (pipelines.sync.sync_connection).",
-)
-def redox_sync(
-    context: AssetExecutionContext, config: SyncConfig, redox: RedoxResource, warehouse: WarehouseResource
-) -> Iterator[MaterializeResult]:
-    windows = plan_windows(context, config)
-    for cw in windows:
-        context.log.info(
-            "sync %s: %s",
-            cw.connection_id,
-            f"window {cw.window.start:%Y-%m-%d} .. {cw.window.end:%Y-%m-%d}"
-            if cw.window.is_backfill
-            else "live cursor",
+def _extracted(report: SyncReport, entity: str) -> dict[str, MetadataValue]:
+    counts = {c.connection_id: c.extracted.get(entity, 0) for c in report.connections}
+    return {"extracted_this_run": MetadataValue.json(counts)}
+
+
+@dataclass(frozen=True)
+class SyncAssets:
+    """The sync asset and the analytics asset built on one partitions definition."""
+
+    redox_sync: AssetsDefinition
+    persons: AssetsDefinition
+
+
+def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
+    """The assets over ``partitions_def`` (its first day comes from the environment)."""
+
+    @multi_asset(
+        name="redox_sync",
+        specs=[*raw_specs(), *normalized_specs()],
+        partitions_def=partitions_def,
+        # One run per connection and contiguous day range (see assets/partitions.py).
+        backfill_policy=BackfillPolicy.single_run(),
+        can_subset=False,
+        pool=DUCKDB_POOL,
+        description="Extract, load and publish the run's connections and days (pipelines.sync.run_sync).",
+    )
+    def redox_sync(
+        context: AssetExecutionContext,
+        config: SyncConfig,
+        redox: RedoxResource,
+        warehouse: WarehouseResource,
+    ) -> Iterator[MaterializeResult]:
+        windows = plan_windows(context, config)
+        for cw in windows:
+            context.log.info(
+                "sync %s: %s",
+                cw.connection_id,
+                f"window {cw.window.start:%Y-%m-%d} .. {cw.window.end:%Y-%m-%d}"
+                if cw.window.is_backfill
+                else "live cursor",
+            )
+        report = run_sync(
+            redox.settings(),
+            warehouse.paths(),
+            windows,
+            run_id=context.run_id,
+            caller="dagster",
+            lookback_s=config.lookback_s,
         )
-    outcome = run_windows(
-        redox.settings(), warehouse.paths(), windows, run_id=context.run_id, lookback_s=config.lookback_s
-    )
-    if outcome.failures:
-        failed = "; ".join(f"{c}: {why}" for c, why in sorted(outcome.failures.items()))
-        raise Failure(description=f"{len(outcome.failures)} of {len(windows)} connections failed: {failed}")
-    yield from _materializations(outcome)
+        if report.failures:
+            failed = "; ".join(f"{c}: {why}" for c, why in sorted(report.failures.items()))
+            raise Failure(
+                description=f"{len(report.failures)} of {len(windows)} connections failed: {failed}",
+                metadata={REPORTS_METADATA: report_metadata(report.connections)},
+            )
+        yield from _materializations(report)
 
-
-@asset(
-    key=PERSONS_KEY,
-    deps=[normalized_key("patients"), CROSSWALK_KEY],
-    group_name=ANALYTICS_GROUP,
-    owners=OWNERS,
-    kinds={"duckdb", "sql"},
-    pool=DUCKDB_POOL,
-    # Refreshed after the sync, but only once the blocking checks upstream have passed.
-    automation_condition=AutomationCondition.eager() & AutomationCondition.all_deps_blocking_checks_passed(),
-    description="Persons across connections: patient keys linked on the shared enterprise id (view redox.persons).",
-)
-def persons(warehouse: WarehouseResource) -> MaterializeResult:
-    paths = warehouse.paths()
-    with WriterLock(paths), duckdb.connect(str(paths.duckdb)) as con:
-        ensure_model_tables(con)
-        ms = model_schema(con)
-        n_persons, n_linked = con.execute(
-            f"""SELECT count(*), count(*) FILTER (WHERE n > 1) FROM (
-                    SELECT person_key, count(DISTINCT connection_id) AS n FROM {ms}.persons GROUP BY 1)"""
-        ).fetchone()
-    return MaterializeResult(
-        metadata={
-            "dagster/row_count": MetadataValue.int(int(n_persons)),
-            "persons_in_several_connections": MetadataValue.int(int(n_linked)),
-        }
+    @asset(
+        key=PERSONS_KEY,
+        deps=[normalized_key("patients"), CROSSWALK_KEY],
+        group_name=ANALYTICS_GROUP,
+        owners=OWNERS,
+        kinds={"duckdb", "sql"},
+        pool=DUCKDB_POOL,
+        # Refreshed after the sync, but only once the blocking checks upstream have passed.
+        automation_condition=AutomationCondition.eager()
+        & AutomationCondition.all_deps_blocking_checks_passed(),
+        description="Persons across connections: patient keys linked on the shared enterprise id (view redox.persons).",
     )
+    def persons(warehouse: WarehouseResource) -> MaterializeResult:
+        paths = warehouse.paths()
+        with WriterLock(paths), duckdb.connect(str(paths.duckdb)) as con:
+            ensure_model_tables(con)
+            ms = model_schema(con)
+            n_persons, n_linked = con.execute(
+                f"""SELECT count(*), count(*) FILTER (WHERE n > 1) FROM (
+                        SELECT person_key, count(DISTINCT connection_id) AS n FROM {ms}.persons GROUP BY 1)"""
+            ).fetchone()
+        return MaterializeResult(
+            metadata={
+                "dagster/row_count": MetadataValue.int(int(n_persons)),
+                "persons_in_several_connections": MetadataValue.int(int(n_linked)),
+            }
+        )
+
+    return SyncAssets(redox_sync=redox_sync, persons=persons)

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from pipelines.sync_context import SyncWindow
+
+# Records' last-updated times a window can name: nothing predates Unix time, and a bound
+# more than a day ahead is a typo (and would overflow day arithmetic near year 9999).
+EARLIEST_INSTANT = datetime(1970, 1, 1, tzinfo=UTC)
+FUTURE_SLACK = timedelta(days=1)
 
 
 def _parse_instant(value: str | None, flag: str) -> datetime | None:
@@ -22,8 +28,20 @@ def _parse_instant(value: str | None, flag: str) -> datetime | None:
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise SystemExit(f"redox-elt: {flag}: not an ISO-8601 date or time: {value!r}") from None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+        raise ValueError(f"{flag}: not an ISO-8601 date or time: {value!r}") from None
+    dt = dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    latest = datetime.now(UTC) + FUTURE_SLACK
+    if not EARLIEST_INSTANT <= dt <= latest:
+        raise ValueError(f"{flag}: {value!r} is outside {EARLIEST_INSTANT:%Y-%m-%d} .. {latest:%Y-%m-%d}")
+    return dt
+
+
+def sync_window(since: str | None, until: str | None) -> SyncWindow:
+    """The window ``--since``/``--until`` ask for; raises ``ValueError`` with one line."""
+    start, end = _parse_instant(since, "--since"), _parse_instant(until, "--until")
+    if end is not None and start is None:
+        raise ValueError("--until needs --since (a backfill is the window [since, until))")
+    return SyncWindow(start, end)
 
 
 def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout) -> None:
@@ -93,45 +111,32 @@ def live_progress(stream: Any = sys.stderr) -> Iterator[None]:
 
 
 def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
-    """``redox-elt sync``. ``runner(config_path, paths, connection_ids=, window=)`` executes the
-    sync; the application wires the Dagster job in (``redox_elt.cli``) so the CLI and the UI
-    run the same asset code. Without one, ``run_sync`` runs it directly."""
-    from pipelines.sync import run_sync
+    """``redox-elt sync``. ``runner(settings, paths, windows, lookback_s=)`` executes the
+    sync and returns a ``SyncReport``; the application wires the Dagster job in
+    (``redox_elt.sync_job``) so a CLI sync is recorded like a UI one. Without one,
+    ``run_sync`` (what every Dagster asset calls too) runs it directly."""
+    from pipelines.sync import connection_windows, run_sync
     from pipelines.warehouse import WarehouseBusy, WarehousePaths
     from resources.settings import ConfigError, load_settings
 
     try:
-        if args.lookback_hours < 0:
-            raise ValueError("--lookback-hours must be >= 0")
+        if not math.isfinite(args.lookback_hours) or args.lookback_hours < 0:
+            raise ValueError("--lookback-hours must be a finite number >= 0")
         settings = load_settings(args.config)
-        window = SyncWindow(_parse_instant(args.since, "--since"), _parse_instant(args.until, "--until"))
-        for cid in args.connection or []:
-            settings.connection(cid)
-    except (ConfigError, ValueError, KeyError) as exc:
+        window = sync_window(args.since, args.until)
+        windows = connection_windows(settings, args.connection, window)
+        paths = WarehousePaths.at(args.warehouse, args.destination)
+    except (ConfigError, ValueError, KeyError, OSError) as exc:
         print(f"redox-elt sync: {exc}", file=sys.stderr)
         return 2
-    paths = WarehousePaths.at(args.warehouse, args.destination)
     started = time.monotonic()
+    lookback_s = args.lookback_hours * 3600.0
     try:
         with live_progress():
-            lookback_s = args.lookback_hours * 3600.0
             if runner is None:
-                report = run_sync(
-                    settings,
-                    paths,
-                    connection_ids=args.connection,
-                    window=window,
-                    lookback_s=lookback_s,
-                    caller="cli",
-                )
+                report = run_sync(settings, paths, windows, lookback_s=lookback_s, caller="cli")
             else:
-                report = runner(
-                    settings.source_path,
-                    paths,
-                    connection_ids=args.connection,
-                    window=window,
-                    lookback_s=lookback_s,
-                )
+                report = runner(settings, paths, windows, lookback_s=lookback_s)
     except WarehouseBusy as exc:
         print(f"redox-elt sync: {exc}", file=sys.stderr)
         return 3
@@ -164,9 +169,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _renormalize(args: argparse.Namespace) -> int:
     from pipelines.renormalize import renormalize
-    from pipelines.warehouse import WarehousePaths
+    from pipelines.warehouse import DEFAULT_WAREHOUSE, WarehousePaths
 
-    paths = WarehousePaths.at(args.warehouse, args.destination)
+    target = Path(args.warehouse) if args.warehouse else DEFAULT_WAREHOUSE
+    file = target if target.suffix == ".duckdb" else target / "redox.duckdb"
+    if not file.is_file():
+        # Nothing to rebuild from: say so instead of creating an empty warehouse.
+        print(f"redox-elt renormalize: no warehouse at {file} (run redox-elt sync first)", file=sys.stderr)
+        return 2
+    paths = WarehousePaths.at(file, args.destination)
     counts = renormalize(paths, connection_ids=args.connection)
     for conn, per in counts.items():
         print(f"{conn}: " + ", ".join(f"{e}={n}" for e, n in sorted(per.items())))

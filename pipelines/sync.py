@@ -1,12 +1,14 @@
-"""One sync: for each selected connection, extract both surfaces with dlt into the
-staged tables, then publish the common model. No orchestrator imports: the Dagster
-assets and the CLI both call ``sync_connection``.
+"""The one sync runner: for each connection window, extract both surfaces with dlt into
+the staged tables, then publish the common model; record the run, load the audit trail.
+No orchestrator imports: ``redox-elt sync``, ``redox-elt demo`` and every Dagster asset
+call ``run_sync``; its per-connection step is ``sync_connection``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,7 +23,8 @@ from pipelines.fhir import fhir_source
 from pipelines.lake import export_lake
 from pipelines.landing import RawLanding
 from pipelines.publish import model_schema, publish_connection
-from pipelines.sync_context import SyncWindow
+from pipelines.sync_context import ConnectionWindow, SyncWindow, networks_last
+from pipelines.sync_runs import CROSSWALK_TABLE, record_sync_run, table_row_counts
 from pipelines.warehouse import WarehousePaths, WriterLock, table_exists
 from resources.audit import AuditLog, load_audit_into_duckdb
 from resources.client import RedoxClient
@@ -35,7 +38,10 @@ FHIR_PAGE_SIZE = 500
 
 @dataclass
 class ConnectionReport:
+    """One connection's share of a run: counts and timings only, never row contents."""
+
     connection_id: str
+    window: SyncWindow = field(default_factory=SyncWindow)
     extracted: dict[str, int] = field(default_factory=dict)  # staged rows per entity
     quarantined: dict[str, int] = field(default_factory=dict)
     published: dict[str, int] = field(default_factory=dict)  # rows in redox.<entity> after publish
@@ -45,13 +51,44 @@ class ConnectionReport:
 
 @dataclass
 class SyncReport:
+    """What a run did: the CLI prints it, Dagster turns it into materialization metadata."""
+
     run_id: str
-    window: SyncWindow
     connections: list[ConnectionReport] = field(default_factory=list)
+    # rows per table per synced connection ("raw.fhir_patients" -> {connection: n}),
+    # counted under the writer lock at the end of the run
+    row_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return all(c.error is None for c in self.connections)
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return {c.connection_id: c.error for c in self.connections if c.error is not None}
+
+
+# dlt keeps each load package (Parquet copies of the staged rows: PHI) after loading it,
+# and merge loads leave the rows in the staging dataset; neither is needed once loaded.
+DLT_RETENTION = {"load.delete_completed_jobs": True, "load.truncate_staging_dataset": True}
+
+
+def configure_dlt_retention() -> None:
+    """Keep no copy of loaded rows outside the warehouse (set before each pipeline runs,
+    so it holds whoever imported dlt first)."""
+    for key, value in DLT_RETENTION.items():
+        dlt.config[key] = value
+
+
+def drop_completed_packages(pipeline: Any) -> None:
+    """Delete the folders of fully loaded packages (what ``delete_completed_jobs`` leaves:
+    package state and schema). A package with failed jobs is kept for inspection; pending
+    packages are kept, since the next run loads them."""
+    for load_id in pipeline.list_completed_load_packages():
+        package = pipeline.get_load_package_info(load_id)
+        if package.jobs.get("failed_jobs"):
+            continue
+        shutil.rmtree(package.package_path, ignore_errors=True)
 
 
 def pipeline_name(connection_id: str) -> str:
@@ -174,7 +211,7 @@ def sync_connection(
     caller: str = "cli",
 ) -> ConnectionReport:
     """Extract + load + publish one connection. The caller holds the writer lock."""
-    report = ConnectionReport(conn.id)
+    report = ConnectionReport(conn.id, window=window)
     landing = RawLanding(paths.landing_root)
     known = (
         enterprise_ids_known(paths, conn.id, only_new=not window.is_backfill)
@@ -183,6 +220,7 @@ def sync_connection(
     )
     patients = datamodel_patients_known(paths, conn.id) if "datamodel" in conn.surfaces else ()
     started = time.monotonic()
+    configure_dlt_retention()
     with RedoxClient(settings, conn, audit=audit, run_id=run_id, caller=caller) as client:
         pipeline = dlt.pipeline(
             pipeline_name=pipeline_name(conn.id),
@@ -192,6 +230,7 @@ def sync_connection(
         )
         info = pipeline.run(build_sources(client, conn, landing, window, lookback_s, known, patients))
         report.extracted, report.quarantined = _row_counts(info, conn.surfaces)
+        drop_completed_packages(pipeline)
     report.seconds["extract_load"] = time.monotonic() - started
     started = time.monotonic()
     with duckdb.connect(str(paths.duckdb)) as con:
@@ -200,37 +239,48 @@ def sync_connection(
     return report
 
 
+def connection_windows(
+    settings: Settings, connection_ids: Sequence[str] | None = None, window: SyncWindow | None = None
+) -> list[ConnectionWindow]:
+    """The selected connections (all by default), each over ``window`` (default: live)."""
+    ids = list(connection_ids) if connection_ids else [c.id for c in settings.connections]
+    return [ConnectionWindow(settings.connection(c).id, window or SyncWindow()) for c in ids]
+
+
 def run_sync(
     settings: Settings,
     paths: WarehousePaths,
+    windows: Sequence[ConnectionWindow] | None = None,
     *,
-    connection_ids: Sequence[str] | None = None,
-    window: SyncWindow | None = None,
-    lookback_s: float = DEFAULT_LOOKBACK_S,
     run_id: str | None = None,
     caller: str = "cli",
+    lookback_s: float = DEFAULT_LOOKBACK_S,
     on_connection: Callable[[ConnectionReport], None] | None = None,
+    connection_ids: Sequence[str] | None = None,
+    window: SyncWindow | None = None,
 ) -> SyncReport:
-    """Sync the selected connections (all by default) one after another under the
-    warehouse's writer lock, then load the audit trail into ``audit.api_calls``."""
-    window = window or SyncWindow()
+    """The one sync runner (``redox-elt sync``, ``redox-elt demo`` and every Dagster asset).
+
+    Syncs each connection window in order (clinical networks last) under the warehouse's
+    writer lock; one connection's failure does not stop the others. Every connection's
+    outcome is recorded in ``ops.sync_runs``; then the audit trail is loaded, the lake
+    exported (Parquet destination) and the rows counted for the caller's summary.
+    ``windows`` defaults to ``connection_ids`` (all by default) over ``window`` (live)."""
+    if windows is None:
+        windows = connection_windows(settings, connection_ids, window)
     run_id = run_id or uuid.uuid4().hex
-    selected = (
-        [settings.connection(c) for c in connection_ids] if connection_ids else list(settings.connections)
-    )
-    # Networks are asked about the people the EHR connections know, so they go last.
-    selected.sort(key=lambda c: c.kind == "network")
-    report = SyncReport(run_id=run_id, window=window)
+    report = SyncReport(run_id=run_id)
+    kinds = {c.id: c.kind for c in settings.connections}
     with WriterLock(paths):
         audit = AuditLog(paths.audit_log)
         try:
-            for conn in selected:
+            for cw in networks_last(windows, lambda w: kinds.get(w.connection_id)):
                 try:
                     conn_report = sync_connection(
                         settings,
-                        conn,
+                        settings.connection(cw.connection_id),
                         paths,
-                        window=window,
+                        window=cw.window,
                         audit=audit,
                         run_id=run_id,
                         lookback_s=lookback_s,
@@ -238,18 +288,36 @@ def run_sync(
                     )
                 except Exception as exc:  # noqa: BLE001 - one connection's failure must not stop the others
                     conn_report = ConnectionReport(
-                        conn.id, error=f"{type(exc).__name__}: {safe_message(exc)}"
+                        cw.connection_id, window=cw.window, error=f"{type(exc).__name__}: {safe_message(exc)}"
                     )
-                    log.error("connection %s failed: %s", conn.id, conn_report.error)
+                    log.error("connection %s failed: %s", cw.connection_id, conn_report.error)
+                _record(paths, run_id, conn_report, caller)
                 report.connections.append(conn_report)
                 if on_connection:
                     on_connection(conn_report)
         finally:
             audit.close()
             load_audit_into_duckdb(paths.audit_log, paths.duckdb)
-        if paths.destination == "parquet":
+        if paths.destination == "parquet" and any(c.error is None for c in report.connections):
             export_lake(paths)
+        with duckdb.connect(str(paths.duckdb), read_only=True) as con:
+            report.row_counts = table_row_counts(con, [c.connection_id for c in report.connections])
     return report
+
+
+def _record(paths: WarehousePaths, run_id: str, report: ConnectionReport, caller: str) -> None:
+    with duckdb.connect(str(paths.duckdb)) as con:
+        record_sync_run(
+            con,
+            run_id=run_id,
+            connection_id=report.connection_id,
+            window=report.window,
+            caller=caller,
+            extracted=sum(report.extracted.values()),
+            published=sum(n for e, n in report.published.items() if e != CROSSWALK_TABLE),
+            quarantined=sum(report.quarantined.values()),
+            error=report.error,
+        )
 
 
 def safe_message(exc: Exception) -> str:

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
-os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-# dlt warns on every Arrow batch whose nullability differs from its schema hints; the
-# batches are built from fixed schemas, so keep dlt's log to errors.
-os.environ.setdefault("RUNTIME__LOG_LEVEL", "ERROR")
+from redox_elt.environment import Environment, EnvironmentValueError, harden_process
 
 
 def _sandbox_serve(args: argparse.Namespace) -> int:
@@ -45,10 +42,22 @@ def _sandbox_serve(args: argparse.Namespace) -> int:
 
 def _sync_through_dagster(args: argparse.Namespace) -> int:
     """``redox-elt sync`` executes the same Dagster job the UI materializes, in-process."""
-    from assets.cli_bridge import run_sync_job
     from pipelines.cli import sync_command
+    from redox_elt.definitions import build_definitions
+    from redox_elt.sync_job import DagsterSyncRunner
 
-    return sync_command(args, runner=run_sync_job)
+    return sync_command(args, runner=DagsterSyncRunner(args.environment, build_definitions))
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _apply_environment(args: argparse.Namespace, env: Environment) -> None:
+    """Environment defaults for the options that have them (a flag always wins)."""
+    args.environment = env
+    if getattr(args, "config", "unset") is None and args.command != "sandbox":
+        args.config = env.config_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,12 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    harden_process()
+    # SIGTERM ends the command like Ctrl-C (also while it waits for the warehouse).
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:
+        _apply_environment(args, Environment.read())
+    except EnvironmentValueError as exc:
+        print(f"redox-elt: {exc}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

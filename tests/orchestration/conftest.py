@@ -3,6 +3,8 @@ config limited to the connections a test needs, and in-process materialization h
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -13,16 +15,20 @@ import pytest
 from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 from dlt.common.versioned_state import decompress_state
 
-from assets.partitions import CONNECTIONS_PARTITIONS_NAME
-from assets.sync_assets import redox_sync
+from assets.partitions import CONNECTIONS_PARTITIONS_NAME, sync_partitions_def
+from assets.resources import CheckThresholds, ConnectionsFileResource, WarehouseResource
+from assets.sync_assets import build_sync_assets
 from pipelines.sync import pipeline_name
+from redox_elt.environment import Environment
 from resources.client import SHARED
-from resources.dagster import RedoxResource, WarehouseResource
 from resources.onboarding import connect_sandbox
 from resources.settings import load_settings, write_settings
 from sandbox.server import SandboxServer
 
 ORCHESTRATION_PATIENTS = 120
+DEFAULTS = Environment()
+SYNC_ASSETS = build_sync_assets(sync_partitions_def(DEFAULTS.partitions_start))
+redox_sync = SYNC_ASSETS.redox_sync
 ENTITIES = ("patients", "encounters", "results", "medications", "appointments", "documents")
 
 
@@ -64,8 +70,11 @@ def instance_with_connections(connection_ids: Any) -> DagsterInstance:
 
 def sync_resources(config_path: Path, warehouse_dir: Path) -> dict[str, Any]:
     return {
-        "redox": RedoxResource(config_path=str(config_path)),
+        "redox": ConnectionsFileResource(config_path=str(config_path)),
         "warehouse": WarehouseResource(path=str(warehouse_dir)),
+        "thresholds": CheckThresholds(
+            max_sync_age_hours=DEFAULTS.max_sync_age_hours, max_quarantine_rate=DEFAULTS.max_quarantine_rate
+        ),
     }
 
 
@@ -110,3 +119,35 @@ def live_cursor(warehouse_file: Path, connection_id: str) -> Any:
     version, blob = row
     state = decompress_state(blob)
     return version, state.get("sources")
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy (returned), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        threading.Event().wait(poll_s)
+
+
+CHECKS_JOB = "checks_only"
+
+
+def run_checks(resources: Mapping[str, Any], connection_ids: Any) -> dict[tuple[str, str], Any]:
+    """Execute every asset check of the code location (and nothing else) with ``resources``."""
+    from dagster import AssetSelection, Definitions, define_asset_job
+
+    from assets.checks import CHECKS
+
+    defs = Definitions(
+        assets=[redox_sync],
+        asset_checks=CHECKS,
+        jobs=[define_asset_job(CHECKS_JOB, selection=AssetSelection.all_asset_checks())],
+        resources=dict(resources),
+    )
+    with instance_with_connections(connection_ids) as instance:
+        result = defs.resolve_job_def(CHECKS_JOB).execute_in_process(instance=instance, raise_on_error=False)
+    return {("/".join(e.asset_key.path), e.check_name): e for e in result.get_asset_check_evaluations()}

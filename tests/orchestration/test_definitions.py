@@ -23,10 +23,11 @@ from assets.partitions import (
     windows_for_run,
     windows_from_keys,
 )
+from assets.resources import ConnectionsFileResource, EmbeddedSandboxResource
 from assets.sync_assets import CONNECTION_TAG
 from pipelines.sync_context import SyncWindow
 from redox_elt.definitions import build_definitions, defs
-from resources.dagster import RedoxResource, configured_connections
+from redox_elt.environment import Environment, EnvironmentValueError
 from sandbox.config import default_connections
 
 ENTITIES = ("patients", "encounters", "results", "medications", "appointments", "documents")
@@ -95,16 +96,48 @@ def test_every_expected_check_schedule_and_sensor_exists() -> None:
     assert repo.get_job("redox_sync_job").partitions_def is not None
 
 
+EMBEDDED = EmbeddedSandboxResource(patients=50, seed=42)
+
+
 def test_loading_the_code_location_starts_no_sandbox() -> None:
-    resource = build_definitions().resources["redox"]
-    assert isinstance(resource, RedoxResource) and resource.uses_embedded_sandbox
-    assert resource._server is None
-    assert [c.id for c in configured_connections()] == SANDBOX_CONNECTIONS
+    resource = build_definitions(Environment()).resources["redox"]
+    assert isinstance(resource, EmbeddedSandboxResource) and not resource.started
+    assert [c.id for c in resource.connections()] == SANDBOX_CONNECTIONS
+    assert not resource.started
+
+
+def test_the_environment_is_read_once_and_picks_the_resources(tmp_path) -> None:
+    env = Environment.read(
+        {
+            "REDOX_ELT_CONFIG": str(tmp_path / "connections.yaml"),
+            "REDOX_ELT_SYNC_CRON": "*/15 * * * *",
+            "REDOX_ELT_RECONCILE_DAYS": "5",
+            "REDOX_ELT_PARTITIONS_START": "2025-01-01",
+            "REDOX_ELT_MAX_QUARANTINE_RATE": "0.05",
+        }
+    )
+    built = build_definitions(env)
+    assert isinstance(built.resources["redox"], ConnectionsFileResource)
+    assert built.resources["thresholds"].max_quarantine_rate == 0.05
+    assert built.resolve_schedule_def("incremental_sync_ehr").cron_schedule == "*/15 * * * *"
+    assert "last 5 whole days" in built.resolve_schedule_def("daily_reconciliation").description
+    days = built.resolve_job_def("redox_sync_job").partitions_def.partitions_defs[1].partitions_def
+    assert days.start.date().isoformat() == "2025-01-01"
+    # Nothing is read from the process environment below the edge: the defaults hold there.
+    assert build_definitions(Environment()).resources["thresholds"].max_quarantine_rate == 0.01
+    for bad in (
+        {"REDOX_ELT_SYNC_CRON": "hourly"},
+        {"REDOX_ELT_RECONCILE_DAYS": "three"},
+        {"REDOX_ELT_MAX_QUARANTINE_RATE": "nan"},
+        {"REDOX_ELT_PARTITIONS_START": "2025-02-30"},
+    ):
+        with pytest.raises(EnvironmentValueError, match=next(iter(bad))):
+            Environment.read(bad)
 
 
 def test_the_sensor_adds_a_partition_per_configured_connection() -> None:
     sensor = defs.resolve_sensor_def("connection_partitions")
-    resources = {"redox": RedoxResource()}
+    resources = {"redox": EMBEDDED}
     with DagsterInstance.ephemeral() as instance:
         with build_sensor_context(instance=instance, definitions=defs, resources=resources) as context:
             requests = sensor.evaluate_tick(context).dynamic_partitions_requests
@@ -123,7 +156,7 @@ def test_schedules_request_one_run_per_connection_of_their_group() -> None:
             instance=instance,
             scheduled_execution_time=tick,
             repository_def=defs.get_repository_def(),
-            resources={"redox": RedoxResource()},
+            resources={"redox": EMBEDDED},
         ) as context:
             ehr = defs.resolve_schedule_def("incremental_sync_ehr").evaluate_tick(context).run_requests
             network = (

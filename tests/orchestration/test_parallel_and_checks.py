@@ -12,7 +12,6 @@ from typing import Any
 
 import duckdb
 import pytest
-from dagster import AssetSelection, Definitions, define_asset_job
 
 from assets.check_queries import PATIENT_LINKED
 from assets.checks import (
@@ -21,14 +20,8 @@ from assets.checks import (
     QUARANTINE_CHECK,
     RI_CHECK,
     SOURCE_TOTALS_CHECK,
-    connections_fresh,
-    fhir_counts_match_source,
-    patients_in_crosswalk,
-    primary_keys_unique,
-    quarantine_rate,
 )
 from assets.partitions import partition_key
-from assets.sync_assets import redox_sync
 from sandbox.population.store import Query
 from sandbox.server import SandboxServer
 from tests.conftest import sandbox_config
@@ -40,6 +33,9 @@ from tests.orchestration.conftest import (
     register,
     run_sync_asset,
     sync_resources,
+)
+from tests.orchestration.conftest import (
+    run_checks as run_all_checks,
 )
 
 CONNECTIONS = ("northwind-fhir", "lakeside-dm")
@@ -96,28 +92,8 @@ def test_two_connections_in_parallel_neither_fail_nor_lose_rows(
     assert runs == [("lakeside-dm", "live"), ("northwind-fhir", "live")]
 
 
-CHECKS = [
-    primary_keys_unique,
-    patients_in_crosswalk,
-    quarantine_rate,
-    connections_fresh,
-    fhir_counts_match_source,
-]
-
-
 def run_checks(config: Path, warehouse: Path) -> dict[tuple[str, str], Any]:
-    """Execute every asset check (and nothing else) against ``warehouse``."""
-    defs = Definitions(
-        assets=[redox_sync],
-        asset_checks=CHECKS,
-        jobs=[define_asset_job("checks_only", selection=AssetSelection.all_asset_checks())],
-        resources=sync_resources(config, warehouse),
-    )
-    with instance_with_connections(CONNECTIONS) as instance:
-        result = defs.resolve_job_def("checks_only").execute_in_process(
-            instance=instance, raise_on_error=False
-        )
-    return {("/".join(e.asset_key.path), e.check_name): e for e in result.get_asset_check_evaluations()}
+    return run_all_checks(sync_resources(config, warehouse), CONNECTIONS)
 
 
 def test_checks_pass_on_clean_data(synced: dict[str, Any]) -> None:

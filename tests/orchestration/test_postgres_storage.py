@@ -140,8 +140,10 @@ def test_the_postgres_instance_config_stores_runs_partitions_and_materialization
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 
     from assets.partitions import CONNECTIONS_PARTITIONS_NAME
-    from assets.sync_assets import persons
-    from resources.dagster import WarehouseResource
+    from assets.resources import WarehouseResource
+    from tests.orchestration.conftest import SYNC_ASSETS
+
+    persons = SYNC_ASSETS.persons
 
     for key, value in postgres.items():
         monkeypatch.setenv(key, value)
