@@ -59,7 +59,12 @@ def connections_document(state: SandboxState) -> dict[str, Any]:
                 "destination_slug": c.slug,
                 "headers": {},
                 "page_size": c.page_size,
-                "rate_limit": {"requests": c.rate_limit, "window_s": c.rate_window_s},
+                # The client's one quota, shared with every other connection (not per connection).
+                "rate_limit": {
+                    "requests": cfg.quota_requests,
+                    "window_s": cfg.quota_window_s,
+                    "scope": "client",
+                },
             }
             for c in cfg.connections
         ],
@@ -120,6 +125,7 @@ def routes(state: SandboxState) -> list[BaseRoute]:
                 "counts": state.store.counts(),
                 "live": state.store.counts(live_only=True),
                 "webhooks": state.webhooks.stats(),
+                "quota": state.faults.quota_usage(),
             }
             if want_persons:
                 out["persons"] = state.store.persons()

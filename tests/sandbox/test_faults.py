@@ -33,8 +33,8 @@ class FakeClock:
         return self.now
 
 
-def make_config(**connection_overrides) -> SandboxConfig:
-    config = SandboxConfig()
+def make_config(quota_requests: int | None = 7500, quota_window_s: float = 300.0, **connection_overrides):
+    config = SandboxConfig(quota_requests=quota_requests, quota_window_s=quota_window_s)
     connections = [replace(c, **connection_overrides.get(c.id, {})) for c in config.connections]
     return replace(config, connections=connections)
 
@@ -54,30 +54,33 @@ def gated_app(config: SandboxConfig, faults: Faults) -> Starlette:
     )
 
 
+def bearer_client(header: str | None) -> str | None:
+    """Test stand-in for ``AuthServer.client_of``: the token *is* the client id."""
+    return header.split()[-1] if header else None
+
+
 class Harness:
     def __init__(self, config: SandboxConfig, seed: int = 11) -> None:
         self.clock = FakeClock()
         self.config = config
         self.faults = Faults(config, seed=seed, clock=self.clock)
+        self.faults.bind_clients(bearer_client)
         self.client = TestClient(gated_app(config, self.faults))
 
-    def post(self, path: str = DM_PATH, conn: str = "riverbend-both") -> httpx.Response:
-        return self.client.post(path, params={"conn": conn})
+    def post(
+        self, path: str = DM_PATH, conn: str = "riverbend-both", client: str = "client-a"
+    ) -> httpx.Response:
+        return self.client.post(path, params={"conn": conn}, headers={"Authorization": f"Bearer {client}"})
 
 
 @pytest.fixture
 def small_window() -> Harness:
     return Harness(
-        make_config(
-            **{
-                "riverbend-both": {"rate_limit": 3, "rate_window_s": 10.0, "retry_after": False},
-                "lakeside-dm": {"rate_limit": 2, "rate_window_s": 10.0, "retry_after": True},
-            }
-        )
+        make_config(quota_requests=3, quota_window_s=10.0, **{"lakeside-dm": {"retry_after": True}})
     )
 
 
-# ---- rate limiting ---------------------------------------------------------------------------
+# ---- the per-client quota ----------------------------------------------------------------------
 
 
 def test_rolling_window_429_carries_limit_header_but_no_retry_after(small_window: Harness) -> None:
@@ -120,10 +123,12 @@ def test_retry_after_is_sent_only_when_the_connection_says_so(small_window: Harn
     small_window.post(conn="lakeside-dm")
     small_window.clock.now += 2.5
     small_window.post(conn="lakeside-dm")
+    small_window.post(conn="lakeside-dm")
     refused = small_window.post(conn="lakeside-dm")
     assert refused.status_code == 429
-    assert refused.headers["X-RateLimit-Limit"] == "2"
+    assert refused.headers["X-RateLimit-Limit"] == "3"
     assert refused.headers["Retry-After"] == "8"  # the first request leaves after 7.5 s, rounded up
+    assert "Retry-After" not in small_window.post(conn="riverbend-both").headers
 
 
 def test_fhir_paths_get_an_operation_outcome(small_window: Harness) -> None:
@@ -138,22 +143,42 @@ def test_fhir_paths_get_an_operation_outcome(small_window: Harness) -> None:
     assert outcome["issue"][0]["severity"] == "error"
 
 
-def test_connections_have_separate_windows(small_window: Harness) -> None:
+def test_one_client_shares_its_quota_across_connections_and_surfaces(small_window: Harness) -> None:
+    assert small_window.post(conn="riverbend-both").status_code == 200
+    assert small_window.post(FHIR_PATH, conn="northwind-fhir").status_code == 200
+    assert small_window.post(conn="lakeside-dm").status_code == 200
+    for conn in ("riverbend-both", "northwind-fhir", "lakeside-dm"):
+        assert small_window.post(conn=conn).status_code == 429
+    usage = small_window.faults.quota_usage()["client-a"]
+    assert (usage["used"], usage["limit"], usage["rejected"]) == (3, 3, 3)
+
+
+def test_each_client_has_its_own_quota(small_window: Harness) -> None:
     for _ in range(3):
-        small_window.post()
-    assert small_window.post().status_code == 429
-    assert small_window.post(conn="northwind-fhir").status_code == 200
+        small_window.post(client="client-a")
+    assert small_window.post(client="client-a").status_code == 429
+    assert small_window.post(client="client-b").status_code == 200
+    usage = small_window.faults.quota_usage()
+    assert usage["client-a"]["used"] == 3 and usage["client-b"]["used"] == 1
+    assert usage["client-b"]["rejected"] == 0
+
+
+def test_a_lifted_quota_counts_but_never_refuses() -> None:
+    harness = Harness(make_config(quota_requests=None))
+    assert all(harness.post().status_code == 200 for _ in range(50))
+    usage = harness.faults.quota_usage()["client-a"]
+    assert (usage["used"], usage["limit"], usage["rejected"]) == (50, None, 0)
 
 
 def test_rate_limit_rps_fault_uses_a_one_second_window_and_clears(small_window: Harness) -> None:
     small_window.faults.set({"rate_limit_rps": 2, "connection": "northwind-fhir"})
-    statuses = [small_window.post(conn="northwind-fhir").status_code for _ in range(3)]
+    statuses = [small_window.post(conn="northwind-fhir", client=f"c{i}").status_code for i in range(3)]
     assert statuses == [200, 200, 429]
-    assert small_window.post(conn="northwind-fhir").headers["X-RateLimit-Limit"] == "2"
+    assert small_window.post(conn="northwind-fhir", client="c9").headers["X-RateLimit-Limit"] == "2"
     small_window.clock.now += 1.01
-    assert small_window.post(conn="northwind-fhir").status_code == 200
+    assert small_window.post(conn="northwind-fhir", client="c3").status_code == 200
     small_window.faults.set({})
-    assert all(small_window.post(conn="northwind-fhir").status_code == 200 for _ in range(20))
+    assert all(small_window.post(conn="northwind-fhir", client=f"d{i}").status_code == 200 for i in range(20))
 
 
 # ---- injected failures -------------------------------------------------------------------------
