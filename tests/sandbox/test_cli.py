@@ -114,6 +114,8 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
                 "patients": 120,
                 "seed": 5,
                 "environment": "Staging",
+                "quota_requests": 100,
+                "quota_window_s": 60,
                 "connections": [
                     {
                         "id": "alpha-fhir",
@@ -129,8 +131,6 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
                         "name": "Beta Clinic",
                         "surfaces": ["datamodel"],
                         "write_entities": ["orders"],
-                        "rate_limit": 100,
-                        "rate_window_s": 60,
                     },
                 ],
             }
@@ -143,7 +143,7 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
     assert (alpha["id"], alpha["entities"], alpha["page_size"]) == ("alpha-fhir", ["patients", "results"], 25)
     assert alpha["fhir_base_url"] == f"{served.url}/fhir/R4/alpha-hospital/Staging"
     assert (beta["id"], beta["surfaces"], beta["write_entities"]) == ("beta-dm", ["datamodel"], ["orders"])
-    assert beta["rate_limit"] == {"requests": 100, "window_s": 60}
+    assert beta["rate_limit"] == {"requests": 100, "window_s": 60, "scope": "client"}
     truth = httpx.get(f"{served.url}/_sandbox/truth", timeout=10).json()
     assert set(truth["counts"]) == {"alpha-fhir", "beta-dm"}
     assert set(truth["counts"]["alpha-fhir"]) == {"patients", "results"}

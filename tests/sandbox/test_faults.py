@@ -375,3 +375,157 @@ def test_invalid_fault_bodies_name_the_field_and_change_nothing(body, field) -> 
 def test_body_must_be_an_object() -> None:
     with pytest.raises(ValueError, match="JSON object"):
         Faults(make_config(), seed=1).set([("error_rate", 1)])  # type: ignore[arg-type]
+
+
+# ---- partial failures and bad entries (unit level; end to end in test_quota_and_response_faults) -
+
+
+def _bundle(n: int = 40) -> dict:
+    return {
+        "resourceType": "Bundle",
+        "id": "b1",
+        "type": "searchset",
+        "total": n,
+        "link": [{"relation": "self", "url": "http://x/self"}, {"relation": "next", "url": "http://x/next"}],
+        "entry": [
+            {
+                "fullUrl": f"http://x/Encounter/e{i}",
+                "resource": {
+                    "resourceType": "Encounter",
+                    "id": f"e{i}",
+                    "meta": {"lastUpdated": "2026-01-02T03:04:05Z"},
+                    "status": "finished",
+                    "identifier": [{"system": "urn:redox:x:VN", "value": f"V{i}"}],
+                    "period": {"start": "2024-12-31T10:00:00Z"},
+                },
+                "search": {"mode": "match"},
+            }
+            for i in range(n)
+        ],
+    }
+
+
+def _results_body(n: int = 40) -> dict:
+    return {
+        "Meta": {"DataModel": "Results", "EventType": "QueryResponse"},
+        "Orders": [
+            {
+                "ID": f"ORD{i}",
+                "Status": "Resulted",
+                "TransactionDateTime": "2024-12-31T10:00:00.000Z",
+                "Patient": {"Identifiers": [{"ID": f"M{i}", "IDType": "MR"}]},
+            }
+            for i in range(n)
+        ],
+    }
+
+
+def test_fhir_bad_entries_are_stable_per_seed_and_record_and_cover_every_defect() -> None:
+    faults = Faults(make_config(), seed=3)
+    clean = json.dumps(_bundle()).encode()
+    assert faults.mangle("riverbend-both", clean) == clean  # no fault: byte-identical
+    faults.set({"bad_entry_rate": 0.5})
+    first, again = faults.mangle("riverbend-both", clean), faults.mangle("riverbend-both", clean)
+    assert first == again
+    other_seed = Faults(make_config(), seed=4)
+    other_seed.set({"bad_entry_rate": 0.5})
+    assert other_seed.mangle("riverbend-both", clean) != first
+    entries = json.loads(first)["entry"]
+    good = _bundle()["entry"]
+    seen = set()
+    for before, after in zip(good, entries, strict=True):
+        if after == before:
+            continue
+        if not isinstance(after, dict):
+            assert after in (1, "x", None)
+            seen.add("wrong_type")
+            continue
+        resource = after["resource"]
+        if resource["resourceType"] == "Basic":
+            seen.add("unknown_type")
+        elif "id" not in resource:
+            seen.add("missing_id")
+        elif resource.get("identifier") == []:
+            seen.add("empty_identifiers")
+        elif resource["period"]["start"] == "31/12/2024":
+            seen.add("bad_date")
+        elif resource["status"] == 1:
+            seen.add("wrong_type")
+        else:
+            raise AssertionError(f"unexpected change: {resource}")
+        assert resource.get("meta") == before["resource"]["meta"]  # meta.lastUpdated is kept
+    assert seen == {"unknown_type", "missing_id", "bad_date", "wrong_type", "empty_identifiers"}
+    faults.set({})
+    assert faults.mangle("riverbend-both", clean) == clean
+
+
+def test_fhir_partial_failure_replaces_the_results_with_an_outcome() -> None:
+    faults = Faults(make_config(), seed=3)
+    faults.set({"partial_failure_rate": 1.0, "connection": "northwind-fhir"})
+    failed = json.loads(faults.mangle("northwind-fhir", json.dumps(_bundle()).encode()))
+    assert failed["total"] == 0 and failed["link"] == [{"relation": "self", "url": "http://x/self"}]
+    [entry] = failed["entry"]
+    assert entry["search"]["mode"] == "outcome" and entry["resource"]["issue"][0]["severity"] == "error"
+    # Other bodies (reads, outcomes, other connections) are left alone.
+    read = json.dumps({"resourceType": "Patient", "id": "p"}).encode()
+    assert faults.mangle("northwind-fhir", read) == read
+    assert faults.mangle("riverbend-both", json.dumps(_bundle()).encode()) == json.dumps(_bundle()).encode()
+
+
+def test_datamodel_partial_failures_are_reproducible_from_the_seed() -> None:
+    def outcomes(seed: int) -> list[bool]:
+        faults = Faults(make_config(), seed=seed)
+        faults.set({"partial_failure_rate": 0.4})
+        return ["Errors" in faults.shape_query("lakeside-dm", _results_body())["Meta"] for _ in range(50)]
+
+    first = outcomes(9)
+    assert first == outcomes(9)
+    assert 5 < sum(first) < 40
+    faults = Faults(make_config(), seed=9)
+    faults.set({"partial_failure_rate": 1.0})
+    failed = faults.shape_query("lakeside-dm", _results_body())
+    [error] = failed["Meta"]["Errors"]
+    assert set(error) == {"ID", "Text", "Type", "Module", "DestinationStatusCode"}
+    assert (error["Type"], error["Module"]) == ("query", "Send") and failed["Orders"] == []
+
+
+def test_datamodel_bad_entries_damage_records_deterministically() -> None:
+    faults = Faults(make_config(), seed=2)
+    faults.set({"bad_entry_rate": 0.5, "connection": "lakeside-dm"})
+    first = faults.shape_query("lakeside-dm", _results_body())
+    assert first == faults.shape_query("lakeside-dm", _results_body())
+    clean = _results_body()["Orders"]
+    changed = [(a, b) for a, b in zip(clean, first["Orders"], strict=True) if a != b]
+    assert 5 < len(changed) < 35
+    kinds = set()
+    for _good, bad in changed:
+        if not isinstance(bad, dict):
+            kinds.add("wrong_type")
+        elif bad["ID"] == "":
+            kinds.add("missing_id")
+        elif bad["Patient"]["Identifiers"] == []:
+            kinds.add("empty_identifiers")
+        elif bad["TransactionDateTime"] == "31/12/2024":
+            kinds.add("bad_date")
+        else:
+            assert bad["Status"] == 1
+            kinds.add("wrong_type")
+    assert kinds == {"missing_id", "bad_date", "wrong_type", "empty_identifiers"}
+    assert faults.shape_query("riverbend-both", _results_body()) == _results_body()
+
+
+def test_ndjson_lines_get_the_same_defects() -> None:
+    faults = Faults(make_config(), seed=3)
+    lines = b"".join(json.dumps(e["resource"]).encode() + b"\n" for e in _bundle()["entry"])
+    assert faults.damage_ndjson("riverbend-both", lines) == lines
+    faults.set({"bad_entry_rate": 0.5})
+    damaged = faults.damage_ndjson("riverbend-both", lines)
+    assert damaged == faults.damage_ndjson("riverbend-both", lines) != lines
+    assert len(damaged.splitlines()) == 40
+
+
+def test_new_rate_faults_are_validated_like_the_others() -> None:
+    faults = Faults(make_config(), seed=1)
+    for name in ("partial_failure_rate", "bad_entry_rate"):
+        with pytest.raises(ValueError, match=name):
+            faults.set({name: 1.5})
