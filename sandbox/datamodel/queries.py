@@ -8,11 +8,25 @@ Supported (request -> response ``Meta.EventType``):
 | PatientAdmin.VisitQuery         | encounters   | VisitQueryResponse     | VisitStartDateTime; start   |
 | PatientAdmin.CensusQuery        | encounters   | CensusQueryResponse    | start                       |
 | Results.Query                   | results      | QueryResponse          | LastUpdated; per order      |
+| Order.Query (Beta)              | results [1]  | QueryResponse          | Start/EndDateTime; order    |
 | Scheduling.Booked               | appointments | BookedResponse         | Start/EndDateTime; start    |
+| Scheduling.AvailableSlots (Beta)| appointments | AvailableSlotsResponse | Start/EndDateTime; slot     |
 | Clinical Summary.PatientQuery   | documents    | PatientQueryResponse   | (per patient)               |
 | Clinical Summary.DocumentQuery  | documents    | DocumentQueryResponse  | Document.Start/EndDate      |
 | Clinical Summary.DocumentGet    | documents    | DocumentGetResponse    | (one document)              |
 | Notes.Query / Media.Query       | documents    | QueryResponse          | (last_updated, id)          |
+
+[1] or the connection takes ``orders`` write-back: Order.Query also lists the orders written
+back to the connection (latest state), so a client can check before re-sending one.
+
+What a query must carry (``search_policy: "redox"``, the default; REDOX-REFERENCE §12.5): only
+``Scheduling.Booked``, ``Scheduling.AvailableSlots`` (``StartDateTime``) and
+``PatientAdmin.CensusQuery`` (nothing) answer without a patient. ``Results``, ``Order``,
+``Notes`` and ``Media`` queries need ``Patients[].Identifiers``; ``PatientAdmin.VisitQuery``
+needs ``VisitNumbers`` or ``Patients``; the Clinical Summary queries need
+``Patient.Identifiers``; ``PatientSearch.Query`` identifiers or FirstName + LastName + DOB.
+Otherwise: HTTP 400 with ``Meta.Errors`` naming the missing fields (never echoing values).
+``search_policy: "open"`` lifts the patient requirement (benchmarks; not Redox).
 
 Response event types: recorded Redox responses echo the request's EventType (``Query``,
 ``Booked``; REDOX-REFERENCE §2.3), but the schemas name them ``Response`` /
@@ -20,7 +34,8 @@ Response event types: recorded Redox responses echo the request's EventType (``Q
 response validates strictly as its ``*Response`` model; clients must key on the request they
 sent, not on ``Meta.EventType`` (which is what they must do against Redox anyway).
 
-Capping and windows (what the ELT's Data Model source relies on):
+Capping and windows (the sandbox's own rules where Redox documents none; under the Redox
+policy they apply within one patient's or one time range's answer):
 
 - A response holds at most ``conn.page_size`` items (patients, visits, orders,
   appointments, documents, notes). Results.Query groups the matching results by order

@@ -14,8 +14,10 @@ Order of checks, each failure answered with a ``Meta.Errors`` body that still ca
    sandbox answers (``queries.QUERIES``) or accepts (``WRITES``) -> 400; the connection is
    entitled to the entity (``conn.entities`` for queries, ``conn.write_entities`` for
    write-back) -> 403.
-6. Queries: the request is parsed tolerantly (unknown fields dropped, like Redox) and answered
-   synchronously (see ``queries``). Writes: validated strictly against the ``redox`` schema
+6. Queries: the request is parsed tolerantly (unknown fields dropped, like Redox), checked for
+   the inputs Redox requires (``search_policy``; 400 naming the missing fields) and answered
+   synchronously (see ``queries``); the answer then passes ``faults.shape_query``
+   (``partial_failure_rate``: 200 with ``Meta.Errors``; ``bad_entry_rate``). Writes: validated strictly against the ``redox`` schema
    (400 naming each problem), recorded in ``state.writes`` once per destination, then
    answered 200 with the echoed ``Meta`` and one ``Logs[]`` entry per destination (async
    SEND semantics: accepted, not yet delivered).
