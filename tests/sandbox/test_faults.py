@@ -529,3 +529,21 @@ def test_new_rate_faults_are_validated_like_the_others() -> None:
     for name in ("partial_failure_rate", "bad_entry_rate"):
         with pytest.raises(ValueError, match=name):
             faults.set({name: 1.5})
+
+
+def test_one_request_to_several_destinations_counts_once() -> None:
+    config = make_config(quota_requests=5)
+    faults = Faults(config, seed=1)
+    faults.bind_clients(bearer_client)
+
+    async def handler(request: Request) -> Response:
+        for conn_id in ("riverbend-both", "lakeside-dm", "northwind-fhir"):
+            refused = await faults.gate(config.connection(conn_id), request)
+            if refused is not None:
+                return refused
+        return JSONResponse({"ok": True})
+
+    client = TestClient(Starlette(routes=[Route(DM_PATH, handler, methods=["POST"])]))
+    statuses = [client.post(DM_PATH, headers={"Authorization": "Bearer c"}).status_code for _ in range(6)]
+    assert statuses == [200] * 5 + [429]
+    assert faults.quota_usage()["c"]["used"] == 5

@@ -3,6 +3,8 @@ failures (§12.11) and the ``bad_entry_rate`` fault (issue 14), over real HTTP."
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sandbox.config import SandboxConfig
+from sandbox.config import SandboxConfig, SandboxConfigError, load_config
 from sandbox.damage import NON_OBJECTS
 from sandbox.server import SandboxServer
 from tests.sandbox.test_server_e2e import Live
@@ -225,3 +227,31 @@ def test_bad_entries_reach_data_model_records(live: Live) -> None:
     assert (
         live.dm_ok("riverbend-both", "PatientAdmin", "VisitQuery", **query)["Patients"] == clean["Patients"]
     )
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"connections": [{"id": "a", "name": "A", "rate_limit": 10}]}, "'rate_limit' was removed"),
+        ({"connections": [{"id": "a", "name": "A", "rate_window_s": 10}]}, "quota_window_s"),
+        ({"search_policy": "lenient"}, "search_policy must be one of redox, open"),
+        ({"quota_requests": 0}, "quota_requests must be a whole number"),
+        ({"quota_requests": 2.5}, "quota_requests must be a whole number"),
+        ({"quota_window_s": 0}, "quota_window_s must be a positive number"),
+        ({"max_assertion_lifetime_s": float("nan")}, "max_assertion_lifetime_s"),
+    ],
+)
+def test_config_errors_name_the_field_and_the_fix(tmp_path, document: dict, message: str) -> None:
+    path = tmp_path / "sandbox.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(SandboxConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_defaults_are_redox_strict_with_the_documented_quota() -> None:
+    config = SandboxConfig()
+    assert (config.search_policy, config.quota_requests, config.quota_window_s) == ("redox", 7500, 300.0)
+    assert config.max_assertion_lifetime_s == 300.0
