@@ -281,14 +281,14 @@ class Faults:
 
     def rate(self, name: str, connection_id: str | None = None) -> float:
         """Current probability of ``name`` (e.g. ``webhook_duplicate_rate``, ``timeout_after_commit``)."""
-        field = self._probability_name(name)
+        fault = self._probability_name(name)
         with self._lock:
-            value = self._value(field, connection_id)
+            value = self._value(fault, connection_id)
         if value is not None:
             return float(value)
-        if field == "webhook_duplicate_rate":
+        if fault == "webhook_duplicate_rate":
             return float(self._config.webhook_duplicate_rate)
-        if field == "webhook_reorder":
+        if fault == "webhook_reorder":
             return float(self._config.webhook_reorder)
         return 0.0
 

@@ -291,7 +291,13 @@ def test_serve_seed_from_a_bulk_export_serves_it_through_both_surfaces(serve, tm
     assert found.status_code == 200, found.text
     strict_redox(found.json())
     assert found.json()["Patient"]["Demographics"]["LastName"] == "Marsh"
-    visits = live.dm(conn["id"], "PatientAdmin", "VisitQuery", VisitStartDateTime="2026-01-01")
+    visits = live.dm(
+        conn["id"],
+        "PatientAdmin",
+        "VisitQuery",
+        Patients=[{"Identifiers": [{"ID": "E2000", "IDType": "MR"}]}],
+        VisitStartDateTime="2026-01-01",
+    )
     assert visits.status_code == 200, visits.text
     strict_redox(visits.json())
     facilities = {v["Location"]["Facility"] for p in visits.json()["Patients"] for v in p["Visits"]}
