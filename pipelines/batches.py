@@ -1,33 +1,37 @@
-"""Turn normalized rows into Arrow batches for dlt, and quarantine what fails.
+"""Turn a page's rows into Arrow batches for dlt, and quarantine what fails.
 
-Shared by both surfaces' sources: rows accumulate per entity and leave as Arrow
-tables of the staged schema; a payload that cannot be normalized becomes a
-quarantine row (reason, raw_ref) routed to the ``quarantine`` table, and the batch
-goes on.
+``PageRouter`` is the one place a ``PageRows`` (``pipelines.pages``) becomes staged
+rows: the live sources and ``redox-elt renormalize`` both hand it every page, so a
+replay routes rows exactly as the live sync did. Rows of every entity the page feeds
+go to their ``raw.<surface>_<entity>`` table (tables other than the resource's own leave
+as dlt table variants), per-record quarantine entries to ``raw.quarantine``, and a page
+that cannot be read at all becomes one quarantine row; the batch goes on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import dlt
 
-from pipelines.landing import RawLanding
-from pipelines.model import rows_to_table, staged_schema
-from pipelines.normalize_common import NormalizationError
+from pipelines.landing import PageContext, RawLanding
+from pipelines.model import ROW_EXTRAS, rows_to_table, staged_schema
+from pipelines.pages import PageRows
 from pipelines.progress import PROGRESS
-from pipelines.resource_hints import QUARANTINE_HINTS, quarantine_schema
+from pipelines.quarantine import QUARANTINE_HINTS, QuarantineEntry, quarantine_row, quarantine_schema
+from pipelines.resource_hints import staged_resource_hints
 from pipelines.sync_context import SyncWindow
+from pipelines.vocabulary import ENTITIES, staged_table_name
 
 log = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BATCH_ROWS = 20_000
+QUARANTINE_BATCH = 1000
 
 
 def incremental_for(window: SyncWindow, lookback_s: float) -> Any:
@@ -63,6 +67,7 @@ class EntityBatcher:
         landing: RawLanding | None = None,
         batch_rows: int = BATCH_ROWS,
         content_index: dict[tuple[str, str], str] | None = None,
+        ingested_at: datetime | None = None,
     ) -> None:
         self.entity = entity
         self.connection_id = connection_id
@@ -75,27 +80,12 @@ class EntityBatcher:
         self.prefetched: dict[str, bytes] = {}
         self.schema = staged_schema(entity)
         self.rows: list[dict[str, Any]] = []
-        self.quarantined: list[dict[str, Any]] = []
-        self.ingested_at = datetime.now(UTC)
-        self.counts = {"rows": 0, "quarantined": 0}
-
-    def add_resource(
-        self,
-        payload: dict[str, Any],
-        normalize: Callable[..., dict[str, Any]],
-        raw_ref: str,
-        *,
-        resource_type: str,
-    ) -> None:
-        try:
-            row = normalize(payload, self.connection_id, raw_ref)
-        except (NormalizationError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            self.quarantine(raw_ref, payload.get("id"), f"{resource_type}: {_reason(exc)}")
-            return
-        self.add_row(row)
+        self.ingested_at = ingested_at or datetime.now(UTC)
+        self.counts = {"rows": 0}
 
     def add_row(self, row: dict[str, Any]) -> None:
-        identifiers = row.pop("identifiers", None) or {}
+        extras = {key: row.pop(key) for key in ROW_EXTRAS if key in row}
+        identifiers = extras.get("identifiers") or {}
         if self.entity == "patients":
             for column, id_type in (
                 ("mrn", "MR"),
@@ -105,8 +95,8 @@ class EntityBatcher:
             ):
                 if row.get(column) is None and identifiers.get(id_type):
                     row[column] = identifiers[id_type]
-        content = row.pop("content", None)
-        content_url = row.pop("content_url", None)
+        content = extras.get("content")
+        content_url = extras.get("content_url")
         if self.entity == "documents" and self.landing is not None:
             self._attach_content(row, content, content_url)
         row["ingested_at"] = self.ingested_at
@@ -147,41 +137,135 @@ class EntityBatcher:
             if future.exception() is None:
                 self.prefetched[url] = future.result()
 
-    def quarantine(self, raw_ref: str, item_id: Any, reason: str) -> None:
-        item = str(item_id) if item_id not in (None, "") else "-"
-        key = hashlib.sha256(f"{raw_ref}|{item}|{self.entity}".encode()).hexdigest()[:32]
-        self.quarantined.append(
-            {
-                "quarantine_id": key,
-                "connection_id": self.connection_id,
-                "source_surface": self.surface,
-                "entity": self.entity,
-                "raw_ref": raw_ref,
-                "item_id": item,
-                "reason": reason,
-                "first_seen_at": self.ingested_at,
-                "attempts": 1,
-                "source_updated_at": None,
-            }
-        )
-        log.warning("quarantined one %s %s payload (%s): %s", self.surface, self.entity, raw_ref, reason)
-
     def drain(self, final: bool) -> Iterator[Any]:
         if self.rows and (final or len(self.rows) >= self.batch_rows):
             table = rows_to_table(self.rows, self.schema)
             self.counts["rows"] += table.num_rows
             self.rows = []
             yield table
-        if self.quarantined and (final or len(self.quarantined) >= 1000):
+
+
+class PageRouter:
+    """Routes pages of one connection and surface to staged tables and the quarantine.
+
+    ``main`` is the table the dlt resource is named after; every other table leaves as a
+    table variant with its own hints. ``allowed`` (per page) is the entities the page was
+    fetched for: rows and quarantine entries of other entities are left out, the same way
+    in a live sync and in a replay."""
+
+    def __init__(
+        self,
+        connection_id: str,
+        surface: str,
+        *,
+        client: Any = None,
+        landing: RawLanding | None = None,
+        content_index: dict[tuple[str, str], str] | None = None,
+        main: str | None = None,
+        batch_rows: int = BATCH_ROWS,
+    ) -> None:
+        self.connection_id = connection_id
+        self.surface = surface
+        self.main = main
+        self.ingested_at = datetime.now(UTC)
+        self.batchers = {
+            e: EntityBatcher(
+                e,
+                connection_id,
+                surface,
+                client=client,
+                landing=landing,
+                batch_rows=batch_rows,
+                content_index=content_index,
+                ingested_at=self.ingested_at,
+            )
+            for e in ENTITIES
+        }
+        self.quarantined: list[dict[str, Any]] = []
+        self.counts = {"quarantined": 0}
+
+    def take(self, page: PageRows, raw_ref: str, allowed: Iterable[str] | None = None) -> None:
+        keep = set(ENTITIES if allowed is None else allowed)
+        for entity in ENTITIES:
+            if entity in keep:
+                for row in page.rows.get(entity, ()):
+                    self.batchers[entity].add_row(row)
+        for entry in page.quarantined:
+            if entry.entity in keep:
+                self.quarantine(entry, raw_ref)
+
+    def take_page(
+        self,
+        body: Any,
+        raw_ref: str,
+        entity: str,
+        context: PageContext | None = None,
+        answers: Iterable[tuple[Any, str, PageContext]] = (),
+    ) -> PageRows | None:
+        """Read one landed page (its body as landed) and route its rows; an unreadable page
+        is quarantined under ``entity``, the entity it was fetched for. ``answers``: the
+        DocumentGet answers (body, raw_ref, context) completing a DocumentQuery answer."""
+        from pipelines.datamodel.pages import complete_documents
+        from pipelines.page_reader import PageUnreadable, read_page
+
+        context = context or PageContext()
+        try:
+            page = read_page(self.surface, body, self.connection_id, raw_ref, entity, context)
+        except PageUnreadable as exc:
+            self.quarantine_page(raw_ref, entity, f"page unreadable: {exc}")
+            return None
+        completions = []
+        for answer_body, answer_ref, answer_context in answers:
+            try:
+                completions.append(
+                    read_page(
+                        self.surface, answer_body, self.connection_id, answer_ref, entity, answer_context
+                    )
+                )
+            except PageUnreadable as exc:
+                self.quarantine_page(answer_ref, entity, f"page unreadable: {exc}")
+        if completions:
+            page = complete_documents(page, completions)
+        self.take(page, raw_ref, context.entities)
+        return page
+
+    def quarantine(self, entry: QuarantineEntry, raw_ref: str) -> None:
+        self.quarantined.append(
+            quarantine_row(entry, self.connection_id, self.surface, raw_ref, self.ingested_at)
+        )
+        # The raw_ref and the reason name no patient; the record's ids stay in the table.
+        log.warning(
+            "quarantined one %s %s record (%s): %s", self.surface, entry.entity, raw_ref, entry.reason
+        )
+
+    def quarantine_page(self, raw_ref: str, entity: str, reason: str) -> None:
+        self.quarantine(QuarantineEntry(entity, "", reason), raw_ref)
+
+    def prefetch_contents(self, urls: list[str]) -> None:
+        self.batchers["documents"].prefetch_contents(urls)
+
+    def drain(self, final: bool) -> Iterator[Any]:
+        for entity, batcher in self.batchers.items():
+            table_name = staged_table_name(self.surface, entity)
+            for item in batcher.drain(final=final):
+                if table_name == self.main:
+                    yield item
+                else:
+                    yield dlt.mark.with_hints(
+                        item, _variant_hints(self.surface, entity), create_table_variant=True
+                    )
+        if self.quarantined and (final or len(self.quarantined) >= QUARANTINE_BATCH):
             table = rows_to_table(self.quarantined, quarantine_schema())
             self.counts["quarantined"] += table.num_rows
             self.quarantined = []
             yield dlt.mark.with_hints(table, QUARANTINE_HINTS, create_table_variant=True)
 
 
-def _reason(exc: Exception) -> str:
-    """An error message safe to store and log: NormalizationError messages are written
-    without PHI; anything else is reduced to its type."""
-    if isinstance(exc, NormalizationError):
-        return str(exc)
-    return f"unexpected {type(exc).__name__} while normalizing"
+def _variant_hints(surface: str, entity: str) -> Any:
+    hints = staged_resource_hints(surface, entity)
+    return dlt.mark.make_hints(
+        table_name=hints["table_name"],
+        write_disposition="merge",
+        primary_key=hints["primary_key"],
+        columns=hints["columns"],
+    )

@@ -11,6 +11,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.vocabulary import ENTITIES
+
 TS = pa.timestamp("us", tz="UTC")
 STR = pa.string()
 F64 = pa.float64()
@@ -139,7 +141,8 @@ ENTITY_COLUMNS: dict[str, list[tuple[str, pa.DataType]]] = {
     ],
 }
 
-ENTITIES: tuple[str, ...] = tuple(ENTITY_COLUMNS)
+if tuple(ENTITY_COLUMNS) != ENTITIES:
+    raise ImportError("pipelines.vocabulary.ENTITIES and pipelines.model.ENTITY_COLUMNS disagree")
 
 # The business key of each entity inside a connection (both surfaces carry it).
 ENTITY_KEY: dict[str, str] = {
@@ -177,8 +180,32 @@ def identifiers_schema() -> pa.Schema:
     return pa.schema(IDENTIFIER_COLUMNS)
 
 
+# Keys a normalized row may carry besides its staged columns: side channels the loader
+# consumes before the row becomes a table row (the crosswalk's identifier map, a patient
+# merge's retired identifiers, the document a replacement supersedes, document content or
+# its URL). Anything else is a defect.
+ROW_EXTRAS: tuple[str, ...] = ("identifiers", "merged_identifiers", "supersedes", "content", "content_url")
+
+
+class SchemaMismatch(ValueError):
+    """A row carries a key its table has no column for (a misspelled or unmapped column)."""
+
+
+def unknown_keys(row: Mapping[str, Any], schema: pa.Schema) -> list[str]:
+    names = set(schema.names)
+    return sorted(k for k in row if k not in names)
+
+
 def rows_to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Build an Arrow table with exactly ``schema``; missing keys become nulls."""
+    """Build an Arrow table with exactly ``schema``; missing keys become nulls, and a key
+    the schema lacks is an error (it would otherwise vanish without a trace)."""
     rows = list(rows)
+    names = set(schema.names)
+    for row in rows:
+        if not names.issuperset(row):
+            raise SchemaMismatch(
+                f"row keys not in the schema: {', '.join(unknown_keys(row, schema))} "
+                "(add the column to pipelines/model.py or drop the key in the normalizer)"
+            )
     columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
     return pa.Table.from_pydict(columns, schema=schema)

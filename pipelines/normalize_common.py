@@ -10,6 +10,14 @@ class NormalizationError(ValueError):
     """A payload cannot become a common-model row. The message names the problem, never PHI."""
 
 
+def safe_reason(exc: Exception) -> str:
+    """An error message safe to store and log: NormalizationError messages are written
+    without PHI; anything else is reduced to its type."""
+    if isinstance(exc, NormalizationError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__} while normalizing"
+
+
 # Identifier types the crosswalk knows, recognised from Redox-style systems
 # (urn:redox:<slug>:MR) or from the identifier's type code.
 _CANONICAL = {

@@ -24,24 +24,24 @@ import duckdb
 import pyarrow as pa
 
 from pipelines.model import (
-    ENTITIES,
     ENTITY_COLUMNS,
     ENTITY_KEY,
     LINEAGE,
     identifiers_schema,
     published_schema,
 )
-from pipelines.resource_hints import staged_table_name
-
-SURFACES = ("fhir", "datamodel")
-STAGING_SCHEMA = "raw"
+from pipelines.quarantine import resolve_quarantine
+from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES, MODEL_SCHEMA, staged_table_name
+from pipelines.vocabulary import STAGING_SCHEMA as STAGING_SCHEMA  # re-exported for assets/
+from pipelines.vocabulary import SURFACES as SURFACES  # re-exported for assets/
 
 
 def model_schema(con: duckdb.DuckDBPyConnection) -> str:
     """Where ``redox.<entity>`` lives. Normally schema ``redox``; but DuckDB 2.0 refuses a
     schema named like its catalog, and a file ``redox.duckdb`` is catalog ``redox`` — there
     the tables live in ``main``, which ``redox.<entity>`` then addresses as catalog.table."""
-    return "main" if con.execute("SELECT current_database()").fetchone()[0] == "redox" else "redox"
+    catalog = con.execute("SELECT current_database()").fetchone()[0]
+    return "main" if catalog == MODEL_SCHEMA else MODEL_SCHEMA
 
 
 def _patient_key_sql(alias: str) -> str:
@@ -59,7 +59,7 @@ def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {ms}")
     for entity in ENTITIES:
         _create_from_schema(con, f"{ms}.{entity}", published_schema(entity))
-    _create_from_schema(con, f"{ms}.patient_identifiers", identifiers_schema())
+    _create_from_schema(con, f"{ms}.{CROSSWALK_TABLE}", identifiers_schema())
     con.execute(
         f"""CREATE OR REPLACE VIEW {ms}.persons AS
         SELECT coalesce('ep_' || enterprise_id, connection_id || ':' || patient_key) AS person_key,
@@ -96,7 +96,10 @@ def _staged_union(con: duckdb.DuckDBPyConnection, entity: str, columns: list[str
 
 
 def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> dict[str, int]:
-    """Rebuild ``redox.*`` rows of one connection from its staged rows. Returns row counts."""
+    """Rebuild ``redox.*`` rows of one connection from its staged rows. Returns row counts.
+
+    Every load is followed by a publish, so this is also where quarantine entries whose
+    record has since loaded in good shape are marked resolved (``resolve_quarantine``)."""
     ms = model_schema(con)
     ensure_model_tables(con)
     counts: dict[str, int] = {}
@@ -107,7 +110,8 @@ def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> di
         for entity in ENTITIES:
             if entity != "patients":
                 counts[entity] = _publish_entity(con, connection_id, entity)
-        counts["patient_identifiers"] = _count(con, f"{ms}.patient_identifiers", connection_id)
+        counts[CROSSWALK_TABLE] = _count(con, f"{ms}.{CROSSWALK_TABLE}", connection_id)
+        resolve_quarantine(con, connection_id)
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
@@ -149,7 +153,7 @@ def _patient_rows_sql(con: duckdb.DuckDBPyConnection) -> str | None:
 
 def _publish_identity(con: duckdb.DuckDBPyConnection, connection_id: str) -> None:
     ms = model_schema(con)
-    con.execute(f"DELETE FROM {ms}.patient_identifiers WHERE connection_id = $conn", {"conn": connection_id})
+    con.execute(f"DELETE FROM {ms}.{CROSSWALK_TABLE} WHERE connection_id = $conn", {"conn": connection_id})
     rows = _patient_rows_sql(con)
     if rows is None:
         return
@@ -162,7 +166,7 @@ def _publish_identity(con: duckdb.DuckDBPyConnection, connection_id: str) -> Non
         for t, expr in id_columns
     )
     con.execute(
-        f"""INSERT INTO {ms}.patient_identifiers
+        f"""INSERT INTO {ms}.{CROSSWALK_TABLE}
         WITH p AS ({rows}), ids AS ({unpivot})
         SELECT connection_id, id_system, id_value,
                arg_max(patient_key, coalesce(source_updated_at, TIMESTAMPTZ '1970-01-01 00:00:00+00')) AS patient_key,
@@ -218,7 +222,7 @@ def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: 
         WITH s AS ({union}), ranked AS ({_latest_per_key("s", f'"{key}"')})
         SELECT {select}
         FROM ranked latest
-        LEFT JOIN {ms}.patient_identifiers x
+        LEFT JOIN {ms}.{CROSSWALK_TABLE} x
           ON x.connection_id = latest.connection_id
          AND x.id_system = latest.patient_ref_type
          AND x.id_value = latest.patient_ref_value

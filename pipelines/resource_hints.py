@@ -4,16 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import dlt
-import pyarrow as pa
-
-from pipelines.model import ENTITY_KEY, STR, TS
-
-QUARANTINE_TABLE = "quarantine"
-
-
-def staged_table_name(surface: str, entity: str) -> str:
-    return f"{surface}_{entity}"
+from pipelines.model import ENTITY_KEY
+from pipelines.quarantine import QUARANTINE_HINTS as QUARANTINE_HINTS  # re-exported
+from pipelines.quarantine import quarantine_schema as quarantine_schema  # re-exported
+from pipelines.vocabulary import QUARANTINE_TABLE as QUARANTINE_TABLE  # re-exported for assets/
+from pipelines.vocabulary import staged_table_name as staged_table_name  # re-exported
 
 
 def staged_key(entity: str) -> list[str]:
@@ -32,27 +27,3 @@ def staged_resource_hints(surface: str, entity: str) -> dict[str, Any]:
         "columns": {"source_updated_at": {"dedup_sort": "desc"}},
         "parallelized": True,
     }
-
-
-def quarantine_schema() -> pa.Schema:
-    return pa.schema(
-        [
-            ("quarantine_id", STR),
-            ("connection_id", STR),
-            ("source_surface", STR),
-            ("entity", STR),
-            ("raw_ref", STR),
-            ("item_id", STR),
-            ("reason", STR),
-            ("first_seen_at", TS),
-            ("attempts", pa.int64()),
-            ("source_updated_at", TS),
-        ]
-    )
-
-
-QUARANTINE_HINTS = dlt.mark.make_hints(
-    table_name=QUARANTINE_TABLE,
-    write_disposition="merge",
-    primary_key=["quarantine_id"],
-)

@@ -12,6 +12,11 @@ to the newest one as soon as the token endpoint accepts it, and while the endpoi
 secret, refreshes with the refresh token, and falls back to authenticating when the refresh is
 refused.
 
+Token lifetimes from the server are clamped (``clamp_lifetime``): a negative, zero, NaN or
+absurd ``expires_in`` / ``expires`` would otherwise mean a token request per API call (or a
+token kept for ever). OAuth tokens count as living 30 s to 5 minutes, legacy ones 30 s to 24 h;
+a token that really dies sooner is caught by the 401 -> re-authenticate path.
+
 Both are single-flight: however many threads ask at once, one token request is made and the
 others wait for its result. Tokens, secrets and assertions never appear in a repr, a log line
 or an exception.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import random
 import threading
 import time
@@ -45,6 +51,21 @@ ASSERTION_LIFETIME_S = 240  # Redox/SMART cap assertions at 5 minutes; stay well
 # Transient failures of the token endpoint itself are retried a few times before giving up.
 TOKEN_ATTEMPTS = 4
 _RETRYABLE_TOKEN_STATUSES = {429, 500, 502, 503, 504}
+# Sane token lifetimes (seconds): Redox documents 5 minutes for OAuth, 24 hours for legacy.
+MIN_TOKEN_LIFETIME_S = 30.0
+OAUTH_MAX_LIFETIME_S = 300.0
+LEGACY_MAX_LIFETIME_S = 86_400.0
+
+
+def clamp_lifetime(value: Any, *, maximum: float, minimum: float = MIN_TOKEN_LIFETIME_S) -> float:
+    """A server-given lifetime forced into ``[minimum, maximum]``; unreadable or NaN -> ``maximum``."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return maximum
+    if math.isnan(seconds):
+        return maximum
+    return min(max(seconds, minimum), maximum)
 
 
 # Token providers are shared by every connection of a process; the client that triggers a token
@@ -293,8 +314,10 @@ class OAuthTokenProvider(_SingleFlight):
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
         refresh_margin_s: float = 60.0,
+        min_lifetime_s: float = MIN_TOKEN_LIFETIME_S,
     ) -> None:
         super().__init__(clock=clock, rng=rng, refresh_margin_s=refresh_margin_s)
+        self.min_lifetime_s = min_lifetime_s  # tests of expiry lower it; production keeps 30 s
         self.token_url = token_url
         self.client_id = client_id
         self.key_ring = key_ring
@@ -391,7 +414,11 @@ class OAuthTokenProvider(_SingleFlight):
         try:
             body = response.json()
             value = body["access_token"]
-            lifetime = float(body.get("expires_in", 300))
+            lifetime = clamp_lifetime(
+                body.get("expires_in", OAUTH_MAX_LIFETIME_S),
+                maximum=OAUTH_MAX_LIFETIME_S,
+                minimum=self.min_lifetime_s,
+            )
             if not isinstance(value, str) or not value:
                 raise ValueError
         except (ValueError, KeyError, TypeError):
@@ -411,14 +438,15 @@ class OAuthTokenProvider(_SingleFlight):
 
 
 def _parse_expires(text: Any) -> float:
-    """Seconds from now until a legacy ``expires`` ISO instant (24 h when it cannot be read)."""
+    """Seconds from now until a legacy ``expires`` ISO instant, clamped (24 h when unreadable)."""
     try:
         moment = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        return max(0.0, (moment - datetime.now(UTC)).total_seconds())
-    except ValueError:
-        return 86400.0
+        seconds = (moment - datetime.now(UTC)).total_seconds()
+    except (ValueError, OverflowError):
+        return LEGACY_MAX_LIFETIME_S
+    return clamp_lifetime(seconds, maximum=LEGACY_MAX_LIFETIME_S)
 
 
 class LegacyTokenProvider(_SingleFlight):

@@ -1,7 +1,8 @@
-"""``redox-elt vault | keys | audit`` verbs. ``register(subparsers)`` adds them to the main parser.
+"""``redox-elt vault | keys | audit | quota`` verbs. ``register(subparsers)`` adds them to the main parser.
 
 Every verb returns an exit code; a failure prints one line naming what went wrong (never a
-secret, never a traceback) and exits non-zero.
+secret, never a traceback) and exits non-zero: 2 for bad input (a config error, a missing
+file), 1 for anything else.
 """
 
 from __future__ import annotations
@@ -10,25 +11,39 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from resources.audit import AuditError, load_audit_into_duckdb, verify_audit
 from resources.keys import ALGORITHMS, DEFAULT_ALGORITHM, KeyRing, KeyRingError
 from resources.onboarding import OnboardingError, connect_sandbox, register_jwks
-from resources.settings import DEFAULT_KEY_RING, ConfigError
+from resources.quota import BudgetError
+from resources.settings import DEFAULT_KEY_RING, ConfigError, load_settings
 from resources.vault import Vault, VaultError
 
-_EXPECTED = (VaultError, KeyRingError, ConfigError, AuditError, OnboardingError, OSError)
+_EXPECTED = (VaultError, KeyRingError, ConfigError, AuditError, OnboardingError, BudgetError, OSError)
+
+
+class InputError(ValueError):
+    """A command-line value is wrong (a missing file, ...): exit code 2."""
 
 
 def _guarded(verb: str, func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except _EXPECTED as exc:
+        except (InputError, *_EXPECTED) as exc:
             print(f"redox-elt {verb}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(exc, InputError | ConfigError) else 1
 
     return run
+
+
+def _existing(path: str, what: str) -> Path:
+    """``path`` when it exists; the verbs that read never create folders for a wrong path."""
+    found = Path(path).expanduser()
+    if not found.exists():
+        raise InputError(f"{what} {found} does not exist")
+    return found
 
 
 # ---- vault ----------------------------------------------------------------------------------
@@ -141,7 +156,7 @@ def _keys_retire(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    result = verify_audit(args.warehouse)
+    result = verify_audit(_existing(args.warehouse, "warehouse"))
     if result.ok:
         print(f"audit chain ok: {result.reason}")
         return 0
@@ -151,12 +166,39 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _audit_load(args: argparse.Namespace) -> int:
-    result = load_audit_into_duckdb(args.file, args.warehouse)
+    result = load_audit_into_duckdb(_existing(args.file, "audit file"), args.warehouse)
     print(
         f"loaded {result.inserted} audit records ({result.already_present} already present"
         + (f", {result.unreadable_lines} unreadable lines" if result.unreadable_lines else "")
         + ")"
     )
+    return 0
+
+
+# ---- quota ----------------------------------------------------------------------------------
+
+
+def _quota(args: argparse.Namespace) -> int:
+    """The shared request budget of each (Redox host, client) in the config: used and left."""
+    from resources.client import SHARED, client_host
+
+    settings = load_settings(args.config)
+    report: dict[str, dict[str, object]] = {}
+    for conn in settings.connections:
+        host = client_host(conn)
+        if host in report:
+            report[host]["connections"].append(conn.id)  # type: ignore[union-attr]
+            continue
+        stats = SHARED.budget(settings, conn).stats()
+        report[host] = {**stats.as_dict(), "connections": [conn.id]}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for host, row in report.items():
+            print(
+                f"{host}: {row['used']} of {row['requests']} requests used in the last {row['window_s']:g} s, "
+                f"{row['remaining']} left" + (f", paused {row['paused_s']} s" if row["paused_s"] else "")
+            )
     return 0
 
 
@@ -192,7 +234,7 @@ def _ring_args(parser: argparse.ArgumentParser, *, alg: bool = False, register: 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``vault``, ``keys`` and ``audit`` to the main ``redox-elt`` parser."""
+    """Add ``vault``, ``keys``, ``audit`` and ``quota`` to the main ``redox-elt`` parser."""
     vault = subparsers.add_parser("vault", help="the encrypted credential vault")
     vault_sub = vault.add_subparsers(dest="vault_command", required=True)
     p = vault_sub.add_parser("set", help="store a secret (VALUE '-' reads it from stdin)")
@@ -237,6 +279,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--file", required=True, help="audit JSONL file")
     p.add_argument("--warehouse", required=True, help="DuckDB warehouse file")
     p.set_defaults(func=_guarded("audit load", _audit_load))
+
+    quota = subparsers.add_parser("quota", help="the request budget shared by every connection and run")
+    quota.add_argument("--config", default=None, help="connections config (default $REDOX_ELT_CONFIG)")
+    quota.add_argument("--json", action="store_true", help="machine-readable output")
+    quota.set_defaults(func=_guarded("quota", _quota))
 
 
 def _default_alg(args: argparse.Namespace) -> argparse.Namespace:

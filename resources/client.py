@@ -2,18 +2,23 @@
 
 One pooled keep-alive ``httpx.Client`` per connection, timeouts on everything, and for every
 request, in order: the minimum-necessary check (a call outside the connection's declared
-surfaces / entities / write entities is refused before anything is sent), the connection's
-adaptive throttle, a bearer token from the shared token provider, the call, one audit record.
-Then the outcome:
+surfaces / entities / write entities is refused before anything is sent), then per attempt:
+pacing by the throttle shared per (Redox host, client), a slot in the request budget shared
+by every connection and process (``resources/quota.py``, spent by ``priority``), a bearer token
+from the shared token provider, the request, one audit record. The answer goes through the
+response classifier (``resources/responses.py``) and the retry policy (``resources/retry.py``):
 
-* 2xx with a parseable body: done (a Data Model ``Meta.Errors`` entry is a failure anyway);
+* ok: done;
+* partial failure (HTTP 200 with ``Meta.Errors`` or an error OperationOutcome issue):
+  ``PartialFailure``, never "no data";
 * 401: the token is dropped and the call is retried once with a new one, never more;
-* 429: the throttle halves its rate (``Retry-After`` pauses the connection when sent) and the
-  call is retried;
+* 429: the shared throttle halves its rate, a ``Retry-After`` (capped at 300 s) pauses the
+  shared budget, and the call is retried;
 * connect errors, timeouts, broken or unparseable bodies, 502/503/504 (and 500 for reads):
-  retried with exponential backoff and full jitter;
-* anything else: ``RedoxAPIError`` naming the connection, operation and status. Free text from
-  the server (which may echo patient data) is kept in ``.details``, out of the message.
+  retried with exponential backoff and full jitter, within the call's total deadline;
+* anything else: ``RedoxAPIError`` naming the connection, operation and status. Messages hold
+  only known vocabulary values, counts and lengths; the server's free text (which may echo
+  patient data) is kept in ``.details``.
 
 Writes carry an ``Idempotency-Key`` that is stable per logical write (given by the caller or
 derived from the payload), so a retried write is the same write.
@@ -32,7 +37,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 from urllib.parse import urljoin, urlparse
 
 import httpx
@@ -41,9 +47,34 @@ import orjson
 from resources.audit import AuditLog, CallRecord, audit_context
 from resources.auth import LegacyTokenProvider, OAuthTokenProvider, TokenError, TokenProvider, token_audit
 from resources.keys import KeyRing
-from resources.settings import ConnectionSettings, Settings
+from resources.quota import DEFAULT_PRIORITY, BudgetExhausted, RequestBudget, budget_file, check_priority
+from resources.responses import (
+    FATAL,
+    OK,
+    PARTIAL,
+    REAUTH,
+    Verdict,
+    as_list,
+    classify,
+    limit_hint,
+    server_errors,
+)
+from resources.retry import GiveUp, RetryPolicy, RetryState
+from resources.settings import ConnectionSettings, Settings, redox_home
 from resources.throttle import AdaptiveThrottle
 from resources.vault import Vault
+
+__all__ = [
+    "DataModelError",
+    "PagingCycleError",
+    "PartialFailure",
+    "RedoxAPIError",
+    "RedoxAuthError",
+    "RedoxClient",
+    "RedoxError",
+    "RetryPolicy",
+    "ScopeError",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +110,9 @@ DATAMODEL_READ_ENTITIES: dict[str, frozenset[str]] = {
 DATAMODEL_WRITE_ENTITIES: dict[str, str] = {"Order": "orders", "Scheduling": "appointments"}
 # Data Model event types that ask for data rather than send it (REDOX-REFERENCE §2.5).
 _QUERY_EVENTS = frozenset({"Booked", "AvailableSlots", "DocumentGet"})
+
+# Redox caps API traffic at 40 MB (REDOX-REFERENCE §12.6); anything much larger is not an answer.
+MAX_BODY_BYTES = 64 * 1024 * 1024
 
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -129,13 +163,37 @@ class DataModelError(RedoxAPIError):
     """A Data Model response carried ``Meta.Errors`` (a failure even with HTTP 200)."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 6  # failures other than 429
-    max_rate_limited: int = 40  # 429s per call: the throttle, not this count, is what settles them
-    base_delay_s: float = 0.25
-    max_delay_s: float = 20.0
-    deadline_s: float = 900.0  # a call gives up after this long, whatever the counts
+class PartialFailure(RedoxAPIError):
+    """HTTP 200, but the body says the EHR behind Redox failed (REDOX-REFERENCE §12, partial
+    failures): Data Model ``Meta.Errors`` or a FHIR OperationOutcome issue of severity
+    error/fatal. The call failed; its answer is not "no data". ``retryable`` is True: a later
+    call may succeed, so the caller keeps the work for the next run."""
+
+
+class DataModelPartialFailure(PartialFailure, DataModelError):
+    """A Data Model ``Meta.Errors`` answer with HTTP 2xx."""
+
+
+class PagingCycleError(RedoxAPIError):
+    """A search's ``next`` link led back to a page already read: stopped instead of looping."""
+
+
+class BudgetDeferred(RedoxAPIError):
+    """The shared request budget had no slot before the call's deadline; nothing was sent."""
+
+
+@dataclass
+class _Attempt:
+    """One request on the wire and what came back."""
+
+    number: int
+    sent_at: float  # the throttle's send slot
+    started: float  # perf_counter at send
+    called_at: datetime
+    response: httpx.Response | None = None
+    status: int | None = None
+    body: Any = None
+    error: str | None = None  # transport error class or "MalformedBody"
 
 
 def _canonical_key(payload: Any) -> str:
@@ -154,25 +212,6 @@ def _count_datamodel(body: dict[str, Any]) -> int:
     return total
 
 
-def _outcome_codes(body: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(issue/error codes, free-text diagnostics) from an OperationOutcome or a Data Model Meta."""
-    codes: list[str] = []
-    texts: list[str] = []
-    if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
-        for issue in body.get("issue") or []:
-            if isinstance(issue, dict):
-                codes.append(f"{issue.get('severity', '?')}:{issue.get('code', '?')}")
-                if issue.get("diagnostics"):
-                    texts.append(str(issue["diagnostics"]))
-    elif isinstance(body, dict) and isinstance(body.get("Meta"), dict):
-        for error in body["Meta"].get("Errors") or []:
-            if isinstance(error, dict):
-                codes.append("/".join(str(error[k]) for k in ("Type", "Module") if error.get(k)) or "error")
-                if error.get("Text"):
-                    texts.append(str(error["Text"]))
-    return tuple(codes), tuple(texts)
-
-
 def _form(params: dict[str, Any] | list[tuple[str, Any]] | None) -> dict[str, list[str]]:
     """Search parameters as a form body: a list value (or a repeated pair) repeats the parameter."""
     form: dict[str, list[str]] = {}
@@ -183,35 +222,78 @@ def _form(params: dict[str, Any] | list[tuple[str, Any]] | None) -> dict[str, li
     return form
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
+def _bundle_count(bundle: Any) -> int | None:
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP-date: rare enough that backoff covers it
+    return len(as_list(bundle.get("entry")))
 
 
-def _limit_hint(response: httpx.Response) -> float | None:
-    try:
-        return float(response.headers["X-RateLimit-Limit"])
-    except (KeyError, ValueError):
+def _next_link(bundle: dict[str, Any]) -> str | None:
+    for link in as_list(bundle.get("link")):
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            return link["url"] or None
+    return None
+
+
+class _PageCycleGuard:
+    """Notices a paging loop: a next link seen before, a page repeating earlier entries, or a run
+    of empty pages that keep linking onward. Problems are PHI-free (page numbers only: a next
+    link can carry search values)."""
+
+    def __init__(self, max_empty_pages: int) -> None:
+        self.pages = 0
+        self._links: set[str] = set()
+        self._entries: dict[str, int] = {}  # digest of a page's entries -> first page number
+        self._empty_run = 0
+        self._max_empty = max_empty_pages
+
+    def see_page(self, bundle: dict[str, Any]) -> str | None:
+        self.pages += 1
+        entries = as_list(bundle.get("entry"))
+        if not entries:
+            self._empty_run += 1
+            if self._empty_run > self._max_empty:
+                return f"{self._empty_run} empty pages in a row still link to a next page"
+            return None
+        self._empty_run = 0
+        digest = hashlib.sha256(orjson.dumps(entries, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        first = self._entries.setdefault(digest, self.pages)
+        if first != self.pages:
+            return f"page {self.pages} repeats the entries of page {first}"
         return None
+
+    def see_link(self, url: str) -> str | None:
+        if url in self._links:
+            return f"the next link of page {self.pages} was already followed"
+        self._links.add(url)
+        return None
+
+
+def client_host(conn: ConnectionSettings) -> str:
+    """The Redox host a connection talks to (``host:port``): one quota per host and client."""
+    return urlparse(conn.fhir_base_url or conn.datamodel_url or "").netloc.lower()
+
+
+def client_identity(settings: Settings) -> str:
+    """Who Redox counts requests for: the OAuth client id, else the legacy API key."""
+    return settings.auth.client_id or settings.auth.legacy_api_key or ""
 
 
 class _Shared:
-    """Per-process state shared by every RedoxClient: vaults, token providers, throttles.
+    """Per-process state shared by every RedoxClient: vaults, token providers, throttles, budgets.
 
-    Tokens are cached per (token URL, client id) and throttles per connection, so the clients
-    a sync opens one after another reuse what the earlier ones learned.
+    Tokens are cached per (token URL, client id); throttles and request budgets per (Redox
+    host, client id), because Redox limits a client across all its connections. The clients a
+    sync opens one after another reuse what the earlier ones learned; the budget is also
+    shared with other processes through its file.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.vaults: dict[str, Vault] = {}
         self.providers: dict[tuple[str, ...], TokenProvider] = {}
-        self.throttles: dict[tuple[str, str], AdaptiveThrottle] = {}
+        self.throttles: dict[tuple[str, str, float | None], AdaptiveThrottle] = {}
+        self.budgets: dict[tuple[str, int, float], RequestBudget] = {}
         self.legacy_warned: set[str] = set()
         self._token_http: httpx.Client | None = None
 
@@ -258,8 +340,9 @@ class _Shared:
                 self.providers[key] = provider
             return provider  # type: ignore[return-value]
 
-    def throttle(self, conn: ConnectionSettings) -> AdaptiveThrottle:
-        key = (conn.id, conn.fhir_base_url or conn.datamodel_url or "")
+    def throttle(self, settings: Settings, conn: ConnectionSettings) -> AdaptiveThrottle:
+        # Connections that set their own max_rps keep their own ceiling; the rest share one.
+        key = (client_host(conn), client_identity(settings), conn.max_rps)
         with self.lock:
             throttle = self.throttles.get(key)
             if throttle is None:
@@ -271,6 +354,18 @@ class _Shared:
                 )
                 self.throttles[key] = throttle
             return throttle
+
+    def budget(self, settings: Settings, conn: ConnectionSettings, home: Path | None = None) -> RequestBudget:
+        path = budget_file(home or redox_home(), client_host(conn), client_identity(settings))
+        key = (str(path), settings.quota.requests, settings.quota.window_s)
+        with self.lock:
+            budget = self.budgets.get(key)
+            if budget is None:
+                budget = RequestBudget(
+                    path, requests=settings.quota.requests, window_s=settings.quota.window_s
+                )
+                self.budgets[key] = budget
+            return budget
 
     def warn_legacy_once(self, conn_id: str, reason: str) -> None:
         with self.lock:
@@ -289,6 +384,9 @@ class _Shared:
         with self.lock:
             self.providers.clear()
             self.throttles.clear()
+            for budget in self.budgets.values():
+                budget.close()
+            self.budgets.clear()
             self.vaults.clear()
             self.legacy_warned.clear()
 
@@ -310,11 +408,13 @@ class RedoxClient:
         vault: Vault | None = None,
         http: httpx.Client | None = None,
         throttle: AdaptiveThrottle | None = None,
+        budget: RequestBudget | None = None,
         fhir_tokens: TokenProvider | None = None,
         datamodel_tokens: TokenProvider | None = None,
         retry: RetryPolicy | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.conn = settings.connection(connection) if isinstance(connection, str) else connection
@@ -325,8 +425,12 @@ class RedoxClient:
         self.retry = retry or RetryPolicy()
         self._rng = rng or random.Random()
         self._sleep = sleep
+        self._clock = clock
         self._vault = SHARED.vault(vault) if (fhir_tokens is None or datamodel_tokens is None) else vault
-        self.throttle = throttle or SHARED.throttle(self.conn)
+        self.throttle = throttle or SHARED.throttle(settings, self.conn)
+        # The request budget shared by every connection of this Redox client and every process
+        # on the machine; the pipeline's scheduler reads it to defer work (see resources/quota.py).
+        self.budget = budget or SHARED.budget(settings, self.conn)
         self._owns_http = http is None
         self.http = http or httpx.Client(
             timeout=httpx.Timeout(self.conn.timeout_s, connect=min(10.0, self.conn.timeout_s)),
@@ -381,7 +485,7 @@ class RedoxClient:
             raise self._refuse(f"the {surface} surface (surfaces: {', '.join(self.conn.surfaces)})")
 
     def _fhir_entity(self, resource_type: str, entity: str | None = None) -> str | None:
-        if not _RESOURCE_TYPE.match(resource_type):
+        if not _RESOURCE_TYPE.fullmatch(resource_type):
             raise ScopeError(f"'{resource_type[:40]}' is not a FHIR resource type")
         self._require_surface("fhir")
         if resource_type in FHIR_REFERENCE_TYPES:
@@ -415,42 +519,28 @@ class RedoxClient:
         with audit_context(run_id=self.run_id, caller=self.caller):
             yield
 
-    def _audit(
+    def _error(
         self,
-        surface: str,
+        cls: type[RedoxAPIError],
+        message: str,
         operation: str,
-        method: str,
-        template: str,
         status: int | None,
-        started: float,
-        called_at: datetime,
-        count: int | None,
-        attempt: int,
-        error: str | None,
-    ) -> None:
-        self.audit.record(
-            CallRecord(
-                connection_id=self.conn.id,
-                surface=surface,
-                operation=operation,
-                method=method,
-                path_template=template,
-                status_code=status,
-                duration_ms=(time.perf_counter() - started) * 1000.0,
-                called_at=called_at,
-                record_count=count,
-                attempt=attempt,
-                error=error,
-            )
+        verdict: Verdict | None = None,
+        *,
+        retryable: bool = False,
+    ) -> RedoxAPIError:
+        """An API error with PHI-free codes in the message and the server's text in ``details``."""
+        codes = verdict.errors.codes if verdict is not None else ()
+        return cls(
+            f"connection '{self.conn.id}': {operation} {message}"
+            + (f" ({', '.join(codes[:5])}{', ...' if len(codes) > 5 else ''})" if codes else ""),
+            connection_id=self.conn.id,
+            operation=operation,
+            status_code=status,
+            retryable=retryable,
+            codes=codes,
+            details=verdict.errors.details if verdict is not None else (),
         )
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        delay = self._rng.uniform(
-            0.0, min(self.retry.max_delay_s, self.retry.base_delay_s * 2 ** (attempt - 1))
-        )
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        return delay
 
     def _token(self, surface: str) -> tuple[TokenProvider, str]:
         provider = self._tokens[surface]
@@ -467,6 +557,108 @@ class RedoxClient:
                 )
                 return fallback, fallback.get_token()
 
+    def _wait_for_slot(self, priority: str, state: RetryState, operation: str) -> float:
+        """Pace (shared throttle), then take a slot of the shared budget; returns the send slot."""
+        sent_at = self.throttle.acquire()
+        try:
+            self.budget.acquire(priority, deadline_s=state.remaining_s())
+        except BudgetExhausted as exc:
+            raise BudgetDeferred(
+                f"connection '{self.conn.id}': {operation} not sent: {exc}",
+                connection_id=self.conn.id,
+                operation=operation,
+                status_code=None,
+                retryable=True,
+            ) from None
+        return sent_at
+
+    def _transmit(
+        self,
+        number: int,
+        sent_at: float,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        parse: bool,
+        request: Any,
+        remaining_s: float,
+    ) -> _Attempt:
+        """One request; the body parsed as JSON when asked (2xx) or when it looks like JSON (errors).
+
+        The body is streamed with a total time limit (httpx's timeouts are per read, so a server
+        trickling bytes could hold a call for ever) and a size limit (Redox caps API traffic at
+        40 MB, REDOX-REFERENCE §12.6).
+        """
+        attempt = _Attempt(number, sent_at, time.perf_counter(), datetime.now(UTC))
+        give_up_at = self._clock() + min(remaining_s, max(4 * self.conn.timeout_s, 60.0))
+        try:
+            with self.http.stream(method, url, headers=headers, **request) as streamed:
+                content = bytearray()
+                for chunk in streamed.iter_bytes():
+                    content += chunk
+                    if len(content) > MAX_BODY_BYTES:
+                        attempt.error = "BodyTooLarge"
+                        break
+                    if self._clock() > give_up_at:
+                        attempt.error = "BodyTooSlow"
+                        break
+            if attempt.error is not None:
+                return attempt
+            response = httpx.Response(
+                streamed.status_code,
+                headers=streamed.headers,
+                content=bytes(content),
+                request=streamed.request,
+            )
+            attempt.response, attempt.status = response, response.status_code
+            if parse and 200 <= response.status_code < 300:
+                attempt.body = orjson.loads(response.content)
+            elif parse and response.content[:1] in (b"{", b"["):
+                try:
+                    attempt.body = orjson.loads(response.content)
+                except orjson.JSONDecodeError:
+                    attempt.body = None
+        except httpx.TransportError as exc:  # timeouts included
+            attempt.error = type(exc).__name__
+        except orjson.JSONDecodeError:
+            attempt.error = "MalformedBody"
+        return attempt
+
+    def _record(
+        self,
+        attempt: _Attempt,
+        surface: str,
+        operation: str,
+        method: str,
+        template: str,
+        count: Callable[[Any], int | None],
+    ) -> None:
+        ok = attempt.error is None and attempt.status is not None and 200 <= attempt.status < 300
+        self.audit.record(
+            CallRecord(
+                connection_id=self.conn.id,
+                surface=surface,
+                operation=operation,
+                method=method,
+                path_template=template,
+                status_code=attempt.status,
+                duration_ms=(time.perf_counter() - attempt.started) * 1000.0,
+                called_at=attempt.called_at,
+                record_count=count(attempt.body) if ok else None,
+                attempt=attempt.number,
+                error=attempt.error,
+            )
+        )
+
+    def _on_rate_limited(self, attempt: _Attempt, verdict: Verdict) -> None:
+        """A 429: slow the shared throttle; a Retry-After (capped) pauses the shared budget."""
+        pause = self.retry.capped_retry_after(verdict.retry_after_s)
+        self.throttle.on_rate_limited(
+            attempt.sent_at, retry_after_s=pause, limit_hint=limit_hint(attempt.response)
+        )
+        if pause:
+            self.budget.pause(pause)
+
     def _send(
         self,
         *,
@@ -481,120 +673,101 @@ class RedoxClient:
         idempotency_key: str | None = None,
         accept: str = "application/json",
         content_type: str | None = None,
+        priority: str | None = None,
         **request: Any,
     ) -> tuple[httpx.Response, Any]:
         """One logical call with retries; returns (response, parsed body or None)."""
-        policy = self.retry
-        deadline = time.monotonic() + policy.deadline_s
-        failures = rate_limited = attempt = 0
-        reauthenticated = False
+        priority = check_priority(priority or ("event" if write else DEFAULT_PRIORITY))
+        state = self.retry.start(self._clock)
         while True:
-            attempt += 1
-            sent_at = self.throttle.acquire()
+            state.attempts += 1
+            sent_at = self._wait_for_slot(priority, state, operation)
             provider, token = self._token(surface)  # after the wait, so the token is fresh
             headers = {"Accept": accept, **self.conn.headers, "Authorization": f"Bearer {token}"}
             if content_type:
                 headers["Content-Type"] = content_type
             if write and idempotency_key:
-                headers["Idempotency-Key"] = idempotency_key
-            started, called_at = time.perf_counter(), datetime.now(UTC)
-            status: int | None = None
-            error: str | None = None
-            body: Any = None
-            retry_after: float | None = None
-            response: httpx.Response | None = None
-            try:
-                response = self.http.request(method, url, headers=headers, **request)
-                status = response.status_code
-                if parse and 200 <= status < 300:
-                    body = orjson.loads(response.content)
-                elif parse and response.content[:1] in (b"{", b"["):
-                    try:
-                        body = orjson.loads(response.content)
-                    except orjson.JSONDecodeError:
-                        body = None
-            except httpx.TimeoutException as exc:
-                error = type(exc).__name__
-            except httpx.TransportError as exc:
-                error = type(exc).__name__
-            except orjson.JSONDecodeError:
-                error = "MalformedBody"
-            record_count = (
-                count(body) if (error is None and status is not None and 200 <= status < 300) else None
+                headers["Idempotency-Key"] = idempotency_key  # the same on every retry: the same write
+            attempt = self._transmit(
+                state.attempts, sent_at, method, url, headers, parse, request, state.remaining_s()
             )
-            self._audit(
-                surface, operation, method, template, status, started, called_at, record_count, attempt, error
+            self._record(attempt, surface, operation, method, template, count)
+            verdict = classify(
+                status=attempt.status,
+                body=attempt.body,
+                transport_error=attempt.error,
+                write=write,
+                response=attempt.response,
             )
-
-            if error is None and status is not None and 200 <= status < 300:
+            if verdict.kind == OK:
                 self.throttle.on_success(sent_at)
-                return response, body  # type: ignore[return-value]
+                return attempt.response, attempt.body  # type: ignore[return-value]
+            if verdict.kind in (PARTIAL, FATAL):
+                self._fail(verdict, attempt, surface, operation)
+            if verdict.kind == REAUTH:
+                self._reauthenticate(state, provider, token, operation)
+                continue
+            delay = self._retry_delay(verdict, attempt, state, operation)
+            if delay:
+                self._sleep(delay)
 
-            retryable, reason = False, error or f"HTTP {status}"
-            if error is not None:
-                # Connect errors never reached the server; for the rest, reads are safe and
-                # writes carry an idempotency key, so the retry is the same write.
-                retryable = True
-            elif status == 401:
-                if not reauthenticated:
-                    reauthenticated = True
-                    provider.invalidate(token)
-                    log.info("connection %s: %s got 401; re-authenticating once", self.conn.id, operation)
-                    continue
-                raise RedoxAuthError(
-                    f"connection '{self.conn.id}': {operation} still unauthorized (HTTP 401) after re-authenticating; "
-                    "check the OAuth key registration and the connection's entitlements",
-                    connection_id=self.conn.id,
-                    operation=operation,
-                    status_code=401,
-                )
-            elif status == 429:
-                assert response is not None
-                retry_after = _retry_after(response)
-                self.throttle.on_rate_limited(
-                    sent_at, retry_after_s=retry_after, limit_hint=_limit_hint(response)
-                )
-                rate_limited += 1
-                if rate_limited < policy.max_rate_limited and time.monotonic() < deadline:
-                    continue  # the throttle now paces (and pauses for Retry-After) the retry
-                retryable = True
-                failures = policy.max_attempts  # out of 429 budget: give up below
-            elif status in (502, 503, 504) or (status == 500 and not write):
-                retryable = True
-                assert response is not None
-                retry_after = _retry_after(response)
-            if not retryable:
-                codes, details = _outcome_codes(body)
-                error_type = DataModelError if surface == "datamodel" and codes else RedoxAPIError
-                raise error_type(
-                    f"connection '{self.conn.id}': {operation} failed: HTTP {status}"
-                    + (f" ({', '.join(codes[:5])})" if codes else ""),
-                    connection_id=self.conn.id,
-                    operation=operation,
-                    status_code=status,
-                    retryable=status == 500,
-                    codes=codes,
-                    details=details,
-                )
-            failures += 1
-            if failures >= policy.max_attempts or time.monotonic() >= deadline:
-                raise RedoxAPIError(
-                    f"connection '{self.conn.id}': {operation} failed after {attempt} attempts (last: {reason})",
-                    connection_id=self.conn.id,
-                    operation=operation,
-                    status_code=status,
-                    retryable=True,
-                )
-            delay = self._backoff(failures, retry_after)
-            log.info(
-                "connection %s: %s -> %s; retry %d in %.2f s",
-                self.conn.id,
-                operation,
-                reason,
-                failures,
-                delay,
+    def _fail(self, verdict: Verdict, attempt: _Attempt, surface: str, operation: str) -> NoReturn:
+        """Raise the error of a partial failure (HTTP 200, the EHR failed) or a fatal answer."""
+        if verdict.kind == PARTIAL:
+            self.throttle.on_success(attempt.sent_at)  # the server answered; the EHR behind it failed
+            cls: type[RedoxAPIError] = DataModelPartialFailure if surface == "datamodel" else PartialFailure
+            raise self._error(
+                cls, "failed: partial failure", operation, attempt.status, verdict, retryable=True
             )
-            self._sleep(delay)
+        cls = DataModelError if surface == "datamodel" and verdict.errors.codes else RedoxAPIError
+        raise self._error(
+            cls,
+            f"failed: {verdict.reason}",
+            operation,
+            attempt.status,
+            verdict,
+            retryable=attempt.status == 500,
+        )
+
+    def _reauthenticate(self, state: RetryState, provider: TokenProvider, token: str, operation: str) -> None:
+        """A 401: drop the token and try once more with a new one; a second 401 is final."""
+        if state.reauthenticated:
+            raise self._error(
+                RedoxAuthError,
+                "still unauthorized (HTTP 401) after re-authenticating; "
+                "check the OAuth key registration and the connection's entitlements",
+                operation,
+                401,
+            )
+        state.reauthenticated = True
+        provider.invalidate(token)
+        log.info("connection %s: %s got 401; re-authenticating once", self.conn.id, operation)
+
+    def _retry_delay(self, verdict: Verdict, attempt: _Attempt, state: RetryState, operation: str) -> float:
+        """Seconds to wait before retrying (0 after a 429: the throttle and budget pace that retry)."""
+        try:
+            if verdict.rate_limited:
+                self._on_rate_limited(attempt, verdict)
+                state.after_rate_limit()
+                return 0.0
+            delay = state.after_failure(self._rng, verdict.retry_after_s)
+        except GiveUp as stop:
+            raise self._error(
+                RedoxAPIError,
+                f"failed after {stop.reason} (last: {verdict.reason})",
+                operation,
+                attempt.status,
+                retryable=True,
+            ) from None
+        log.info(
+            "connection %s: %s -> %s; retry %d in %.2f s",
+            self.conn.id,
+            operation,
+            verdict.reason,
+            state.failures,
+            delay,
+        )
+        return delay
 
     # ---- FHIR ------------------------------------------------------------------------------
 
@@ -611,91 +784,81 @@ class RedoxClient:
         params: dict[str, Any] | list[tuple[str, Any]] | None = None,
         *,
         entity: str | None = None,
+        priority: str | None = None,
+        follow_next: bool = True,
+        max_empty_pages: int = 5,
     ) -> Iterator[bytes]:
         """Every page of a search as the raw Bundle bytes received.
 
         ``POST {Type}/_search`` with the parameters form-encoded (list values repeat the
-        parameter), then each ``next`` link with POST (GET when the server answers 405).
+        parameter), then, when ``follow_next``, each ``next`` link with POST (GET when the server
+        answers 405). Redox documents no paging, so next links are followed when present and
+        never required. A next link already followed, a page whose entries repeat an earlier
+        page's, or more than ``max_empty_pages`` empty pages in a row that still link onward
+        stop the search with ``PagingCycleError`` instead of looping.
         """
         self._fhir_entity(resource_type, entity)
         self._check_includes(params or {})
         template = f"{self._fhir_template}/{resource_type}/_search"
         operation = f"search {resource_type}"
-
-        def count(bundle: Any) -> int | None:
-            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-                return None
-            return len(bundle.get("entry") or [])
-
+        call = {
+            "surface": "fhir",
+            "template": template,
+            "write": False,
+            "count": _bundle_count,
+            "accept": "application/fhir+json",
+            "priority": priority,
+        }
         with self._attribution():
             response, bundle = self._send(
-                surface="fhir",
                 operation=operation,
                 method="POST",
                 url=self._fhir_url(f"{resource_type}/_search"),
-                template=template,
-                write=False,
-                count=count,
-                accept="application/fhir+json",
                 data=_form(params),
+                **call,
             )
-        pages = 0
+        guard = _PageCycleGuard(max_empty_pages)
         while True:
             if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-                codes, details = _outcome_codes(bundle)
-                raise RedoxAPIError(
-                    f"connection '{self.conn.id}': {operation} answered 200 without a Bundle"
-                    + (f" ({', '.join(codes[:5])})" if codes else ""),
-                    connection_id=self.conn.id,
-                    operation=operation,
-                    status_code=response.status_code,
-                    codes=codes,
-                    details=details,
+                raise self._error(
+                    RedoxAPIError,
+                    "answered 200 without a Bundle",
+                    operation,
+                    response.status_code,
+                    Verdict(FATAL, "not a Bundle", errors=server_errors(bundle)),
                 )
-            pages += 1
+            problem = guard.see_page(bundle)
+            if problem:
+                raise self._error(
+                    PagingCycleError, f"paging stopped: {problem}", operation, response.status_code
+                )
             yield response.content
-            next_url = next(
-                (
-                    link.get("url")
-                    for link in bundle.get("link") or []
-                    if isinstance(link, dict) and link.get("relation") == "next"
-                ),
-                None,
-            )
+            next_url = _next_link(bundle) if follow_next else None
             if not next_url:
                 return
             next_url = urljoin(self.conn.fhir_base_url + "/", next_url)
             if not self._same_origin(next_url):
-                raise RedoxAPIError(
-                    f"connection '{self.conn.id}': {operation} page {pages} links to another host; refusing to send the token there",
-                    connection_id=self.conn.id,
-                    operation=operation,
-                    status_code=None,
+                raise self._error(
+                    RedoxAPIError,
+                    f"page {guard.pages} links to another host; refusing to send the token there",
+                    operation,
+                    None,
+                )
+            problem = guard.see_link(next_url)
+            if problem:
+                raise self._error(
+                    PagingCycleError, f"paging stopped: {problem}", operation, response.status_code
                 )
             with self._attribution():
                 try:
                     response, bundle = self._send(
-                        surface="fhir",
-                        operation=f"{operation} (next page)",
-                        method="POST",
-                        url=next_url,
-                        template=template,
-                        write=False,
-                        count=count,
-                        accept="application/fhir+json",
+                        operation=f"{operation} (next page)", method="POST", url=next_url, **call
                     )
                 except RedoxAPIError as exc:
                     if exc.status_code != 405:
                         raise
                     response, bundle = self._send(
-                        surface="fhir",
-                        operation=f"{operation} (next page)",
-                        method="GET",
-                        url=next_url,
-                        template=template,
-                        write=False,
-                        count=count,
-                        accept="application/fhir+json",
+                        operation=f"{operation} (next page)", method="GET", url=next_url, **call
                     )
 
     def fhir_search(
@@ -704,18 +867,21 @@ class RedoxClient:
         params: dict[str, Any] | list[tuple[str, Any]] | None = None,
         *,
         entity: str | None = None,
+        priority: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Every resource of every page of a search (``entry[].resource``)."""
-        for page in self.fhir_search_pages(resource_type, params, entity=entity):
-            for entry in orjson.loads(page).get("entry") or []:
+        for page in self.fhir_search_pages(resource_type, params, entity=entity, priority=priority):
+            for entry in as_list(orjson.loads(page).get("entry")):
                 resource = entry.get("resource") if isinstance(entry, dict) else None
                 if isinstance(resource, dict):
                     yield resource
 
-    def fhir_read(self, resource_type: str, resource_id: str) -> dict[str, Any]:
+    def fhir_read(
+        self, resource_type: str, resource_id: str, *, priority: str | None = None
+    ) -> dict[str, Any]:
         """``GET {Type}/{id}``."""
         self._fhir_entity(resource_type)
-        if not _RESOURCE_ID.match(resource_id or ""):
+        if not _RESOURCE_ID.fullmatch(resource_id or ""):
             raise ScopeError(f"not a FHIR resource id (1-64 of A-Z a-z 0-9 - .) for {resource_type}")
         with self._attribution():
             _, body = self._send(
@@ -727,10 +893,18 @@ class RedoxClient:
                 write=False,
                 count=lambda b: 1 if isinstance(b, dict) else None,
                 accept="application/fhir+json",
+                priority=priority,
+            )
+        if not isinstance(body, dict) or not isinstance(body.get("resourceType"), str):
+            raise RedoxAPIError(
+                f"connection '{self.conn.id}': read {resource_type} answered without a FHIR resource",
+                connection_id=self.conn.id,
+                operation=f"read {resource_type}",
+                status_code=None,
             )
         return body
 
-    def fetch_document_content(self, content_url: str) -> bytes:
+    def fetch_document_content(self, content_url: str, *, priority: str | None = None) -> bytes:
         """The bytes of a document attachment (``Binary/{id}``, relative to the FHIR base or absolute)."""
         self._fhir_entity("Binary")
         url = urljoin(self.conn.fhir_base_url + "/", content_url)
@@ -749,6 +923,7 @@ class RedoxClient:
                 count=lambda _b: 1,
                 parse=False,
                 accept="*/*",
+                priority=priority,
             )
         return response.content
 
@@ -756,7 +931,7 @@ class RedoxClient:
         self, path: str, bundle: dict[str, Any], idempotency_key: str | None = None
     ) -> dict[str, Any]:
         """``POST {Type}/${operation}`` with a message Bundle (write-back), e.g. ``ServiceRequest/$order-new``."""
-        match = _OPERATION.match(path)
+        match = _OPERATION.fullmatch(path)
         if not match:
             raise ScopeError(f"'{path[:60]}' is not a FHIR operation path like 'ServiceRequest/$order-new'")
         self._require_surface("fhir")
@@ -819,12 +994,18 @@ class RedoxClient:
         return data_model, event, is_query
 
     def datamodel_raw(
-        self, payload: dict[str, Any], *, idempotency_key: str | None = None, entity: str | None = None
+        self,
+        payload: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        entity: str | None = None,
+        priority: str | None = None,
     ) -> tuple[bytes, dict[str, Any]]:
         """POST a Data Model payload to the connection's ``/endpoint``; returns (raw body, parsed body).
 
         ``Meta.Destinations`` is filled with the connection's destination when absent. Any
-        ``Meta.Errors`` entry raises DataModelError, whatever the HTTP status.
+        ``Meta.Errors`` entry raises DataModelError whatever the HTTP status (with HTTP 2xx,
+        ``DataModelPartialFailure``, which is both a DataModelError and a PartialFailure).
         """
         data_model, event, is_query = self._datamodel_scope(payload, entity)
         meta = dict(payload["Meta"])
@@ -845,6 +1026,7 @@ class RedoxClient:
                 idempotency_key=key,
                 content=orjson.dumps(body_out),
                 content_type="application/json",
+                priority=priority,
             )
         if not isinstance(body, dict):
             raise DataModelError(
@@ -853,23 +1035,20 @@ class RedoxClient:
                 operation=operation,
                 status_code=response.status_code,
             )
-        codes, details = _outcome_codes(body)
-        if codes:
-            raise DataModelError(
-                f"connection '{self.conn.id}': {operation} failed: Meta.Errors present ({len(codes)}: {', '.join(codes[:5])})",
-                connection_id=self.conn.id,
-                operation=operation,
-                status_code=response.status_code,
-                codes=codes,
-                details=details,
-            )
-        return response.content, body
+        return response.content, body  # a Meta.Errors answer was raised as a partial failure
 
     def datamodel(
-        self, payload: dict[str, Any], *, idempotency_key: str | None = None, entity: str | None = None
+        self,
+        payload: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        entity: str | None = None,
+        priority: str | None = None,
     ) -> dict[str, Any]:
         """POST a Data Model payload; the parsed response (see ``datamodel_raw``)."""
-        return self.datamodel_raw(payload, idempotency_key=idempotency_key, entity=entity)[1]
+        return self.datamodel_raw(payload, idempotency_key=idempotency_key, entity=entity, priority=priority)[
+            1
+        ]
 
 
 def new_idempotency_key() -> str:

@@ -20,6 +20,10 @@ from resources.keys import KeyRing
 from resources.settings import (
     DEFAULT_AUDIT_PATH,
     DEFAULT_KEY_RING,
+    DEFAULT_QUOTA_REQUESTS,
+    DEFAULT_QUOTA_WINDOW_S,
+    QUOTA_REQUESTS_RANGE,
+    QUOTA_WINDOW_RANGE_S,
     ConfigError,
     settings_from_dict,
     write_settings,
@@ -101,6 +105,41 @@ def _connection_entry(raw: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def _quota_entry(meta: dict[str, Any]) -> dict[str, Any]:
+    """The client's request budget for this sandbox: 90% of its limit, as for real Redox.
+
+    A client-wide ``quota`` in the sandbox's metadata wins; otherwise the smallest
+    per-connection ``rate_limit`` (a sandbox that limits each connection on its own allows at
+    least that much to the client as a whole).
+    """
+    limits: list[tuple[float, float]] = []
+    quota = meta.get("quota")
+    sources = (
+        [quota]
+        if isinstance(quota, dict)
+        else [c.get("rate_limit") for c in meta.get("connections") or [] if isinstance(c, dict)]
+    )
+    for limit in sources:
+        if isinstance(limit, dict):
+            requests, window = limit.get("requests"), limit.get("window_s")
+            if (
+                isinstance(requests, int | float)
+                and isinstance(window, int | float)
+                and requests > 0
+                and window > 0
+            ):
+                limits.append((float(requests), float(window)))
+    if not limits:
+        return {"requests": DEFAULT_QUOTA_REQUESTS, "window_s": DEFAULT_QUOTA_WINDOW_S}
+    requests, window = min(limits, key=lambda rw: rw[0] / rw[1])
+    low_r, high_r = QUOTA_REQUESTS_RANGE
+    low_w, high_w = QUOTA_WINDOW_RANGE_S
+    return {
+        "requests": int(min(max(requests * 0.9, low_r), high_r)),
+        "window_s": min(max(window, low_w), high_w),
+    }
+
+
 def connect_sandbox(
     url: str, out: str | os.PathLike[str], *, name: str = "redox-elt", vault: Vault | None = None
 ) -> Path:
@@ -134,6 +173,7 @@ def connect_sandbox(
         },
         "connections": [_connection_entry(c) for c in meta["connections"] if isinstance(c, dict)],
         "audit": {"path": DEFAULT_AUDIT_PATH},
+        "quota": _quota_entry(meta),
     }
     target = Path(out).expanduser()
     try:

@@ -28,6 +28,14 @@ Example::
         max_rps: 23.75
     audit:
       path: audit/api_calls.jsonl   # relative paths are relative to this file
+    quota:                          # one request budget per Redox host + client, all connections
+      requests: 6750                # default: 90% of the 7,500 Redox's 429 reports
+      window_s: 300
+
+Connection ids become folder and file names, so they must match ``CONNECTION_ID_RULE``
+(lower-case letters, digits, ``-`` and ``_``, starting with a letter or digit, at most 63).
+Numbers must be finite and inside the range the error names; header values and URLs may not
+carry control characters or spaces.
 
 Every error is a ``ConfigError`` naming the field, e.g.
 ``ConfigError: connection 'x': surface 'fhir' needs 'fhir_base_url'``.
@@ -36,7 +44,9 @@ Every error is a ``ConfigError`` naming the field, e.g.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +67,20 @@ WRITE_ENTITIES = ("orders", "appointments")
 DEFAULT_KEY_RING = "signing-keys"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_AUDIT_PATH = "audit/api_calls.jsonl"
+# The request budget (resources/quota.py): 90% of the 7,500 per 5 minutes Redox's 429 reports.
+DEFAULT_QUOTA_REQUESTS = 6750
+DEFAULT_QUOTA_WINDOW_S = 300.0
+
+CONNECTION_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+CONNECTION_ID_RULE = "1-63 of a-z 0-9 - _, starting with a letter or digit (it names folders and files)"
+# Allowed ranges of the numeric fields: (low, high), both inclusive.
+TIMEOUT_RANGE_S = (0.1, 600.0)
+MAX_RPS_RANGE = (0.01, 10_000.0)
+PAGE_SIZE_RANGE = (1, 10_000)
+QUOTA_REQUESTS_RANGE = (1, 100_000_000)
+QUOTA_WINDOW_RANGE_S = (1.0, 86_400.0)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 # Field names that would put a secret into the file in the clear. They are refused with a
 # pointer to the vault instead of being silently ignored.
@@ -122,6 +146,14 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class QuotaSettings:
+    """The shared request budget: ``requests`` per rolling ``window_s`` per Redox host and client."""
+
+    requests: int = DEFAULT_QUOTA_REQUESTS
+    window_s: float = DEFAULT_QUOTA_WINDOW_S
+
+
+@dataclass(frozen=True)
 class Settings:
     organization: str
     environment: str
@@ -131,13 +163,14 @@ class Settings:
     connections: tuple[ConnectionSettings, ...]
     audit: AuditSettings
     source_path: Path | None = None
+    quota: QuotaSettings = field(default_factory=QuotaSettings)
 
     def connection(self, connection_id: str) -> ConnectionSettings:
         for conn in self.connections:
             if conn.id == connection_id:
                 return conn
         known = ", ".join(c.id for c in self.connections)
-        raise ConfigError(f"connections: no connection '{connection_id}' (known: {known})")
+        raise ConfigError(f"connections: no connection {str(connection_id)[:64]!r} (known: {known})")
 
     def to_dict(self) -> dict[str, Any]:
         """The file form: plain YAML-able values, audit path relative to the file when possible."""
@@ -157,6 +190,7 @@ class Settings:
             "auth": auth,
             "connections": [_connection_to_dict(c) for c in self.connections],
             "audit": {"path": str(audit_path)},
+            "quota": {"requests": self.quota.requests, "window_s": self.quota.window_s},
         }
 
 
@@ -212,9 +246,20 @@ def _url(raw: dict[str, Any], key: str, where: str) -> str | None:
     value = _text(raw, key, where)
     if value is None:
         return None
-    parsed = urlparse(value)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ConfigError(f"{where}: '{key}' must be an http(s) URL, got {value!r}")
+    if _CONTROL.search(value) or any(c.isspace() for c in value):
+        raise ConfigError(
+            f"{where}: '{key}' must be an http(s) URL without spaces or control characters "
+            f"({len(value)} chars given)"
+        )
+    try:
+        parsed = urlparse(value)
+        parsed.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError:
+        raise ConfigError(f"{where}: '{key}' is not a valid URL (check the host and port)") from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(f"{where}: '{key}' must be an http(s) URL, got {value[:80]!r}")
+    if parsed.username is not None or parsed.password is not None:
+        raise ConfigError(f"{where}: '{key}' must not carry user:password@; credentials belong in the vault")
     return value.rstrip("/")
 
 
@@ -232,13 +277,80 @@ def _names(raw: dict[str, Any], key: str, allowed: tuple[str, ...], where: str) 
     return tuple(value)
 
 
-def _positive(raw: dict[str, Any], key: str, where: str, default: float | None) -> float | None:
+def _number(
+    raw: dict[str, Any], key: str, where: str, default: float | None, bounds: tuple[float, float]
+) -> float | None:
+    """A finite number inside ``bounds`` (inclusive); NaN, infinities and strings are refused."""
     value = raw.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{where}: '{key}' must be a positive number, got {value!r}")
+    low, high = bounds
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise ConfigError(f"{where}: '{key}' must be a number from {low:g} to {high:g}, got {value!r}")
     return float(value)
+
+
+def _whole(
+    raw: dict[str, Any], key: str, where: str, default: int | None, bounds: tuple[int, int]
+) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return default
+    low, high = bounds
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where}: '{key}' must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def _headers(raw: dict[str, Any], where: str) -> dict[str, str]:
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigError(f"{where}: 'headers' must map header names to string values")
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: header name {name[:40]!r} is not a valid HTTP header name (letters, digits, -)"
+            )
+        if _CONTROL.search(value):
+            raise ConfigError(
+                f"{where}: header '{name}' value contains CR, LF or another control character; remove it"
+            )
+    if any(k.lower() == "authorization" for k in headers):
+        raise ConfigError(
+            f"{where}: 'headers' must not carry Authorization; tokens come from the vault-backed auth"
+        )
+    return dict(headers)
+
+
+def _connection_id(raw: dict[str, Any], index: int) -> str:
+    conn_id = _text(raw, "id", f"connections[{index}]", required=True)
+    assert conn_id is not None
+    if not CONNECTION_ID_PATTERN.fullmatch(conn_id):
+        shown = conn_id if len(conn_id) <= 40 and not _CONTROL.search(conn_id) else f"<{len(conn_id)} chars>"
+        raise ConfigError(f"connections[{index}]: id {shown!r} is not a plain name: use {CONNECTION_ID_RULE}")
+    return conn_id
+
+
+def parse_quota(raw: Any) -> QuotaSettings:
+    """The top-level ``quota`` mapping: ``requests`` per ``window_s`` (defaults: 6,750 per 300 s)."""
+    if raw is None:
+        return QuotaSettings()
+    if not isinstance(raw, dict):
+        raise ConfigError("quota: must be a mapping with 'requests' and 'window_s'")
+    _check_known(raw, {"requests", "window_s"}, "quota")
+    return QuotaSettings(
+        requests=_whole(raw, "requests", "quota", DEFAULT_QUOTA_REQUESTS, QUOTA_REQUESTS_RANGE)
+        or DEFAULT_QUOTA_REQUESTS,
+        window_s=_number(raw, "window_s", "quota", DEFAULT_QUOTA_WINDOW_S, QUOTA_WINDOW_RANGE_S)
+        or DEFAULT_QUOTA_WINDOW_S,
+    )
 
 
 def _parse_auth(raw: Any, token_url: str | None, legacy_auth_url: str | None) -> AuthSettings:
@@ -295,7 +407,7 @@ _CONNECTION_FIELDS = {
 def _parse_connection(raw: Any, index: int, auth: AuthSettings) -> ConnectionSettings:
     if not isinstance(raw, dict):
         raise ConfigError(f"connections[{index}]: must be a mapping")
-    conn_id = _text(raw, "id", f"connections[{index}]", required=True)
+    conn_id = _connection_id(raw, index)
     where = f"connection '{conn_id}'"
     _check_known(raw, _CONNECTION_FIELDS, where)
     kind = _text(raw, "kind", where) or "ehr"
@@ -304,20 +416,8 @@ def _parse_connection(raw: Any, index: int, auth: AuthSettings) -> ConnectionSet
     surfaces = _names(raw, "surfaces", SURFACES, where)
     if not surfaces:
         raise ConfigError(f"{where}: 'surfaces' must list at least one of {', '.join(SURFACES)}")
-    headers = raw.get("headers") or {}
-    if not isinstance(headers, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        raise ConfigError(f"{where}: 'headers' must map header names to string values")
-    if any(k.lower() == "authorization" for k in headers):
-        raise ConfigError(
-            f"{where}: 'headers' must not carry Authorization; tokens come from the vault-backed auth"
-        )
-    page_size = raw.get("page_size")
-    if page_size is not None and (
-        isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1
-    ):
-        raise ConfigError(f"{where}: 'page_size' must be a positive whole number, got {page_size!r}")
+    headers = _headers(raw, where)
+    page_size = _whole(raw, "page_size", where, None, PAGE_SIZE_RANGE)
     conn = ConnectionSettings(
         id=conn_id,
         name=_text(raw, "name", where) or conn_id,
@@ -329,9 +429,9 @@ def _parse_connection(raw: Any, index: int, auth: AuthSettings) -> ConnectionSet
         datamodel_url=_url(raw, "datamodel_url", where),
         destination_id=_text(raw, "destination_id", where),
         destination_slug=_text(raw, "destination_slug", where),
-        headers=dict(headers),
-        timeout_s=_positive(raw, "timeout_s", where, DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S,
-        max_rps=_positive(raw, "max_rps", where, None),
+        headers=headers,
+        timeout_s=_number(raw, "timeout_s", where, DEFAULT_TIMEOUT_S, TIMEOUT_RANGE_S) or DEFAULT_TIMEOUT_S,
+        max_rps=_number(raw, "max_rps", where, None, MAX_RPS_RANGE),
         page_size=page_size,
     )
     env_hint = f"REDOX_{conn_id.upper().replace('-', '_')}"
@@ -377,9 +477,19 @@ def settings_from_dict(raw: Any, *, source_path: Path | None = None) -> Settings
         raise ConfigError("the config file must be a mapping at the top level")
     _check_known(
         raw,
-        {"organization", "environment", "token_url", "legacy_auth_url", "auth", "connections", "audit"},
+        {
+            "organization",
+            "environment",
+            "token_url",
+            "legacy_auth_url",
+            "auth",
+            "connections",
+            "audit",
+            "quota",
+        },
         "config",
     )
+    quota = parse_quota(raw.get("quota"))
     token_url = _url(raw, "token_url", "config")
     legacy_auth_url = _url(raw, "legacy_auth_url", "config")
     auth = _parse_auth(raw.get("auth"), token_url, legacy_auth_url)
@@ -411,6 +521,7 @@ def settings_from_dict(raw: Any, *, source_path: Path | None = None) -> Settings
         connections=connections,
         audit=AuditSettings(path=audit_path),
         source_path=source_path.resolve() if source_path is not None else None,
+        quota=quota,
     )
 
 
@@ -442,9 +553,13 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     return settings_from_dict(raw, source_path=file)
 
 
-def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write ``text`` so readers see the old file or the new one, never half of either."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write_text(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` so readers see the old file or the new one, never half of either.
+
+    Owner-only by default: config and state files name hosts, client ids and vault entries.
+    A folder this creates is 0700.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

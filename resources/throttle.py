@@ -1,8 +1,10 @@
-"""Adaptive client-side throttling per connection (AIMD over a paced token bucket).
+"""Adaptive client-side throttling (AIMD over a paced token bucket).
 
 Redox limits requests per client (REDOX-REFERENCE §6) and answers 429 with
-``X-RateLimit-Limit``, rarely ``Retry-After``. Retrying into a limit wastes the window, so each
-connection paces its own requests:
+``X-RateLimit-Limit``, rarely ``Retry-After``. Retrying into a limit wastes the window, so the
+client paces its requests; one throttle is shared by every connection of a Redox host and
+client in a process (``resources.client``), next to the request budget that also spans
+processes (``resources.quota``):
 
 * pacing: requests get send slots ``1/rate`` apart (a token bucket of depth one), so there
   are no bursts the server could count against us;
@@ -19,7 +21,7 @@ connection paces its own requests:
   that ends in a 429 doubles the quiet period before the next one (up to ``max_probe_after_s``),
   so a fixed limit costs one rejected request every few minutes at most.
 
-``Retry-After``, when present, pauses every request of the connection until it has passed.
+``Retry-After``, when present, pauses every request through this throttle until it has passed.
 Time and sleep are injectable so the behaviour is unit-testable with a simulated clock.
 """
 

@@ -50,6 +50,10 @@ class ConnectionSpec:
     # only decides whether its 429s carry Retry-After (Redox documents none).
     retry_after: bool = False
     latency_ms: float = 0.0  # added to every API response of this connection
+    # --- FHIR access shape (issue 9): what this connection honours, and the client's refresh ---
+    revinclude: bool = True  # honours `_revinclude` on Patient search (else 400 naming it)
+    bulk_export: bool = False  # entitled to `Group/{id}/$export` (FHIR Bulk Data Access)
+    refresh_days: int = 7  # client-side rolling re-pull period `sandbox connect` copies out
 
     def __post_init__(self) -> None:
         self.surfaces = tuple(self.surfaces)
@@ -68,6 +72,19 @@ class ConnectionSpec:
             raise SandboxConfigError(f"connection '{self.id}': kind must be 'ehr' or 'network'")
         if not 0 < self.membership <= 1:
             raise SandboxConfigError(f"connection '{self.id}': membership must be in (0, 1]")
+        if self.bulk_export and "fhir" not in self.surfaces:
+            raise SandboxConfigError(f"connection '{self.id}': bulk_export needs the 'fhir' surface")
+        if (
+            not isinstance(self.refresh_days, int)
+            or isinstance(self.refresh_days, bool)
+            or self.refresh_days < 1
+        ):
+            raise SandboxConfigError(f"connection '{self.id}': refresh_days must be an integer >= 1")
+
+    @property
+    def bulk_group_id(self) -> str:
+        """The one FHIR Group this connection's bulk export covers (all of its patients)."""
+        return str(uuid.uuid5(_NAMESPACE, f"group:{self.id}"))
 
 
 def default_connections() -> list[ConnectionSpec]:
@@ -99,6 +116,8 @@ def default_connections() -> list[ConnectionSpec]:
             membership=0.5,
             id_types=("MR", "EHRID", "NIST"),
             page_size=200,
+            # Riverbend's EHR does not honour `_revinclude`: clients must detect it and fall back.
+            revinclude=False,
         ),
         ConnectionSpec(
             id="carequality-network",
@@ -141,11 +160,15 @@ class SandboxConfig:
     webhook_reorder: float = 0.0
     webhook_fhir: bool = False  # also push FHIR notification Bundles
     max_payload_bytes: int = 40 * 1024 * 1024  # REDOX-REFERENCE §6 (newer page)
+    # --- FHIR search strictness (issue 9) ---
+    # "redox": every search must carry one of its resource's required parameter sets
+    # (REDOX-REFERENCE §3.3). "open": today's permissive rules where `_lastUpdated` / a date
+    # stands in for any set — NOT how Redox behaves; for benchmarks only.
+    search_policy: str = "redox"
 
     # ---- Data Model strictness, quota, faults and token checks (issues 9 and 14) ----------
-    # "redox" refuses what Redox refuses (queries without the inputs Redox requires);
-    # "open" keeps the permissive pre-issue-9 behaviour for benchmarks. Not Redox.
-    search_policy: str = "redox"
+    # search_policy (above) also governs Data Model queries: "redox" refuses a query without
+    # the patient / visit identifier Redox requires (REDOX-REFERENCE §12.5).
     # One request quota per authenticated client (OAuth client id / legacy apiKey), shared by
     # every connection and both surfaces (REDOX-REFERENCE §12.6). None lifts it.
     quota_requests: int | None = 7500
@@ -170,13 +193,13 @@ class SandboxConfig:
         ids = [c.id for c in self.connections]
         if len(set(ids)) != len(ids):
             raise SandboxConfigError("connections: ids must be unique")
+        if self.search_policy not in SEARCH_POLICIES:
+            raise SandboxConfigError(
+                f"search_policy must be one of {SEARCH_POLICIES}, got {self.search_policy!r}"
+            )
         slugs = [c.slug for c in self.connections]
         if len(set(slugs)) != len(slugs):
             raise SandboxConfigError("connections: slugs must be unique")
-        if self.search_policy not in SEARCH_POLICIES:
-            raise SandboxConfigError(
-                f"search_policy must be one of {', '.join(SEARCH_POLICIES)}, got {self.search_policy!r}"
-            )
         if self.quota_requests is not None and (
             isinstance(self.quota_requests, bool)
             or not isinstance(self.quota_requests, int)

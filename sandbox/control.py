@@ -1,14 +1,17 @@
 """The sandbox control plane under ``/_sandbox/`` — never part of the Redox-shaped API.
 
 Tests, benchmarks and outside checkers use it to register clients and webhooks, read
-the population's truth, move simulated time and inject faults. The response shapes
+the population's truth (and, per connection, the roster of MRNs an organization would hold
+and how many patients were active since an instant), move simulated time and inject faults. The response shapes
 are a contract (see the sandbox issue): keep them exactly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -16,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from sandbox.fhir.identifiers import patient_system
 from sandbox.population.records import Change
 from sandbox.state import SandboxState
 
@@ -36,6 +40,17 @@ async def _body(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("body must be a JSON object")
     return data
+
+
+def parse_instant(raw: str) -> datetime:
+    """An ISO 8601 date or date-time; a naive one is UTC. A ``+hh:mm`` offset sent unescaped in a
+    query string arrives as `` hh:mm`` and is read as meant."""
+    text = re.sub(r" (\d{2}:?\d{2})$", r"+\1", raw.strip()).replace("Z", "+00:00")
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("expected an ISO 8601 instant such as 2026-10-01T00:00:00Z") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def connections_document(state: SandboxState) -> dict[str, Any]:
@@ -65,6 +80,10 @@ def connections_document(state: SandboxState) -> dict[str, Any]:
                     "window_s": cfg.quota_window_s,
                     "scope": "client",
                 },
+                "revinclude": c.revinclude and "fhir" in c.surfaces,
+                "bulk_export": c.bulk_export,
+                "bulk_group_id": c.bulk_group_id if c.bulk_export else None,
+                "refresh_days": c.refresh_days,
             }
             for c in cfg.connections
         ],
@@ -118,6 +137,12 @@ def routes(state: SandboxState) -> list[BaseRoute]:
 
     async def truth(request: Request) -> Response:
         want_persons = request.query_params.get("persons", "true").lower() not in ("0", "false", "no")
+        active_since: datetime | None = None
+        if "active_since" in request.query_params:
+            try:
+                active_since = parse_instant(request.query_params["active_since"])
+            except ValueError as exc:
+                return _error(f"active_since: {exc}")
 
         def compute() -> dict[str, Any]:
             out: dict[str, Any] = {
@@ -129,9 +154,28 @@ def routes(state: SandboxState) -> list[BaseRoute]:
             }
             if want_persons:
                 out["persons"] = state.store.persons()
+            if active_since is not None:
+                out["active_since"] = active_since.isoformat()
+                out["active"] = {
+                    c.id: state.store.active_patients(c.id, active_since)
+                    for c in state.config.connections
+                    if c.kind == "ehr"
+                }
             return out
 
         return _json(await asyncio.to_thread(compute))
+
+    async def roster(request: Request) -> Response:
+        connection_id = request.query_params.get("connection", "")
+        if not connection_id:
+            return _error("'connection' (a connection id) is required")
+        try:
+            conn = state.config.connection(connection_id)
+        except KeyError:
+            return _error("no such connection; GET /_sandbox/connections lists them", 404)
+        system = patient_system(conn.slug, "MR")
+        mrns = await asyncio.to_thread(state.store.roster, conn.id)
+        return _json({"connection": conn.id, "patients": [{"system": system, "value": v} for v in mrns]})
 
     async def writes(request: Request) -> Response:
         return _json(state.writes.to_json())
@@ -176,6 +220,7 @@ def routes(state: SandboxState) -> list[BaseRoute]:
         Route("/_sandbox/legacy-keys", legacy_keys, methods=["POST"]),
         Route("/_sandbox/webhooks", webhooks, methods=["POST"]),
         Route("/_sandbox/truth", truth, methods=["GET"]),
+        Route("/_sandbox/roster", roster, methods=["GET"]),
         Route("/_sandbox/writes", writes, methods=["GET"]),
         Route("/_sandbox/advance", advance, methods=["POST"]),
         Route("/_sandbox/faults", faults, methods=["POST"]),

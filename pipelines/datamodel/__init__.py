@@ -34,15 +34,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dlt
-import pyarrow as pa
 
-from pipelines.batches import EntityBatcher
-from pipelines.datamodel.normalize import normalize_datamodel
-from pipelines.landing import RawLanding
-from pipelines.model import ENTITIES
+from pipelines.batches import PageRouter
+from pipelines.datamodel.normalize_fields import as_ts
+from pipelines.datamodel.pages import payload_rows
+from pipelines.landing import PageContext, RawLanding
 from pipelines.normalize_common import NormalizationError
-from pipelines.resource_hints import staged_resource_hints, staged_table_name
+from pipelines.pages import PageRows
+from pipelines.resource_hints import staged_resource_hints
 from pipelines.sync_context import SyncWindow
+from pipelines.vocabulary import ENTITIES, staged_table_name
 
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 PATIENT_BATCH = 10  # patients per Notes/Media query; halved when a response may be capped
@@ -50,59 +51,45 @@ WORKERS = 8
 
 
 class _Emitter:
-    """Normalizes landed responses into per-entity batchers and routes their tables."""
+    """Sends queries, lands each answer with the context a replay needs, and routes the
+    answer's rows through the shared page router (``pipelines.datamodel.pages``)."""
 
-    def __init__(self, client: Any, landing: RawLanding, connection_id: str, entities: Iterable[str]) -> None:
+    def __init__(
+        self, client: Any, landing: RawLanding, connection_id: str, entities: Iterable[str], main: str
+    ) -> None:
         self.client = client
         self.landing = landing
         self.connection_id = connection_id
-        self.batchers = {
-            e: EntityBatcher(e, connection_id, "datamodel", landing=landing)
-            for e in ENTITIES
-            if e in set(entities)
-        }
+        self.entities = {e for e in ENTITIES if e in set(entities)}
+        self.router = PageRouter(
+            connection_id, "datamodel", landing=landing, main=staged_table_name("datamodel", main)
+        )
 
-    def query(self, entity: str, payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        """Send a query and land the answer; -> (parsed body, raw_ref)."""
+    def context(self, event_type: str, feeds: Iterable[str], **extra: Any) -> PageContext:
+        """The page's context: its event type and the entities this sync takes from it."""
+        allowed = tuple(e for e in ENTITIES if e in self.entities and e in set(feeds))
+        return PageContext(event_type=event_type, entities=allowed, **extra)
+
+    def query(
+        self, entity: str, payload: dict[str, Any], context: PageContext
+    ) -> tuple[dict[str, Any], str, bytes]:
+        """Send a query (labelled with the entity it fetches) and land the answer with its
+        context; -> (parsed body, raw_ref, body as received)."""
         raw, body = self.client.datamodel_raw(payload, entity=entity)
-        return body, self.landing.land(self.connection_id, "datamodel", entity, raw).raw_ref
+        return body, self.landing.land(self.connection_id, "datamodel", entity, raw, context).raw_ref, raw
 
     def take(
         self,
-        body: dict[str, Any],
+        body: Any,
         raw_ref: str,
-        *,
-        only: set[str] | None = None,
-        event_type: str | None = None,
-    ) -> None:
-        try:
-            out = normalize_datamodel(body, self.connection_id, raw_ref, event_type=event_type)
-        except NormalizationError as exc:
-            first = next(iter(self.batchers.values()))
-            first.quarantine(raw_ref, None, str(exc))
-            return
-        for entity, rows in out.rows.items():
-            if entity in self.batchers and (only is None or entity in only):
-                for row in rows:
-                    self.batchers[entity].add_row(row)
+        entity: str,
+        context: PageContext,
+        answers: Iterable[tuple[Any, str, PageContext]] = (),
+    ) -> PageRows | None:
+        return self.router.take_page(body, raw_ref, entity, context, answers)
 
-    def drain(self, main: str, final: bool) -> Iterator[Any]:
-        for entity, batcher in self.batchers.items():
-            for item in batcher.drain(final=final):
-                if entity == main or not isinstance(item, pa.Table):
-                    yield item
-                else:
-                    yield dlt.mark.with_hints(item, _variant_hints(entity), create_table_variant=True)
-
-
-def _variant_hints(entity: str) -> Any:
-    hints = staged_resource_hints("datamodel", entity)
-    return dlt.mark.make_hints(
-        table_name=staged_table_name("datamodel", entity),
-        write_disposition="merge",
-        primary_key=hints["primary_key"],
-        columns=hints["columns"],
-    )
+    def drain(self, final: bool) -> Iterator[Any]:
+        yield from self.router.drain(final=final)
 
 
 def _meta(model: str, event: str) -> dict[str, Any]:
@@ -120,15 +107,15 @@ def _dm_time(value: datetime) -> str:
 
 
 def _parse(value: Any) -> datetime | None:
-    if not value:
-        return None
-    dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    """A time from a response or from dlt state; one that is not ISO-8601 (a record's
+    ``dd/mm/yyyy``) is absent here: the record itself is quarantined by the normalizer."""
+    return as_ts(value)
 
 
 def _walk_window(
     emitter: _Emitter,
     entity: str,
+    context: PageContext,
     build: Callable[[datetime], dict[str, Any]],
     items_of: Callable[[dict[str, Any]], list[dict[str, Any]]],
     key_of: Callable[[dict[str, Any]], str],
@@ -143,8 +130,8 @@ def _walk_window(
     seen: set[str] = set()
     cursor = start
     while True:
-        body, raw_ref = emitter.query(entity, build(cursor))
-        items = items_of(body)
+        body, raw_ref, _raw = emitter.query(entity, build(cursor), context)
+        items = [i for i in items_of(body) if isinstance(i, dict)]
         fresh = [i for i in items if key_of(i) not in seen]
         seen.update(key_of(i) for i in items)
         times = [t for t in (time_of(i) for i in items) if t is not None]
@@ -191,13 +178,19 @@ def datamodel_source(
 
     def encounters() -> Iterator[Any]:
         emitter = _Emitter(
-            client, landing, connection_id, wanted & {"patients", "encounters", "medications", "documents"}
+            client,
+            landing,
+            connection_id,
+            wanted & {"patients", "encounters", "medications", "documents"},
+            "encounters",
         )
         synced_at = None
         discovered: dict[str, dict[str, str]] = {}
+        visits = emitter.context("VisitQueryResponse", ("patients", "encounters"))
         for body, raw_ref, _last in _walk_window(
             emitter,
             "encounters",
+            visits,
             lambda s: {**_meta("PatientAdmin", "VisitQuery"), "VisitStartDateTime": _dm_time(s)},
             lambda b: [v for p in b.get("Patients") or [] for v in p.get("Visits") or []],
             lambda v: str(v.get("VisitNumber")),
@@ -207,12 +200,12 @@ def datamodel_source(
             window.end,
         ):
             synced_at = synced_at or _server_time(body)
-            emitter.take(body, raw_ref, only={"patients", "encounters"}, event_type="VisitQueryResponse")
+            emitter.take(body, raw_ref, "encounters", visits)
             for p in body.get("Patients") or []:
-                ident = _mr_identifier(p.get("Identifiers") or [])
+                ident = _mr_identifier(p.get("Identifiers") or []) if isinstance(p, dict) else None
                 if ident:
                     discovered[ident["ID"]] = ident
-            yield from emitter.drain("encounters", final=False)
+            yield from emitter.drain(final=False)
         # Visits have no last-updated filter: the next run asks from this run's server time
         # (less the lookback), which every visit created since then starts after.
         remember("visit_start", synced_at)
@@ -221,40 +214,44 @@ def datamodel_source(
         for id_type, id_value in known_patients:
             discovered.setdefault(id_value, {"ID": id_value, "IDType": id_type})
         yield from _per_patient(emitter, sorted(discovered.values(), key=lambda i: i["ID"]))
-        yield from emitter.drain("encounters", final=True)
+        yield from emitter.drain(final=True)
 
     def _per_patient(emitter: _Emitter, patients: list[dict[str, str]]) -> Iterator[Any]:
         """Medications (Clinical Summary) and documents (Notes/Media) for the patients seen."""
         if "medications" in wanted and not also_fhir:
+            summaries = emitter.context("PatientQueryResponse", ("medications",))
 
-            def summary(ident: dict[str, str]) -> tuple[dict[str, Any], str]:
-                raw, body = client.datamodel_raw(
+            def summary(ident: dict[str, str]) -> tuple[dict[str, Any], str, bytes]:
+                return emitter.query(
+                    "medications",
                     {**_meta("Clinical Summary", "PatientQuery"), "Patient": {"Identifiers": [ident]}},
-                    entity="documents",
+                    summaries,
                 )
-                return body, landing.land(connection_id, "datamodel", "medications", raw).raw_ref
 
             with ThreadPoolExecutor(WORKERS) as pool:
-                for body, ref in pool.map(summary, patients):
-                    emitter.take(body, ref, only={"medications"}, event_type="PatientQueryResponse")
-                    yield from emitter.drain("encounters", final=False)
+                for _body, ref, raw in pool.map(summary, patients):
+                    emitter.take(raw, ref, "medications", summaries)
+                    yield from emitter.drain(final=False)
         if "documents" in wanted and not also_fhir:
             batches = [patients[i : i + PATIENT_BATCH] for i in range(0, len(patients), PATIENT_BATCH)]
 
-            def notes_and_media(batch: list[dict[str, str]]) -> list[tuple[dict[str, Any], str]]:
+            notes = emitter.context("QueryResponse", ("documents", "patients"))
+
+            def notes_and_media(batch: list[dict[str, str]]) -> list[tuple[str, bytes]]:
                 out = []
                 for model in ("Notes", "Media"):
-                    out.extend(_documents_for(client, landing, connection_id, model, batch, page_size))
+                    out.extend(_documents_for(emitter, model, batch, page_size, notes))
                 return out
 
             with ThreadPoolExecutor(WORKERS) as pool:
                 for results in pool.map(notes_and_media, batches):
-                    for body, ref in results:
-                        emitter.take(body, ref, only={"documents", "patients"}, event_type="QueryResponse")
-                    yield from emitter.drain("encounters", final=False)
+                    for ref, raw in results:
+                        emitter.take(raw, ref, "documents", notes)
+                    yield from emitter.drain(final=False)
 
     def results() -> Iterator[Any]:
-        emitter = _Emitter(client, landing, connection_id, wanted & {"patients", "results"})
+        emitter = _Emitter(client, landing, connection_id, wanted & {"patients", "results"}, "results")
+        answers = emitter.context("QueryResponse", ("patients", "results"))
         last = None
 
         def build(s: datetime) -> dict[str, Any]:
@@ -266,6 +263,7 @@ def datamodel_source(
         for body, raw_ref, last in _walk_window(  # noqa: B007 - last is the cursor after the loop
             emitter,
             "results",
+            answers,
             build,
             lambda b: b.get("Orders") or [],
             lambda o: f"{o.get('ID')}|{o.get('LastUpdated')}",
@@ -273,18 +271,22 @@ def datamodel_source(
             start_from("results_updated"),
             page_size,
         ):
-            emitter.take(body, raw_ref, event_type="QueryResponse")
-            yield from emitter.drain("results", final=False)
+            emitter.take(body, raw_ref, "results", answers)
+            yield from emitter.drain(final=False)
         remember("results_updated", last)
-        yield from emitter.drain("results", final=True)
+        yield from emitter.drain(final=True)
 
     def appointments() -> Iterator[Any]:
-        emitter = _Emitter(client, landing, connection_id, wanted & {"patients", "appointments"})
+        emitter = _Emitter(
+            client, landing, connection_id, wanted & {"patients", "appointments"}, "appointments"
+        )
+        booked = emitter.context("BookedResponse", ("patients", "appointments"))
         synced_at = None
         far = window.end or (datetime.now(UTC) + timedelta(days=3650))
         for body, raw_ref, _last in _walk_window(
             emitter,
             "appointments",
+            booked,
             lambda s: {
                 **_meta("Scheduling", "Booked"),
                 "StartDateTime": _dm_time(s),
@@ -298,62 +300,65 @@ def datamodel_source(
             window.end,
         ):
             synced_at = synced_at or _server_time(body)
-            emitter.take(body, raw_ref, event_type="BookedResponse")
-            yield from emitter.drain("appointments", final=False)
+            emitter.take(body, raw_ref, "appointments", booked)
+            yield from emitter.drain(final=False)
         # Appointments are booked into the future: a max-start cursor would skip a new booking
         # that starts before the latest one already seen, so the cursor is the server time.
         remember("appointment_start", synced_at)
-        yield from emitter.drain("appointments", final=True)
+        yield from emitter.drain(final=True)
 
     def network_documents() -> Iterator[Any]:
-        emitter = _Emitter(client, landing, connection_id, wanted & {"patients", "documents"})
+        emitter = _Emitter(client, landing, connection_id, wanted & {"patients", "documents"}, "documents")
+        search = emitter.context("Response", ("patients",))
+        listing = emitter.context("DocumentQueryResponse", ("documents",))
 
-        def one(epi: str) -> list[tuple[str, dict[str, Any]]]:
-            """The patient and its documents (metadata from DocumentQuery, content from DocumentGet)."""
+        def one(epi: str) -> list[tuple[bytes, str, str, PageContext, list[tuple[bytes, str, PageContext]]]]:
+            """The patient (PatientSearch) and its documents: metadata from DocumentQuery, content
+            from one DocumentGet per document, landed with the query's Patient block and the
+            DocumentQuery answer it completes. Runs on a worker: returns the landed pages."""
             ident = {"ID": epi, "IDType": "EPI"}
-            found = client.datamodel_raw(
-                {**_meta("PatientSearch", "Query"), "Patient": {"Identifiers": [ident]}}, entity="patients"
+            found, found_ref, found_raw = emitter.query(
+                "patients", {**_meta("PatientSearch", "Query"), "Patient": {"Identifiers": [ident]}}, search
             )
-            if not (found[1].get("Patient") or {}).get("Identifiers"):
-                return []
-            ref = landing.land(connection_id, "datamodel", "patients", found[0]).raw_ref
-            rows = [
-                ("patients", r) for r in _rows(found[1], connection_id, ref, "Response").get("patients", [])
-            ]
+            if not isinstance(found, dict) or not (found.get("Patient") or {}).get("Identifiers"):
+                return [(found_raw, found_ref, "patients", search, [])]
             span = {"StartDate": _dm_time(window.start or EARLIEST)}
             if window.end:
                 span["EndDate"] = _dm_time(window.end)
-            raw, docs = client.datamodel_raw(
+            docs, docs_ref, docs_raw = emitter.query(
+                "documents",
                 {
                     **_meta("Clinical Summary", "DocumentQuery"),
                     "Patient": {"Identifiers": [ident]},
                     "Document": span,
                 },
-                entity="documents",
+                listing,
             )
-            ref = landing.land(connection_id, "datamodel", "documents", raw).raw_ref
-            for row in _rows(docs, connection_id, ref, "DocumentQueryResponse").get("documents", []):
-                raw, got = client.datamodel_raw(
-                    {**_meta("Clinical Summary", "DocumentGet"), "Document": {"ID": row["document_id"]}},
-                    entity="documents",
+            answers = []
+            getting = PageContext(
+                event_type="DocumentGetResponse",
+                patient=docs.get("Patient") if isinstance(docs, dict) else None,
+                entities=(),
+                completes=docs_ref,
+            )
+            for document_id in _document_ids(docs, connection_id, docs_ref):
+                _got, got_ref, got_raw = emitter.query(
+                    "documents",
+                    {**_meta("Clinical Summary", "DocumentGet"), "Document": {"ID": document_id}},
+                    getting,
                 )
-                got_ref = landing.land(connection_id, "datamodel", "documents", raw).raw_ref
-                content = _rows(
-                    got, connection_id, got_ref, "DocumentGetResponse", patient=docs.get("Patient")
-                )
-                for part in content.get("documents", []):
-                    if part.get("content") is not None:
-                        row["content"] = part["content"]
-                rows.append(("documents", row))
-            return rows
+                answers.append((got_raw, got_ref, getting))
+            return [
+                (found_raw, found_ref, "patients", search, []),
+                (docs_raw, docs_ref, "documents", listing, answers),
+            ]
 
         with ThreadPoolExecutor(WORKERS) as pool:
-            for rows in pool.map(one, known_enterprise_ids):
-                for entity, row in rows:
-                    if entity in emitter.batchers:
-                        emitter.batchers[entity].add_row(row)
-                yield from emitter.drain("documents", final=False)
-        yield from emitter.drain("documents", final=True)
+            for pages in pool.map(one, known_enterprise_ids):
+                for raw, ref, entity, context, answers in pages:
+                    emitter.take(raw, ref, entity, context, answers)
+                yield from emitter.drain(final=False)
+        yield from emitter.drain(final=True)
 
     resources = []
     if "encounters" in wanted:
@@ -379,13 +384,14 @@ def datamodel_source(
     return resources
 
 
-def _rows(
-    body: dict[str, Any], connection_id: str, raw_ref: str, event_type: str, patient: Any = None
-) -> dict[str, list[dict[str, Any]]]:
+def _document_ids(body: Any, connection_id: str, raw_ref: str) -> list[str]:
+    """Ids of the documents a DocumentQuery answer lists (none when it cannot be read: the
+    router then quarantines the answer)."""
     try:
-        return normalize_datamodel(body, connection_id, raw_ref, event_type=event_type, patient=patient).rows
+        page = payload_rows(body, connection_id, raw_ref, "DocumentQueryResponse")
     except NormalizationError:
-        return {}
+        return []
+    return [str(row["document_id"]) for row in page.rows["documents"]]
 
 
 def _mr_identifier(identifiers: list[dict[str, Any]]) -> dict[str, str] | None:
@@ -397,21 +403,21 @@ def _mr_identifier(identifiers: list[dict[str, Any]]) -> dict[str, str] | None:
 
 
 def _documents_for(
-    client: Any,
-    landing: RawLanding,
-    connection_id: str,
+    emitter: _Emitter,
     model: str,
     batch: list[dict[str, str]],
     page_size: int,
-) -> list[tuple[dict[str, Any], str]]:
-    """Notes or Media for a batch of patients; a full response is split and re-asked."""
-    raw, body = client.datamodel_raw(
-        {**_meta(model, "Query"), "Patients": [{"Identifiers": [i]} for i in batch]}, entity="documents"
-    )
-    items = body.get("Notes" if model == "Notes" else "Media") or []
+    context: PageContext,
+) -> list[tuple[str, bytes]]:
+    """Notes or Media for a batch of patients; a full response is split and re-asked.
+    Returns the landed answers (raw_ref, body as received)."""
+    payload = {**_meta(model, "Query"), "Patients": [{"Identifiers": [i]} for i in batch]}
+    raw, body = emitter.client.datamodel_raw(payload, entity="documents")
+    items = (body.get("Notes" if model == "Notes" else "Media") or []) if isinstance(body, dict) else []
     if len(items) >= page_size and len(batch) > 1:
         half = len(batch) // 2
-        return _documents_for(
-            client, landing, connection_id, model, batch[:half], page_size
-        ) + _documents_for(client, landing, connection_id, model, batch[half:], page_size)
-    return [(body, landing.land(connection_id, "datamodel", "documents", raw).raw_ref)]
+        return _documents_for(emitter, model, batch[:half], page_size, context) + _documents_for(
+            emitter, model, batch[half:], page_size, context
+        )
+    landed = emitter.landing.land(emitter.connection_id, "datamodel", "documents", raw, context)
+    return [(landed.raw_ref, raw)]

@@ -73,8 +73,10 @@ from pipelines.datamodel.normalize_patient import (
     patient_reference,
     patient_row,
 )
-from pipelines.model import ENTITIES, ENTITY_KEY
-from pipelines.normalize_common import NormalizationError
+from pipelines.model import ENTITY_KEY
+from pipelines.normalize_common import NormalizationError, parse_ts
+from pipelines.quarantine import ITEM_ID, ITEM_POSITION, QuarantineEntry
+from pipelines.vocabulary import ENTITIES
 
 ROWS = "rows"
 NOT_CLINICAL = "not-clinical"
@@ -137,6 +139,7 @@ class DataModelRows:
     reason: str | None = None  # why a payload is not-clinical
     event: str = ""  # "Results.New": the data model and event the payload was read as
     skipped: tuple[str, ...] = field(default_factory=tuple)  # payload parts with no common-model table
+    quarantined: list[QuarantineEntry] = field(default_factory=list)  # records refused one by one
 
     def count(self) -> int:
         return sum(len(v) for v in self.rows.values())
@@ -150,6 +153,44 @@ class _Collector:
         self.rows: dict[str, list[dict[str, Any]]] = {entity: [] for entity in ENTITIES}
         self._seen: set[tuple[str, Any]] = set()
         self.skipped: list[str] = []
+        self.quarantined: list[QuarantineEntry] = []
+
+    def not_an_object(self, entity: str, where: str) -> None:
+        """A list item that is not a JSON object (``1``, ``"x"``, ``null``): quarantined by position."""
+        self.quarantined.append(
+            QuarantineEntry(entity, where, f"{where} is not an object", item_kind=ITEM_POSITION)
+        )
+
+    def record(
+        self,
+        entity: str,
+        item_id: str | None,
+        where: str,
+        ref: dict[str, str] | None,
+        build: Callable[[], Any],
+        times: Iterable[tuple[str, Any]] = (),
+    ) -> Any:
+        """Run ``build`` for one record of a list; a record it refuses (or one carrying a
+        time that is not ISO-8601) is quarantined on its own and the rest of the payload goes
+        on. Returns ``build``'s result, or None when the record was quarantined."""
+        try:
+            for name, value in times:
+                if value not in (None, "") and _unparseable(value):
+                    raise NormalizationError(f"{where}.{name} is not an ISO-8601 time")
+            return build()
+        except NormalizationError as exc:
+            ref = ref or {}
+            self.quarantined.append(
+                QuarantineEntry(
+                    entity,
+                    item_id or where,
+                    str(exc),
+                    ref.get("patient_ref_type"),
+                    ref.get("patient_ref_value"),
+                    ITEM_ID if item_id else ITEM_POSITION,
+                )
+            )
+            return None
 
     def add(self, entity: str, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
@@ -169,6 +210,21 @@ class _Collector:
 
     def skip(self, *parts: str) -> None:
         self.skipped.extend(p for p in parts if p not in self.skipped)
+
+
+def _unparseable(value: Any) -> bool:
+    try:
+        parse_ts(as_str(value))
+    except ValueError:
+        return True
+    return False
+
+
+def _patient_ref_or_none(block: Any, ctx: EventContext) -> dict[str, str] | None:
+    try:
+        return patient_reference(block, ctx)
+    except NormalizationError:
+        return None
 
 
 class _NotClinical(Exception):
@@ -210,18 +266,43 @@ def _require_patient(payload: dict[str, Any], fallback: Any) -> Any:
 
 def _patient_admin(payload: dict[str, Any], event: str, ctx: EventContext, out: _Collector) -> None:
     if event in ("VisitQueryResponse", "CensusQueryResponse"):
-        for entry in as_list(payload.get("Patients")):
-            if not isinstance(entry, dict) or not has_identifiers(entry):
+        for position, entry in enumerate(as_list(payload.get("Patients"))):
+            if not isinstance(entry, dict):
+                out.not_an_object("patients", f"Patients[{position}]")
                 continue
-            ref = out.patient(entry, ctx)
+            if not has_identifiers(entry):
+                _quarantine_unidentified(entry, f"Patients[{position}]", out)
+                continue
+            ref = out.record(
+                "patients",
+                None,
+                f"Patients[{position}]",
+                _patient_ref_or_none(entry, ctx),
+                lambda entry=entry: out.patient(entry, ctx),
+            )
+            if ref is None:
+                continue
             visits = as_list(entry.get("Visits")) or (
                 [entry["Visit"]] if isinstance(entry.get("Visit"), dict) else []
             )
-            for visit in visits:
-                if isinstance(visit, dict):
-                    default = "in-progress" if event == "CensusQueryResponse" else None
-                    status = visit_status(visit.get("Status")) or default
-                    out.add("encounters", [records.encounter_row(visit, ctx, ref, status, where="Visits[]")])
+            for number, visit in enumerate(visits):
+                if not isinstance(visit, dict):
+                    out.not_an_object("encounters", f"Patients[{position}].Visits[{number}]")
+                    continue
+                default = "in-progress" if event == "CensusQueryResponse" else None
+                status = visit_status(visit.get("Status")) or default
+                row = out.record(
+                    "encounters",
+                    records.visit_number(visit),
+                    f"Patients[{position}].Visits[{number}]",
+                    ref,
+                    lambda visit=visit, status=status, ref=ref: records.encounter_row(
+                        visit, ctx, ref, status, where="Visits[]"
+                    ),
+                    times=(("VisitDateTime", visit.get("VisitDateTime")),),
+                )
+                if row is not None:
+                    out.add("encounters", [row])
         return
     ref = out.patient(payload.get("Patient"), ctx)
     if event == "PatientMerge":
@@ -234,6 +315,25 @@ def _patient_admin(payload: dict[str, Any], event: str, ctx: EventContext, out: 
         status = _visit_event_status(event, visit, ctx)
         diagnoses = as_dict(payload.get("Patient")).get("Diagnoses")
         out.add("encounters", [records.encounter_row(visit, ctx, ref, status, patient_diagnoses=diagnoses)])
+
+
+def _quarantine_unidentified(entry: dict[str, Any], where: str, out: _Collector) -> None:
+    """A visit-query patient without identifiers cannot be keyed: its visits are quarantined
+    by their visit numbers (a later good copy resolves them), or the patient by position."""
+    reason = f"{where} has no Identifiers"
+    visits = [v for v in as_list(entry.get("Visits")) if isinstance(v, dict)]
+    for number, visit in enumerate(visits):
+        visit_id = records.visit_number(visit)
+        out.quarantined.append(
+            QuarantineEntry(
+                "encounters",
+                visit_id or f"{where}.Visits[{number}]",
+                reason,
+                item_kind=ITEM_ID if visit_id else ITEM_POSITION,
+            )
+        )
+    if not visits:
+        out.quarantined.append(QuarantineEntry("patients", where, reason, item_kind=ITEM_POSITION))
 
 
 def _visit_event_status(event: str, visit: dict[str, Any], ctx: EventContext) -> str:
@@ -252,21 +352,36 @@ def _results(payload: dict[str, Any], event: str, ctx: EventContext, out: _Colle
     top_ref = out.patient(_require_patient(payload, fallback), ctx) if event != "QueryResponse" else None
     for position, order in enumerate(as_list(payload.get("Orders"))):
         if not isinstance(order, dict):
+            out.not_an_object("results", f"Orders[{position}]")
             continue
+        where = f"Orders[{position}]"
         ref = top_ref
         if ref is None:
             block = order.get("Patient") if has_identifiers(order.get("Patient")) else top_patient
-            ref = out.patient(block if has_identifiers(block) else fallback, ctx)
+            block = block if has_identifiers(block) else fallback
+            ref = out.record(
+                "results", as_str(order.get("ID")), where, None, lambda b=block: out.patient(b, ctx)
+            )
+            if ref is None:
+                continue
         visit = order.get("Visit") if records.visit_number(order.get("Visit")) else payload.get("Visit")
-        rows = records.order_result_rows(
-            order,
-            position,
-            ctx,
+        rows = out.record(
+            "results",
+            as_str(order.get("ID")),
+            where,
             ref,
-            records.visit_number(visit),
-            application_id_fallback=event != "New",
+            lambda order=order, position=position, ref=ref, visit=visit: records.order_result_rows(
+                order,
+                position,
+                ctx,
+                ref,
+                records.visit_number(visit),
+                application_id_fallback=event != "New",
+            ),
+            times=(("LastUpdated", order.get("LastUpdated")),),
         )
-        out.add("results", rows)
+        if rows is not None:
+            out.add("results", rows)
 
 
 def _flowsheet(payload: dict[str, Any], ctx: EventContext, out: _Collector) -> None:
@@ -293,14 +408,28 @@ def _scheduling(
     if event in ("AvailableSlotsResponse", "PushSlots"):
         raise _NotClinical("available slots are not appointments")
     if event == "BookedResponse":
-        for visit in as_list(payload.get("Visits")):
+        for position, visit in enumerate(as_list(payload.get("Visits"))):
             if not isinstance(visit, dict):
+                out.not_an_object("appointments", f"Visits[{position}]")
                 continue
+            where = f"Visits[{position}]"
+            number = records.visit_number(visit)
             block = visit.get("Patient") if has_identifiers(visit.get("Patient")) else fallback
-            ref = out.patient(block, ctx)
-            out.add(
-                "appointments", [records.appointment_row(visit, visit.get("AppointmentInfo"), ctx, ref, None)]
+            ref = out.record("appointments", number, where, None, lambda b=block: out.patient(b, ctx))
+            if ref is None:
+                continue
+            row = out.record(
+                "appointments",
+                number,
+                where,
+                ref,
+                lambda visit=visit, ref=ref: records.appointment_row(
+                    visit, visit.get("AppointmentInfo"), ctx, ref, None
+                ),
+                times=(("VisitDateTime", visit.get("VisitDateTime")),),
             )
+            if row is not None:
+                out.add("appointments", [row])
         return
     patient = as_dict(payload.get("Patient"))
     if not identifier_map(patient) and not patient.get("Demographics"):
@@ -318,13 +447,26 @@ def _documents(payload: dict[str, Any], model: str, event: str, ctx: EventContex
     if event == "QueryResponse":
         for position, entry in enumerate(as_list(payload.get(list_key))):
             if not isinstance(entry, dict):
+                out.not_an_object("documents", f"{list_key}[{position}]")
                 continue
-            ref = out.patient(entry.get("Patient") or payload.get("Patient"), ctx)
+            where = f"{list_key}[{position}]"
+            doc_id = as_str(entry.get("DocumentID") or entry.get("ID"))
+            block = entry.get("Patient") or payload.get("Patient")
+            ref = out.record("documents", doc_id, where, None, lambda b=block: out.patient(b, ctx))
+            if ref is None:
+                continue
             encounter = records.visit_number(entry.get("Visit"))
-            out.add(
+            row = out.record(
                 "documents",
-                [records.document_row(entry, ctx, ref, encounter, None, what=f"{list_key}[{position}]")],
+                doc_id,
+                where,
+                ref,
+                lambda entry=entry, ref=ref, encounter=encounter, where=where: records.document_row(
+                    entry, ctx, ref, encounter, None, what=where
+                ),
             )
+            if row is not None:
+                out.add("documents", [row])
         return
     ref = out.patient(payload.get("Patient"), ctx)
     if event in DOCUMENT_EVENTS:
@@ -339,8 +481,20 @@ def _clinical_summary(
     if event == "DocumentQueryResponse":
         ref = out.patient(_require_patient(payload, fallback), ctx)
         for position, entry in enumerate(as_list(payload.get("Documents"))):
-            if isinstance(entry, dict):
-                out.add("documents", [records.summary_document_row(entry, ctx, ref, position)])
+            if not isinstance(entry, dict):
+                out.not_an_object("documents", f"Documents[{position}]")
+                continue
+            row = out.record(
+                "documents",
+                as_str(entry.get("ID")),
+                f"Documents[{position}]",
+                ref,
+                lambda entry=entry, position=position: records.summary_document_row(
+                    entry, ctx, ref, position
+                ),
+            )
+            if row is not None:
+                out.add("documents", [row])
         return
     if event == "DocumentGetResponse":
         ref = out.patient(_require_patient(payload, fallback), ctx)
@@ -447,5 +601,10 @@ def normalize_datamodel(
             rows={entity: [] for entity in ENTITIES}, outcome=NOT_CLINICAL, reason=outcome.reason, event=label
         )
     if not any(out.rows.values()):
-        return DataModelRows(rows=out.rows, outcome=NOT_CLINICAL, reason=EMPTY_RESPONSE, event=label)
-    return DataModelRows(rows=out.rows, outcome=ROWS, event=label, skipped=tuple(out.skipped))
+        reason = "every record was quarantined" if out.quarantined else EMPTY_RESPONSE
+        return DataModelRows(
+            rows=out.rows, outcome=NOT_CLINICAL, reason=reason, event=label, quarantined=out.quarantined
+        )
+    return DataModelRows(
+        rows=out.rows, outcome=ROWS, event=label, skipped=tuple(out.skipped), quarantined=out.quarantined
+    )

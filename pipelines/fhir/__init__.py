@@ -1,8 +1,9 @@
 """dlt source for Redox's FHIR R4 surface.
 
 One resource per entity. Each pages ``POST {Type}/_search`` Bundles (following
-``next`` links) inside a ``_lastUpdated`` window, lands every page as received,
-normalizes the resources into the common model and yields Arrow tables. Live runs
+``next`` links) inside a ``_lastUpdated`` window, lands every page as received and
+hands it to the shared page router (``pipelines.fhir.pages.bundle_rows``: every entity
+the Bundle holds, bad entries quarantined one by one), which yields Arrow tables. Live runs
 keep their cursor in dlt state (in the destination); a backfill passes an explicit
 ``[start, end)`` window, which dlt treats as stateless, so it never moves the cursor.
 No orchestrator imports here.
@@ -17,14 +18,14 @@ from typing import Any
 import dlt
 import orjson
 
-from pipelines.batches import EntityBatcher, incremental_for
-from pipelines.fhir.normalize import NORMALIZERS
-from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES, fhir_instant
+from pipelines.batches import PageRouter, incremental_for
+from pipelines.fhir.pages import attachment_urls
+from pipelines.fhir.settings import fhir_instant
 from pipelines.landing import RawLanding
-from pipelines.model import ENTITIES
 from pipelines.prefetch import read_ahead
 from pipelines.resource_hints import staged_resource_hints
 from pipelines.sync_context import SyncWindow
+from pipelines.vocabulary import ENTITIES, ENTITY_RESOURCE_TYPES, staged_table_name
 
 
 def _search_params(
@@ -51,34 +52,23 @@ def fetch_entity(
     window_start: datetime | None,
     window_end: datetime | None,
     page_size: int,
-    batcher: EntityBatcher,
+    router: PageRouter,
 ) -> Iterator[Any]:
-    """Page every resource type that feeds ``entity``; yield Arrow tables of staged rows."""
+    """Page every resource type that feeds ``entity``; land each page and route its rows
+    (every entity the Bundle holds) through ``router``; yield Arrow tables."""
     for resource_type in ENTITY_RESOURCE_TYPES[entity]:
         params = _search_params(window_start, window_end, page_size)
         for body in read_ahead(client.fhir_search_pages(resource_type, params, entity=entity)):
             page = landing.land(connection_id, "fhir", entity, body)
-            bundle = orjson.loads(body)
+            try:
+                bundle: Any = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                bundle = body  # take_page quarantines the page as unreadable
             if entity == "documents":
-                batcher.prefetch_contents(_attachment_urls(bundle))
-            for entry in bundle.get("entry") or []:
-                resource = entry.get("resource") or {}
-                rtype = resource.get("resourceType")
-                if rtype not in NORMALIZERS:
-                    continue
-                batcher.add_resource(resource, NORMALIZERS[rtype][1], page.raw_ref, resource_type=rtype)
-            yield from batcher.drain(final=False)
-    yield from batcher.drain(final=True)
-
-
-def _attachment_urls(bundle: dict[str, Any]) -> list[str]:
-    urls = []
-    for entry in bundle.get("entry") or []:
-        for content in (entry.get("resource") or {}).get("content") or []:
-            url = (content.get("attachment") or {}).get("url")
-            if url:
-                urls.append(url)
-    return urls
+                router.prefetch_contents(attachment_urls(bundle))
+            router.take_page(bundle, page.raw_ref, entity)
+            yield from router.drain(final=False)
+    yield from router.drain(final=True)
 
 
 @dlt.source(name="fhir", max_table_nesting=0)
@@ -99,9 +89,11 @@ def fhir_source(
             updated: dlt.sources.incremental[datetime] = incremental_for(window, lookback_s),
         ) -> Iterator[Any]:
             start = window.start if window.is_backfill else updated.start_value
-            batcher = EntityBatcher(entity, connection_id, "fhir", client=client, landing=landing)
+            router = PageRouter(
+                connection_id, "fhir", client=client, landing=landing, main=staged_table_name("fhir", entity)
+            )
             yield from fetch_entity(
-                client, landing, connection_id, entity, start, window.end, page_size, batcher
+                client, landing, connection_id, entity, start, window.end, page_size, router
             )
 
         return dlt.resource(extract, name=entity, **staged_resource_hints("fhir", entity))

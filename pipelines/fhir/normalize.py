@@ -19,6 +19,7 @@ from pipelines.normalize_common import (
     parse_ts,
     provider_label,
 )
+from pipelines.vocabulary import FHIR_RESOURCE_ENTITIES
 
 INTERPRETATION_FLAGS = {"H", "L", "HH", "LL", "A", "N", "AA"}
 
@@ -47,6 +48,11 @@ def _identifiers(resource: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def identifier_values(resource: dict[str, Any]) -> dict[str, str]:
+    """Identifier type → value of a resource (the first of each type)."""
+    return _identifiers(resource)
+
+
 def _patient_ref(resource: dict[str, Any], field: str = "subject") -> dict[str, Any]:
     ref = resource.get(field) or resource.get("patient") or {}
     reference = ref.get("reference") or ""
@@ -59,6 +65,16 @@ def _patient_ref(resource: dict[str, Any], field: str = "subject") -> dict[str, 
             "patient_ref_value": ident["value"],
         }
     raise NormalizationError(f"{resource.get('resourceType')}: no patient reference in '{field}'")
+
+
+def patient_reference(resource: dict[str, Any]) -> dict[str, Any]:
+    """The patient reference of any resource the pipeline reads (raises without one)."""
+    if resource.get("resourceType") == "Appointment":
+        for p in resource.get("participant") or []:
+            actor = p.get("actor") or {}
+            if (actor.get("reference") or "").startswith("Patient/"):
+                return _patient_ref({"subject": actor})
+    return _patient_ref(resource)
 
 
 def _encounter_ref(resource: dict[str, Any]) -> str | None:
@@ -357,12 +373,14 @@ def normalize_document_reference(
     return row
 
 
-NORMALIZERS = {
-    "Patient": ("patients", normalize_patient),
-    "Encounter": ("encounters", normalize_encounter),
-    "Observation": ("results", normalize_observation),
-    "MedicationRequest": ("medications", normalize_medication),
-    "MedicationStatement": ("medications", normalize_medication),
-    "Appointment": ("appointments", normalize_appointment),
-    "DocumentReference": ("documents", normalize_document_reference),
+_BY_TYPE = {
+    "Patient": normalize_patient,
+    "Encounter": normalize_encounter,
+    "Observation": normalize_observation,
+    "MedicationRequest": normalize_medication,
+    "MedicationStatement": normalize_medication,
+    "Appointment": normalize_appointment,
+    "DocumentReference": normalize_document_reference,
 }
+# resource type → (entity, normalizer); the entity comes from the one vocabulary.
+NORMALIZERS = {rtype: (FHIR_RESOURCE_ENTITIES[rtype], fn) for rtype, fn in _BY_TYPE.items()}

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-ENTITY_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
-    "patients": ("Patient",),
-    "encounters": ("Encounter",),
-    "results": ("Observation",),
-    "medications": ("MedicationRequest", "MedicationStatement"),
-    "appointments": ("Appointment",),
-    "documents": ("DocumentReference",),
-}
+from pipelines.vocabulary import ENTITY_RESOURCE_TYPES as ENTITY_RESOURCE_TYPES  # re-exported
 
 
 def fhir_instant(value: datetime) -> str:

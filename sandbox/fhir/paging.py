@@ -4,6 +4,10 @@ Pages are keyset-based on the store's order ``(last_updated, id)``: a token reme
 last record served, not an offset, so records updated while a client pages (they move to
 the end) never shift unseen records onto pages already read. The token maps server-side to
 the frozen search; no search value ever appears in a URL.
+
+A Patient search with ``_revinclude`` pages differently: its matched patients are frozen at the
+first page and each is expanded, when reached, into itself plus the records that reference it,
+so matches and includes share one paged list.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 
+from sandbox.fhir.render import MEDICATION_KINDS, RESOURCE_ENTITIES
 from sandbox.fhir.search import SearchPlan, with_updated_floor
 from sandbox.population.records import Record
 from sandbox.population.store import Query, RecordStore
@@ -147,10 +152,10 @@ class PageTokens:
     def __init__(self, max_entries: int = 10_000, ttl_s: float = 3600.0) -> None:
         self._max = max_entries
         self._ttl = ttl_s
-        self._entries: OrderedDict[str, tuple[float, PageRequest]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, PageRequest | RevincludeRequest]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def issue(self, request: PageRequest) -> str:
+    def issue(self, request: PageRequest | RevincludeRequest) -> str:
         token = secrets.token_urlsafe(24)
         now = time.monotonic()
         with self._lock:
@@ -164,7 +169,7 @@ class PageTokens:
                 del self._entries[oldest_token]
         return token
 
-    def resolve(self, token: str) -> PageRequest | None:
+    def resolve(self, token: str) -> PageRequest | RevincludeRequest | None:
         with self._lock:
             entry = self._entries.get(token)
             if entry is None:
@@ -174,3 +179,89 @@ class PageTokens:
                 del self._entries[token]
                 return None
             return request
+
+
+# --- Patient search with `_revinclude` ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IncludeKey:
+    """One entry of a `_revinclude` result: a record to read at page time (current version)."""
+
+    entity: str
+    record_id: str
+    mode: str  # "match" | "include"
+
+
+@dataclass(frozen=True)
+class RevincludeRequest:
+    """Where a `_revinclude` search stands: the matched patients (frozen at the first page, in
+    the store's order), the next patient to expand, and the entries of the patient being
+    expanded that were not served yet. Matches and includes page as one list; ``total`` counts
+    matches only (FHIR)."""
+
+    plan: SearchPlan
+    patient_ids: tuple[str, ...]
+    next_patient: int
+    pending: tuple[IncludeKey, ...]
+
+    @property
+    def total(self) -> int:
+        return len(self.patient_ids)
+
+
+@dataclass
+class RevincludePage:
+    entries: list[tuple[Record, str]]  # (record, search mode)
+    total: int
+    next: RevincludeRequest | None
+
+
+def start_revinclude(store: RecordStore, plan: SearchPlan) -> RevincludeRequest:
+    """Freeze the matched patients of a Patient search that carries `_revinclude`."""
+    ids: list[str] = []
+    if plan.query is not None:
+        ids = [r.id for r in store.iter(plan.query) if all(f(r) for f in plan.filters)]
+    return RevincludeRequest(plan, tuple(ids), 0, ())
+
+
+def _expand(store: RecordStore, plan: SearchPlan, patient_id: str) -> list[IncludeKey]:
+    """One patient and every record of the requested types that references it: exactly what a
+    ``{Type}/_search patient={id}`` per type returns, in the same order."""
+    assert plan.query is not None
+    out = [IncludeKey("patients", patient_id, "match")]
+    for rtype in plan.revinclude:
+        entity = RESOURCE_ENTITIES[rtype]
+        query = Query(
+            connection_id=plan.query.connection_id,
+            entity=entity,
+            patient_id=patient_id,
+            category=MEDICATION_KINDS.get(rtype),
+        )
+        out.extend(IncludeKey(entity, r.id, "include") for r in store.iter(query))
+    return out
+
+
+def read_revinclude_page(store: RecordStore, request: RevincludeRequest) -> RevincludePage:
+    """One page (``plan.count`` entries) of a `_revinclude` search. Records are read at page time,
+    so each entry is the record's current version; one deleted meanwhile is skipped."""
+    plan = request.plan
+    limit = plan.count
+    if limit == 0:
+        return RevincludePage([], request.total, None)
+    pending = list(request.pending)
+    next_patient = request.next_patient
+    entries: list[tuple[Record, str]] = []
+    while len(entries) < limit:
+        if not pending:
+            if next_patient >= len(request.patient_ids):
+                break
+            pending = _expand(store, plan, request.patient_ids[next_patient])
+            next_patient += 1
+        key = pending.pop(0)
+        record = store.get(plan.query.connection_id, key.entity, key.record_id)  # type: ignore[union-attr]
+        if record is not None:
+            entries.append((record, key.mode))
+    more = bool(pending) or next_patient < len(request.patient_ids)
+    following = RevincludeRequest(plan, request.patient_ids, next_patient, tuple(pending)) if more else None
+    return RevincludePage(entries, request.total, following)

@@ -2,14 +2,17 @@
 
 Every request: bearer token (OAuth only) -> destination slug and environment -> fault gate ->
 entitlement. Reads are ``GET {Type}/{id}``; search is ``POST {Type}/_search`` with a form body
-only (no PHI in URLs), paged through opaque ``next`` tokens; write-backs are ``$``-operations
-taking message Bundles. Responses are assembled as bytes from cached rendered resources.
+only (no PHI in URLs), paged through opaque ``next`` tokens, with the required parameter sets,
+``_revinclude`` and ``_elements`` of ``sandbox.fhir.search``; write-backs are ``$``-operations
+taking message Bundles; ``Group/{id}/$export`` and its status / file URLs are the bulk export of
+``sandbox.fhir.bulk``. Responses are assembled as bytes from cached rendered resources.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC
 from email.utils import format_datetime
 from typing import Any
@@ -18,17 +21,26 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from sandbox.auth import REDOX_HEADERS, InvalidToken
 from sandbox.config import ConnectionSpec
+from sandbox.fhir.bulk import NDJSON, BulkExports, ExportRefused, parse_kickoff
 from sandbox.fhir.operations import WRITE_OPERATIONS
-from sandbox.fhir.paging import Page, PageRequest, PageTokens, read_page
+from sandbox.fhir.paging import (
+    Page,
+    PageRequest,
+    PageTokens,
+    RevincludeRequest,
+    read_page,
+    read_revinclude_page,
+    start_revinclude,
+)
 from sandbox.fhir.render import RESOURCE_ENTITIES, RenderCache, instant, render_binary, resource_type
 from sandbox.fhir.search import SearchError, parse_search
 from sandbox.fhir.writeback import WriteError, parse_write, response_bundle
-from sandbox.population.records import DocumentRecord
+from sandbox.population.records import DocumentRecord, Record
 from sandbox.state import SandboxState
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -61,6 +73,7 @@ class FhirApi:
         self.state = state
         self.cache = RenderCache()
         self.tokens = PageTokens()
+        self.exports = BulkExports(state.store)
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -83,7 +96,8 @@ class FhirApi:
     async def _enter(self, request: Request) -> ConnectionSpec | Response:
         """Auth, destination, environment and the fault gate; a Response ends the request."""
         try:
-            self.state.auth.check_bearer(request.headers.get("authorization"), "fhir")
+            token = self.state.auth.check_bearer(request.headers.get("authorization"), "fhir")
+            request.state.client_id = token.client_id
         except InvalidToken as exc:
             refused = _Refused(
                 401, "login", f"authentication failed: {exc.reason}", {"WWW-Authenticate": "Bearer"}
@@ -221,6 +235,7 @@ class FhirApi:
         if body_tokens:
             token = body_tokens[-1]
             params = [(k, v) for k, v in params if k != PAGE_TOKEN]
+        page_request: PageRequest | RevincludeRequest | None
         if token is not None:
             if params:
                 raise _Refused(400, "invalid", "a page token cannot be combined with search parameters")
@@ -228,51 +243,162 @@ class FhirApi:
             if page_request is None or page_request.plan.resource_type != rtype:
                 raise _Refused(410, "not-found", "page token unknown or expired; start the search again")
         else:
+            policy = self.state.config.search_policy
             try:
-                plan = await run_in_threadpool(parse_search, rtype, params, conn, self.state.store)
+                plan = await run_in_threadpool(parse_search, rtype, params, conn, self.state.store, policy)
             except SearchError as exc:
-                raise _Refused(400, exc.code, exc.message) from None
-            page_request = PageRequest(plan, None, None)
+                raise _Refused(exc.status, exc.code, exc.message) from None
+            if plan.revinclude:
+                page_request = await run_in_threadpool(start_revinclude, self.state.store, plan)
+            else:
+                page_request = PageRequest(plan, None, None)
         base = self.base_url(request, conn)
         self_url = f"{base}/{rtype}/_search" + (f"?{PAGE_TOKEN}={token}" if token else "")
         body = await run_in_threadpool(self._bundle, conn, rtype, page_request, base, self_url)
         return self._send(conn, body)
 
     def _bundle(
-        self, conn: ConnectionSpec, rtype: str, request: PageRequest, base: str, self_url: str
+        self,
+        conn: ConnectionSpec,
+        rtype: str,
+        request: PageRequest | RevincludeRequest,
+        base: str,
+        self_url: str,
     ) -> bytes:
-        page: Page = read_page(self.state.store, request)
+        entries: list[tuple[Record, str]]
+        if isinstance(request, RevincludeRequest):
+            rpage = read_revinclude_page(self.state.store, request)
+            entries, total, following = rpage.entries, rpage.total, rpage.next
+        else:
+            page: Page = read_page(self.state.store, request)
+            entries, total, following = [(r, "match") for r in page.records], page.total, page.next
         links = [{"relation": "self", "url": self_url}]
-        if page.next is not None:
+        if following is not None:
             links.append(
                 {
                     "relation": "next",
-                    "url": f"{base}/{rtype}/_search?{PAGE_TOKEN}={self.tokens.issue(page.next)}",
+                    "url": f"{base}/{rtype}/_search?{PAGE_TOKEN}={self.tokens.issue(following)}",
                 }
             )
+        elements = request.plan.elements
         parts = [
             b'{"resourceType":"Bundle","id":"',
             str(uuid.uuid4()).encode(),
             b'","meta":{"lastUpdated":',
             orjson.dumps(instant(self.state.store.now)),
             b'},"type":"searchset","total":',
-            str(page.total).encode(),
+            str(total).encode(),
             b',"link":',
             orjson.dumps(links),
         ]
-        if page.records:
-            entries = []
-            for record in page.records:
-                entries.append(
+        if entries:
+            encoded = []
+            for record, mode in entries:
+                resource = self.cache.resource_bytes(record, conn)
+                if elements is not None:
+                    resource = orjson.dumps(subset_elements(orjson.loads(resource), elements))
+                encoded.append(
                     b'{"fullUrl":'
-                    + orjson.dumps(f"{base}/{rtype}/{record.id}")
+                    + orjson.dumps(f"{base}/{resource_type(record)}/{record.id}")
                     + b',"resource":'
-                    + self.cache.resource_bytes(record, conn)
-                    + b',"search":{"mode":"match"}}'
+                    + resource
+                    + b',"search":{"mode":"'
+                    + mode.encode()
+                    + b'"}}'
                 )
-            parts += [b',"entry":[', b",".join(entries), b"]"]
+            parts += [b',"entry":[', b",".join(encoded), b"]"]
         parts.append(b"}")
         return b"".join(parts)
+
+    # --- bulk export (FHIR Bulk Data Access; sandbox.fhir.bulk) --------------------------------
+
+    async def _bulk(
+        self, request: Request, handler: Callable[[Request, ConnectionSpec], Awaitable[Response]]
+    ) -> Response:
+        """Enter like any request, then require the connection's bulk entitlement."""
+        entered = await self._enter(request)
+        if isinstance(entered, Response):
+            return entered
+        conn = entered
+        try:
+            if not conn.bulk_export:
+                raise _Refused(403, "forbidden", "this connection is not entitled to bulk export ($export)")
+            return await handler(request, conn)
+        except ExportRefused as refused:
+            return self._refusal(conn, _Refused(refused.status, refused.code, refused.message))
+        except _Refused as refused:
+            return self._refusal(conn, refused)
+
+    def _status_url(self, request: Request, conn: ConnectionSpec, job_id: str) -> str:
+        return f"{self.base_url(request, conn)}/$export-poll/{job_id}"
+
+    async def export_kickoff(self, request: Request) -> Response:
+        async def handle(request: Request, conn: ConnectionSpec) -> Response:
+            if request.path_params["gid"] != conn.bulk_group_id:
+                raise _Refused(404, "not-found", "Group/{id}: no such group at this destination")
+            if "respond-async" not in request.headers.get("prefer", "").lower():
+                raise _Refused(400, "invalid", "bulk export needs the header 'Prefer: respond-async'")
+            accept = request.headers.get("accept", "").lower()
+            if accept and not any(a in accept for a in ("application/fhir+json", "application/json", "*/*")):
+                raise _Refused(
+                    400, "not-supported", "bulk export answers with 'Accept: application/fhir+json'"
+                )
+            export = parse_kickoff(list(request.query_params.multi_items()), conn)
+            base = self.base_url(request, conn)
+            query = f"?{request.url.query}" if request.url.query else ""
+            job = self.exports.start(
+                conn, request.state.client_id, f"{base}/Group/{conn.bulk_group_id}/$export{query}", export
+            )
+            outcome = operation_outcome(
+                "informational", "export started; poll Content-Location", "information"
+            )
+            return self._send(
+                conn,
+                orjson.dumps(outcome),
+                202,
+                **{"Content-Location": self._status_url(request, conn, job.job_id)},
+            )
+
+        if request.method != "GET":
+            return self._refusal(
+                None, _Refused(405, "not-supported", "start a bulk export with GET", {"Allow": "GET"})
+            )
+        return await self._bulk(request, handle)
+
+    async def export_status(self, request: Request) -> Response:
+        async def handle(request: Request, conn: ConnectionSpec) -> Response:
+            job = self.exports.job(request.path_params["job"], conn, request.state.client_id)
+            if request.method == "DELETE":
+                self.exports.cancel(job)
+                outcome = operation_outcome("informational", "export cancelled", "information")
+                return self._send(conn, orjson.dumps(outcome), 202)
+            state, value = await run_in_threadpool(self.exports.poll, job)
+            if state == "progress":
+                return Response(status_code=202, headers={**REDOX_HEADERS, "X-Progress": value})
+            if state == "failed":
+                raise _Refused(500, "exception", value)
+            base = self.base_url(request, conn)
+            manifest = self.exports.manifest(job, lambda f: f"{base}/$export-file/{job.job_id}/{f.path.name}")
+            return Response(orjson.dumps(manifest), headers=REDOX_HEADERS, media_type="application/json")
+
+        if request.method not in ("GET", "DELETE"):
+            return self._refusal(None, _Refused(405, "not-supported", "poll with GET, cancel with DELETE"))
+        return await self._bulk(request, handle)
+
+    async def export_file(self, request: Request) -> Response:
+        async def handle(request: Request, conn: ConnectionSpec) -> Response:
+            job = self.exports.job(request.path_params["job"], conn, request.state.client_id)
+            output = self.exports.output(job, request.path_params["name"])
+            if self.state.faults.rate("bad_entry_rate", conn.id) > 0:  # fault hook (sandbox.faults)
+                body = self.state.faults.damage_ndjson(
+                    conn.id, await run_in_threadpool(output.path.read_bytes)
+                )
+                return Response(body, headers=REDOX_HEADERS, media_type=NDJSON)
+            return FileResponse(output.path, media_type=NDJSON, headers=REDOX_HEADERS)
+
+        if request.method != "GET":
+            return self._refusal(None, _Refused(405, "not-supported", "download export files with GET"))
+        return await self._bulk(request, handle)
 
     # --- write-back operations -----------------------------------------------------------------
 
@@ -308,6 +434,26 @@ class FhirApi:
             return await self.state.faults.stall(conn, request)
         ack = response_bundle(op, parsed, conn, self.base_url(request, conn), written.duplicate)
         return self._send(conn, orjson.dumps(ack))
+
+
+# `_elements` marks what it returns as incomplete (FHIR R4 search §3.1.1.5.9).
+SUBSETTED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "SUBSETTED",
+    "display": "Resource encoded in summary mode",
+}
+_ALWAYS_KEPT = ("resourceType", "id", "meta")
+
+
+def subset_elements(resource: dict[str, Any], elements: tuple[str, ...]) -> dict[str, Any]:
+    """The resource with only the named top-level elements (plus resourceType, id and meta),
+    ``meta.tag`` carrying SUBSETTED."""
+    out = {k: v for k, v in resource.items() if k in _ALWAYS_KEPT or k in elements}
+    meta = dict(out.get("meta") or {})
+    tags = [t for t in meta.get("tag") or [] if t.get("code") != "SUBSETTED"]
+    meta["tag"] = [*tags, SUBSETTED]
+    out["meta"] = meta
+    return out
 
 
 def _search_must_be_post(rtype: str) -> _Refused:
@@ -349,6 +495,9 @@ def routes(state: SandboxState) -> list[BaseRoute]:
     api = FhirApi(state)
     prefix = "/fhir/R4/{slug}/{environment}"
     return [
+        Route(prefix + "/Group/{gid}/$export", api.export_kickoff, methods=_METHODS),
+        Route(prefix + "/$export-poll/{job}", api.export_status, methods=_METHODS),
+        Route(prefix + "/$export-file/{job}/{name}", api.export_file, methods=_METHODS),
         Route(prefix + "/{rtype}/_search", api.search, methods=_METHODS),
         Route(prefix + "/{rtype}/{rid}", api.instance, methods=_METHODS),
         Route(prefix + "/{rtype}", api.type_level, methods=_METHODS),

@@ -1,9 +1,16 @@
 """FHIR search parameters -> a store ``Query`` plus the filters the Query cannot express.
 
-Redox's per-resource parameter sets and required combinations are REDOX-REFERENCE §3.3; the
-project's decision is that ``_lastUpdated`` or ``date`` also satisfies the requirement for every
-type (that is how a bulk sync enumerates). Errors raise ``SearchError`` whose message names the
-parameter but never echoes a value (values may be PHI).
+Redox documents, per resource, parameter sets of which one must be in every search
+(REDOX-REFERENCE §3.3, which folds in §12). Under the default ``search_policy: redox`` a search
+meeting no set is refused (400, naming the sets): ``_lastUpdated`` is accepted as an extra filter
+but never satisfies a set, and ``_count`` alone never does, so there is no way to list a whole
+connection — exactly as against Redox. ``search_policy: open`` keeps the sandbox's old permissive
+rule (``_lastUpdated`` or a date stands in for any set); it is not Redox and exists for benchmarks.
+
+Result parameters: ``_revinclude`` on Patient (``*``, ``Type:patient``, ``Type:subject``; a
+connection that does not honour it refuses it by name) and ``_elements`` on DocumentReference.
+Errors raise ``SearchError`` whose message names the parameter but never echoes a value (values
+may be PHI).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from sandbox.population.store import Query, RecordStore
 Predicate = Callable[[Record], bool]
 
 COMMON_PARAMS = frozenset({"_id", "_lastUpdated", "_count"})
+POLICIES = ("redox", "open")
 PATIENT_SCOPED = frozenset({"identifier", "patient", "patient.identifier", "date", "status"})
 SEARCH_PARAMS: dict[str, frozenset[str]] = {
     "Patient": frozenset(
@@ -40,23 +48,91 @@ SEARCH_PARAMS: dict[str, frozenset[str]] = {
         }
     ),
     "Encounter": PATIENT_SCOPED,
-    "Observation": PATIENT_SCOPED | {"effective", "category", "code"},
+    "Observation": PATIENT_SCOPED | {"subject", "effective", "category", "code"},
     "MedicationRequest": PATIENT_SCOPED | {"authoredon", "intent", "code"},
     "MedicationStatement": PATIENT_SCOPED | {"effective", "code"},
     "Appointment": PATIENT_SCOPED,
-    "DocumentReference": PATIENT_SCOPED | {"category", "type"},
+    "DocumentReference": PATIENT_SCOPED | {"category", "type", "_elements"},
 }
+SEARCH_PARAMS["Patient"] = SEARCH_PARAMS["Patient"] | {"_revinclude"}
+# Parameters that name the patient a search is about (``subject`` is Observation's own name).
+PATIENT_PARAMS = frozenset({"patient", "patient.identifier", "subject"})
 # Parameters that all mean the resource's clinical date (Query.date_*).
 DATE_ALIASES = frozenset({"date", "effective", "authoredon"})
-# One of these sets must be present (REDOX-REFERENCE §3.3); `_lastUpdated`/`date` always satisfy.
+
+
+def _sets(*options: str) -> tuple[frozenset[str], ...]:
+    """``"given+family+birthdate"`` -> frozenset({"given", "family", "birthdate"})."""
+    return tuple(frozenset(o.split("+")) for o in options)
+
+
+_PATIENT_OR = ("patient", "patient.identifier", "subject")
+# One of these sets must be present in every search (REDOX-REFERENCE §3.3). "patient" always also
+# means ``patient.identifier`` and, where FHIR names it so, ``subject``. Types the sandbox does not
+# serve are listed too so the table reads as the reference does; they answer 404 before this.
 REQUIRED: dict[str, tuple[frozenset[str], ...]] = {
-    "Patient": (frozenset({"_id"}), frozenset({"identifier"}), frozenset({"given", "family", "birthdate"})),
-    "Encounter": tuple(
-        frozenset({p}) for p in ("_id", "status", "identifier", "patient", "patient.identifier")
-    ),
-    "MedicationRequest": tuple(frozenset({p}) for p in ("_id", "patient", "patient.identifier")),
-    "MedicationStatement": tuple(frozenset({p}) for p in ("_id", "patient", "patient.identifier")),
+    "Patient": _sets("_id", "identifier", "given+family+birthdate"),
+    "Encounter": _sets("_id", "date", "status", "identifier", "patient", "patient.identifier"),
+    "MedicationRequest": _sets("patient", "patient.identifier", "_id"),
+    "MedicationStatement": _sets("patient", "patient.identifier", "_id"),
+    "Procedure": _sets("patient", "patient.identifier", "_id"),
+    "DocumentReference": _sets("_id", "identifier", "patient", "patient.identifier"),
+    "Observation": _sets(*_PATIENT_OR, "_id", "identifier"),
+    "Condition": _sets(*_PATIENT_OR, "_id", "identifier"),
+    "AllergyIntolerance": _sets(*_PATIENT_OR, "_id", "identifier"),
+    "Immunization": _sets(*_PATIENT_OR, "_id", "identifier"),
+    "DiagnosticReport": _sets(*_PATIENT_OR, "_id", "identifier"),
+    "Appointment": _sets("patient", "patient.identifier", "date", "identifier", "_id"),
+    "ServiceRequest": _sets("patient", "patient.identifier", "identifier", "_id"),
 }
+# ``search_policy: open`` (not Redox): the sandbox's old table, where ``_lastUpdated`` or any date
+# parameter also satisfies the requirement for every type.
+OPEN_REQUIRED: dict[str, tuple[frozenset[str], ...]] = {
+    "Patient": _sets("_id", "identifier", "given+family+birthdate"),
+    "Encounter": _sets("_id", "status", "identifier", "patient", "patient.identifier"),
+    "MedicationRequest": _sets("_id", "patient", "patient.identifier"),
+    "MedicationStatement": _sets("_id", "patient", "patient.identifier"),
+}
+# `_revinclude` targets: the resource types that point at a Patient, and the search parameters
+# (``patient`` / ``subject``) a client may name them by. ``*`` means every one the connection has.
+REVINCLUDE_TYPES = (
+    "Encounter",
+    "Observation",
+    "MedicationRequest",
+    "MedicationStatement",
+    "Appointment",
+    "DocumentReference",
+)
+REVINCLUDE_PARAMS = frozenset({"patient", "subject"})
+# DocumentReference's top-level elements (FHIR R4): what `_elements` may name.
+DOCUMENT_ELEMENTS = frozenset(
+    {
+        "id",
+        "meta",
+        "implicitRules",
+        "language",
+        "text",
+        "contained",
+        "extension",
+        "modifierExtension",
+        "masterIdentifier",
+        "identifier",
+        "status",
+        "docStatus",
+        "type",
+        "category",
+        "subject",
+        "date",
+        "author",
+        "authenticator",
+        "custodian",
+        "relatesTo",
+        "description",
+        "securityLabel",
+        "content",
+        "context",
+    }
+)
 # FHIR status value sets per resource type (what a client may send).
 STATUS_VALUES: dict[str, frozenset[str]] = {
     "Encounter": frozenset(
@@ -122,12 +198,14 @@ _DATE_VALUE = re.compile(
 
 
 class SearchError(Exception):
-    """A search the sandbox refuses (400); the message names the parameter, never its value."""
+    """A search the sandbox refuses (400 unless said); the message names the parameter, never its
+    value."""
 
-    def __init__(self, message: str, code: str = "invalid") -> None:
+    def __init__(self, message: str, code: str = "invalid", status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -135,12 +213,16 @@ class SearchPlan:
     """A parsed search: the store query, extra record filters, and the page size.
 
     ``query is None`` means the search provably matches nothing (e.g. an unknown identifier).
+    ``revinclude`` lists the resource types whose records pointing at the matched patients join
+    the result (``search.mode: include``); ``elements`` is the `_elements` subset, if any.
     """
 
     resource_type: str
     query: Query | None
     filters: tuple[Predicate, ...] = field(default=())
     count: int = 100
+    revinclude: tuple[str, ...] = ()
+    elements: tuple[str, ...] | None = None
 
 
 # --- value parsing ----------------------------------------------------------------------------
@@ -279,7 +361,11 @@ def _records_by_identifier(
 
 
 def parse_search(
-    resource_type: str, params: Sequence[tuple[str, str]], conn: ConnectionSpec, store: RecordStore
+    resource_type: str,
+    params: Sequence[tuple[str, str]],
+    conn: ConnectionSpec,
+    store: RecordStore,
+    policy: str = "redox",
 ) -> SearchPlan:
     """Turn (name, value) pairs (repeats allowed) into a SearchPlan, or raise SearchError."""
     allowed = SEARCH_PARAMS[resource_type] | COMMON_PARAMS
@@ -290,7 +376,9 @@ def parse_search(
                 f"unknown or unsupported search parameter '{name}' for {resource_type}", "not-supported"
             )
         grouped.setdefault(name, []).append(value)
-    _check_required(resource_type, grouped)
+    _check_required(resource_type, grouped, policy)
+    revinclude = _revinclude(grouped.pop("_revinclude", []), conn)
+    elements = _elements(grouped.pop("_elements")) if "_elements" in grouped else None
 
     count = conn.page_size
     if "_count" in grouped:
@@ -329,9 +417,9 @@ def parse_search(
                         id_sets.append(found)
                     else:
                         filters.append(predicate)
-        elif name in ("patient", "patient.identifier"):
+        elif name in PATIENT_PARAMS:
             for v in values:
-                if name == "patient":
+                if name in ("patient", "subject"):
                     wanted = {x.removeprefix("Patient/") for x in _split(v)}
                 else:
                     wanted = _patients_by_identifier(store, conn, v)
@@ -379,7 +467,7 @@ def parse_search(
     for s in id_sets:
         ids_selected = s if ids_selected is None else ids_selected & s
     if empty or (ids_selected is not None and not ids_selected) or statuses == []:
-        return SearchPlan(resource_type, None, (), count)
+        return SearchPlan(resource_type, None, (), count, revinclude, elements)
     query = Query(
         connection_id=conn.id,
         entity=entity,
@@ -396,20 +484,86 @@ def parse_search(
         statuses=tuple(statuses) if statuses is not None else None,
         category=category,
     )
-    return SearchPlan(resource_type, query, tuple(filters), count)
+    return SearchPlan(resource_type, query, tuple(filters), count, revinclude, elements)
 
 
-def _check_required(resource_type: str, grouped: dict[str, list[str]]) -> None:
-    present = {n for n in grouped if n != "_count"}
-    if "_lastUpdated" in present or present & DATE_ALIASES:
-        return
-    options = REQUIRED.get(resource_type)
+def describe_sets(options: tuple[frozenset[str], ...]) -> str:
+    """``_id | identifier | given+family+birthdate`` (each set's names in a fixed order)."""
+    order = ("given", "family", "birthdate")
+    return " | ".join(
+        "+".join(sorted(o, key=lambda n: (order.index(n) if n in order else -1, n))) for o in options
+    )
+
+
+def _check_required(resource_type: str, grouped: dict[str, list[str]], policy: str) -> None:
+    """Refuse a search that carries none of its resource's required sets (blank values do not
+    count as sent)."""
+    if policy not in POLICIES:
+        raise ValueError(f"search_policy must be one of {POLICIES}")
+    present = {n for n, values in grouped.items() if n != "_count" and any(v.strip() for v in values)}
+    if policy == "open":
+        if "_lastUpdated" in present or present & DATE_ALIASES:
+            return
+        options = OPEN_REQUIRED.get(resource_type)
+    else:
+        options = REQUIRED.get(resource_type)
     if not options or any(option <= present for option in options):
         return
-    described = " | ".join("+".join(sorted(o)) for o in options)
+    extra = " (or _lastUpdated / date)" if policy == "open" else "; _lastUpdated and _count never satisfy it"
     raise SearchError(
-        f"{resource_type} search requires one of: {described} (or _lastUpdated / date)", "required"
+        f"{resource_type} search requires one of these parameter sets: {describe_sets(options)}{extra}",
+        "required",
     )
+
+
+def _revinclude(values: list[str], conn: ConnectionSpec) -> tuple[str, ...]:
+    """The resource types a Patient search's `_revinclude` values ask for, in a fixed order."""
+    if not values:
+        return ()
+    if not conn.revinclude:
+        raise SearchError(
+            "search parameter '_revinclude' is not supported by this destination; "
+            "search each resource type by patient instead",
+            "not-supported",
+        )
+    entitled = [t for t in REVINCLUDE_TYPES if RESOURCE_ENTITIES[t] in conn.entities]
+    wanted: set[str] = set()
+    for value in values:
+        for item in _split(value):
+            if item == "*":
+                wanted.update(entitled)
+                continue
+            rtype, _, param = item.partition(":")
+            target = param.partition(":")[2]
+            if rtype not in REVINCLUDE_TYPES or param.partition(":")[0] not in REVINCLUDE_PARAMS:
+                raise SearchError(
+                    "parameter '_revinclude' takes * or Type:patient / Type:subject with Type one of "
+                    + ", ".join(REVINCLUDE_TYPES)
+                )
+            if target not in ("", "Patient"):
+                raise SearchError("parameter '_revinclude': the only target type is Patient")
+            if rtype not in entitled:
+                raise SearchError(
+                    f"this connection is not entitled to {rtype} ({RESOURCE_ENTITIES[rtype]})",
+                    "forbidden",
+                    403,
+                )
+            wanted.add(rtype)
+    return tuple(t for t in REVINCLUDE_TYPES if t in wanted)
+
+
+def _elements(values: list[str]) -> tuple[str, ...]:
+    """DocumentReference elements named by `_elements` (comma lists, repeats merged)."""
+    names = [n for v in values for n in _split(v)]
+    if not names:
+        raise SearchError("parameter '_elements' needs a comma list of DocumentReference elements")
+    unknown = [n for n in names if n not in DOCUMENT_ELEMENTS]
+    if unknown:
+        raise SearchError(
+            f"parameter '_elements': {len(unknown)} name(s) are not DocumentReference elements "
+            "(for example subject,masterIdentifier,date,type,context)"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def _statuses(resource_type: str, values: list[str]) -> list[str]:

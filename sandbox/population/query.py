@@ -396,6 +396,17 @@ def select(
     return Selection(index, rows=rows[keep])
 
 
+def patients_starting_since(indexes: Sequence[EntityIndex], since: datetime) -> int:
+    """How many distinct patients have a record in any of ``indexes`` whose clinical date (an
+    encounter's or appointment's start) is at or after ``since`` — on columns only."""
+    parts = []
+    for index in indexes:
+        threshold = index._fit(index.ticks(since, ceil=True), index.clin.dtype)
+        keep = (index.clin != index.clin_missing) & (index.clin >= threshold) & (index.patient >= 0)
+        parts.append(index.patient[keep].astype(np.int64))
+    return int(len(np.unique(np.concatenate(parts)))) if parts else 0
+
+
 def query_key(query: Query) -> tuple:
     """A hashable form of a query, for caching selections while pages are read."""
     return (

@@ -28,6 +28,7 @@ from sandbox.population.query import (
     SelectionCache,
     dead_codes,
     patient_matches,
+    patients_starting_since,
     query_key,
     record_business_id,
     record_category,
@@ -280,6 +281,15 @@ class StaticPopulation(RecordStore):
             cid: {e: (t.index.live_count() if live_only else len(t.records)) for e, t in tables.items()}
             for cid, tables in state.tables.items()
         }
+
+    def roster(self, connection_id: str) -> list[str]:
+        table = self._tables(self._state, connection_id).get("patients")
+        return [r.mrn for r in table.records] if table else []  # type: ignore[union-attr]
+
+    def active_patients(self, connection_id: str, since: datetime) -> int:
+        tables = self._tables(self._state, connection_id)
+        indexes = [tables[e].index for e in ("encounters", "appointments") if e in tables]
+        return patients_starting_since(indexes, since)
 
     def persons(self) -> list[dict]:
         state = self._state

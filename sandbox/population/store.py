@@ -100,6 +100,20 @@ class RecordStore(abc.ABC):
         """``{connection_id: {entity: n}}`` over each connection's entities; ``live_only``
         leaves out cancelled / entered-in-error records and inactive patients."""
 
+    def roster(self, connection_id: str) -> list[str]:
+        """The MRN of every patient of the connection (inactive ones included): the patient list
+        an organization holds for it. Backends override this with a column-level version."""
+        return [r.mrn for r in self.iter(Query(connection_id, "patients"))]  # type: ignore[attr-defined]
+
+    def active_patients(self, connection_id: str, since: datetime) -> int:
+        """How many patients of the connection have an encounter or an appointment starting at or
+        after ``since`` (any status: what an Encounter ``date`` / Booked window search shows)."""
+        seen: set[str] = set()
+        for entity in ("encounters", "appointments"):
+            for r in self.iter(Query(connection_id, entity, date_ge=since)):
+                seen.add(r.patient.patient_id)  # type: ignore[attr-defined]
+        return len(seen)
+
     @abc.abstractmethod
     def persons(self) -> list[dict]:
         """Which source records are the same person: ``[{"enterprise_id", "records":

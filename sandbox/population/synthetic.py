@@ -27,6 +27,7 @@ from sandbox.population.query import (
     dead_codes,
     normalize_id_type,
     patient_matches,
+    patients_starting_since,
     query_key,
     record_business_id,
     record_clinical_date,
@@ -394,6 +395,16 @@ class SyntheticPopulation(RecordStore):
             }
             snap.counts[live_only] = cached
         return {cid: dict(v) for cid, v in cached.items()}
+
+    def roster(self, connection_id: str) -> list[str]:
+        snap = self._snap
+        cs = self._conn(snap, connection_id)
+        return [self._builder.mrn(cs, row) for row in range(len(cs.tables["patients"]))]
+
+    def active_patients(self, connection_id: str, since: datetime) -> int:
+        cs = self._conn(self._snap, connection_id)
+        indexes = [cs.tables[e].index for e in ("encounters", "appointments") if e in cs.tables]
+        return patients_starting_since(indexes, since)
 
     def persons(self) -> list[dict]:
         snap = self._snap

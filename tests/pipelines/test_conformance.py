@@ -12,7 +12,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipelines.model import ENTITIES, staged_schema
+from pipelines.landing import RawLanding
+from pipelines.model import ENTITIES, ROW_EXTRAS, rows_to_table, staged_schema, unknown_keys
+from pipelines.page_reader import read_page
 from pipelines.resource_hints import staged_key, staged_table_name
 from pipelines.sync import run_sync
 from pipelines.sync_context import SyncWindow
@@ -79,11 +81,35 @@ def test_staged_schema_is_the_common_model(world: dict, surface: str, entity: st
     want = staged_schema(entity)
     missing = [f.name for f in want if f.name not in cols]
     assert not missing, missing
+    extra = [c for c in cols if c not in want.names and not c.startswith("_dlt")]
+    assert not extra, f"staged columns the common model does not define: {extra}"
     for f in want:
         if str(f.type).startswith("timestamp"):
             assert cols[f.name].startswith("TIMESTAMP"), (f.name, cols[f.name])
         elif str(f.type) == "double":
             assert cols[f.name] == "DOUBLE", f.name
+
+
+@pytest.mark.parametrize(("surface", "entity"), STREAMS)
+def test_every_record_matches_the_staged_schema(world: dict, surface: str, entity: str) -> None:
+    """Record versus schema: every record the page-to-rows functions give for this stream
+    (replayed from the landing) has only staged columns or documented side channels, and
+    its values fit the column types. A misspelled key fails here instead of vanishing."""
+    conn = SURFACE_CONNECTION[surface]
+    landing = RawLanding(world["paths"].landing_root)
+    records = []
+    for page in landing.pages(conn, surface):
+        context = landing.context(page.raw_ref)
+        rows = read_page(surface, landing.read(page.raw_ref), conn, page.raw_ref, page.entity, context)
+        records.extend(rows.rows[entity])
+    assert records, f"no {surface} {entity} record in the landing"
+    schema = staged_schema(entity)
+    strays = {k for r in records for k in unknown_keys(r, schema) if k not in ROW_EXTRAS}
+    assert not strays, f"record keys outside the staged schema: {sorted(strays)}"
+    table = rows_to_table([{k: v for k, v in r.items() if k not in ROW_EXTRAS} for r in records], schema)
+    assert table.num_rows == len(records)
+    for column in ("connection_id", "source_surface", "source_id", "raw_ref", "patient_ref_value"):
+        assert table.column(column).null_count == 0, f"{column} is null in some {surface} {entity} record"
 
 
 @pytest.mark.parametrize(("surface", "entity"), STREAMS)

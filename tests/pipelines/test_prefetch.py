@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -52,12 +51,15 @@ def test_closing_early_stops_the_worker() -> None:
             yield i
             i += 1
 
-    before = threading.active_count()
+    before = {t.ident for t in threading.enumerate()}
     gen = read_ahead(endless(), depth=2)
     assert next(gen) == 0
+    workers = [t for t in threading.enumerate() if t.ident not in before]
+    assert workers, "read_ahead started no worker"
     gen.close()
-    time.sleep(0.3)
+    for worker in workers:
+        worker.join(timeout=5)  # the condition: the worker has ended
+        assert not worker.is_alive(), "the read-ahead worker kept running after close()"
     count = len(produced)
-    time.sleep(0.2)
-    assert len(produced) == count  # no longer producing
-    assert threading.active_count() <= before
+    assert count <= 1 + 2 + 1  # the item in hand, the queue's depth, one blocked put
+    assert len(produced) == count  # a dead worker produces nothing more

@@ -159,3 +159,22 @@ def test_a_foreign_chain_is_refused(tmp_path: Path) -> None:
 def test_verify_reports_missing_warehouse(tmp_path: Path) -> None:
     ok, bad_seq, reason = verify_audit(tmp_path / "nope.duckdb")
     assert not ok and bad_seq is None and "no warehouse" in reason
+
+
+def test_audit_file_is_owner_only(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "new" / "calls.jsonl")
+    log.record(
+        CallRecord(
+            connection_id="c",
+            surface="fhir",
+            operation="search Patient",
+            method="POST",
+            path_template="/x",
+            status_code=200,
+            duration_ms=1.0,
+            called_at=datetime.now(UTC),
+        )
+    )
+    log.close()
+    assert (tmp_path / "new" / "calls.jsonl").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700

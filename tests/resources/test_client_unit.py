@@ -21,7 +21,10 @@ import pytest
 from resources.audit import AuditLog, read_audit_file
 from resources.auth import OAuthTokenProvider
 from resources.client import (
+    BudgetDeferred,
     DataModelError,
+    PagingCycleError,
+    PartialFailure,
     RedoxAPIError,
     RedoxAuthError,
     RedoxClient,
@@ -29,6 +32,7 @@ from resources.client import (
     ScopeError,
 )
 from resources.keys import KeyRing
+from resources.quota import BudgetError, RequestBudget
 from resources.settings import Settings, settings_from_dict
 from resources.throttle import AdaptiveThrottle
 
@@ -93,20 +97,48 @@ class Script:
         return httpx.Response(status, content=content, headers=headers)
 
 
+class FakeClock:
+    """Wall time for the request budget; its sleep advances time and is recorded."""
+
+    def __init__(self, waits: list[float]) -> None:
+        self.now = 1_800_000_000.0
+        self.waits = waits
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+
 def make_client(
-    tmp_path: Path, script: Script, tokens: FakeTokens | None = None, **conn: Any
+    tmp_path: Path,
+    script: Script,
+    tokens: FakeTokens | None = None,
+    retry: RetryPolicy | None = None,
+    budget_requests: int = 1000,
+    **conn: Any,
 ) -> tuple[RedoxClient, list[float]]:
     sleeps: list[float] = []
-    pauses: list[float] = []  # the throttle's waits, kept apart from the retry backoff
+    pauses: list[float] = []  # the throttle's and the budget's waits, kept apart from the retry backoff
+    clock = FakeClock(pauses)
     client = RedoxClient(
         settings(tmp_path, **conn),
         "north",
         audit=AuditLog(tmp_path / "audit.jsonl"),
         http=httpx.Client(transport=httpx.MockTransport(script)),
         throttle=AdaptiveThrottle(initial_rps=1000.0, max_rps=1000.0, sleep=pauses.append),
+        budget=RequestBudget(
+            tmp_path / f"budget-{len(list(tmp_path.glob('budget-*')))}.sqlite",
+            requests=budget_requests,
+            window_s=300.0,
+            clock=clock,
+            sleep=clock.sleep,
+        ),
         fhir_tokens=tokens or FakeTokens(),
         datamodel_tokens=tokens or FakeTokens(),
-        retry=RetryPolicy(max_attempts=4, base_delay_s=0.01),
+        retry=retry or RetryPolicy(max_attempts=4, base_delay_s=0.01),
         rng=random.Random(1),
         sleep=sleeps.append,
     )
@@ -322,7 +354,8 @@ def test_meta_errors_fail_even_on_200_without_phi_in_the_message(tmp_path: Path)
     body = {
         "Meta": {
             "Errors": [
-                {"ID": 1, "Text": f"no patient named {CANARY_NAME}", "Type": "query", "Module": "Search"}
+                {"ID": 1, "Text": f"no patient named {CANARY_NAME}", "Type": "query", "Module": "Send"},
+                {"ID": 2, "Text": "x", "Type": CANARY_NAME, "Module": f"MRN {CANARY_NAME}"},
             ]
         }
     }
@@ -330,9 +363,13 @@ def test_meta_errors_fail_even_on_200_without_phi_in_the_message(tmp_path: Path)
     client, _ = make_client(tmp_path, script)
     with pytest.raises(DataModelError) as caught:
         client.datamodel({"Meta": {"DataModel": "PatientSearch", "EventType": "Query"}, "Patient": {}})
+    assert isinstance(caught.value, PartialFailure) and caught.value.retryable
     assert CANARY_NAME not in str(caught.value) and CANARY_NAME not in repr(caught.value)
-    assert "query/Search" in str(caught.value)
+    assert CANARY_NAME not in "".join(caught.value.codes)
+    assert "query/Send" in str(caught.value)
+    assert "<unrecognized, 10 chars>/<unrecognized, 14 chars>" in str(caught.value)
     assert any(CANARY_NAME in d for d in caught.value.details)
+    assert len(script.requests) == 1  # a partial failure is reported, not retried into the quota
 
 
 # ---- token provider ------------------------------------------------------------------------------
@@ -401,7 +438,13 @@ def test_unregistered_new_key_falls_back_to_the_previous_one_then_switches(key_r
         transport=httpx.MockTransport(_token_endpoint(calls, lifetime=10, delay_s=0, unknown_kids=unknown))
     )
     provider = OAuthTokenProvider(
-        f"{BASE}/v2/auth/token", "client-1", key_ring, http, clock=lambda: clock[0], reprobe_after_s=30
+        f"{BASE}/v2/auth/token",
+        "client-1",
+        key_ring,
+        http,
+        clock=lambda: clock[0],
+        reprobe_after_s=30,
+        min_lifetime_s=1,  # 10 s tokens on purpose: this test is about rotation, not clamping
     )
     provider.get_token()
     assert provider.signing_kid == old.kid and len(calls) == 2  # tried the new key, fell back
@@ -461,3 +504,411 @@ def test_document_content_is_read_relative_to_the_fhir_base_only(tmp_path: Path)
         read_audit_file(tmp_path / "audit.jsonl")[0][0]["path_template"]
         == "/fhir/R4/{slug}/{env}/Binary/{id}"
     )
+
+
+# ---- partial failures (REDOX-REFERENCE §12.11): HTTP 200 that is not "no data" ----------------------
+
+
+def outcome(severity: str, code: str, text: str = "") -> dict[str, Any]:
+    issue: dict[str, Any] = {"severity": severity, "code": code}
+    if text:
+        issue["diagnostics"] = text
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        dict(
+            bundle(2), entry=[*bundle(2)["entry"], {"resource": outcome("error", "exception", CANARY_NAME)}]
+        ),
+        dict(bundle(0), entry=[{"resource": outcome("fatal", "timeout")}]),
+        dict(bundle(1), entry=[{"response": {"status": "500", "outcome": outcome("error", "transient")}}]),
+        outcome("error", "processing"),
+    ],
+    ids=["entry-error", "entry-fatal", "batch-outcome", "bare-outcome"],
+)
+def test_fhir_partial_failures_raise_instead_of_returning_no_data(
+    tmp_path: Path, page: dict[str, Any]
+) -> None:
+    script = Script((200, page))
+    client, sleeps = make_client(tmp_path, script)
+    with pytest.raises(PartialFailure) as caught:
+        list(client.fhir_search("Patient", {"identifier": "urn:mrn|1"}))
+    assert caught.value.status_code == 200 and caught.value.retryable
+    assert CANARY_NAME not in str(caught.value) and "partial failure" in str(caught.value)
+    assert len(script.requests) == 1 and sleeps == []
+
+
+def test_warnings_inside_a_bundle_are_not_failures(tmp_path: Path) -> None:
+    page = dict(bundle(1), entry=[*bundle(1)["entry"], {"resource": outcome("warning", "informational")}])
+    client, _ = make_client(tmp_path, Script((200, page)))
+    assert len(list(client.fhir_search_pages("Patient", {}))) == 1
+
+
+def test_server_codes_carrying_a_name_are_replaced_by_their_length(tmp_path: Path) -> None:
+    body = outcome(f"error {CANARY_NAME}", CANARY_NAME, f"patient {CANARY_NAME} not found")
+    client, _ = make_client(tmp_path, Script((400, body)))
+    with pytest.raises(RedoxAPIError) as caught:
+        client.fhir_read("Patient", "p1")
+    message = str(caught.value)
+    assert CANARY_NAME not in message and CANARY_NAME not in "".join(caught.value.codes)
+    assert "<unrecognized, 16 chars>:<unrecognized, 10 chars>" in message
+    assert "HTTP 400" in message and any(CANARY_NAME in d for d in caught.value.details)
+
+
+# ---- paging cycles ------------------------------------------------------------------------------
+
+
+def test_a_next_link_to_its_own_page_stops_with_a_clear_error(tmp_path: Path) -> None:
+    loop = f"{FHIR}/Patient/_search?page=2&family={CANARY_NAME}"
+    script = Script((200, bundle(2, loop)), (200, bundle(1, loop)))
+    client, _ = make_client(tmp_path, script)
+    pages = []
+    with pytest.raises(PagingCycleError, match="next link of page 2 was already followed") as caught:
+        for page in client.fhir_search_pages("Patient", {}):
+            pages.append(page)
+    assert len(pages) == 2 and len(script.requests) == 2
+    assert CANARY_NAME not in str(caught.value)
+
+
+def test_fresh_links_serving_the_same_page_stop_too(tmp_path: Path) -> None:
+    counter = iter(range(10_000))
+
+    def same_page(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=bundle(3, f"{FHIR}/Patient/_search?cursor={next(counter)}"))
+
+    script = Script(same_page)
+    client, _ = make_client(tmp_path, script)
+    with pytest.raises(PagingCycleError, match="page 2 repeats the entries of page 1"):
+        list(client.fhir_search_pages("Patient", {}))
+    assert len(script.requests) == 2
+
+
+def test_endless_empty_pages_stop(tmp_path: Path) -> None:
+    counter = iter(range(10_000))
+    script = Script(
+        lambda r: httpx.Response(200, json=bundle(0, f"{FHIR}/Patient/_search?c={next(counter)}"))
+    )
+    client, _ = make_client(tmp_path, script)
+    with pytest.raises(PagingCycleError, match="6 empty pages in a row"):
+        list(client.fhir_search_pages("Patient", {}))
+    assert len(script.requests) == 6
+
+
+def test_next_links_are_optional(tmp_path: Path) -> None:
+    script = Script((200, bundle(2, f"{FHIR}/Patient/_search?page=2")))
+    client, _ = make_client(tmp_path, script)
+    assert len(list(client.fhir_search_pages("Patient", {}, follow_next=False))) == 1
+    assert len(script.requests) == 1
+
+
+# ---- bounded waits ---------------------------------------------------------------------------------
+
+
+def test_a_huge_retry_after_is_capped_at_the_redox_window(tmp_path: Path) -> None:
+    script = Script((429, {}, {"Retry-After": "1000000"}), (200, {"resourceType": "Patient"}))
+    client, _ = make_client(tmp_path, script)
+    client.fhir_read("Patient", "p1")
+    assert len(script.requests) == 2
+    assert max(client.test_pauses) == pytest.approx(300.0, abs=1.0)  # waited the window, not 11 days
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf", "soon", "1e400"])
+def test_odd_retry_after_values_do_not_break_the_retry(tmp_path: Path, value: str) -> None:
+    script = Script((503, {}, {"Retry-After": value}), (200, {"resourceType": "Patient"}))
+    client, sleeps = make_client(tmp_path, script)
+    client.fhir_read("Patient", "p1")
+    assert len(sleeps) == 1 and 0 <= sleeps[0] <= 1.0
+
+
+def test_a_wait_past_the_call_deadline_fails_at_once(tmp_path: Path) -> None:
+    script = Script((429, {}, {"Retry-After": "1000000"}), (200, {"resourceType": "Patient"}))
+    client, _ = make_client(tmp_path, script, retry=RetryPolicy(max_attempts=4, deadline_s=60.0))
+    with pytest.raises(BudgetDeferred, match="not sent") as caught:
+        client.fhir_read("Patient", "p1")
+    assert caught.value.retryable and len(script.requests) == 1
+    assert max(client.test_pauses, default=0.0) <= 300.0
+
+    slow = Script((503, {}, {"Retry-After": "120"}), (200, {"resourceType": "Patient"}))
+    client, sleeps = make_client(tmp_path, slow, retry=RetryPolicy(max_attempts=4, deadline_s=60.0))
+    with pytest.raises(RedoxAPIError, match="the next wait would pass the 60 s deadline"):
+        client.fhir_read("Patient", "p1")
+    assert sleeps == [] and len(slow.requests) == 1
+
+
+# ---- the shared budget and priorities ------------------------------------------------------------
+
+
+def test_low_priority_calls_wait_for_the_budget_and_events_go_first(tmp_path: Path) -> None:
+    script = Script((200, {"resourceType": "Patient", "id": "p1"}))
+    client, _ = make_client(tmp_path, script, budget_requests=20, retry=RetryPolicy(deadline_s=30.0))
+    for _ in range(17):  # discovery may use 85% of 20
+        client.fhir_read("Patient", "p1", priority="discovery")
+    with pytest.raises(BudgetDeferred, match="'discovery' may use 17"):
+        client.fhir_read("Patient", "p1", priority="discovery")
+    assert len(script.requests) == 17
+    client.fhir_read("Patient", "p1", priority="event")  # events may spend the reserve
+    assert client.budget.stats().used == 18 and client.budget.remaining("refresh") == 0
+    with pytest.raises(BudgetError, match="unknown priority"):
+        client.fhir_read("Patient", "p1", priority="urgent")
+
+
+def test_clients_of_one_redox_client_share_one_budget(tmp_path: Path) -> None:
+    other = settings_from_dict(
+        {
+            "token_url": f"{BASE}/v2/auth/token",
+            "auth": {"client_id": "client-1"},
+            "quota": {"requests": 50, "window_s": 60},
+            "connections": [
+                {"id": "a", "surfaces": ["fhir"], "entities": ["patients"], "fhir_base_url": FHIR},
+                {
+                    "id": "b",
+                    "surfaces": ["fhir"],
+                    "entities": ["patients"],
+                    "fhir_base_url": f"{BASE}/fhir/R4/b/Development",
+                },
+            ],
+            "audit": {"path": str(tmp_path / "audit.jsonl")},
+        }
+    )
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    a = RedoxClient(other, "a", audit=audit, fhir_tokens=FakeTokens())
+    b = RedoxClient(other, "b", audit=audit, fhir_tokens=FakeTokens())
+    assert a.budget is b.budget and a.throttle is b.throttle
+    assert (a.budget.requests, a.budget.window_s) == (50, 60.0)
+    assert a.budget.path.parent == tmp_path / "redox-home" / "quota"
+
+
+# ---- token lifetimes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "most"),
+    [(-5, 5), (0, 5), ("NaN", 2), (1e308, 2), ("soon", 2), (300, 2), (None, 2)],
+)
+def test_token_lifetimes_are_clamped(key_ring: KeyRing, expires_in: Any, most: int) -> None:
+    requests: list[int] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        requests.append(1)
+        body = {"access_token": f"at-{len(requests)}", "token_type": "Bearer"}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        return httpx.Response(200, content=json.dumps(body).encode())
+
+    clock = [0.0]
+    provider = OAuthTokenProvider(
+        f"{BASE}/v2/auth/token",
+        "client-1",
+        key_ring,
+        httpx.Client(transport=httpx.MockTransport(endpoint)),
+        clock=lambda: clock[0],
+    )
+    for _ in range(100):  # 100 calls, one a second
+        provider.get_token()
+        clock[0] += 1.0
+    assert 1 <= len(requests) <= most, (expires_in, len(requests))
+    clock[0] += 301.0
+    provider.get_token()  # never kept past the documented 5 minutes
+    assert len(requests) >= 2
+
+
+def test_legacy_lifetimes_are_clamped() -> None:
+    from resources.auth import LEGACY_MAX_LIFETIME_S, _parse_expires
+
+    assert _parse_expires("2000-01-01T00:00:00Z") == 30.0
+    assert _parse_expires("9999-12-31T23:59:59Z") == LEGACY_MAX_LIFETIME_S
+    assert _parse_expires("garbage") == LEGACY_MAX_LIFETIME_S
+
+
+# ---- the audit trail keeps one record per outbound call ---------------------------------------------
+
+
+def test_every_attempt_and_token_call_is_audited(tmp_path: Path, key_ring: KeyRing) -> None:
+    answers = iter([503, 401, 200])
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/v2/auth/token"):
+            return httpx.Response(200, json={"access_token": "at-x", "expires_in": 300})
+        return httpx.Response(next(answers), json={"resourceType": "Patient", "id": "p1"})
+
+    http = httpx.Client(transport=httpx.MockTransport(server))
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    provider = OAuthTokenProvider(f"{BASE}/v2/auth/token", "client-1", key_ring, http)
+    clock = FakeClock([])
+    client = RedoxClient(
+        settings(tmp_path),
+        "north",
+        audit=audit,
+        http=http,
+        fhir_tokens=provider,
+        datamodel_tokens=FakeTokens(),
+        budget=RequestBudget(tmp_path / "b.sqlite", requests=100, clock=clock, sleep=clock.sleep),
+        retry=RetryPolicy(base_delay_s=0.0),
+        sleep=lambda s: None,
+    )
+    client.fhir_read("Patient", "p1")
+    records, _ = read_audit_file(tmp_path / "audit.jsonl")
+    assert [(r["surface"], r["status_code"], r["attempt"]) for r in records] == [
+        ("auth", 200, 1),
+        ("fhir", 503, 1),
+        ("fhir", 401, 2),
+        ("auth", 200, 1),
+        ("fhir", 200, 3),
+    ]
+    assert client.budget.stats().used == 3  # API attempts spend the budget
+
+
+# ---- bodies: size and time limits ------------------------------------------------------------------
+
+
+def test_an_oversized_body_is_refused_without_retrying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resources.client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_BODY_BYTES", 1000)
+    script = Script((200, bundle(50)))
+    client, sleeps = make_client(tmp_path, script)
+    with pytest.raises(RedoxAPIError, match="failed: BodyTooLarge"):
+        list(client.fhir_search_pages("Patient", {}))
+    assert len(script.requests) == 1 and sleeps == []
+    assert read_audit_file(tmp_path / "audit.jsonl")[0][0]["error"] == "BodyTooLarge"
+
+
+def test_a_trickling_body_is_cut_off_at_the_attempt_limit(tmp_path: Path) -> None:
+    class Trickle(httpx.SyncByteStream):
+        def __iter__(self):
+            for _ in range(1000):
+                yield b" "
+
+    now = [0.0]
+
+    def clock() -> float:  # every look at the clock is 10 s later: a very slow server
+        now[0] += 10.0
+        return now[0]
+
+    answers = iter([httpx.Response(200, stream=Trickle()), httpx.Response(200, json=bundle(1))])
+    script = Script(lambda r: next(answers))
+    client, sleeps = make_client(tmp_path, script)
+    client._clock = clock
+    client.retry = RetryPolicy(deadline_s=100_000.0, base_delay_s=0.01)
+    assert len(list(client.fhir_search_pages("Patient", {}))) == 1
+    errors = [r["error"] for r in read_audit_file(tmp_path / "audit.jsonl")[0]]
+    assert errors == ["BodyTooSlow", None] and len(sleeps) == 1
+
+
+# ---- fuzz: hostile server answers end in a RedoxError with a PHI-free message, or in data -------------
+
+
+def _hostile_value(rng: random.Random, depth: int = 0) -> Any:
+    pick = rng.random()
+    if depth > 2 or pick < 0.3:
+        return rng.choice(
+            [None, 1, -5, 1e308, True, "", CANARY_NAME, f"MRN {CANARY_NAME}", "error", "x" * 50]
+        )
+    if pick < 0.6:
+        return [_hostile_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    keys = [
+        "resourceType",
+        "entry",
+        "issue",
+        "severity",
+        "code",
+        "Meta",
+        "Errors",
+        "Type",
+        "Module",
+        "link",
+        "resource",
+    ]
+    return {rng.choice(keys): _hostile_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _hostile_body(rng: random.Random) -> Any:
+    shapes = [
+        lambda: _hostile_value(rng),
+        lambda: {"resourceType": "Bundle", "entry": [_hostile_value(rng) for _ in range(3)]},
+        lambda: {
+            "resourceType": "Bundle",
+            "entry": [
+                {
+                    "resource": {
+                        "resourceType": "OperationOutcome",
+                        "issue": [
+                            {
+                                "severity": rng.choice(["error", "fatal", "warning", CANARY_NAME, None]),
+                                "code": rng.choice(["processing", CANARY_NAME, 7]),
+                            }
+                        ],
+                    }
+                }
+            ],
+        },
+        lambda: {"resourceType": "OperationOutcome", "issue": _hostile_value(rng)},
+        lambda: {
+            "Meta": {
+                "Errors": [
+                    {"Type": rng.choice(["query", CANARY_NAME]), "Module": CANARY_NAME, "Text": CANARY_NAME}
+                ]
+            }
+        },
+        lambda: {"Meta": _hostile_value(rng), "Results": _hostile_value(rng)},
+        lambda: {
+            "resourceType": "Bundle",
+            "link": [
+                {
+                    "relation": "next",
+                    "url": rng.choice([f"{FHIR}/Patient/_search?p=1", "https://evil.example/x", 5, None]),
+                }
+            ],
+            "entry": [],
+        },
+    ]
+    return rng.choice(shapes)()
+
+
+def test_fuzzed_server_answers_never_escape_as_anything_but_redox_errors(tmp_path: Path) -> None:
+    from resources.client import RedoxError
+
+    rng = random.Random(1414)
+    statuses = [200, 200, 200, 201, 400, 401, 403, 404, 409, 429, 500, 502, 503]
+    outcomes: dict[str, int] = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        status = rng.choice(statuses)
+        headers = {}
+        if rng.random() < 0.3:
+            headers["Retry-After"] = rng.choice(["1000000", "-1", "nan", "soon", "0.5", "1e400"])
+        if rng.random() < 0.2:
+            headers["X-RateLimit-Limit"] = rng.choice(["0", "-3", "inf", "abc", "7500"])
+        if rng.random() < 0.15:
+            return httpx.Response(
+                status, content=rng.choice([b"", b"{", b"<html>", b"\xff\xfe", b"[1,2"]), headers=headers
+            )
+        return httpx.Response(status, content=json.dumps(_hostile_body(rng)).encode(), headers=headers)
+
+    calls = [
+        lambda c: list(c.fhir_search_pages("Patient", {"identifier": "urn:mrn|1"})),
+        lambda c: c.fhir_read("Patient", "p1"),
+        lambda c: c.datamodel({"Meta": {"DataModel": "Results", "EventType": "Query"}, "Patient": {}}),
+    ]
+    for i in range(400):
+        client, _ = make_client(
+            tmp_path / f"c{i % 4}",
+            Script(answer),
+            retry=RetryPolicy(max_attempts=2, max_rate_limited=2, base_delay_s=0.0),
+        )
+        try:
+            rng.choice(calls)(client)
+            outcomes["ok"] = outcomes.get("ok", 0) + 1
+        except RedoxError as exc:
+            text = str(exc) + repr(exc) + " ".join(exc.codes if hasattr(exc, "codes") else ())
+            assert CANARY_NAME not in text, text
+            assert "\n" not in str(exc)
+            outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
+        finally:
+            client.close()
+            client.budget.close()
+    assert outcomes.get("ok", 0) > 10 and outcomes.get("PartialFailure", 0) > 5, outcomes

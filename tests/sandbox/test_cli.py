@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from sandbox.server import SandboxServer
-from tests.sandbox.test_server_e2e import EVERYTHING, Live, fhir_valid, strict_redox
+from tests.sandbox.test_server_e2e import Live, fhir_valid, strict_redox
 
 
 def redox_elt() -> list[str]:
@@ -116,6 +116,7 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
                 "environment": "Staging",
                 "quota_requests": 100,
                 "quota_window_s": 60,
+                "search_policy": "open",  # not Redox: lets this test list every patient at once
                 "connections": [
                     {
                         "id": "alpha-fhir",
@@ -125,6 +126,8 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
                         "slug": "alpha-hospital",
                         "membership": 1.0,
                         "page_size": 25,
+                        "bulk_export": True,
+                        "refresh_days": 3,
                     },
                     {
                         "id": "beta-dm",
@@ -144,13 +147,15 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
     assert alpha["fhir_base_url"] == f"{served.url}/fhir/R4/alpha-hospital/Staging"
     assert (beta["id"], beta["surfaces"], beta["write_entities"]) == ("beta-dm", ["datamodel"], ["orders"])
     assert beta["rate_limit"] == {"requests": 100, "window_s": 60, "scope": "client"}
+    assert (alpha["bulk_export"], alpha["refresh_days"], beta["bulk_export"]) == (True, 3, False)
+    assert alpha["bulk_group_id"] and beta["bulk_group_id"] is None
     truth = httpx.get(f"{served.url}/_sandbox/truth", timeout=10).json()
     assert set(truth["counts"]) == {"alpha-fhir", "beta-dm"}
     assert set(truth["counts"]["alpha-fhir"]) == {"patients", "results"}
     live = Live(served.url)
-    bundle = live.fhir_search("alpha-fhir", "Patient", EVERYTHING).json()
+    bundle = live.fhir_search("alpha-fhir", "Patient", {"_lastUpdated": "ge1900-01-01"}).json()
     assert bundle["total"] == truth["counts"]["alpha-fhir"]["patients"] and len(bundle["entry"]) == 25
-    assert live.fhir_search("alpha-fhir", "Encounter", EVERYTHING).status_code == 403  # not entitled
+    assert live.fhir_search("alpha-fhir", "Encounter", {"date": "ge1900"}).status_code == 403  # not entitled
     live.close()
 
 
@@ -274,16 +279,24 @@ def test_serve_seed_from_a_bulk_export_serves_it_through_both_surfaces(serve, tm
     counts = truth["counts"][conn["id"]]
     assert (counts["patients"], counts["encounters"], counts["results"]) == (3, 2, 3)
     assert counts["medications"] == counts["appointments"] == counts["documents"] == 0
+    # The Redox way: each roster MRN -> one Patient search that revincludes the patient's records.
+    roster = live.http.get(f"{served.url}/_sandbox/roster", params={"connection": conn["id"]}).json()
+    by_type: dict[str, list[dict]] = {}
+    for ident in roster["patients"]:
+        params = {"identifier": f"{ident['system']}|{ident['value']}", "_revinclude": "*"}
+        bundle = live.fhir_search(conn["id"], "Patient", params).json()
+        assert bundle["total"] == 1
+        for entry in bundle["entry"]:
+            by_type.setdefault(entry["resource"]["resourceType"], []).append(entry["resource"])
     for rtype, expected in (("Patient", 3), ("Encounter", 2), ("Observation", 3)):
-        resources, total = live.fhir_all(conn["id"], rtype, EVERYTHING)
-        assert total == len(resources) == expected
-        for resource in resources:
+        assert len(by_type[rtype]) == expected
+        for resource in by_type[rtype]:
             fhir_valid(resource)
-    patients, _ = live.fhir_all(conn["id"], "Patient", EVERYTHING)
+    patients = by_type["Patient"]
     assert sorted(p["birthDate"] for p in patients) == ["1961-04-12", "1978-11-30", "2001-02-03"]
-    observations, _ = live.fhir_all(conn["id"], "Observation", EVERYTHING)
+    observations = by_type["Observation"]
     assert sorted(o["valueQuantity"]["value"] for o in observations) == [91, 92, 93]
-    encounters, _ = live.fhir_all(conn["id"], "Encounter", EVERYTHING)
+    encounters, _ = live.fhir_all(conn["id"], "Encounter", {"date": "ge1900-01-01"})
     assert {e["period"]["start"][:10] for e in encounters} == {"2026-01-11", "2026-02-11"}
     found = live.dm(
         conn["id"], "PatientSearch", "Query", Patient={"Identifiers": [{"ID": "E2000", "IDType": "MR"}]}

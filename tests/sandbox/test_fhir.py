@@ -416,6 +416,14 @@ def client(state: SandboxState) -> TestClient:
     return TestClient(Starlette(routes=routes(state)), base_url="http://sandbox.test")
 
 
+@pytest.fixture
+def open_client(state: SandboxState) -> TestClient:
+    """The same sandbox with ``search_policy: open`` (not Redox): for tests about filter and paging
+    mechanics that need a search wider than one patient."""
+    state.config = dataclasses.replace(state.config, search_policy="open")
+    return TestClient(Starlette(routes=routes(state)), base_url="http://sandbox.test")
+
+
 BASE = "/fhir/R4/clinic-health/Development"
 
 
@@ -619,13 +627,14 @@ def test_unknown_slug_wrong_environment_and_data_model_only_connection_are_404(c
         assert r.json()["resourceType"] == "OperationOutcome"
 
 
-def test_resource_outside_the_connection_entitlements_is_403(client: TestClient) -> None:
+def test_resource_outside_the_connection_entitlements_is_403(client: TestClient, store: ListStore) -> None:
     base = "/fhir/R4/limited-net/Development"
     r = client.post(f"{base}/Observation/_search", data={"_lastUpdated": "ge2000-01-01"}, headers=FORM)
     assert r.status_code == 403
     assert r.json()["issue"][0]["code"] == "forbidden"
     assert client.get(f"{base}/Encounter/enc-000-0", headers=AUTH).status_code == 403
-    assert search(client, "Patient", {"_lastUpdated": "ge2000-01-01"}, base)["total"] == 4
+    limited_ids = ",".join(p.id for p in records_of(store, "patients", "limited"))
+    assert search(client, "Patient", {"_id": limited_ids}, base)["total"] == 4
 
 
 # --- read ------------------------------------------------------------------------------------
@@ -686,9 +695,51 @@ def test_unknown_parameter_is_400_naming_it(client: TestClient) -> None:
     assert "'flavour'" in r.json()["issue"][0]["diagnostics"]
 
 
-def test_required_parameters_are_enforced_unless_lastupdated_or_date(
+def test_required_parameter_sets_are_enforced_and_lastupdated_never_satisfies_one(
     client: TestClient, store: ListStore
 ) -> None:
+    p = records_of(store, "patients")[0]
+    refused = (
+        ("Patient", {"gender": "male"}),
+        ("Patient", {"gender": "male", "_lastUpdated": "ge2000-01-01"}),
+        ("Patient", {"_count": "5"}),
+        ("Patient", {"given": p.given_names[0], "family": p.family_name}),  # birthdate missing
+        ("MedicationRequest", {"status": "active"}),
+        ("MedicationRequest", {"status": "active", "date": "ge2000"}),
+        ("MedicationStatement", {"_lastUpdated": "ge2000"}),
+        ("Observation", {}),
+        ("Observation", {"category": "laboratory", "date": "ge2000"}),
+        ("DocumentReference", {"_lastUpdated": "ge2000", "_count": "5"}),
+        ("Appointment", {"status": "booked"}),
+        ("Encounter", {"_lastUpdated": "ge2000"}),
+        ("Encounter", {"patient": ""}),  # a blank value is not a sent parameter
+    )
+    for rtype, params in refused:
+        r = client.post(f"{BASE}/{rtype}/_search", data=params, headers=FORM)
+        assert r.status_code == 400, (rtype, params)
+        issue = r.json()["issue"][0]
+        assert issue["code"] == "required"
+        assert rtype in issue["diagnostics"] and "_id" in issue["diagnostics"]
+        assert all(v not in issue["diagnostics"] for v in params.values() if len(v) > 3)
+    diagnostics = client.post(f"{BASE}/Patient/_search", data={}, headers=FORM).json()["issue"][0]
+    assert "_id | identifier | given+family+birthdate" in diagnostics["diagnostics"]
+    accepted = (
+        ("Encounter", {"date": "ge2026-01-01"}),
+        ("Encounter", {"status": "finished"}),
+        ("Appointment", {"date": "ge2026-01-01"}),
+        ("Observation", {"subject": f"Patient/{p.id}", "_lastUpdated": "ge2000"}),
+        ("MedicationStatement", {"patient.identifier": f"urn:redox:clinic-health:MR|{p.mrn}"}),
+        ("DocumentReference", {"patient": p.id}),
+        ("Patient", {"given": p.given_names[0], "family": p.family_name, "birthdate": str(p.birth_date)}),
+    )
+    for rtype, params in accepted:
+        assert client.post(f"{BASE}/{rtype}/_search", data=params, headers=FORM).status_code == 200, rtype
+
+
+def test_open_policy_keeps_the_permissive_rules_for_benchmarks(
+    open_client: TestClient, store: ListStore
+) -> None:
+    client = open_client
     for rtype, params in (("Patient", {"gender": "male"}), ("MedicationRequest", {"status": "active"})):
         r = client.post(f"{BASE}/{rtype}/_search", data=params, headers=FORM)
         assert r.status_code == 400, rtype
@@ -736,7 +787,8 @@ def test_search_by_id_identifier_and_patient(client: TestClient, store: ListStor
     ) == [obs.id]
 
 
-def test_search_by_dates_with_prefixes_and_repeats(client: TestClient, store: ListStore) -> None:
+def test_search_by_dates_with_prefixes_and_repeats(open_client: TestClient, store: ListStore) -> None:
+    client = open_client
     params = [("date", "ge2026-02-01"), ("date", "lt2026-04-01")]
     got = ids_of(search_all(client, "Encounter", params)[0])
     lo, hi = datetime(2026, 2, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)
@@ -759,7 +811,8 @@ def test_search_by_dates_with_prefixes_and_repeats(client: TestClient, store: Li
     )
 
 
-def test_search_by_last_updated_window(client: TestClient, store: ListStore) -> None:
+def test_search_by_last_updated_window(open_client: TestClient, store: ListStore) -> None:
+    client = open_client
     lo, hi = T0 + timedelta(hours=970), T0 + timedelta(hours=2910)
     params = [("_lastUpdated", "ge" + lo.isoformat()), ("_lastUpdated", "lt" + hi.isoformat())]
     got, totals = search_all(client, "Patient", params)
@@ -767,7 +820,10 @@ def test_search_by_last_updated_window(client: TestClient, store: ListStore) -> 
     assert ids_of(got) == expected and totals[0] == len(expected)
 
 
-def test_search_by_status_category_code_intent_and_demographics(client: TestClient, store: ListStore) -> None:
+def test_search_by_status_category_code_intent_and_demographics(
+    open_client: TestClient, store: ListStore
+) -> None:
+    client = open_client
     results = records_of(store, "results")
     got = ids_of(search_all(client, "Observation", {"status": "final,corrected"})[0])
     assert got == [r.id for r in results if r.status in ("final", "corrected")]
@@ -805,9 +861,21 @@ def test_search_by_status_category_code_intent_and_demographics(client: TestClie
 
 
 def test_json_body_search_is_accepted(client: TestClient, store: ListStore) -> None:
-    r = client.post(f"{BASE}/Observation/_search", json={"category": "laboratory", "_count": 3}, headers=AUTH)
+    p = max(
+        records_of(store, "patients"),
+        key=lambda x: sum(
+            1
+            for r in records_of(store, "results")
+            if r.patient.patient_id == x.id and r.category == "laboratory"
+        ),
+    )
+    body = {"patient": p.id, "category": "laboratory", "_count": 3}
+    r = client.post(f"{BASE}/Observation/_search", json=body, headers=AUTH)
     assert r.status_code == 200
-    assert r.json()["total"] == sum(1 for x in records_of(store, "results") if x.category == "laboratory")
+    expected = sum(
+        1 for x in records_of(store, "results") if x.category == "laboratory" and x.patient.patient_id == p.id
+    )
+    assert r.json()["total"] == expected and expected > 3
     assert len(r.json()["entry"]) == 3
 
 
@@ -822,8 +890,9 @@ def test_json_body_search_is_accepted(client: TestClient, store: ListStore) -> N
     ],
 )
 def test_paging_through_next_links_gives_every_record_exactly_once(
-    client: TestClient, store: ListStore, rtype: str, params: dict, follow: str
+    open_client: TestClient, store: ListStore, rtype: str, params: dict, follow: str
 ) -> None:
+    client = open_client
     got, totals = search_all(client, rtype, params, follow)
     ids = ids_of(got)
     assert len(ids) == len(set(ids))
@@ -861,9 +930,10 @@ def next_url(bundle: dict) -> str | None:
 
 
 def test_paging_survives_records_updated_between_pages(
-    client: TestClient, store: ListStore, monkeypatch: pytest.MonkeyPatch
+    open_client: TestClient, store: ListStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Records updated mid-paging move to the end; no unchanged record is skipped or repeated."""
+    client = open_client
     scans = []
     monkeypatch.setattr(paging, "_locate", lambda *a, _real=paging._locate: scans.append(1) or _real(*a))
     before = [r.id for r in records_of(store, "results")]
@@ -891,7 +961,8 @@ def test_paging_survives_records_updated_between_pages(
     assert all(seen.count(i) <= 2 for i in touched)  # an updated record may be served again, as updated
 
 
-def test_count_defaults_to_page_size_and_is_capped(client: TestClient) -> None:
+def test_count_defaults_to_page_size_and_is_capped(open_client: TestClient) -> None:
+    client = open_client
     assert len(search(client, "Observation", {})["entry"]) == CLINIC.page_size
     assert len(search(client, "Observation", {"_count": "500"})["entry"]) == CLINIC.max_page_size
     zero = search(client, "Observation", {"_count": "0"})
@@ -899,8 +970,11 @@ def test_count_defaults_to_page_size_and_is_capped(client: TestClient) -> None:
     assert client.post(f"{BASE}/Observation/_search", data={"_count": "-1"}, headers=FORM).status_code == 400
 
 
-def test_search_bundles_validate_and_mangle_is_applied(client: TestClient, state: SandboxState) -> None:
-    bundle = search(client, "DocumentReference", {"_count": "5"})
+def test_search_bundles_validate_and_mangle_is_applied(
+    client: TestClient, state: SandboxState, store: ListStore
+) -> None:
+    p = records_of(store, "patients")[0]
+    bundle = search(client, "DocumentReference", {"patient": p.id, "_count": "5"})
     validate(bundle)
     assert bundle["type"] == "searchset"
     assert state.faults.mangled >= 1
@@ -1319,6 +1393,9 @@ def test_seeded_files_are_served_through_the_routes(tmp_path: Path) -> None:
     state = SandboxState(config=config, store=population, auth=FakeAuth(), faults=FakeFaults(), webhooks=None)
     client = TestClient(Starlette(routes=routes(state)))
     base = "/fhir/R4/seeded/Development"
+    refused = client.post(f"{base}/Observation/_search", data={"_count": "5"}, headers=FORM)
+    assert refused.status_code == 400  # the seeded population is strict too
+    state.config = dataclasses.replace(config, search_policy="open")  # paging over every result
     got, totals = [], set()
     bundle = search(client, "Observation", {"_count": "5"}, base)
     while True:
@@ -1359,3 +1436,69 @@ def test_the_synthetic_population_renders_valid_fhir() -> None:
         "Appointment",
         "DocumentReference",
     }
+
+
+# --- _revinclude and _elements ---------------------------------------------------------------
+
+
+def test_revinclude_pages_matches_and_includes_once_each_at_their_current_version(
+    client: TestClient, store: ListStore
+) -> None:
+    p = records_of(store, "patients")[1]
+    mine = {
+        (resource_type(r), r.id)
+        for entity in ("encounters", "results", "medications", "appointments", "documents")
+        for r in records_of(store, entity)
+        if r.patient.patient_id == p.id
+    }
+    assert len(mine) > 6
+    bundle = search(client, "Patient", {"_id": p.id, "_revinclude": "*", "_count": "3"})
+    entries = list(bundle["entry"])
+    assert bundle["total"] == 1 and len(entries) == 3 and entries[0]["search"] == {"mode": "match"}
+    # A record not served yet changes between pages: it is served once, as it is now.
+    later = next(e for e in records_of(store, "results") if e.patient.patient_id == p.id)
+    served_ids = {e["resource"]["id"] for e in entries}
+    if later.id not in served_ids:
+        store.touch("clinic", "results", later.id, NOW)
+    while (url := next_url(bundle)) is not None:
+        bundle = client.post(url, headers=AUTH).json()
+        assert bundle["total"] == 1 and len(bundle.get("entry", [])) <= 3
+        entries += bundle.get("entry", [])
+    included = [(e["resource"]["resourceType"], e["resource"]["id"]) for e in entries[1:]]
+    assert all(e["search"] == {"mode": "include"} for e in entries[1:])
+    assert len(included) == len(set(included)) and set(included) == mine
+    if later.id not in served_ids:
+        got = next(e["resource"] for e in entries if e["resource"]["id"] == later.id)
+        assert got["meta"]["versionId"] == str(later.version + 1)
+    validate(bundle)
+
+
+def test_revinclude_is_refused_by_name_where_the_connection_does_not_honour_it(
+    client: TestClient, state: SandboxState, store: ListStore
+) -> None:
+    p = records_of(store, "patients")[0]
+    state.config = dataclasses.replace(
+        state.config, connections=[dataclasses.replace(CLINIC, revinclude=False), LIMITED, DM_ONLY]
+    )
+    r = client.post(f"{BASE}/Patient/_search", data={"_id": p.id, "_revinclude": "*"}, headers=FORM)
+    assert r.status_code == 400 and "'_revinclude'" in r.json()["issue"][0]["diagnostics"]
+    limited = "/fhir/R4/limited-net/Development"
+    q = records_of(store, "patients", "limited")[0]
+    # `*` means the types this connection is entitled to: the limited one has none beyond Patient.
+    assert search(client, "Patient", {"_id": q.id, "_revinclude": "*"}, limited)["total"] == 1
+    r = client.post(
+        f"{limited}/Patient/_search", data={"_id": q.id, "_revinclude": "Observation:patient"}, headers=FORM
+    )
+    assert r.status_code == 403
+
+
+def test_elements_subsets_documents_and_tags_them(client: TestClient, store: ListStore) -> None:
+    doc = records_of(store, "documents")[0]
+    params = {"patient": doc.patient.patient_id, "_elements": "subject,masterIdentifier,date,type,context"}
+    bundle = search(client, "DocumentReference", params)
+    assert bundle["entry"]
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        assert "content" not in resource and resource["subject"]["reference"].endswith(doc.patient.patient_id)
+        assert resource["meta"]["tag"][-1]["code"] == "SUBSETTED"
+    # No validation: a SUBSETTED resource may lack required elements (FHIR R4 §3.1.1.5.9).

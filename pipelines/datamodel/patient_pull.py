@@ -1,0 +1,237 @@
+"""One patient's records through Redox's Data Model API, every query naming the patient.
+
+The queries (REDOX-REFERENCE §2.11-2.13, §12.5): ``PatientSearch.Query`` by identifier (the
+patient), ``Clinical Summary.PatientQuery`` (medications), ``Results.Query`` with ``Patients``,
+``Notes.Query`` / ``Media.Query`` with ``Patients`` (documents), ``PatientAdmin.VisitQuery``
+with ``Patients`` (encounters) and ``Scheduling.Booked`` with the patient filter
+(appointments). A response that may be capped (``page_size`` items, or ``Meta.IsIncomplete``)
+is continued the way each query allows: the window start moved to the last item's time
+(VisitQuery, Results, Booked), or split by the patient's visit numbers (Notes, Media).
+
+``Meta.Errors`` in any answer (even HTTP 200) raises in the client and fails the patient's
+pull: it stays due, nothing of it is staged. Every response is landed as received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pipelines.landing import RawLanding
+from pipelines.panel import DuePatient, datamodel_id_type
+from pipelines.pull_pages import CallCounter, PulledPage, with_priority
+
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+FUTURE = timedelta(days=3650)
+MAX_WALK = 200  # continuation queries per patient and query: a guard against a stuck cursor
+
+
+@dataclass
+class DataModelPullContext:
+    client: Any
+    landing: RawLanding
+    connection_id: str
+    entities: tuple[str, ...]  # the entities pulled through this surface
+    page_size: int
+    counter: CallCounter
+
+
+@dataclass
+class DataModelPatientResult:
+    pages: list[PulledPage] = field(default_factory=list)
+    mrn: str | None = None
+    not_found: bool = False
+    visit_numbers: list[str] = field(default_factory=list)
+
+
+def _meta(model: str, event: str) -> dict[str, Any]:
+    return {"Meta": {"DataModel": model, "EventType": event}}
+
+
+def _dm_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def _parse(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _ask(
+    ctx: DataModelPullContext, payload: dict[str, Any], entity: str, land_as: str, priority: str
+) -> tuple[dict[str, Any], str]:
+    kw = with_priority(ctx.client, "datamodel_raw", priority)
+    raw, body = ctx.client.datamodel_raw(payload, entity=entity, **kw)
+    meta = payload["Meta"]
+    ctx.counter.add(f"{meta['DataModel']}.{meta['EventType']}")
+    return body, ctx.landing.land(ctx.connection_id, "datamodel", land_as, raw).raw_ref
+
+
+def _full(body: dict[str, Any], items: list[Any], page_size: int) -> bool:
+    return len(items) >= page_size or bool((body.get("Meta") or {}).get("IsIncomplete"))
+
+
+def _walk(
+    ctx: DataModelPullContext,
+    build: Callable[[datetime], dict[str, Any]],
+    items_of: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    key_of: Callable[[dict[str, Any]], str],
+    time_of: Callable[[dict[str, Any]], datetime | None],
+    entity: str,
+    land_as: str,
+    priority: str,
+) -> list[tuple[dict[str, Any], str]]:
+    """A capped query continued by moving its window start to the last item's time."""
+    out = []
+    seen: set[str] = set()
+    cursor = EARLIEST
+    for _ in range(MAX_WALK):
+        body, ref = _ask(ctx, build(cursor), entity, land_as, priority)
+        out.append((body, ref))
+        items = items_of(body)
+        fresh = [i for i in items if key_of(i) not in seen]
+        seen.update(key_of(i) for i in items)
+        times = [t for t in (time_of(i) for i in items) if t is not None]
+        if not _full(body, items, ctx.page_size) or not fresh or not times or max(times) <= cursor:
+            break
+        cursor = max(times)
+    return out
+
+
+def pull_patient(patient: DuePatient, ctx: DataModelPullContext) -> DataModelPatientResult:
+    """Fetch and land one patient's Data Model records; raises on any failure."""
+    result = DataModelPatientResult()
+    priority = patient.priority
+    ident = {
+        "ID": patient.mrn or patient.id_value,
+        "IDType": "MR" if patient.mrn else datamodel_id_type(patient.id_system),
+    }
+    who = {"Identifiers": [ident]}
+    found, ref = _ask(
+        ctx, {**_meta("PatientSearch", "Query"), "Patient": who}, "patients", "patients", priority
+    )
+    block = found.get("Patient") or {}
+    if not block.get("Identifiers"):
+        result.not_found = True
+        result.pages.append(PulledPage("datamodel", ref, found, "Response", frozenset({"patients"})))
+        return result
+    if "patients" in ctx.entities:
+        result.pages.append(PulledPage("datamodel", ref, found, "Response", frozenset({"patients"})))
+    for i in block.get("Identifiers") or []:
+        if str(i.get("IDType", "")).upper() in ("MR", "MRN") and i.get("ID"):
+            result.mrn = str(i["ID"])
+            ident = {"ID": result.mrn, "IDType": "MR"}
+            who = {"Identifiers": [ident]}
+            break
+    keep = frozenset({"patients"}) & frozenset(ctx.entities)
+    if "encounters" in ctx.entities or "documents" in ctx.entities:
+        visits = _walk(
+            ctx,
+            lambda s: {
+                **_meta("PatientAdmin", "VisitQuery"),
+                "Patients": [who],
+                "VisitStartDateTime": _dm_time(s),
+            },
+            lambda b: [v for p in b.get("Patients") or [] for v in p.get("Visits") or []],
+            lambda v: str(v.get("VisitNumber")),
+            lambda v: _parse(v.get("VisitDateTime")),
+            "encounters",
+            "encounters",
+            priority,
+        )
+        for body, vref in visits:
+            result.visit_numbers.extend(
+                str(v["VisitNumber"])
+                for p in body.get("Patients") or []
+                for v in p.get("Visits") or []
+                if v.get("VisitNumber")
+            )
+            if "encounters" in ctx.entities:
+                result.pages.append(
+                    PulledPage("datamodel", vref, body, "VisitQueryResponse", keep | {"encounters"})
+                )
+    if "results" in ctx.entities:
+        for body, rref in _walk(
+            ctx,
+            lambda s: {
+                **_meta("Results", "Query"),
+                "Patients": [who],
+                "LastUpdated": {"StartDateTime": _dm_time(s)},
+            },
+            lambda b: b.get("Orders") or [],
+            lambda o: f"{o.get('ID')}|{o.get('LastUpdated')}",
+            lambda o: _parse(o.get("LastUpdated")),
+            "results",
+            "results",
+            priority,
+        ):
+            result.pages.append(PulledPage("datamodel", rref, body, "QueryResponse", keep | {"results"}))
+    if "appointments" in ctx.entities:
+        far = datetime.now(UTC) + FUTURE
+        for body, aref in _walk(
+            ctx,
+            lambda s: {
+                **_meta("Scheduling", "Booked"),
+                "StartDateTime": _dm_time(s),
+                "EndDateTime": _dm_time(far),
+                "Visit": {"Patients": [who]},
+            },
+            lambda b: b.get("Visits") or [],
+            lambda v: str(v.get("VisitNumber")),
+            lambda v: _parse(v.get("VisitDateTime")),
+            "appointments",
+            "appointments",
+            priority,
+        ):
+            result.pages.append(
+                PulledPage("datamodel", aref, body, "BookedResponse", keep | {"appointments"})
+            )
+    if "medications" in ctx.entities:
+        body, mref = _ask(
+            ctx,
+            {**_meta("Clinical Summary", "PatientQuery"), "Patient": who},
+            "medications",
+            "medications",
+            priority,
+        )
+        result.pages.append(
+            PulledPage("datamodel", mref, body, "PatientQueryResponse", frozenset({"medications"}))
+        )
+    if "documents" in ctx.entities:
+        for model, key in (("Notes", "Notes"), ("Media", "Media")):
+            result.pages.extend(_documents(ctx, model, key, who, result.visit_numbers, priority))
+    return result
+
+
+def _documents(
+    ctx: DataModelPullContext,
+    model: str,
+    key: str,
+    who: dict[str, Any],
+    visit_numbers: list[str],
+    priority: str,
+) -> list[PulledPage]:
+    """Notes or Media for the patient; a full answer is re-asked per visit number (the only
+    narrowing these queries offer), in halves until each answer is under the cap."""
+    base = {**_meta(model, "Query"), "Patients": [who]}
+    body, ref = _ask(ctx, base, "documents", "documents", priority)
+    pages = [PulledPage("datamodel", ref, body, "QueryResponse", frozenset({"documents"}))]
+    if len(body.get(key) or []) < ctx.page_size or not visit_numbers:
+        return pages
+    pending = [sorted(set(visit_numbers))]
+    while pending:
+        numbers = pending.pop()
+        body, ref = _ask(ctx, {**base, "VisitNumbers": numbers}, "documents", "documents", priority)
+        if len(body.get(key) or []) >= ctx.page_size and len(numbers) > 1:
+            half = len(numbers) // 2
+            pending.extend([numbers[:half], numbers[half:]])
+            continue
+        pages.append(PulledPage("datamodel", ref, body, "QueryResponse", frozenset({"documents"})))
+    return pages

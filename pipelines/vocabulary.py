@@ -1,0 +1,61 @@
+"""The names every part of the pipeline agrees on, in one place.
+
+Entities, surfaces, schema and table names, the FHIR resource type → entity map and
+the landing folder names were once spelled out in several modules and had started to
+drift; everything in ``pipelines/`` imports them from here. (``sandbox/`` keeps its own
+copy on purpose: the emulator never imports the pipeline.)
+"""
+
+from __future__ import annotations
+
+import re
+
+# The common model's entities, in publish order (patients first: the crosswalk).
+ENTITIES: tuple[str, ...] = ("patients", "encounters", "results", "medications", "appointments", "documents")
+# The two Redox surfaces a connection can speak.
+SURFACES: tuple[str, ...] = ("fhir", "datamodel")
+
+# Schemas of the warehouse. ``raw`` holds the staged per-surface rows users query as
+# ``raw.<surface>_<entity>``; ``redox`` the common model (see warehouse/README.md for the
+# DuckDB catalog-name rule that can place it in ``main``).
+STAGING_SCHEMA = "raw"
+MODEL_SCHEMA = "redox"
+OPS_SCHEMA = "ops"
+AUDIT_SCHEMA = "audit"
+
+CROSSWALK_TABLE = "patient_identifiers"
+QUARANTINE_TABLE = "quarantine"
+
+# FHIR resource types the pipeline reads, and the entity each one feeds.
+FHIR_RESOURCE_ENTITIES: dict[str, str] = {
+    "Patient": "patients",
+    "Encounter": "encounters",
+    "Observation": "results",
+    "MedicationRequest": "medications",
+    "MedicationStatement": "medications",
+    "Appointment": "appointments",
+    "DocumentReference": "documents",
+}
+# The inverse: which resource types are searched to fetch an entity.
+ENTITY_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
+    entity: tuple(t for t, e in FHIR_RESOURCE_ENTITIES.items() if e == entity) for entity in ENTITIES
+}
+
+# The landing zone (next to the DuckDB file): response bodies as received, and document
+# contents by hash. ``raw`` was the pages folder's name before it was renamed to keep it
+# apart from the ``raw`` schema; renormalize still reads pages landed there.
+LANDING_PAGES_DIR = "responses"
+LEGACY_LANDING_PAGES_DIR = "raw"
+LANDING_DOCUMENTS_DIR = "documents"
+
+# A connection id as it may appear in a path: a plain name, no separators, no dots first.
+CONNECTION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def staged_table_name(surface: str, entity: str) -> str:
+    """``raw.<surface>_<entity>``: the staged rows of one surface and entity."""
+    return f"{surface}_{entity}"
+
+
+def is_plain_connection_id(value: object) -> bool:
+    return isinstance(value, str) and bool(CONNECTION_ID_PATTERN.match(value))
