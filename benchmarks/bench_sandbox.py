@@ -116,10 +116,10 @@ def unthrottled_config(directory: Path) -> Path:
     connections = []
     for conn in default_connections():
         entry = asdict(conn)
-        entry.update(rate_limit=1_000_000_000, latency_ms=0.0)
+        entry.update(latency_ms=0.0)
         connections.append({k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()})
     path = directory / "bench-sandbox.json"
-    path.write_text(json.dumps({"connections": connections}))
+    path.write_text(json.dumps({"quota_requests": None, "connections": connections}))
     return path
 
 

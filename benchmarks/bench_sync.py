@@ -7,7 +7,7 @@ reference lanes on the same FHIR endpoints (issue 4, "Benchmark"). A script, not
 For each population size:
 
 1. ``redox-elt sandbox serve`` runs in a subprocess with the default connections, except that
-   the emulated request quota (``rate_limit`` per ``rate_window_s``) is lifted, so the numbers
+   the emulated request quota (``quota_requests`` per ``quota_window_s``) is lifted, so the numbers
    measure this pipeline rather than Redox's quota. The connection config comes from the
    onboarding API (what ``redox-elt sandbox connect`` does) with a high ``max_rps`` per connection
    so the client's throttle starts (and stays) out of the way.
@@ -72,7 +72,6 @@ FHIR_TYPES = (
     "Appointment",
     "DocumentReference",
 )
-LIFTED_RATE_LIMIT = 100_000_000  # requests per window: never reached
 CLIENT_MAX_RPS = 5000.0
 ALL_OF_TIME = "ge1900-01-01T00:00:00Z"
 
@@ -109,10 +108,9 @@ def sandbox_config_file(directory: Path) -> Path:
     conns = []
     for spec in default_connections():
         entry = asdict(spec)
-        entry["rate_limit"] = LIFTED_RATE_LIMIT
         conns.append({k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()})
     path = directory / "sandbox.yaml"
-    path.write_text(yaml.safe_dump({"connections": conns}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"quota_requests": None, "connections": conns}, sort_keys=False))
     return path
 
 

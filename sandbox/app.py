@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 
 from sandbox import control
 from sandbox.auth import AuthServer
+from sandbox.auth import routes as auth_routes
 from sandbox.config import SandboxConfig
 from sandbox.datamodel import routes as datamodel_routes
 from sandbox.datamodel.render import event_renderer
@@ -46,8 +47,10 @@ def build_state(
     config: SandboxConfig, *, seed_from: str | Path | None = None, base_url: str = ""
 ) -> SandboxState:
     config, store = build_store(config, seed_from)
+    base_url = config.public_base_url.rstrip("/") or base_url
     faults = Faults(config, seed=config.seed)
     auth = AuthServer(config, faults)
+    faults.bind_clients(auth.client_of)  # the quota is per client, whichever connection is called
     webhooks = WebhookSender(config, _push_renderer(config, store, base_url), faults)
     return SandboxState(
         config=config, store=store, auth=auth, faults=faults, webhooks=webhooks, base_url=base_url
@@ -72,18 +75,9 @@ def _push_renderer(config: SandboxConfig, store: RecordStore, base_url: str):
 
 
 def create_app(state: SandboxState) -> Starlette:
-    auth_routes = getattr(state.auth, "routes", None)
-    if auth_routes is None:  # pragma: no cover - module-level variant
-        from sandbox import auth as auth_module
-
-        auth_routes = auth_module.routes
-    try:
-        auth_route_list = auth_routes(state)
-    except TypeError:
-        auth_route_list = auth_routes()
     route_list = [
         *control.routes(state),
-        *auth_route_list,
+        *auth_routes(state),
         *fhir_routes.routes(state),
         *datamodel_routes.routes(state),
     ]

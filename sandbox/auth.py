@@ -16,7 +16,9 @@ assertion is not a JWT                                 400     ``Invalid client 
 no ``kid`` header                                      400     ``JWT header kid property is required``
 unknown ``iss`` (client id) or ``kid``                 401     ``Public key not found, check client_id, kid and Redox dashboard settings``
 claim or header missing / malformed, ``sub`` != iss,   401     ``Unexpected X claim value``
-``jku`` present (no JWKS URL is ever registered)
+``jku`` present (no JWKS URL is ever registered),
+lifetime over 5 minutes (``exp`` - ``iat`` or ``exp`` - now
+> ``max_assertion_lifetime_s`` + ``clock_skew_s``)       401     ``Unexpected exp claim value``
 unsupported ``alg``, bad signature, wrong ``aud``,     401     ``""`` (blank, as Redox does for wrong values)
 expired ``exp``, ``iat`` outside the window, reused ``jti``
 =====================================================  ======  ===========================================
@@ -29,13 +31,14 @@ Access tokens are opaque random strings (``secrets.token_urlsafe``), looked up i
 are never JWTs, so clients cannot come to depend on reading them. Legacy keys (§1.2) are
 Data Model only: ``check_bearer(..., surface="fhir")`` refuses them.
 
+``aud`` is checked against the token URL the sandbox publishes (its base URL, or the
+configured ``public_base_url``, + ``/v2/auth/token``), never against the request's ``Host``.
+
 All state is in memory behind one lock; signature checks run outside it.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import heapq
 import hmac
 import json
@@ -47,7 +50,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -59,9 +62,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from sandbox.config import SandboxConfig
-
-if TYPE_CHECKING:
-    from sandbox.state import SandboxState
+from sandbox.http import REDOX_HEADERS as REDOX_HEADERS  # re-exported for the route modules
+from sandbox.http import redox_json, redox_response
 
 log = logging.getLogger(__name__)
 
@@ -78,32 +80,6 @@ EXPIRED_TOKEN_MEMORY_S = 3600.0
 _MIN_RSA_BITS = 2048
 _CLIENT_NAMESPACE = uuid.UUID("3f0c1f55-6f55-4c8e-9a59-5b1f3d4e0a21")  # stable client ids per name
 
-# Headers every Redox response carried in recorded traffic (REDOX-REFERENCE §0).
-REDOX_HEADERS = {
-    "strict-transport-security": "max-age=300",
-    "cache-control": "private, no-cache, no-store, must-revalidate",
-    "x-frame-options": "deny",
-}
-
-
-def weak_etag(body: bytes) -> str:
-    """A weak validator shaped like the ones Redox sends: ``W/"<len hex>-<digest>"``."""
-    digest = base64.b64encode(hashlib.sha1(body).digest()).decode()[:27]
-    return f'W/"{len(body):x}-{digest}"'
-
-
-def redox_response(body: bytes, status: int, content_type: str) -> Response:
-    """A response with Redox's standard headers and a weak ETag."""
-    headers = dict(REDOX_HEADERS)
-    headers["etag"] = weak_etag(body)
-    return Response(body, status_code=status, headers=headers, media_type=content_type)
-
-
-def redox_json(
-    payload: Any, status: int = 200, content_type: str = "application/json; charset=utf-8"
-) -> Response:
-    return redox_response(json.dumps(payload).encode(), status, content_type)
-
 
 class InvalidToken(Exception):
     """A bearer token was refused; ``reason`` says why (never contains the token)."""
@@ -119,6 +95,12 @@ class TokenInfo:
     kind: str  # "oauth" | "legacy"
     expires_at: float  # epoch seconds
     scope: str | None
+
+
+class _HasBaseUrl(Protocol):
+    """What the token endpoint needs of the sandbox state: its public base URL."""
+
+    base_url: str
 
 
 class TokenLifetimeSource(Protocol):
@@ -278,6 +260,19 @@ class AuthServer:
             )
         return info
 
+    def client_of(self, authorization_header: str | None) -> str | None:
+        """The client (OAuth client id or legacy apiKey) a bearer token was issued to, or None.
+
+        No validity checks: the routes call ``check_bearer`` first; this only names whose
+        request it is, e.g. for the per-client quota.
+        """
+        if not authorization_header:
+            return None
+        _, _, token = authorization_header.strip().partition(" ")
+        with self._lock:
+            issued = self._tokens.get(token.strip())
+        return issued.info.client_id if issued is not None else None
+
     def revoke(self, client_id: str | None = None) -> int:
         """Revoke every token of ``client_id`` (OAuth client id or legacy apiKey), or all tokens.
 
@@ -327,12 +322,16 @@ class AuthServer:
 
     # ---- OAuth token endpoint -----------------------------------------------------------
 
-    def _expected_audiences(self, request: Request, state: SandboxState | None) -> set[str]:
-        url = request.url
-        audiences = {f"{url.scheme}://{url.netloc}{TOKEN_PATH}"}
-        if state is not None and state.base_url:
-            audiences.add(state.base_url.rstrip("/") + TOKEN_PATH)
-        return audiences
+    @staticmethod
+    def _expected_audiences(state: _HasBaseUrl | None) -> set[str]:
+        """The token URL as the sandbox publishes it (``/_sandbox/connections`` ``token_url``).
+
+        Never derived from the request: a ``Host`` header is the client's to choose, so an
+        assertion made for another server must not become valid by sending its name.
+        """
+        if state is None or not state.base_url:
+            return set()
+        return {state.base_url.rstrip("/") + TOKEN_PATH}
 
     def _verify_assertion(
         self, assertion: str, audiences: set[str], now: float
@@ -394,7 +393,8 @@ class AuthServer:
         else:
             aud_values = aud if isinstance(aud, list) else [aud]
             if not any(isinstance(a, str) and a.rstrip("/") in audiences for a in aud_values):
-                raise _AssertionRejected(401, "", f"aud must be the token URL ({sorted(audiences)[0]})")
+                expected = sorted(audiences)[0] if audiences else "unknown: the server has no base URL"
+                raise _AssertionRejected(401, "", f"aud must be the token URL ({expected})")
         exp, iat, jti = claims.get("exp"), claims.get("iat"), claims.get("jti")
         if not _is_number(exp):
             raise _AssertionRejected(401, "Unexpected exp claim value", "exp is required (epoch seconds)")
@@ -408,6 +408,13 @@ class AuthServer:
             raise _AssertionRejected(401, "", "iat is in the future beyond the allowed clock skew")
         if iat < now - float(self._config.iat_window_s) - skew:
             raise _AssertionRejected(401, "", f"iat is older than {self._config.iat_window_s:g} s")
+        max_lifetime = float(self._config.max_assertion_lifetime_s) + skew
+        if exp - iat > max_lifetime or exp - now > max_lifetime:
+            raise _AssertionRejected(
+                401,
+                "Unexpected exp claim value",
+                f"assertion lifetime exceeds {self._config.max_assertion_lifetime_s:g} s",
+            )
         nbf = claims.get("nbf")
         if nbf is not None and (not _is_number(nbf) or nbf > now + skew):
             raise _AssertionRejected(401, "Unexpected nbf claim value", "nbf is in the future")
@@ -422,14 +429,12 @@ class AuthServer:
             self._seen_jti[key] = valid_until
             heapq.heappush(self._jti_expiry, (valid_until, key))
 
-    async def _token_endpoint(self, request: Request, state: SandboxState | None) -> Response:
+    async def _token_endpoint(self, request: Request, state: _HasBaseUrl | None) -> Response:
         try:
             form = await self._read_token_form(request)
             assertion = form["client_assertion"]
             now = self._clock()
-            client_id, claims = self._verify_assertion(
-                assertion, self._expected_audiences(request, state), now
-            )
+            client_id, claims = self._verify_assertion(assertion, self._expected_audiences(state), now)
         except _AssertionRejected as rejected:
             log.info("token request refused (%s): %s", rejected.status, rejected.log_reason)
             body = {
@@ -523,7 +528,7 @@ class AuthServer:
 
     # ---- routes -------------------------------------------------------------------------
 
-    def routes(self, state: SandboxState | None = None) -> list[BaseRoute]:
+    def routes(self, state: _HasBaseUrl | None = None) -> list[BaseRoute]:
         async def token(request: Request) -> Response:
             return await self._token_endpoint(request, state)
 
@@ -539,6 +544,6 @@ def _legacy_refusal() -> Response:
     return redox_response(b"Invalid request", 401, "text/html; charset=utf-8")
 
 
-def routes(state: SandboxState) -> list[BaseRoute]:
-    """The token endpoints of ``state.auth``."""
+def routes(state: Any) -> list[BaseRoute]:
+    """The token endpoints of ``state.auth`` (a ``sandbox.state.SandboxState``)."""
     return state.auth.routes(state)

@@ -19,6 +19,11 @@ from sandbox.population.records import ENTITIES
 
 ENVIRONMENTS = ("Development", "Staging", "Production")
 SEARCH_POLICIES = ("redox", "open")
+# Connection keys that no longer exist, with what replaced them (a clear config error).
+_REMOVED_CONNECTION_FIELDS = {
+    "rate_limit": "the quota is per client across all connections: set quota_requests at the top level",
+    "rate_window_s": "the quota is per client across all connections: set quota_window_s at the top level",
+}
 # uuid5 namespace for ids that must look like Redox's (UUIDs) and stay stable per name.
 _NAMESPACE = uuid.UUID("7ce6f387-c33c-417d-8682-81e83628cbd9")  # Redox Dev Tools source id
 
@@ -41,9 +46,9 @@ class ConnectionSpec:
     id_types: tuple[str, ...] = ("MR", "EHRID")  # patient identifiers this EHR emits (EPI always)
     page_size: int = 100  # default FHIR _count and cap; Data Model query cap before IsIncomplete
     max_page_size: int = 500
-    rate_limit: int = 7500  # requests per rolling window (REDOX-REFERENCE §6)
-    rate_window_s: float = 300.0
-    retry_after: bool = False  # send Retry-After on 429 (Redox documents none)
+    # The request quota is per client across connections (SandboxConfig.quota_*); a connection
+    # only decides whether its 429s carry Retry-After (Redox documents none).
+    retry_after: bool = False
     latency_ms: float = 0.0  # added to every API response of this connection
     # --- FHIR access shape (issue 9): what this connection honours, and the client's refresh ---
     revinclude: bool = True  # honours `_revinclude` on Patient search (else 400 naming it)
@@ -161,6 +166,19 @@ class SandboxConfig:
     # stands in for any set — NOT how Redox behaves; for benchmarks only.
     search_policy: str = "redox"
 
+    # ---- Data Model strictness, quota, faults and token checks (issues 9 and 14) ----------
+    # search_policy (above) also governs Data Model queries: "redox" refuses a query without
+    # the patient / visit identifier Redox requires (REDOX-REFERENCE §12.5).
+    # One request quota per authenticated client (OAuth client id / legacy apiKey), shared by
+    # every connection and both surfaces (REDOX-REFERENCE §12.6). None lifts it.
+    quota_requests: int | None = 7500
+    quota_window_s: float = 300.0
+    # Client assertions may live at most this long (exp - iat and exp - now, plus clock_skew_s).
+    max_assertion_lifetime_s: float = 300.0
+    # The sandbox's public base URL when it sits behind a proxy; "" = the bound address. It is
+    # what /_sandbox/connections publishes and what an assertion's aud must name.
+    public_base_url: str = ""
+
     def connection(self, connection_id: str) -> ConnectionSpec:
         for c in self.connections:
             if c.id == connection_id:
@@ -182,6 +200,18 @@ class SandboxConfig:
         slugs = [c.slug for c in self.connections]
         if len(set(slugs)) != len(slugs):
             raise SandboxConfigError("connections: slugs must be unique")
+        if self.quota_requests is not None and (
+            isinstance(self.quota_requests, bool)
+            or not isinstance(self.quota_requests, int)
+            or self.quota_requests < 1
+        ):
+            raise SandboxConfigError(
+                f"quota_requests must be a whole number >= 1 (or null to lift the quota), got {self.quota_requests!r}"
+            )
+        for name in ("quota_window_s", "max_assertion_lifetime_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+                raise SandboxConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,6 +245,12 @@ def _apply(cfg: SandboxConfig, raw: dict[str, Any], where: str) -> SandboxConfig
             conn_fields = {f.name for f in fields(ConnectionSpec)}
             conns = []
             for i, c in enumerate(value):
+                removed = sorted(set(c) & set(_REMOVED_CONNECTION_FIELDS))
+                if removed:
+                    raise SandboxConfigError(
+                        f"{where}: connections[{i}]: '{removed[0]}' was removed; "
+                        f"{_REMOVED_CONNECTION_FIELDS[removed[0]]}"
+                    )
                 bad = set(c) - conn_fields
                 if bad:
                     raise SandboxConfigError(f"{where}: connections[{i}]: unknown field '{sorted(bad)[0]}'")

@@ -74,7 +74,12 @@ def connections_document(state: SandboxState) -> dict[str, Any]:
                 "destination_slug": c.slug,
                 "headers": {},
                 "page_size": c.page_size,
-                "rate_limit": {"requests": c.rate_limit, "window_s": c.rate_window_s},
+                # The client's one quota, shared with every other connection (not per connection).
+                "rate_limit": {
+                    "requests": cfg.quota_requests,
+                    "window_s": cfg.quota_window_s,
+                    "scope": "client",
+                },
                 "revinclude": c.revinclude and "fhir" in c.surfaces,
                 "bulk_export": c.bulk_export,
                 "bulk_group_id": c.bulk_group_id if c.bulk_export else None,
@@ -145,6 +150,7 @@ def routes(state: SandboxState) -> list[BaseRoute]:
                 "counts": state.store.counts(),
                 "live": state.store.counts(live_only=True),
                 "webhooks": state.webhooks.stats(),
+                "quota": state.faults.quota_usage(),
             }
             if want_persons:
                 out["persons"] = state.store.persons()

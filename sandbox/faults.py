@@ -1,4 +1,4 @@
-"""Fault injection and rate limiting for the sandbox's API surfaces.
+"""Fault injection and the per-client request quota for the sandbox's API surfaces.
 
 Tests turn faults on with ``POST /_sandbox/faults`` (the control route hands the body to
 ``Faults.set``); the FHIR and Data Model routes call ``Faults.gate`` after auth and before any
@@ -6,18 +6,35 @@ work, the write routes call ``roll(conn, "timeout_after_commit")`` and ``stall``
 and the webhook sender asks ``rate``. A fault is global unless the body names a
 ``"connection"``; a connection's own value overrides the global one.
 
-Rate limiting (REDOX-REFERENCE §6) is a rolling window per connection: ``rate_limit`` requests
-per ``rate_window_s`` seconds, or, while the ``rate_limit_rps`` fault is set, a rolling
-one-second window of that many requests. Only accepted requests are counted, so a client that
-keeps retrying into a 429 recovers as soon as the oldest accepted request leaves the window.
+**Quota** (REDOX-REFERENCE §12.6): one rolling window per authenticated client (OAuth client
+id, or legacy apiKey), shared by every connection and both surfaces: ``quota_requests`` per
+``quota_window_s`` (7,500 per 5 minutes by default). Over it: HTTP 429 with
+``X-RateLimit-Limit: <limit>`` and no ``Retry-After`` unless the connection sets
+``retry_after``. The ``rate_limit_rps`` fault adds a rolling one-second window per connection.
+Only accepted requests are counted, so a client that keeps retrying into a 429 recovers as soon
+as the oldest accepted request leaves the window. ``quota_usage()`` reports each client's use.
 
-Every random decision comes from one ``random.Random(seed)`` behind a lock, so a run with the
-same seed and the same request order sees the same faults.
+**Response faults**, applied to bodies the routes already rendered (``shape_query`` for Data
+Model query answers, ``mangle`` for every response body, ``damage_ndjson`` for bulk files):
+
+- ``partial_failure_rate`` (§12.11): that share of queries answer HTTP 200 while "the EHR
+  failed": Data Model ``Meta.Errors[{ID, Text, Type: "query", Module: "Send",
+  DestinationStatusCode}]`` with the result lists emptied; FHIR searches a Bundle whose only
+  entry is an OperationOutcome (``search.mode: "outcome"``, severity ``error``).
+- ``bad_entry_rate``: that share of served records (FHIR resources in searchset Bundles and
+  NDJSON lines, Data Model records in query answers) carries one defect from ``DEFECTS``.
+  Which records, and which defect, is a hash of the seed and the record's id, so the same
+  record is damaged on every read while the fault is set and served whole once it is cleared.
+- ``malformed_rate``: the body is cut short (invalid JSON).
+
+Every other random decision comes from one ``random.Random(seed)`` behind a lock, so a run with
+the same seed and the same request order sees the same faults.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import random
@@ -25,14 +42,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from sandbox.auth import redox_json
+from sandbox import damage
 from sandbox.config import ConnectionSpec, SandboxConfig
+from sandbox.http import FHIR_JSON, redox_json
 
 # Faults that are probabilities in [0, 1].
 PROBABILITY_FAULTS = (
@@ -43,6 +63,8 @@ PROBABILITY_FAULTS = (
     "malformed_rate",
     "webhook_duplicate_rate",
     "webhook_reorder",
+    "partial_failure_rate",
+    "bad_entry_rate",
 )
 OTHER_FAULTS = ("rate_limit_rps", "latency_ms", "token_lifetime_s", "timeout_s")
 FAULT_NAMES = PROBABILITY_FAULTS + OTHER_FAULTS
@@ -51,8 +73,10 @@ DEFAULT_TIMEOUT_S = 10.0
 INJECTED_ERROR_STATUSES = (500, 502, 503)
 
 log = logging.getLogger(__name__)
+# Meta.Errors[].ID of injected partial failures (numeric, like Redox's recorded ones).
+_error_ids = itertools.count(91_000_001)
 
-_FHIR_JSON = "application/fhir+json; charset=utf-8"
+_FHIR_JSON = FHIR_JSON
 _ISSUE_CODES = {429: "throttled", 500: "exception", 502: "transient", 503: "transient", 504: "timeout"}
 _MESSAGES = {
     500: "An unknown error occurred in Redox",
@@ -150,19 +174,36 @@ def _prune(window: deque[float], horizon: float) -> None:
         window.popleft()
 
 
+@dataclass
+class _ClientQuota:
+    """One client's rolling window: timestamps of accepted requests, oldest first."""
+
+    accepted: deque[float] = field(default_factory=deque)
+    total: int = 0
+    rejected: int = 0
+
+
 class Faults:
-    """The active faults, the per-connection rate-limit windows and the seeded RNG."""
+    """The active faults, the per-client quota, the per-connection rps windows and the RNG."""
 
     def __init__(self, config: SandboxConfig, seed: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
         self._clock = clock
+        self._seed = seed
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self._global: dict[str, float | int] = {}
         self._scoped: dict[str, dict[str, float | int]] = {}
-        # (connection id, "config" | "rps") -> timestamps of accepted requests, oldest first
-        self._windows: dict[tuple[str, str], deque[float]] = {}
+        # connection id -> timestamps of requests accepted under the rate_limit_rps fault
+        self._rps_windows: dict[str, deque[float]] = {}
+        self._quotas: dict[str, _ClientQuota] = {}
+        self._client_of: Callable[[str | None], str | None] = lambda header: None
+        self._partial_failures = itertools.count(1)
         _install_log_filter()
+
+    def bind_clients(self, client_of: Callable[[str | None], str | None]) -> None:
+        """How to name the client behind an ``Authorization`` header (``AuthServer.client_of``)."""
+        self._client_of = client_of
 
     # ---- configuration ------------------------------------------------------------------
 
@@ -240,14 +281,14 @@ class Faults:
 
     def rate(self, name: str, connection_id: str | None = None) -> float:
         """Current probability of ``name`` (e.g. ``webhook_duplicate_rate``, ``timeout_after_commit``)."""
-        field = self._probability_name(name)
+        fault = self._probability_name(name)
         with self._lock:
-            value = self._value(field, connection_id)
+            value = self._value(fault, connection_id)
         if value is not None:
             return float(value)
-        if field == "webhook_duplicate_rate":
+        if fault == "webhook_duplicate_rate":
             return float(self._config.webhook_duplicate_rate)
-        if field == "webhook_reorder":
+        if fault == "webhook_reorder":
             return float(self._config.webhook_reorder)
         return 0.0
 
@@ -275,8 +316,59 @@ class Faults:
             extra = self._value("latency_ms", conn.id) or 0.0
         return (float(conn.latency_ms) + float(extra)) / 1000.0
 
+    # ---- response faults ----------------------------------------------------------------
+
+    def _partial_failure_status(self, connection_id: str) -> int | None:
+        """Roll ``partial_failure_rate``; the destination's HTTP status when it fires."""
+        if not self.roll(connection_id, "partial_failure_rate"):
+            return None
+        return damage.destination_status(self._seed, next(self._partial_failures))
+
+    def shape_query(self, connection_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A Data Model query answer after ``partial_failure_rate`` and ``bad_entry_rate``."""
+        status = self._partial_failure_status(connection_id)
+        if status is not None:
+            return damage.failed_query_body(body, next(_error_ids), status)
+        rate = self.rate("bad_entry_rate", connection_id)
+        if rate > 0:
+            damage.damage_datamodel_body(body, self._seed, rate)
+        return body
+
+    def _shape_fhir(self, connection_id: str, body: bytes) -> bytes:
+        """A FHIR searchset Bundle after ``partial_failure_rate`` and ``bad_entry_rate``."""
+        rate = self.rate("bad_entry_rate", connection_id)
+        if rate <= 0 and self.rate("partial_failure_rate", connection_id) <= 0:
+            return body  # nothing to do: skip parsing
+        try:
+            bundle = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if not (isinstance(bundle, dict) and bundle.get("resourceType") == "Bundle"):
+            return body
+        if bundle.get("type") != "searchset":
+            return body
+        status = self._partial_failure_status(connection_id)
+        if status is not None:
+            return orjson.dumps(damage.failed_search_bundle(bundle, status))
+        if rate > 0 and damage.damage_bundle_entries(bundle, self._seed, rate):
+            return orjson.dumps(bundle)
+        return body
+
+    def damage_ndjson(self, connection_id: str, body: bytes) -> bytes:
+        """A bulk-export NDJSON file after ``bad_entry_rate`` (same defects as Bundles)."""
+        rate = self.rate("bad_entry_rate", connection_id)
+        if rate <= 0:
+            return body
+        lines = [orjson.loads(line) for line in body.splitlines() if line.strip()]
+        if not damage.damage_ndjson_lines(lines, self._seed, rate):
+            return body
+        return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
     def mangle(self, connection_id: str, body: bytes) -> bytes:
-        """With probability ``malformed_rate``, cut the body short so it is no longer valid JSON."""
+        """Every response body on its way out: FHIR searchsets get the partial-failure and
+        bad-entry faults; then, with probability ``malformed_rate``, the body is cut short so
+        it is no longer valid JSON."""
+        body = self._shape_fhir(connection_id, body)
         if not self.roll(connection_id, "malformed_rate"):
             return body
         trimmed = body.rstrip()
@@ -288,25 +380,52 @@ class Faults:
 
     # ---- the gate -----------------------------------------------------------------------
 
-    def _admit(self, conn: ConnectionSpec) -> tuple[int, float] | None:
-        """Count one request; None if accepted, else (limit, seconds until a slot frees)."""
+    def _admit(self, conn: ConnectionSpec, client: str | None) -> tuple[int, float] | None:
+        """Count one request; None if accepted, else (limit, seconds until a slot frees).
+
+        ``client`` None means the request was already counted against its client's quota
+        (one HTTP request naming several destinations counts once).
+        """
         now = self._clock()
         with self._lock:
             rps = self._value("rate_limit_rps", conn.id)
-            config_window = self._windows.setdefault((conn.id, "config"), deque())
-            _prune(config_window, now - conn.rate_window_s)
-            if rps is None:
-                limit, window_s, window = conn.rate_limit, float(conn.rate_window_s), config_window
-            else:
-                limit, window_s = int(rps), 1.0
-                window = self._windows.setdefault((conn.id, "rps"), deque())
-                _prune(window, now - window_s)
-            if len(window) >= limit:
-                return limit, window[0] + window_s - now
-            window.append(now)
-            if window is not config_window:
-                config_window.append(now)  # the real limit keeps counting under the fault
+            rps_window = None
+            if rps is not None:
+                rps_window = self._rps_windows.setdefault(conn.id, deque())
+                _prune(rps_window, now - 1.0)
+                if len(rps_window) >= int(rps):
+                    return int(rps), rps_window[0] + 1.0 - now
+            quota = None
+            if client is not None:
+                quota = self._quotas.setdefault(client, _ClientQuota())
+                limit, window_s = self._config.quota_requests, float(self._config.quota_window_s)
+                if limit is not None:
+                    _prune(quota.accepted, now - window_s)
+                    if len(quota.accepted) >= limit:
+                        quota.rejected += 1
+                        return limit, quota.accepted[0] + window_s - now
+                    quota.accepted.append(now)
+                quota.total += 1
+            if rps_window is not None:
+                rps_window.append(now)
             return None
+
+    def quota_usage(self) -> dict[str, dict[str, Any]]:
+        """Per client: requests accepted inside the current window, the limit, 429s so far."""
+        now = self._clock()
+        limit, window_s = self._config.quota_requests, float(self._config.quota_window_s)
+        with self._lock:
+            out = {}
+            for client, quota in sorted(self._quotas.items()):
+                _prune(quota.accepted, now - window_s)
+                out[client] = {
+                    "used": len(quota.accepted) if limit is not None else quota.total,
+                    "limit": limit,
+                    "window_s": window_s,
+                    "rejected": quota.rejected,
+                    "total": quota.total,
+                }
+            return out
 
     async def stall(self, conn: ConnectionSpec, request: Request) -> Response:
         """Sleep ``timeout_s`` then answer 504, as Redox does when a request runs too long."""
@@ -314,8 +433,12 @@ class Faults:
         return error_response(request, 504, _MESSAGES[504])
 
     async def gate(self, conn: ConnectionSpec, request: Request) -> Response | None:
-        """Rate-limit, delay and maybe fail one API request; None means go ahead."""
-        limited = self._admit(conn)
+        """Quota, delay and maybe fail one API request; None means go ahead."""
+        client: str | None = None
+        if not getattr(request.state, "quota_counted", False):
+            request.state.quota_counted = True
+            client = self._client_of(request.headers.get("authorization")) or "anonymous"
+        limited = self._admit(conn, client)
         if limited is not None:
             limit, wait_s = limited
             headers = {"X-RateLimit-Limit": str(limit)}

@@ -8,11 +8,25 @@ Supported (request -> response ``Meta.EventType``):
 | PatientAdmin.VisitQuery         | encounters   | VisitQueryResponse     | VisitStartDateTime; start   |
 | PatientAdmin.CensusQuery        | encounters   | CensusQueryResponse    | start                       |
 | Results.Query                   | results      | QueryResponse          | LastUpdated; per order      |
+| Order.Query (Beta)              | results [1]  | QueryResponse          | Start/EndDateTime; order    |
 | Scheduling.Booked               | appointments | BookedResponse         | Start/EndDateTime; start    |
+| Scheduling.AvailableSlots (Beta)| appointments | AvailableSlotsResponse | Start/EndDateTime; slot     |
 | Clinical Summary.PatientQuery   | documents    | PatientQueryResponse   | (per patient)               |
 | Clinical Summary.DocumentQuery  | documents    | DocumentQueryResponse  | Document.Start/EndDate      |
 | Clinical Summary.DocumentGet    | documents    | DocumentGetResponse    | (one document)              |
 | Notes.Query / Media.Query       | documents    | QueryResponse          | (last_updated, id)          |
+
+[1] or the connection takes ``orders`` write-back: Order.Query also lists the orders written
+back to the connection (latest state), so a client can check before re-sending one.
+
+What a query must carry (``search_policy: "redox"``, the default; REDOX-REFERENCE §12.5): only
+``Scheduling.Booked``, ``Scheduling.AvailableSlots`` (``StartDateTime``) and
+``PatientAdmin.CensusQuery`` (nothing) answer without a patient. ``Results``, ``Order``,
+``Notes`` and ``Media`` queries need ``Patients[].Identifiers``; ``PatientAdmin.VisitQuery``
+needs ``VisitNumbers`` or ``Patients``; the Clinical Summary queries need
+``Patient.Identifiers``; ``PatientSearch.Query`` identifiers or FirstName + LastName + DOB.
+Otherwise: HTTP 400 with ``Meta.Errors`` naming the missing fields (never echoing values).
+``search_policy: "open"`` lifts the patient requirement (benchmarks; not Redox).
 
 Response event types: recorded Redox responses echo the request's EventType (``Query``,
 ``Booked``; REDOX-REFERENCE §2.3), but the schemas name them ``Response`` /
@@ -20,7 +34,8 @@ Response event types: recorded Redox responses echo the request's EventType (``Q
 response validates strictly as its ``*Response`` model; clients must key on the request they
 sent, not on ``Meta.EventType`` (which is what they must do against Redox anyway).
 
-Capping and windows (what the ELT's Data Model source relies on):
+Capping and windows (the sandbox's own rules where Redox documents none; under the Redox
+policy they apply within one patient's or one time range's answer):
 
 - A response holds at most ``conn.page_size`` items (patients, visits, orders,
   appointments, documents, notes). Results.Query groups the matching results by order
@@ -53,7 +68,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.config import ConnectionSpec
 from sandbox.datamodel.blocks import (
@@ -65,6 +80,7 @@ from sandbox.datamodel.blocks import (
     dm_datetime,
     identifiers,
     patient_block,
+    provider_block,
     text_content,
 )
 from sandbox.datamodel.render import (
@@ -88,6 +104,9 @@ from sandbox.population.records import (
 )
 from sandbox.population.store import Query, RecordStore
 
+if TYPE_CHECKING:
+    from sandbox.state import WriteLog
+
 # Identifier types a client may send, mapped to the store's names; others match any type.
 ID_TYPES = {"MR": "MR", "MRN": "MR", "EHRID": "EHRID", "NIST": "NIST", "EPI": "EPI"}
 IN_HOUSE_STATUSES = ("arrived", "in-progress")
@@ -107,6 +126,8 @@ class QueryContext:
     store: RecordStore
     conn: ConnectionSpec
     body: dict[str, Any]
+    policy: str = "redox"  # SandboxConfig.search_policy: "redox" refuses what Redox refuses
+    writes: WriteLog | None = None  # write-backs received, for Order.Query
 
     @property
     def limit(self) -> int:
@@ -187,6 +208,35 @@ def _patients_filter(ctx: QueryContext, patients: Any) -> list[str] | None:
     if not idents:
         return None
     return [p.id for p in resolve_patients(ctx, idents)]
+
+
+# Queries Redox answers from a time range alone (REDOX-REFERENCE §12.5); every other query
+# needs a patient (or, for VisitQuery, visit) identifier under search_policy "redox".
+UNSCOPED_QUERIES = "Scheduling.Booked, Scheduling.AvailableSlots and PatientAdmin.CensusQuery"
+
+
+def _has_patient_identifier(patients: Any) -> bool:
+    return isinstance(patients, list) and any(
+        isinstance(p, dict) and _identifier_list(p.get("Identifiers")) for p in patients
+    )
+
+
+def require_scope(ctx: QueryContext, query: str, *alternatives: tuple[str, bool]) -> None:
+    """Under the Redox policy, refuse a query that carries none of ``alternatives``
+    (``(field name, present)``) with Redox's 400, naming the fields, never their values."""
+    if ctx.policy != "redox" or any(present for _, present in alternatives):
+        return
+    needed = " or ".join(name for name, _ in alternatives)
+    raise QueryError(
+        400,
+        f"Incomplete query criteria: {query} needs {needed}; only {UNSCOPED_QUERIES} "
+        "accept a time range without a patient",
+    )
+
+
+def require_patients(ctx: QueryContext, query: str) -> None:
+    present = _has_patient_identifier(ctx.body.get("Patients"))
+    require_scope(ctx, query, ("Patients[].Identifiers[] (ID and IDType)", present))
 
 
 def _label_filter(values: Any, labels: dict[str, str]) -> set[str] | None:
@@ -352,8 +402,14 @@ def _visits_by_patient(ctx: QueryContext, encounters: Iterable[EncounterRecord])
 
 
 def visit_query(ctx: QueryContext) -> QueryAnswer:
-    patient_ids = _patients_filter(ctx, ctx.body.get("Patients"))
     numbers = set(_strings(ctx.body.get("VisitNumbers")))
+    require_scope(
+        ctx,
+        "PatientAdmin.VisitQuery",
+        ("VisitNumbers[]", bool(numbers)),
+        ("Patients[].Identifiers[] (ID and IDType)", _has_patient_identifier(ctx.body.get("Patients"))),
+    )
+    patient_ids = _patients_filter(ctx, ctx.body.get("Patients"))
     statuses = _label_filter(ctx.body.get("VisitStatuses"), VISIT_STATUSES)
     start = parse_time(ctx.body.get("VisitStartDateTime"), "VisitStartDateTime")
     extra = _encounter_filters(ctx)
@@ -397,6 +453,7 @@ def census_query(ctx: QueryContext) -> QueryAnswer:
 
 
 def results_query(ctx: QueryContext) -> QueryAnswer:
+    require_patients(ctx, "Results.Query")
     patient_ids = _patients_filter(ctx, ctx.body.get("Patients"))
     order_ids = set(_strings(ctx.body.get("OrderIDs")))
     statuses = _label_filter(ctx.body.get("ResultStatuses"), RESULT_STATUSES)
@@ -554,7 +611,10 @@ def document_get(ctx: QueryContext) -> QueryAnswer:
     )
 
 
-def _document_list_query(ctx: QueryContext, kind: str) -> tuple[list[DocumentRecord], bool, PatientCache]:
+def _document_list_query(
+    ctx: QueryContext, kind: str, query: str
+) -> tuple[list[DocumentRecord], bool, PatientCache]:
+    require_patients(ctx, query)
     patient_ids = _patients_filter(ctx, ctx.body.get("Patients"))
     numbers = set(_strings(ctx.body.get("VisitNumbers")))
     doc_ids = set(_strings(ctx.body.get("DocumentIDs")))
@@ -574,7 +634,7 @@ def _document_list_query(ctx: QueryContext, kind: str) -> tuple[list[DocumentRec
 
 
 def notes_query(ctx: QueryContext) -> QueryAnswer:
-    picked, more, cache = _document_list_query(ctx, "note")
+    picked, more, cache = _document_list_query(ctx, "note", "Notes.Query")
     notes = [
         {
             "ContentType": "Plain Text",
@@ -594,7 +654,7 @@ def notes_query(ctx: QueryContext) -> QueryAnswer:
 
 
 def media_query(ctx: QueryContext) -> QueryAnswer:
-    picked, more, cache = _document_list_query(ctx, "cda")
+    picked, more, cache = _document_list_query(ctx, "cda", "Media.Query")
     media = [
         {
             "CreationDateTime": dm_datetime(d.authored_at),
@@ -613,11 +673,179 @@ def media_query(ctx: QueryContext) -> QueryAnswer:
     return QueryAnswer({"Media": media}, incomplete=more)
 
 
+# Open slots (Scheduling.AvailableSlots, Beta): the sandbox's clinic grid. Providers hold
+# clinics where they have appointments within SESSION_LOOKAROUND of the window; each clinic
+# day runs CLINIC_HOURS (UTC) on weekdays in SLOT_MINUTES slots; a slot is open unless one of
+# the provider's appointments (not cancelled) overlaps it.
+SLOT_MINUTES = 30
+CLINIC_HOURS = (8, 17)
+SESSION_LOOKAROUND = timedelta(days=28)
+DEFAULT_SLOT_HORIZON = timedelta(days=7)  # window end when EndDateTime is absent
+_CLOSED_APPOINTMENTS = ("cancelled", "noshow", "entered-in-error")
+
+
+def available_slots(ctx: QueryContext) -> QueryAnswer:
+    if not ctx.body.get("StartDateTime"):
+        raise QueryError(400, "Scheduling.AvailableSlots needs StartDateTime")
+    start, stop = _window(ctx.body, "StartDateTime", "EndDateTime", "AvailableSlots")
+    assert start is not None
+    stop = stop or start + DEFAULT_SLOT_HORIZON
+    visit = _obj(ctx.body.get("Visit"))
+    wanted_providers = {
+        str(p.get("ID")) for p in visit.get("AttendingProviders") or [] if isinstance(p, dict) and p.get("ID")
+    }
+    wanted_places = {
+        str(loc.get(k)).lower()
+        for loc in visit.get("Locations") or []
+        if isinstance(loc, dict)
+        for k in ("Facility", "Department")
+        if loc.get(k)
+    }
+    clinics: dict[str, tuple[Any, Any]] = {}  # npi -> (provider, location)
+    busy: dict[str, list[tuple[datetime, datetime]]] = {}
+    around = Query(
+        ctx.conn.id, "appointments", date_ge=start - SESSION_LOOKAROUND, date_lt=stop + SESSION_LOOKAROUND
+    )
+    for a in ctx.store.iter(around):
+        if not isinstance(a, AppointmentRecord):
+            continue
+        npi = a.provider.npi
+        if wanted_providers and npi not in wanted_providers:
+            continue
+        place = {a.location.facility.lower(), a.location.department.lower()}
+        if wanted_places and not place & wanted_places:
+            continue
+        clinics.setdefault(npi, (a.provider, a.location))
+        if a.status not in _CLOSED_APPOINTMENTS:
+            busy.setdefault(npi, []).append((a.start_at, a.start_at + timedelta(minutes=a.duration_minutes)))
+    slots: list[dict[str, Any]] = []
+    for t in _slot_times(start, stop):
+        for npi in sorted(clinics):
+            end = t + timedelta(minutes=SLOT_MINUTES)
+            if any(b_start < end and t < b_end for b_start, b_end in busy.get(npi, ())):
+                continue
+            provider, location = clinics[npi]
+            slots.append(
+                {
+                    "ID": f"{npi}-{t:%Y%m%d%H%M}",
+                    "DateTime": dm_datetime(t),
+                    "Duration": SLOT_MINUTES,
+                    "Location": {
+                        "Type": location.type,
+                        "Facility": location.facility,
+                        "Department": location.department,
+                        "Room": location.room,
+                    },
+                    "Provider": provider_block(provider),
+                    "Reason": None,
+                    "Notes": [],
+                }
+            )
+            if len(slots) > ctx.limit:
+                return QueryAnswer({"AvailableSlots": slots[: ctx.limit]}, incomplete=True)
+    return QueryAnswer({"AvailableSlots": slots})
+
+
+def _slot_times(start: datetime, stop: datetime) -> Iterator[datetime]:
+    """Slot start times in ``[start, stop)`` on weekday clinic hours, in order."""
+    day = datetime(start.year, start.month, start.day, tzinfo=UTC)
+    step = timedelta(minutes=SLOT_MINUTES)
+    while day < stop:
+        if day.weekday() < 5:
+            t = day + timedelta(hours=CLINIC_HOURS[0])
+            close = day + timedelta(hours=CLINIC_HOURS[1])
+            while t + step <= close and t < stop:
+                if t >= start:
+                    yield t
+                t += step
+        day += timedelta(days=1)
+
+
+def order_query(ctx: QueryContext) -> QueryAnswer:
+    """Order.Query (Beta): the connection's lab orders (the orders behind its results) and
+    the orders written back to it (``Order.New`` / ``Update`` / ``Cancel``, latest state),
+    so a client can check for an order before re-sending it (REDOX-REFERENCE: idempotency)."""
+    require_patients(ctx, "Order.Query")
+    patient_ids = _patients_filter(ctx, ctx.body.get("Patients"))
+    order_ids = set(_strings(ctx.body.get("OrderIDs")))
+    numbers = set(_strings(ctx.body.get("VisitNumbers")))
+    procedures = {
+        str(p.get("Code")) for p in ctx.body.get("Procedures") or [] if isinstance(p, dict) and p.get("Code")
+    }
+    start, stop = _window(ctx.body, "StartDateTime", "EndDateTime", "Order")
+    orders: dict[str, dict[str, Any]] = {}
+    when: dict[str, datetime] = {}
+
+    def wanted(order_id: str, visit_number: Any, code: Any, at: datetime | None) -> bool:
+        if order_ids and order_id not in order_ids:
+            return False
+        if numbers and str(visit_number) not in numbers:
+            return False
+        if procedures and str(code) not in procedures:
+            return False
+        return at is None or ((start is None or at >= start) and (stop is None or at < stop))
+
+    if "results" in ctx.conn.entities:
+        cache = PatientCache(ctx)
+        for r in matches(ctx, "results", patient_ids):
+            at = r.issued_at or r.effective_at
+            if r.order_id in orders or not wanted(r.order_id, r.visit_number, r.panel.code, at):
+                continue
+            order = result_order(r)
+            order.pop("Results", None)
+            order["Patient"] = cache.identifiers(r.patient)
+            order["Visit"] = {"VisitNumber": r.visit_number}
+            orders[r.order_id] = order
+            when[r.order_id] = at
+    for order_id, order, at in _written_orders(ctx, patient_ids):
+        if order_id not in orders and wanted(
+            order_id,
+            _obj(order.get("Visit")).get("VisitNumber"),
+            _obj(order.get("Procedure")).get("Code"),
+            at,
+        ):
+            orders[order_id] = order
+            when[order_id] = at or _EARLIEST
+    ranked = sorted(orders, key=lambda oid: (when[oid], oid))
+    shown = ranked[: ctx.limit]
+    return QueryAnswer({"Orders": [orders[oid] for oid in shown]}, incomplete=len(ranked) > len(shown))
+
+
+def _written_orders(
+    ctx: QueryContext, patient_ids: list[str] | None
+) -> Iterator[tuple[str, dict[str, Any], datetime | None]]:
+    """(order id, Orders[] entry, transaction time) of orders written back to this connection."""
+    if ctx.writes is None or not patient_ids:
+        return
+    wanted = set(patient_ids)
+    latest: dict[str, tuple[str, dict[str, Any]]] = {}
+    for w in ctx.writes.to_json()["orders"]:
+        if w["connection_id"] == ctx.conn.id:
+            latest[w["order_id"]] = (w["event"], w["payload"])
+    for order_id, (event, payload) in sorted(latest.items()):
+        idents = _identifier_list(_obj(payload.get("Patient")).get("Identifiers"))
+        if not idents or not {p.id for p in resolve_patients(ctx, idents)} & wanted:
+            continue
+        order = dict(_obj(payload.get("Order")))
+        order["ID"] = order_id
+        order["Patient"] = {"Identifiers": _obj(payload.get("Patient")).get("Identifiers") or []}
+        if "Visit" in payload:
+            order["Visit"] = {"VisitNumber": _obj(payload.get("Visit")).get("VisitNumber")}
+        if event == "Order-Cancel":
+            order["Status"] = "Canceled"
+        try:
+            at = parse_time(order.get("TransactionDateTime"), "Order.TransactionDateTime")
+        except QueryError:
+            at = None
+        yield order_id, order, at
+
+
 @dataclass(frozen=True)
 class QuerySpec:
     entity: str  # what the connection must expose (ConnectionSpec.entities)
     response_event: str
     answer: Callable[[QueryContext], QueryAnswer] | None  # None: Clinical Summary PatientQuery
+    write_entity: str | None = None  # also allowed when the connection takes this write-back
 
 
 QUERIES: dict[tuple[str, str], QuerySpec] = {
@@ -626,6 +854,8 @@ QUERIES: dict[tuple[str, str], QuerySpec] = {
     ("PatientAdmin", "CensusQuery"): QuerySpec("encounters", "CensusQueryResponse", census_query),
     ("Results", "Query"): QuerySpec("results", "QueryResponse", results_query),
     ("Scheduling", "Booked"): QuerySpec("appointments", "BookedResponse", booked),
+    ("Scheduling", "AvailableSlots"): QuerySpec("appointments", "AvailableSlotsResponse", available_slots),
+    ("Order", "Query"): QuerySpec("results", "QueryResponse", order_query, write_entity="orders"),
     ("Clinical Summary", "PatientQuery"): QuerySpec("documents", "PatientQueryResponse", None),
     ("Clinical Summary", "DocumentQuery"): QuerySpec("documents", "DocumentQueryResponse", document_query),
     ("Clinical Summary", "DocumentGet"): QuerySpec("documents", "DocumentGetResponse", document_get),

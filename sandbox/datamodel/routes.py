@@ -14,8 +14,10 @@ Order of checks, each failure answered with a ``Meta.Errors`` body that still ca
    sandbox answers (``queries.QUERIES``) or accepts (``WRITES``) -> 400; the connection is
    entitled to the entity (``conn.entities`` for queries, ``conn.write_entities`` for
    write-back) -> 403.
-6. Queries: the request is parsed tolerantly (unknown fields dropped, like Redox) and answered
-   synchronously (see ``queries``). Writes: validated strictly against the ``redox`` schema
+6. Queries: the request is parsed tolerantly (unknown fields dropped, like Redox), checked for
+   the inputs Redox requires (``search_policy``; 400 naming the missing fields) and answered
+   synchronously (see ``queries``); the answer then passes ``faults.shape_query``
+   (``partial_failure_rate``: 200 with ``Meta.Errors``; ``bad_entry_rate``). Writes: validated strictly against the ``redox`` schema
    (400 naming each problem), recorded in ``state.writes`` once per destination, then
    answered 200 with the echoed ``Meta`` and one ``Logs[]`` entry per destination (async
    SEND semantics: accepted, not yet delivered).
@@ -36,11 +38,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from sandbox.auth import InvalidToken, redox_response
+from sandbox.auth import InvalidToken
 from sandbox.config import ConnectionSpec
 from sandbox.datamodel.blocks import destination_of, dm_datetime, new_log, next_message_id
 from sandbox.datamodel.conform import conform, strict_check
 from sandbox.datamodel.queries import QUERIES, QueryAnswer, QueryContext, QueryError, clinical_patient_query
+from sandbox.http import redox_response
 from sandbox.state import SandboxState
 
 JSON = "application/json; charset=utf-8"
@@ -225,7 +228,9 @@ class DataModelEndpoint:
         self, payload: dict[str, Any], meta: dict[str, Any], key: tuple[str, str], conn: ConnectionSpec
     ) -> Response:
         spec = QUERIES[key]
-        if spec.entity not in conn.entities:
+        if spec.entity not in conn.entities and not (
+            spec.write_entity is not None and spec.write_entity in conn.write_entities
+        ):
             raise DataModelError(403, f"This destination does not share {spec.entity} ({key[0]}.{key[1]})")
         request_copy = dict(payload)
         request_copy["Meta"] = {k: v for k, v in meta.items() if k not in ("Message", "Transmission")}
@@ -233,7 +238,9 @@ class DataModelEndpoint:
             redox_object_factory(request_copy, lenient=True)
         except ValidationError as exc:
             raise DataModelError(400, *_problems(exc)) from None
-        ctx = QueryContext(self.state.store, conn, payload)
+        ctx = QueryContext(
+            self.state.store, conn, payload, policy=self.state.config.search_policy, writes=self.state.writes
+        )
         response_meta = _echo_meta(meta, self._now(), [conn])
         response_meta["EventType"] = spec.response_event
 
@@ -244,7 +251,9 @@ class DataModelEndpoint:
             response_meta["IsIncomplete"] = result.incomplete
             return conform({"Meta": response_meta, **result.body})
 
-        body = await run_in_threadpool(answer)
+        # Partial failures and defective records are applied to the finished answer, after
+        # conform, so they reach the client exactly as a misbehaving EHR would send them.
+        body = self.state.faults.shape_query(conn.id, await run_in_threadpool(answer))
         return self._respond(body, 200, [conn])
 
     async def _write(

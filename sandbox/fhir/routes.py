@@ -389,6 +389,11 @@ class FhirApi:
         async def handle(request: Request, conn: ConnectionSpec) -> Response:
             job = self.exports.job(request.path_params["job"], conn, request.state.client_id)
             output = self.exports.output(job, request.path_params["name"])
+            if self.state.faults.rate("bad_entry_rate", conn.id) > 0:  # fault hook (sandbox.faults)
+                body = self.state.faults.damage_ndjson(
+                    conn.id, await run_in_threadpool(output.path.read_bytes)
+                )
+                return Response(body, headers=REDOX_HEADERS, media_type=NDJSON)
             return FileResponse(output.path, media_type=NDJSON, headers=REDOX_HEADERS)
 
         if request.method != "GET":

@@ -27,7 +27,8 @@ from sandbox.config import SandboxConfig
 from sandbox.faults import Faults
 from sandbox.state import SandboxState
 
-TOKEN_URL = "http://testserver/v2/auth/token"
+BASE_URL = "http://127.0.0.1:8999"  # the sandbox's own URL, as its server knows it
+TOKEN_URL = BASE_URL + "/v2/auth/token"
 DROP = object()  # marks a claim/header to leave out
 
 
@@ -69,7 +70,7 @@ class Sandbox:
             auth=self.auth,
             faults=self.faults,
             webhooks=None,
-            base_url="http://127.0.0.1:8999",
+            base_url=BASE_URL,
         )
         self.client = TestClient(Starlette(routes=routes(self.state)))
 
@@ -89,13 +90,13 @@ class Sandbox:
         header = {k: v for k, v in header.items() if v is not DROP}
         return jwt.encode(body, private_key, algorithm=alg, headers=header)
 
-    def token_request(self, assertion: str | None, **form):
+    def token_request(self, assertion: str | None, headers: dict | None = None, **form):
         data = {"grant_type": "client_credentials", "client_assertion_type": CLIENT_ASSERTION_TYPE}
         if assertion is not None:
             data["client_assertion"] = assertion
         data.update(form)
         data = {k: v for k, v in data.items() if v is not DROP}
-        return self.client.post("/v2/auth/token", data=data)
+        return self.client.post("/v2/auth/token", data=data, headers=headers)
 
 
 @pytest.fixture
@@ -166,6 +167,60 @@ def test_audience_may_be_the_configured_base_url(sandbox: Sandbox, keys: dict, r
     assert response.status_code == 200, response.text
 
 
+def test_audience_is_never_taken_from_the_host_header(sandbox: Sandbox, keys: dict, rsa_client: str) -> None:
+    # An assertion made for another server must not become valid by naming that server in Host.
+    evil = sandbox.assertion(
+        keys["rsa_a"], "RS384", "rsa-a", rsa_client, aud="http://evil.example/v2/auth/token"
+    )
+    assert_oauth_error(sandbox.token_request(evil, headers={"Host": "evil.example"}), 401, "")
+    # Nor is the test client's own Host name (testserver) an accepted audience.
+    local = sandbox.assertion(
+        keys["rsa_a"], "RS384", "rsa-a", rsa_client, aud="http://testserver/v2/auth/token"
+    )
+    assert_oauth_error(sandbox.token_request(local), 401, "")
+
+
+def test_no_audience_is_accepted_without_a_known_base_url(keys: dict) -> None:
+    bare = Sandbox(SandboxConfig())
+    bare.state.base_url = ""
+    client_id = bare.auth.register_client("c", {"keys": [rsa_jwk(keys["rsa_a"], "k1")]})
+    assertion = bare.assertion(keys["rsa_a"], "RS384", "k1", client_id, aud="http://testserver/v2/auth/token")
+    assert_oauth_error(bare.token_request(assertion), 401, "")
+
+
+@pytest.mark.parametrize(
+    ("iat_offset", "exp_offset", "accepted"),
+    [
+        (0, 300, True),  # the usual 5 minutes
+        (0, 310, True),  # within the 10 s clock skew
+        (0, 311, False),  # exp - iat over 5 minutes + skew
+        (0, 10 * 365 * 86400, False),  # ten years ahead (the issue-14 attack)
+        (-250, 200, False),  # exp - iat = 450 s although exp - now is fine
+        (100, 400, False),  # iat beyond the skew in the future
+    ],
+    ids=["5-min", "skew", "over", "ten-years", "long-past-issued", "future-iat"],
+)
+def test_assertion_lifetime_over_five_minutes_is_refused(
+    sandbox: Sandbox, keys: dict, rsa_client: str, iat_offset: int, exp_offset: int, accepted: bool
+) -> None:
+    now = int(sandbox.clock.now)
+    assertion = sandbox.assertion(
+        keys["rsa_a"], "RS384", "rsa-a", rsa_client, iat=now + iat_offset, exp=now + exp_offset
+    )
+    response = sandbox.token_request(assertion)
+    if accepted:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 401
+        assert response.json()["error"] == "invalid_request"
+
+
+def test_ten_year_assertion_names_the_exp_claim(sandbox: Sandbox, keys: dict, rsa_client: str) -> None:
+    now = int(sandbox.clock.now)
+    assertion = sandbox.assertion(keys["rsa_a"], "RS384", "rsa-a", rsa_client, exp=now + 10 * 365 * 86400)
+    assert_oauth_error(sandbox.token_request(assertion), 401, "Unexpected exp claim value")
+
+
 def test_token_lifetime_fault_sets_expires_in(sandbox: Sandbox, keys: dict, rsa_client: str) -> None:
     sandbox.faults.set({"token_lifetime_s": 2})
     response = sandbox.token_request(sandbox.assertion(keys["rsa_a"], "RS384", "rsa-a", rsa_client))
@@ -215,7 +270,7 @@ def test_bad_claims_are_refused(
 def test_iat_within_clock_skew_is_accepted(sandbox: Sandbox, keys: dict, rsa_client: str) -> None:
     now = int(sandbox.clock.now)
     future = sandbox.assertion(keys["rsa_a"], "RS384", "rsa-a", rsa_client, iat=now + 5)
-    old = sandbox.assertion(keys["rsa_a"], "RS384", "rsa-a", rsa_client, iat=now - 305, exp=now + 60)
+    old = sandbox.assertion(keys["rsa_a"], "RS384", "rsa-a", rsa_client, iat=now - 305, exp=now + 4)
     assert sandbox.token_request(future).status_code == 200
     assert sandbox.token_request(old).status_code == 200
 

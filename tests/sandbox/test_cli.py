@@ -114,6 +114,8 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
                 "patients": 120,
                 "seed": 5,
                 "environment": "Staging",
+                "quota_requests": 100,
+                "quota_window_s": 60,
                 "search_policy": "open",  # not Redox: lets this test list every patient at once
                 "connections": [
                     {
@@ -132,8 +134,6 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
                         "name": "Beta Clinic",
                         "surfaces": ["datamodel"],
                         "write_entities": ["orders"],
-                        "rate_limit": 100,
-                        "rate_window_s": 60,
                     },
                 ],
             }
@@ -146,7 +146,7 @@ def test_serve_with_a_config_file_changes_the_connections(serve, tmp_path: Path)
     assert (alpha["id"], alpha["entities"], alpha["page_size"]) == ("alpha-fhir", ["patients", "results"], 25)
     assert alpha["fhir_base_url"] == f"{served.url}/fhir/R4/alpha-hospital/Staging"
     assert (beta["id"], beta["surfaces"], beta["write_entities"]) == ("beta-dm", ["datamodel"], ["orders"])
-    assert beta["rate_limit"] == {"requests": 100, "window_s": 60}
+    assert beta["rate_limit"] == {"requests": 100, "window_s": 60, "scope": "client"}
     assert (alpha["bulk_export"], alpha["refresh_days"], beta["bulk_export"]) == (True, 3, False)
     assert alpha["bulk_group_id"] and beta["bulk_group_id"] is None
     truth = httpx.get(f"{served.url}/_sandbox/truth", timeout=10).json()
@@ -304,7 +304,13 @@ def test_serve_seed_from_a_bulk_export_serves_it_through_both_surfaces(serve, tm
     assert found.status_code == 200, found.text
     strict_redox(found.json())
     assert found.json()["Patient"]["Demographics"]["LastName"] == "Marsh"
-    visits = live.dm(conn["id"], "PatientAdmin", "VisitQuery", VisitStartDateTime="2026-01-01")
+    visits = live.dm(
+        conn["id"],
+        "PatientAdmin",
+        "VisitQuery",
+        Patients=[{"Identifiers": [{"ID": "E2000", "IDType": "MR"}]}],
+        VisitStartDateTime="2026-01-01",
+    )
     assert visits.status_code == 200, visits.text
     strict_redox(visits.json())
     facilities = {v["Location"]["Facility"] for p in visits.json()["Patients"] for v in p["Visits"]}

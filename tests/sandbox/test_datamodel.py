@@ -312,6 +312,9 @@ class FakeFaults:
     async def stall(self, conn: ConnectionSpec, request: Request) -> Response:
         return Response(b'{"Meta":{"Errors":[{"Text":"The request timed out"}]}}', 504)
 
+    def shape_query(self, connection_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return body
+
 
 def make_config(**conn_overrides: Any) -> SandboxConfig:
     conns = []
@@ -380,7 +383,17 @@ def env(served) -> tuple[httpx.Client, SandboxState, FakeFaults]:
     client, state = served
     state.faults = FakeFaults()
     state.writes = WriteLog()
+    state.config.search_policy = "redox"  # every test runs strict unless it opens on purpose
     return client, state, state.faults
+
+
+def open_policy(state: SandboxState) -> None:
+    """Switch to ``search_policy: open`` (not Redox; the benchmarks' mode) for the rest of a test."""
+    state.config.search_policy = "open"
+
+
+def patients_of(*patients: PatientRecord) -> list[dict[str, Any]]:
+    return [{"Identifiers": [{"ID": p.mrn, "IDType": "MR"}]} for p in patients]
 
 
 def dest(state: SandboxState, conn_id: str) -> dict[str, str]:
@@ -722,8 +735,9 @@ def test_patient_search_no_match_no_criteria_and_many_matches(env):
     assert 1 + len(body["PotentialMatches"]) == 7 and body["Meta"]["IsIncomplete"] is True
 
 
-def test_visit_query_windows_enumerate_every_visit(env):
+def test_visit_query_windows_enumerate_every_visit_under_the_open_policy(env):
     client, state, _ = env
+    open_policy(state)  # a bare VisitStartDateTime is refused by Redox (see test_strict_*)
     conn = state.config.connection("riverbend-both")
     start = NOW - timedelta(days=290)
     truth = {e.visit_number for e in records(state, conn.id, "encounters") if e.start_at >= start}
@@ -769,6 +783,7 @@ def test_visit_query_filters(env):
         ask(client, state, "lakeside-dm", "PatientAdmin", "VisitQuery", VisitNumbers=[encounter.visit_number])
     )
     assert [v["VisitNumber"] for p in body["Patients"] for v in p["Visits"]] == [encounter.visit_number]
+    open_policy(state)  # a class filter alone names no patient: open policy only
     body = ok(ask(client, state, "lakeside-dm", "PatientAdmin", "VisitQuery", PatientClasses=["Inpatient"]))
     inpatient = {e.visit_number for e in records(state, "lakeside-dm", "encounters") if e.class_code == "IMP"}
     assert {v["VisitNumber"] for p in body["Patients"] for v in p["Visits"]} == inpatient
@@ -788,8 +803,9 @@ def test_census_lists_patients_in_house(env):
         assert got
 
 
-def test_results_query_last_updated_windows_enumerate_every_result(env):
+def test_results_query_last_updated_windows_enumerate_every_result_under_the_open_policy(env):
     client, state, _ = env
+    open_policy(state)
     conn = state.config.connection("riverbend-both")
     rows = records(state, conn.id, "results")
     truth = {r.result_id for r in rows}
@@ -809,6 +825,7 @@ def test_results_query_last_updated_windows_enumerate_every_result(env):
 
 def test_results_query_filters(env):
     client, state, _ = env
+    open_policy(state)  # filters without a patient: open policy only
     rows = records(state, "lakeside-dm", "results")
     target = rows[3]
     body = ok(ask(client, state, "lakeside-dm", "Results", "Query", OrderIDs=[target.order_id]))
@@ -945,12 +962,217 @@ def test_document_query_and_get(env):
 
 def test_notes_and_media_queries(env):
     client, state, _ = env
-    body = ok(ask(client, state, "lakeside-dm", "Notes", "Query"))
-    assert body["Notes"] and all(n["ContentType"] == "Plain Text" for n in body["Notes"])
+    note = next(d for d in records(state, "lakeside-dm", "documents") if d.kind == "note")
+    writer = patient_of(state, "lakeside-dm", note)
+    body = ok(ask(client, state, "lakeside-dm", "Notes", "Query", Patients=patients_of(writer)))
+    assert note.document_id in {n["DocumentID"] for n in body["Notes"]}
+    assert all(n["ContentType"] == "Plain Text" for n in body["Notes"])
     doc = next(d for d in records(state, "lakeside-dm", "documents") if d.kind == "cda")
-    body = ok(ask(client, state, "lakeside-dm", "Media", "Query", DocumentIDs=[doc.document_id]))
+    owner = patient_of(state, "lakeside-dm", doc)
+    body = ok(
+        ask(
+            client,
+            state,
+            "lakeside-dm",
+            "Media",
+            "Query",
+            Patients=patients_of(owner),
+            DocumentIDs=[doc.document_id],
+        )
+    )
     [media] = body["Media"]
     assert base64.b64decode(media["FileContents"]) == doc.content
+
+
+# ---- strict queries (search_policy "redox", the default) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data_model", "event_type", "body", "needs"),
+    [
+        ("Results", "Query", {"LastUpdated": {"StartDateTime": "2020-01-01"}}, "Patients[]"),
+        ("Results", "Query", {"OrderIDs": ["SECRET-ORDER-1"]}, "Patients[]"),
+        ("Results", "Query", {"Patients": [{"Identifiers": []}]}, "Patients[]"),
+        ("Notes", "Query", {"DocumentIDs": ["SECRET-DOC-1"]}, "Patients[]"),
+        ("Media", "Query", {}, "Patients[]"),
+        ("Order", "Query", {"StartDateTime": "2020-01-01"}, "Patients[]"),
+        ("PatientAdmin", "VisitQuery", {"VisitStartDateTime": "2020-01-01"}, "VisitNumbers[] or Patients[]"),
+        ("Clinical Summary", "PatientQuery", {}, "Patient"),
+        (
+            "Clinical Summary",
+            "DocumentQuery",
+            {"Document": {"StartDate": "2020-01-01"}},
+            "Patient",
+        ),
+        ("PatientSearch", "Query", {"Patient": {"Demographics": {"LastName": "SECRET"}}}, "Incomplete"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_strict_queries_without_a_patient_are_refused_like_redox(env, data_model, event_type, body, needs):
+    client, state, _ = env
+    resp = ask(client, state, "riverbend-both", data_model, event_type, **body)
+    assert resp.status_code == 400
+    meta = resp.json()["Meta"]
+    assert meta["Errors"] and all(e["Text"] for e in meta["Errors"]) and meta["Logs"][0]["ID"]
+    text = error_text(resp)
+    assert needs in text
+    assert "SECRET" not in text and "2020-01-01" not in text  # names fields, never echoes values
+
+
+def test_strict_policy_allows_the_documented_unscoped_queries(env):
+    client, state, _ = env
+    start, end = dm_time(NOW - timedelta(days=30)), dm_time(NOW + timedelta(days=30))
+    booked = ok(
+        ask(client, state, "riverbend-both", "Scheduling", "Booked", StartDateTime=start, EndDateTime=end)
+    )
+    assert booked["Meta"]["EventType"] == "BookedResponse"
+    ok(ask(client, state, "riverbend-both", "PatientAdmin", "CensusQuery"))
+    slots = ok(
+        ask(
+            client,
+            state,
+            "riverbend-both",
+            "Scheduling",
+            "AvailableSlots",
+            StartDateTime=start,
+            EndDateTime=end,
+        )
+    )
+    assert slots["Meta"]["EventType"] == "AvailableSlotsResponse"
+    encounter = records(state, "riverbend-both", "encounters")[3]
+    body = ok(
+        ask(
+            client,
+            state,
+            "riverbend-both",
+            "PatientAdmin",
+            "VisitQuery",
+            VisitNumbers=[encounter.visit_number],
+        )
+    )
+    assert [v["VisitNumber"] for p in body["Patients"] for v in p["Visits"]] == [encounter.visit_number]
+
+
+def test_per_patient_queries_answer_under_the_strict_policy(env):
+    client, state, _ = env
+    result = records(state, "lakeside-dm", "results")[4]
+    patient = patient_of(state, "lakeside-dm", result)
+    body = ok(ask(client, state, "lakeside-dm", "Results", "Query", Patients=patients_of(patient)))
+    truth = {
+        r.result_id for r in records(state, "lakeside-dm", "results") if r.patient.patient_id == patient.id
+    }
+    assert {f"{o['ID']}-{r['Code']}" for o in body["Orders"] for r in o["Results"]} == truth
+
+
+def test_booked_takes_an_optional_patient_filter(env):
+    client, state, _ = env
+    appointment = records(state, "riverbend-both", "appointments")[2]
+    patient = patient_of(state, "riverbend-both", appointment)
+    body = ok(
+        ask(
+            client,
+            state,
+            "riverbend-both",
+            "Scheduling",
+            "Booked",
+            StartDateTime="2000-01-01",
+            EndDateTime="2040-01-01",
+            Visit={"Patients": patients_of(patient)},
+        )
+    )
+    truth = {
+        a.visit_number
+        for a in records(state, "riverbend-both", "appointments")
+        if a.patient.patient_id == patient.id
+    }
+    assert appointment.visit_number in {v["VisitNumber"] for v in body["Visits"]}
+    assert {v["VisitNumber"] for v in body["Visits"]} <= truth
+
+
+def test_open_policy_keeps_the_permissive_behaviour(env):
+    client, state, _ = env
+    open_policy(state)
+    ok(ask(client, state, "lakeside-dm", "Results", "Query", LastUpdated={"StartDateTime": "2000-01-01"}))
+    ok(ask(client, state, "lakeside-dm", "Notes", "Query"))
+    ok(ask(client, state, "lakeside-dm", "PatientAdmin", "VisitQuery", VisitStartDateTime="2000-01-01"))
+
+
+def test_available_slots_are_open_clinic_times_that_avoid_booked_appointments(env):
+    client, state, _ = env
+    conn = state.config.connection("lakeside-dm")
+    appts = [a for a in records(state, conn.id, "appointments") if a.status not in ("cancelled", "noshow")]
+    target = appts[0]
+    day = target.start_at.replace(hour=0, minute=0, second=0, microsecond=0)
+    body = ok(
+        ask(
+            client,
+            state,
+            conn.id,
+            "Scheduling",
+            "AvailableSlots",
+            StartDateTime=dm_time(day - timedelta(days=3)),
+            EndDateTime=dm_time(day + timedelta(days=4)),
+            Visit={"AttendingProviders": [{"ID": target.provider.npi}]},
+        )
+    )
+    slots = body["AvailableSlots"]
+    assert slots and len(slots) <= conn.page_size
+    busy = [
+        (a.start_at, a.start_at + timedelta(minutes=a.duration_minutes))
+        for a in appts
+        if a.provider.npi == target.provider.npi
+    ]
+    for slot in slots:
+        begin = parse(slot["DateTime"])
+        assert slot["Provider"]["ID"] == target.provider.npi and slot["Duration"] == 30
+        assert begin.weekday() < 5 and 8 <= begin.hour < 17
+        assert not any(b < begin + timedelta(minutes=30) and begin < e for b, e in busy)
+    assert [s["DateTime"] for s in slots] == sorted(s["DateTime"] for s in slots)
+    resp = ask(client, state, conn.id, "Scheduling", "AvailableSlots", EndDateTime="2030-01-01")
+    assert resp.status_code == 400 and "StartDateTime" in error_text(resp)
+
+
+def test_order_query_finds_result_orders_and_written_orders(env):
+    client, state, _ = env
+    result = records(state, "riverbend-both", "results")[1]
+    patient = patient_of(state, "riverbend-both", result)
+    body = ok(ask(client, state, "riverbend-both", "Order", "Query", Patients=patients_of(patient)))
+    assert body["Meta"]["EventType"] == "QueryResponse"
+    truth = {
+        r.order_id for r in records(state, "riverbend-both", "results") if r.patient.patient_id == patient.id
+    }
+    got = {o["ID"] for o in body["Orders"]}
+    assert got <= truth and len(got) == len(body["Orders"]) == min(len(truth), 7)
+    assert all(o["Patient"]["Identifiers"] for o in body["Orders"])
+    # An order written back is found before it is re-sent (no idempotency at Redox).
+    write = order_body("ORD-WRITTEN-1", patient.mrn)
+    assert ask(client, state, "riverbend-both", "Order", "New", **write).status_code == 200
+    body = ok(
+        ask(
+            client,
+            state,
+            "riverbend-both",
+            "Order",
+            "Query",
+            Patients=patients_of(patient),
+            OrderIDs=["ORD-WRITTEN-1"],
+        )
+    )
+    [order] = body["Orders"]
+    assert order["ID"] == "ORD-WRITTEN-1" and order["Status"] == "New"
+    assert ask(client, state, "riverbend-both", "Order", "Cancel", **write).status_code == 200
+    body = ok(
+        ask(
+            client,
+            state,
+            "riverbend-both",
+            "Order",
+            "Query",
+            Patients=patients_of(patient),
+            OrderIDs=["ORD-WRITTEN-1"],
+        )
+    )
+    assert body["Orders"][0]["Status"] == "Canceled"
 
 
 # ---- write-back --------------------------------------------------------------------------

@@ -81,13 +81,16 @@ def fhir_transcript(live: Live, conn_id: str) -> list[bytes]:
 def dm_transcript(live: Live, conn_id: str) -> list[bytes]:
     record = next(r for p in live.truth()["persons"] for r in p["records"] if r["connection_id"] == conn_id)
     ident = [{"ID": record["mrn"], "IDType": "MR"}]
+    patients = [{"Identifiers": ident}]
     asks: list[tuple[str, str, dict[str, Any]]] = [
         ("PatientSearch", "Query", {"Patient": {"Identifiers": ident}}),
-        ("PatientAdmin", "VisitQuery", {"VisitStartDateTime": "2026-01-01"}),
-        ("Results", "Query", {"LastUpdated": {"StartDateTime": "2026-06-01"}}),
+        ("PatientAdmin", "VisitQuery", {"Patients": patients, "VisitStartDateTime": "2026-01-01"}),
+        ("Results", "Query", {"Patients": patients, "LastUpdated": {"StartDateTime": "2026-06-01"}}),
         ("Scheduling", "Booked", {"StartDateTime": "2026-10-01", "EndDateTime": "2026-12-01"}),
+        ("Scheduling", "AvailableSlots", {"StartDateTime": "2026-11-02", "EndDateTime": "2026-11-06"}),
+        ("PatientAdmin", "CensusQuery", {}),
         ("Clinical Summary", "PatientQuery", {"Patient": {"Identifiers": ident}}),
-        ("Notes", "Query", {}),
+        ("Notes", "Query", {"Patients": patients}),
     ]
     return [dm_bytes(live.dm(conn_id, model, event, **body)) for model, event, body in asks]
 

@@ -33,8 +33,8 @@ class FakeClock:
         return self.now
 
 
-def make_config(**connection_overrides) -> SandboxConfig:
-    config = SandboxConfig()
+def make_config(quota_requests: int | None = 7500, quota_window_s: float = 300.0, **connection_overrides):
+    config = SandboxConfig(quota_requests=quota_requests, quota_window_s=quota_window_s)
     connections = [replace(c, **connection_overrides.get(c.id, {})) for c in config.connections]
     return replace(config, connections=connections)
 
@@ -54,30 +54,33 @@ def gated_app(config: SandboxConfig, faults: Faults) -> Starlette:
     )
 
 
+def bearer_client(header: str | None) -> str | None:
+    """Test stand-in for ``AuthServer.client_of``: the token *is* the client id."""
+    return header.split()[-1] if header else None
+
+
 class Harness:
     def __init__(self, config: SandboxConfig, seed: int = 11) -> None:
         self.clock = FakeClock()
         self.config = config
         self.faults = Faults(config, seed=seed, clock=self.clock)
+        self.faults.bind_clients(bearer_client)
         self.client = TestClient(gated_app(config, self.faults))
 
-    def post(self, path: str = DM_PATH, conn: str = "riverbend-both") -> httpx.Response:
-        return self.client.post(path, params={"conn": conn})
+    def post(
+        self, path: str = DM_PATH, conn: str = "riverbend-both", client: str = "client-a"
+    ) -> httpx.Response:
+        return self.client.post(path, params={"conn": conn}, headers={"Authorization": f"Bearer {client}"})
 
 
 @pytest.fixture
 def small_window() -> Harness:
     return Harness(
-        make_config(
-            **{
-                "riverbend-both": {"rate_limit": 3, "rate_window_s": 10.0, "retry_after": False},
-                "lakeside-dm": {"rate_limit": 2, "rate_window_s": 10.0, "retry_after": True},
-            }
-        )
+        make_config(quota_requests=3, quota_window_s=10.0, **{"lakeside-dm": {"retry_after": True}})
     )
 
 
-# ---- rate limiting ---------------------------------------------------------------------------
+# ---- the per-client quota ----------------------------------------------------------------------
 
 
 def test_rolling_window_429_carries_limit_header_but_no_retry_after(small_window: Harness) -> None:
@@ -120,10 +123,12 @@ def test_retry_after_is_sent_only_when_the_connection_says_so(small_window: Harn
     small_window.post(conn="lakeside-dm")
     small_window.clock.now += 2.5
     small_window.post(conn="lakeside-dm")
+    small_window.post(conn="lakeside-dm")
     refused = small_window.post(conn="lakeside-dm")
     assert refused.status_code == 429
-    assert refused.headers["X-RateLimit-Limit"] == "2"
+    assert refused.headers["X-RateLimit-Limit"] == "3"
     assert refused.headers["Retry-After"] == "8"  # the first request leaves after 7.5 s, rounded up
+    assert "Retry-After" not in small_window.post(conn="riverbend-both").headers
 
 
 def test_fhir_paths_get_an_operation_outcome(small_window: Harness) -> None:
@@ -138,22 +143,42 @@ def test_fhir_paths_get_an_operation_outcome(small_window: Harness) -> None:
     assert outcome["issue"][0]["severity"] == "error"
 
 
-def test_connections_have_separate_windows(small_window: Harness) -> None:
+def test_one_client_shares_its_quota_across_connections_and_surfaces(small_window: Harness) -> None:
+    assert small_window.post(conn="riverbend-both").status_code == 200
+    assert small_window.post(FHIR_PATH, conn="northwind-fhir").status_code == 200
+    assert small_window.post(conn="lakeside-dm").status_code == 200
+    for conn in ("riverbend-both", "northwind-fhir", "lakeside-dm"):
+        assert small_window.post(conn=conn).status_code == 429
+    usage = small_window.faults.quota_usage()["client-a"]
+    assert (usage["used"], usage["limit"], usage["rejected"]) == (3, 3, 3)
+
+
+def test_each_client_has_its_own_quota(small_window: Harness) -> None:
     for _ in range(3):
-        small_window.post()
-    assert small_window.post().status_code == 429
-    assert small_window.post(conn="northwind-fhir").status_code == 200
+        small_window.post(client="client-a")
+    assert small_window.post(client="client-a").status_code == 429
+    assert small_window.post(client="client-b").status_code == 200
+    usage = small_window.faults.quota_usage()
+    assert usage["client-a"]["used"] == 3 and usage["client-b"]["used"] == 1
+    assert usage["client-b"]["rejected"] == 0
+
+
+def test_a_lifted_quota_counts_but_never_refuses() -> None:
+    harness = Harness(make_config(quota_requests=None))
+    assert all(harness.post().status_code == 200 for _ in range(50))
+    usage = harness.faults.quota_usage()["client-a"]
+    assert (usage["used"], usage["limit"], usage["rejected"]) == (50, None, 0)
 
 
 def test_rate_limit_rps_fault_uses_a_one_second_window_and_clears(small_window: Harness) -> None:
     small_window.faults.set({"rate_limit_rps": 2, "connection": "northwind-fhir"})
-    statuses = [small_window.post(conn="northwind-fhir").status_code for _ in range(3)]
+    statuses = [small_window.post(conn="northwind-fhir", client=f"c{i}").status_code for i in range(3)]
     assert statuses == [200, 200, 429]
-    assert small_window.post(conn="northwind-fhir").headers["X-RateLimit-Limit"] == "2"
+    assert small_window.post(conn="northwind-fhir", client="c9").headers["X-RateLimit-Limit"] == "2"
     small_window.clock.now += 1.01
-    assert small_window.post(conn="northwind-fhir").status_code == 200
+    assert small_window.post(conn="northwind-fhir", client="c3").status_code == 200
     small_window.faults.set({})
-    assert all(small_window.post(conn="northwind-fhir").status_code == 200 for _ in range(20))
+    assert all(small_window.post(conn="northwind-fhir", client=f"d{i}").status_code == 200 for i in range(20))
 
 
 # ---- injected failures -------------------------------------------------------------------------
@@ -350,3 +375,175 @@ def test_invalid_fault_bodies_name_the_field_and_change_nothing(body, field) -> 
 def test_body_must_be_an_object() -> None:
     with pytest.raises(ValueError, match="JSON object"):
         Faults(make_config(), seed=1).set([("error_rate", 1)])  # type: ignore[arg-type]
+
+
+# ---- partial failures and bad entries (unit level; end to end in test_quota_and_response_faults) -
+
+
+def _bundle(n: int = 40) -> dict:
+    return {
+        "resourceType": "Bundle",
+        "id": "b1",
+        "type": "searchset",
+        "total": n,
+        "link": [{"relation": "self", "url": "http://x/self"}, {"relation": "next", "url": "http://x/next"}],
+        "entry": [
+            {
+                "fullUrl": f"http://x/Encounter/e{i}",
+                "resource": {
+                    "resourceType": "Encounter",
+                    "id": f"e{i}",
+                    "meta": {"lastUpdated": "2026-01-02T03:04:05Z"},
+                    "status": "finished",
+                    "identifier": [{"system": "urn:redox:x:VN", "value": f"V{i}"}],
+                    "period": {"start": "2024-12-31T10:00:00Z"},
+                },
+                "search": {"mode": "match"},
+            }
+            for i in range(n)
+        ],
+    }
+
+
+def _results_body(n: int = 40) -> dict:
+    return {
+        "Meta": {"DataModel": "Results", "EventType": "QueryResponse"},
+        "Orders": [
+            {
+                "ID": f"ORD{i}",
+                "Status": "Resulted",
+                "TransactionDateTime": "2024-12-31T10:00:00.000Z",
+                "Patient": {"Identifiers": [{"ID": f"M{i}", "IDType": "MR"}]},
+            }
+            for i in range(n)
+        ],
+    }
+
+
+def test_fhir_bad_entries_are_stable_per_seed_and_record_and_cover_every_defect() -> None:
+    faults = Faults(make_config(), seed=3)
+    clean = json.dumps(_bundle()).encode()
+    assert faults.mangle("riverbend-both", clean) == clean  # no fault: byte-identical
+    faults.set({"bad_entry_rate": 0.5})
+    first, again = faults.mangle("riverbend-both", clean), faults.mangle("riverbend-both", clean)
+    assert first == again
+    other_seed = Faults(make_config(), seed=4)
+    other_seed.set({"bad_entry_rate": 0.5})
+    assert other_seed.mangle("riverbend-both", clean) != first
+    entries = json.loads(first)["entry"]
+    good = _bundle()["entry"]
+    seen = set()
+    for before, after in zip(good, entries, strict=True):
+        if after == before:
+            continue
+        if not isinstance(after, dict):
+            assert after in (1, "x", None)
+            seen.add("wrong_type")
+            continue
+        resource = after["resource"]
+        if resource["resourceType"] == "Basic":
+            seen.add("unknown_type")
+        elif "id" not in resource:
+            seen.add("missing_id")
+        elif resource.get("identifier") == []:
+            seen.add("empty_identifiers")
+        elif resource["period"]["start"] == "31/12/2024":
+            seen.add("bad_date")
+        elif resource["status"] == 1:
+            seen.add("wrong_type")
+        else:
+            raise AssertionError(f"unexpected change: {resource}")
+        assert resource.get("meta") == before["resource"]["meta"]  # meta.lastUpdated is kept
+    assert seen == {"unknown_type", "missing_id", "bad_date", "wrong_type", "empty_identifiers"}
+    faults.set({})
+    assert faults.mangle("riverbend-both", clean) == clean
+
+
+def test_fhir_partial_failure_replaces_the_results_with_an_outcome() -> None:
+    faults = Faults(make_config(), seed=3)
+    faults.set({"partial_failure_rate": 1.0, "connection": "northwind-fhir"})
+    failed = json.loads(faults.mangle("northwind-fhir", json.dumps(_bundle()).encode()))
+    assert failed["total"] == 0 and failed["link"] == [{"relation": "self", "url": "http://x/self"}]
+    [entry] = failed["entry"]
+    assert entry["search"]["mode"] == "outcome" and entry["resource"]["issue"][0]["severity"] == "error"
+    # Other bodies (reads, outcomes, other connections) are left alone.
+    read = json.dumps({"resourceType": "Patient", "id": "p"}).encode()
+    assert faults.mangle("northwind-fhir", read) == read
+    assert faults.mangle("riverbend-both", json.dumps(_bundle()).encode()) == json.dumps(_bundle()).encode()
+
+
+def test_datamodel_partial_failures_are_reproducible_from_the_seed() -> None:
+    def outcomes(seed: int) -> list[bool]:
+        faults = Faults(make_config(), seed=seed)
+        faults.set({"partial_failure_rate": 0.4})
+        return ["Errors" in faults.shape_query("lakeside-dm", _results_body())["Meta"] for _ in range(50)]
+
+    first = outcomes(9)
+    assert first == outcomes(9)
+    assert 5 < sum(first) < 40
+    faults = Faults(make_config(), seed=9)
+    faults.set({"partial_failure_rate": 1.0})
+    failed = faults.shape_query("lakeside-dm", _results_body())
+    [error] = failed["Meta"]["Errors"]
+    assert set(error) == {"ID", "Text", "Type", "Module", "DestinationStatusCode"}
+    assert (error["Type"], error["Module"]) == ("query", "Send") and failed["Orders"] == []
+
+
+def test_datamodel_bad_entries_damage_records_deterministically() -> None:
+    faults = Faults(make_config(), seed=2)
+    faults.set({"bad_entry_rate": 0.5, "connection": "lakeside-dm"})
+    first = faults.shape_query("lakeside-dm", _results_body())
+    assert first == faults.shape_query("lakeside-dm", _results_body())
+    clean = _results_body()["Orders"]
+    changed = [(a, b) for a, b in zip(clean, first["Orders"], strict=True) if a != b]
+    assert 5 < len(changed) < 35
+    kinds = set()
+    for _good, bad in changed:
+        if not isinstance(bad, dict):
+            kinds.add("wrong_type")
+        elif bad["ID"] == "":
+            kinds.add("missing_id")
+        elif bad["Patient"]["Identifiers"] == []:
+            kinds.add("empty_identifiers")
+        elif bad["TransactionDateTime"] == "31/12/2024":
+            kinds.add("bad_date")
+        else:
+            assert bad["Status"] == 1
+            kinds.add("wrong_type")
+    assert kinds == {"missing_id", "bad_date", "wrong_type", "empty_identifiers"}
+    assert faults.shape_query("riverbend-both", _results_body()) == _results_body()
+
+
+def test_ndjson_lines_get_the_same_defects() -> None:
+    faults = Faults(make_config(), seed=3)
+    lines = b"".join(json.dumps(e["resource"]).encode() + b"\n" for e in _bundle()["entry"])
+    assert faults.damage_ndjson("riverbend-both", lines) == lines
+    faults.set({"bad_entry_rate": 0.5})
+    damaged = faults.damage_ndjson("riverbend-both", lines)
+    assert damaged == faults.damage_ndjson("riverbend-both", lines) != lines
+    assert len(damaged.splitlines()) == 40
+
+
+def test_new_rate_faults_are_validated_like_the_others() -> None:
+    faults = Faults(make_config(), seed=1)
+    for name in ("partial_failure_rate", "bad_entry_rate"):
+        with pytest.raises(ValueError, match=name):
+            faults.set({name: 1.5})
+
+
+def test_one_request_to_several_destinations_counts_once() -> None:
+    config = make_config(quota_requests=5)
+    faults = Faults(config, seed=1)
+    faults.bind_clients(bearer_client)
+
+    async def handler(request: Request) -> Response:
+        for conn_id in ("riverbend-both", "lakeside-dm", "northwind-fhir"):
+            refused = await faults.gate(config.connection(conn_id), request)
+            if refused is not None:
+                return refused
+        return JSONResponse({"ok": True})
+
+    client = TestClient(Starlette(routes=[Route(DM_PATH, handler, methods=["POST"])]))
+    statuses = [client.post(DM_PATH, headers={"Authorization": "Bearer c"}).status_code for _ in range(6)]
+    assert statuses == [200] * 5 + [429]
+    assert faults.quota_usage()["c"]["used"] == 5

@@ -310,6 +310,7 @@ pytestmark = pytest.mark.slow
 def big() -> Iterator[Live]:
     server = SandboxServer(sandbox_config(patients=1000)).start()
     live = Live(server.url)
+    live.server = server  # type: ignore[attr-defined]  # lets a test switch the search policy
     try:
         yield live
     finally:
@@ -440,14 +441,26 @@ def test_every_query_type_validates_strictly_over_several_patients(big: Live, co
         for visit in [v for p in visits["Patients"] for v in p["Visits"]][:1]:
             ask("PatientAdmin", "VisitQuery", VisitNumbers=[visit["VisitNumber"]])
         for order in results["Orders"][:1]:
-            ask("Results", "Query", OrderIDs=[order["ID"]])
+            ask("Results", "Query", Patients=patients, OrderIDs=[order["ID"]])
+            ask("Order", "Query", Patients=patients, OrderIDs=[order["ID"]])
     ask("PatientAdmin", "CensusQuery")
     ask("Scheduling", "Booked", StartDateTime="2026-10-01", EndDateTime="2026-12-31")
-    ask("Notes", "Query")
-    ask("Media", "Query")
-    assert len(answered) == 10, sorted(answered)  # every query type the sandbox answers
+    ask("Scheduling", "AvailableSlots", StartDateTime="2026-11-02", EndDateTime="2026-11-06")
+    assert len(answered) == 12, sorted(answered)  # every query type the sandbox answers
 
 
+@pytest.fixture
+def open_policy(big: Live) -> Iterator[None]:
+    """``search_policy: open`` (not Redox: bare time windows) for one test."""
+    config = big.server.state.config  # type: ignore[attr-defined]
+    config.search_policy = "open"
+    try:
+        yield
+    finally:
+        config.search_policy = "redox"
+
+
+@pytest.mark.usefixtures("open_policy")
 def test_data_model_windows_enumerate_every_visit_and_result_of_truth(big: Live) -> None:
     conn_id = "lakeside-dm"
     page_size = big.conns[conn_id]["page_size"]
