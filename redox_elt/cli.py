@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.cli import register as register_pipeline_verbs
 
     register_pipeline_verbs(sub)
+    from pipelines.inbox.cli import register as register_webhook_verbs
+
+    register_webhook_verbs(sub)
     sub.choices["sync"].set_defaults(func=_sync_through_dagster)
     return parser
 

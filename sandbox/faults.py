@@ -150,7 +150,14 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
+# ``{"webhook_reorder": true}`` switches on Redox's "occasional" out-of-order delivery: this
+# share of events swaps places with the next one (a number sets the share itself).
+WEBHOOK_REORDER_ON = 0.2
+
+
 def _validate(name: str, value: Any) -> float | int:
+    if name == "webhook_reorder" and isinstance(value, bool):
+        return WEBHOOK_REORDER_ON if value else 0.0
     number = _number(name, value)
     if name in PROBABILITY_FAULTS:
         if not 0.0 <= number <= 1.0:
