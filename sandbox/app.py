@@ -22,7 +22,7 @@ from sandbox.faults import Faults
 from sandbox.fhir import routes as fhir_routes
 from sandbox.population.store import RecordStore
 from sandbox.state import SandboxState
-from sandbox.webhooks import WebhookSender
+from sandbox.webhooks import WebhookSender, family_renderer
 
 log = logging.getLogger("sandbox")
 
@@ -58,20 +58,15 @@ def build_state(
 
 
 def _push_renderer(config: SandboxConfig, store: RecordStore, base_url: str):
-    """What one change becomes on the wire: Data Model events for connections that speak
-    the Data Model, plus FHIR notification Bundles when ``webhook_fhir`` is on."""
-    datamodel_events = event_renderer(store)
+    """What one change becomes on the wire, in each connection's families
+    (``sandbox.webhooks.push_families``)."""
+    from sandbox.fhir.notifications import render_redox_notification
 
-    def render(change, conn):  # type: ignore[no-untyped-def]
-        events = list(datamodel_events(change, conn))
-        if config.webhook_fhir and "fhir" in conn.surfaces:
-            from sandbox.fhir.render import render_notification
+    def fhir_notification(change, conn):  # type: ignore[no-untyped-def]
+        base = f"{base_url}/fhir/R4/{conn.slug}/{config.environment}" if base_url else None
+        return render_redox_notification(change, conn, base_url=base, detail=conn.webhook_detail)
 
-            base = f"{base_url}/fhir/R4/{conn.slug}/{config.environment}" if base_url else None
-            events.append(render_notification(change, conn, base_url=base))
-        return events
-
-    return render
+    return family_renderer(config, event_renderer(store), fhir_notification)
 
 
 def create_app(state: SandboxState) -> Starlette:

@@ -54,6 +54,12 @@ class ConnectionSpec:
     revinclude: bool = True  # honours `_revinclude` on Patient search (else 400 naming it)
     bulk_export: bool = False  # entitled to `Group/{id}/$export` (FHIR Bulk Data Access)
     refresh_days: int = 7  # client-side rolling re-pull period `sandbox connect` copies out
+    # --- pushed events (issue 10) ---
+    # Which family this connection's events are pushed in: "auto" = the family of its surface
+    # (FHIR notifications for FHIR-only, Data Model events otherwise; both when the global
+    # ``webhook_fhir`` is on and the connection speaks both), or "fhir" / "datamodel" / "both".
+    webhook_family: str = "auto"
+    webhook_detail: str = "detailed"  # FHIR notifications: "detailed" | "lightweight"
 
     def __post_init__(self) -> None:
         self.surfaces = tuple(self.surfaces)
@@ -70,6 +76,20 @@ class ConnectionSpec:
                 raise SandboxConfigError(f"connection '{self.id}': entities: unknown entity '{e}'")
         if self.kind not in ("ehr", "network"):
             raise SandboxConfigError(f"connection '{self.id}': kind must be 'ehr' or 'network'")
+        if self.webhook_family not in ("auto", "fhir", "datamodel", "both"):
+            raise SandboxConfigError(
+                f"connection '{self.id}': webhook_family must be auto, fhir, datamodel or both"
+            )
+        wanted = {"fhir": ("fhir",), "datamodel": ("datamodel",), "both": ("fhir", "datamodel")}
+        missing = [s for s in wanted.get(self.webhook_family, ()) if s not in self.surfaces]
+        if missing:
+            raise SandboxConfigError(
+                f"connection '{self.id}': webhook_family '{self.webhook_family}' needs the '{missing[0]}' surface"
+            )
+        if self.webhook_detail not in ("detailed", "lightweight"):
+            raise SandboxConfigError(
+                f"connection '{self.id}': webhook_detail must be detailed or lightweight"
+            )
         if not 0 < self.membership <= 1:
             raise SandboxConfigError(f"connection '{self.id}': membership must be in (0, 1]")
         if self.bulk_export and "fhir" not in self.surfaces:
@@ -158,7 +178,8 @@ class SandboxConfig:
     webhook_timeout_s: float = 30.0
     webhook_duplicate_rate: float = 0.0
     webhook_reorder: float = 0.0
-    webhook_fhir: bool = False  # also push FHIR notification Bundles
+    # Connections that speak both surfaces also push FHIR notifications (webhook_family "auto").
+    webhook_fhir: bool = False
     max_payload_bytes: int = 40 * 1024 * 1024  # REDOX-REFERENCE §6 (newer page)
     # --- FHIR search strictness (issue 9) ---
     # "redox": every search must carry one of its resource's required parameter sets

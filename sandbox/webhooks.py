@@ -19,6 +19,13 @@ Follows REDOX-REFERENCE §4:
   Both come from ``faults.rate`` (a fault override, else the config value).
 
 Events are queued only for destinations registered when ``enqueue`` runs.
+
+Which family a connection's events are pushed in (``push_families``): FHIR notification
+Bundles for FHIR-only connections, Data Model events for connections that speak the Data
+Model, both for a dual connection when ``webhook_fhir`` is on; ``ConnectionSpec.webhook_family``
+overrides it per connection. A FHIR notification carries no ``Meta``: its Log ID lives only in
+the sender's bookkeeping and the receiver de-duplicates on the Bundle id, which is the same on
+every re-delivery.
 """
 
 from __future__ import annotations
@@ -67,6 +74,37 @@ class _Destination:
     queue: deque[_Event] = field(default_factory=deque)
     wake: threading.Condition = field(default_factory=threading.Condition)
     thread: threading.Thread | None = None
+
+
+def push_families(config: SandboxConfig, conn: ConnectionSpec) -> tuple[str, ...]:
+    """The payload families ``conn``'s events are pushed in: ``fhir`` and/or ``datamodel``."""
+    family = conn.webhook_family
+    if family == "fhir":
+        return ("fhir",)
+    if family == "datamodel":
+        return ("datamodel",)
+    if family == "both":
+        return ("datamodel", "fhir")
+    if "datamodel" not in conn.surfaces:
+        return ("fhir",) if "fhir" in conn.surfaces else ()
+    if config.webhook_fhir and "fhir" in conn.surfaces:
+        return ("datamodel", "fhir")
+    return ("datamodel",)
+
+
+def family_renderer(
+    config: SandboxConfig, datamodel_render: RenderEvent, fhir_render: RenderEvent
+) -> RenderEvent:
+    """A ``RenderEvent`` that renders each change in its connection's families."""
+
+    def render(change: Change, conn: ConnectionSpec) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for family in push_families(config, conn):
+            rendered = (datamodel_render if family == "datamodel" else fhir_render)(change, conn)
+            out.extend(rendered if isinstance(rendered, list) else [rendered] if rendered else [])
+        return out
+
+    return render
 
 
 def _is_success(status: int) -> bool:

@@ -422,6 +422,11 @@ def test_advance_grows_the_population_and_pushes_strictly_valid_events_in_order(
     for headers, _ in receiver.events:
         assert headers["verification-token"] == "vt-advance"
         assert headers["content-type"].startswith("application/json")
+    # FHIR-only connections push FHIR notification Bundles, the others Data Model events.
+    bundles = [e for e in events if e.get("resourceType") == "Bundle"]
+    events = [e for e in events if "Meta" in e]
+    assert bundles and len({b["id"] for b in bundles}) == len(bundles)
+    assert all(b["entry"][0]["resource"]["eventUri"] for b in bundles)
     log_ids = [e["Meta"]["Logs"][0]["ID"] for e in events]
     assert len(set(log_ids)) == len(log_ids)
     times = [e["Meta"]["EventDateTime"] for e in events]
@@ -564,6 +569,15 @@ def test_timeout_after_commit_stores_the_write_and_the_retry_is_a_duplicate(live
     assert [w["duplicate"] for w in orders] == [False, True]
 
 
+def message_id(event: dict) -> str:
+    """What a receiver de-duplicates on: the Data Model Log ID, the FHIR Bundle id."""
+    return event["Meta"]["Logs"][0]["ID"] if "Meta" in event else event["id"]
+
+
+def event_time(event: dict) -> str:
+    return event["Meta"]["EventDateTime"] if "Meta" in event else event["timestamp"]
+
+
 def test_webhook_duplicate_fault_redelivers_with_the_same_log_id(live: Live, receivers) -> None:
     receiver = receivers()
     register_webhook(live, receiver)
@@ -573,9 +587,9 @@ def test_webhook_duplicate_fault_redelivers_with_the_same_log_id(live: Live, rec
     # "pending" counts distinct events only: the last re-delivery may still be on its way.
     events = receiver.wait_for(2 * distinct)
     assert live.truth()["webhooks"]["deliveries"] == 2 * distinct == len(events) > 0
-    log_ids = [e["Meta"]["Logs"][0]["ID"] for e in events]
+    log_ids = [message_id(e) for e in events]
     assert log_ids[0::2] == log_ids[1::2]  # each event goes out twice, back to back
-    attempts = [e["Meta"]["Logs"][0]["AttemptID"] for e in events]
+    attempts = [e["Meta"]["Logs"][0]["AttemptID"] for e in events if "Meta" in e]
     assert len(set(attempts)) == len(attempts)  # every attempt gets a fresh AttemptID
 
 
@@ -586,9 +600,9 @@ def test_webhook_reorder_fault_swaps_events_but_loses_none(live: Live, receivers
     live.advance(0.5, 0.02)
     stats = wait_until_delivered(live)
     events = receiver.wait_for(stats["distinct_sent"])
-    times = [e["Meta"]["EventDateTime"] for e in events]
+    times = [event_time(e) for e in events]
     assert len(events) == stats["distinct_sent"] > 2 and times != sorted(times)
-    assert len({e["Meta"]["Logs"][0]["ID"] for e in events}) == len(events)
+    assert len({message_id(e) for e in events}) == len(events)
 
 
 def test_invalid_fault_bodies_are_refused_and_change_nothing(live: Live) -> None:

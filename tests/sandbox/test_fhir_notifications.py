@@ -39,7 +39,8 @@ def test_fhir_notification_bundles_are_pushed_with_the_verification_token(
             assert bundle["type"] == "message"
             header = bundle["entry"][0]["resource"]
             assert header["resourceType"] == "MessageHeader"
-            assert header["eventCoding"]["system"] == "urn:redox:event-type"
+            assert header["eventUri"].startswith("https://fhir.redoxengine.com/EventDefinition/")
+            assert header["definition"].endswith("Full")  # detailed by default
         fhir_slugs = {c.slug for c in server.config.connections if "fhir" in c.surfaces}
         assert any(
             any(s in e.get("fullUrl", "") for s in fhir_slugs) for b in bundles for e in b["entry"][1:]

@@ -329,3 +329,82 @@ def test_config_rates_apply_without_overrides(receiver):
         assert [mrn(p) for p in rx.received] == [f"{i:010d}" for i in range(4) for _ in range(2)]
     finally:
         sender.close()
+
+
+# ---- payload families (issue 10) ---------------------------------------------------------
+
+
+def test_each_connection_pushes_in_the_family_of_its_surface():
+    from sandbox.config import SandboxConfigError
+    from sandbox.webhooks import push_families
+
+    config = SandboxConfig()
+    by_id = {c.id: c for c in config.connections}
+    assert push_families(config, by_id["northwind-fhir"]) == ("fhir",)
+    assert push_families(config, by_id["lakeside-dm"]) == ("datamodel",)
+    assert push_families(config, by_id["riverbend-both"]) == ("datamodel",)
+    assert push_families(replace(config, webhook_fhir=True), by_id["riverbend-both"]) == ("datamodel", "fhir")
+    assert push_families(config, replace(by_id["riverbend-both"], webhook_family="fhir")) == ("fhir",)
+    with pytest.raises(SandboxConfigError, match="needs the 'datamodel' surface"):
+        replace(by_id["northwind-fhir"], webhook_family="datamodel")
+
+
+@pytest.fixture(scope="module")
+def advanced_changes():
+    from sandbox.app import build_store
+
+    config, store = build_store(SandboxConfig(patients=40, seed=7))
+    return config, store.advance(2, 0.1)
+
+
+def test_fhir_notifications_name_the_event_uri_and_both_fullurl_forms(advanced_changes):
+    from fhir.resources.R4B.bundle import Bundle
+
+    from sandbox.fhir.notifications import render_redox_notification
+
+    config, changes = advanced_changes
+    conn = config.connection("northwind-fhir")
+    base = "http://127.0.0.1:9/fhir/R4/northwind-health/Development"
+    own = [c for c in changes if c.record.connection_id == conn.id and c.entity == "results"]
+    assert own, "the advance changed no result"
+    bundle = render_redox_notification(own[0], conn, base_url=base)
+    Bundle.model_validate(bundle)
+    header = bundle["entry"][0]["resource"]
+    assert header["eventUri"] == "https://fhir.redoxengine.com/EventDefinition/ResultCreated"
+    assert header["definition"].endswith("/ResultCreatedFull")
+    result_url, patient_url = bundle["entry"][1]["fullUrl"], bundle["entry"][2]["fullUrl"]
+    # The changed resource: value first; the Patient: system first (both forms Redox shows).
+    assert result_url.startswith(f"{base}/Observation?identifier=") and "|urn:redox:" in result_url
+    assert patient_url.startswith(f"{base}/Patient?identifier=urn:redox:northwind-health:MR|")
+    light = render_redox_notification(own[0], conn, base_url=base, detail="lightweight")
+    assert "definition" not in light["entry"][0]["resource"]
+    assert "valueQuantity" not in light["entry"][1]["resource"] and light["id"] != bundle["id"]
+    events = {
+        render_redox_notification(c, conn)["entry"][0]["resource"]["eventUri"].rsplit("/", 1)[1]
+        for c in changes
+        if c.record.connection_id == conn.id
+    }
+    assert {"ResultCreated", "PatientAdminPatientArrived"} & events
+
+
+def test_family_renderer_sends_fhir_only_connections_notifications(receiver, advanced_changes):
+    from sandbox.fhir.notifications import render_redox_notification
+    from sandbox.webhooks import family_renderer
+
+    rx, url = receiver
+    config, changes = advanced_changes
+    config = replace(config, webhook_time_scale=0.001)
+    render = family_renderer(config, render_event, lambda ch, c: render_redox_notification(ch, c))
+    sender = WebhookSender(config, render, Rates(config))
+    try:
+        sender.register(url, TOKEN)
+        fhir_only = [c for c in changes if c.record.connection_id == "northwind-fhir"][:5]
+        dm = [c for c in changes if c.record.connection_id == "lakeside-dm"][:5]
+        queued = sender.enqueue(fhir_only + dm, config.connections)
+        rx.wait_for(queued)
+        wait_until(lambda: sender.stats()["pending"] == 0)
+        kinds = ["fhir" if p.get("resourceType") == "Bundle" else "datamodel" for p in rx.received]
+        assert kinds.count("fhir") >= len(fhir_only) and "datamodel" in kinds
+        assert sender.stats()["distinct_sent"] == queued
+    finally:
+        sender.close()
