@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS messages (
     body BLOB NOT NULL,
     quarantine_reason TEXT,
     processed_at TEXT,
+    raw_ref TEXT,
     process_attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_pending ON messages (processed_at, seq);
