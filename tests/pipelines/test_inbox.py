@@ -241,3 +241,45 @@ def test_event_named_patient_enters_the_panel_due_and_replay_is_idempotent(paths
         assert con.execute("SELECT count(*) FROM ops.events").fetchone()[0] == 1
     landed = list((paths.landing_root).rglob("*.json.gz"))
     assert len(landed) == 1  # the replay reused the landed page
+
+
+def test_fhir_notifications_land_detailed_rows_and_lightweight_only_schedule_a_refresh(paths) -> None:
+    from sandbox.app import build_store
+    from sandbox.config import SandboxConfig
+    from sandbox.fhir.notifications import render_redox_notification
+
+    config, store = build_store(SandboxConfig(patients=40, seed=7))
+    changes = [c for c in store.advance(2, 0.1) if c.record.connection_id == "northwind-fhir"]
+    results = [c for c in changes if c.entity == "results"][:3]
+    encounters = [c for c in changes if c.entity == "encounters"][:2]
+    assert results and encounters
+    conn = config.connection("northwind-fhir")
+    base = "http://127.0.0.1:9/fhir/R4/north/Development"  # the configured connection's base
+    detailed = [render_redox_notification(c, conn, base_url=base) for c in results]
+    light = [render_redox_notification(c, conn, base_url=base, detail="lightweight") for c in encounters]
+    deliver(paths, *detailed, *light)
+    out = process_inbox(paths, settings())
+    assert out["processed"] == 5 and out["quarantined"] == 0 and out["connections"] == ["north-fhir"]
+    with duckdb.connect(str(paths.duckdb)) as con:
+        ms = model_schema(con)
+        n_results = con.execute(
+            f"SELECT count(*) FROM {ms}.results WHERE connection_id = 'north-fhir'"
+        ).fetchone()[0]
+        n_encounters = (
+            con.execute("SELECT count(*) FROM raw.fhir_encounters").fetchone()[0]
+            if con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'fhir_encounters'"
+            ).fetchone()[0]
+            else 0
+        )
+        due = con.execute(
+            "SELECT count(DISTINCT id_value) FROM ops.patient_panel WHERE connection_id = 'north-fhir' "
+            "AND pull_reason = 'event'"
+        ).fetchone()[0]
+        events = con.execute("SELECT count(*) FROM ops.events WHERE connection_id = 'north-fhir'").fetchone()[
+            0
+        ]
+    assert n_results == len({c.record.id for c in results})
+    assert n_encounters == 0  # lightweight: no rows, the refresh pulls them
+    patients = {c.record.patient.mrn for c in [*results, *encounters]}
+    assert due == len(patients) and events == len(encounters)
