@@ -283,3 +283,39 @@ def test_fhir_notifications_land_detailed_rows_and_lightweight_only_schedule_a_r
     assert n_encounters == 0  # lightweight: no rows, the refresh pulls them
     patients = {c.record.patient.mrn for c in [*results, *encounters]}
     assert due == len(patients) and events == len(encounters)
+
+
+def run_cli(*argv: str) -> int:
+    """The ``redox-elt`` parser and verb, without ``main``'s process-wide signal and umask."""
+    from redox_elt.cli import _apply_environment, build_parser
+    from redox_elt.environment import Environment
+
+    args = build_parser().parse_args(list(argv))
+    _apply_environment(args, Environment.read({}))
+    return int(args.func(args) or 0)
+
+
+def test_cli_stats_replay_and_missing_token(paths, tmp_path: Path, capsys, monkeypatch) -> None:
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(settings().to_dict()))
+    where = ["--config", str(config), "--warehouse", str(paths.duckdb)]
+    assert run_cli("webhook", "stats", "--json", *where) == 2
+    assert "no webhook inbox" in capsys.readouterr().err
+    deliver(paths, dm_event("PatientAdmin", "Discharge", "2026-11-02T10:00:00.000Z", "L-cli"))
+    assert run_cli("webhook", "replay", "--since", "2000-01-01", *where) == 0
+    assert json.loads(capsys.readouterr().out)["processed"] == 1
+    assert run_cli("webhook", "stats", "--json", *where) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "distinct_messages": 1,
+        "duplicates_dropped": 0,
+        "quarantined": 0,
+        "pending_processing": 0,
+    }
+    monkeypatch.delenv("REDOX_ELT_WEBHOOK_TOKEN", raising=False)
+    monkeypatch.setenv("REDOX_ELT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REDOX_ELT_MASTER_KEY", "k" * 32)
+    assert run_cli("webhook", "serve", "--port", "1", *where) == 2
+    err = capsys.readouterr().err
+    assert "REDOX_ELT_WEBHOOK_TOKEN" in err and err.count("\n") == 1
