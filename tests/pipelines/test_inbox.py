@@ -197,6 +197,11 @@ def test_late_arrival_never_reopens_a_discharged_visit(paths) -> None:
     with duckdb.connect(str(paths.duckdb)) as con:
         events = con.execute("SELECT event_type, visit_number FROM ops.events ORDER BY event_at").fetchall()
     assert events == [("Arrival", "V-1"), ("Discharge", "V-1")]
+    # The landed messages rebuild the same state without the inbox (renormalize replays them).
+    from pipelines.renormalize import renormalize
+
+    renormalize(paths, [CONN])
+    assert published(paths, "encounters", "status", "encounter_id", "V-1") == "finished"
 
 
 def test_late_reschedule_never_overrides_a_cancel(paths) -> None:
