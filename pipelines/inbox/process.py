@@ -375,6 +375,19 @@ def _load(
     stats.stale_rows_dropped += sum(f.dropped for f in filters)
 
 
+# The identifier a patient enters the panel by: the MR (what a pull searches by), else the
+# first one named. One per patient: each identifier would otherwise be a panel row of its own.
+PANEL_PREFERENCE = ("MR", "EHRID", "EPI")
+
+
+def _panel_identifier(patients: list[tuple[str, str]]) -> tuple[str, str] | None:
+    for wanted in PANEL_PREFERENCE:
+        for system, value in patients:
+            if panel.canonical_system(system) == wanted:
+                return system, value
+    return patients[0] if patients else None
+
+
 def _is_event(p: _Prepared) -> bool:
     m = p.message
     if m.family == FAMILY_DATAMODEL:
@@ -389,12 +402,13 @@ def _record(con: duckdb.DuckDBPyConnection, prepared: list[_Prepared], stats: Pr
     for p in prepared:
         if p.connection_id is None or p.reason is not None:
             continue
-        for system, value in p.patients:
+        chosen = _panel_identifier(p.patients)
+        if chosen is not None:
             stats.panel_new += bool(
-                panel.record_event(con, p.connection_id, system, value, event_at=p.event_at)
+                panel.record_event(con, p.connection_id, chosen[0], chosen[1], event_at=p.event_at)
             )
         if _is_event(p):
-            system, value = p.patients[0] if p.patients else (None, None)
+            system, value = chosen or (None, None)
             con.execute(
                 f"INSERT OR REPLACE INTO {OPS_SCHEMA}.{EVENTS_TABLE} VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [

@@ -237,6 +237,8 @@ def test_event_named_patient_enters_the_panel_due_and_replay_is_idempotent(paths
         ).fetchone()[0]
         before = con.execute("SELECT count(*) FROM raw.datamodel_encounters").fetchone()[0]
     assert panel and panel[0][1] == "event" and panel[0][2] is True
+    with duckdb.connect(str(paths.duckdb)) as con:  # one panel row per patient, by its MR
+        assert con.execute("SELECT id_system FROM ops.patient_panel").fetchall() == [("MR",)]
     assert quarantine == 1
     assert counts(paths)["pending_processing"] == 0
     again = process_inbox(paths, settings(), since=datetime(2000, 1, 1, tzinfo=UTC))
