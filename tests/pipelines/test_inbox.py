@@ -326,3 +326,24 @@ def test_cli_stats_replay_and_missing_token(paths, tmp_path: Path, capsys, monke
     assert run_cli("webhook", "serve", "--port", "1", *where) == 2
     err = capsys.readouterr().err
     assert "REDOX_ELT_WEBHOOK_TOKEN" in err and err.count("\n") == 1
+
+
+def test_every_redox_event_example_is_processed_into_the_model(paths) -> None:
+    payloads = []
+    for f in sorted(EXAMPLES.rglob("*.json")):
+        payload = json.loads(f.read_bytes().decode("utf-8-sig"))
+        if any(w in str(payload["Meta"].get("EventType")) for w in ("Query", "Response", "Get")):
+            continue
+        payload["Meta"]["Destinations"] = [{"ID": DEST_ID, "Name": "Clinic"}]
+        payloads.append(payload)
+    assert len(payloads) >= 30
+    deliver(paths, *payloads)
+    out = process_inbox(paths, settings())
+    assert out["processed"] == counts(paths)["distinct_messages"] and out["quarantined"] == 0
+    with duckdb.connect(str(paths.duckdb)) as con:
+        ms = model_schema(con)
+        landed = {
+            t: con.execute(f"SELECT count(*) FROM {ms}.{t} WHERE connection_id = ?", [CONN]).fetchone()[0]
+            for t in ("patients", "encounters", "results", "medications", "appointments", "documents")
+        }
+    assert all(landed.values()), landed
