@@ -408,3 +408,13 @@ def test_family_renderer_sends_fhir_only_connections_notifications(receiver, adv
         assert sender.stats()["distinct_sent"] == queued
     finally:
         sender.close()
+
+
+def test_reorder_fault_accepts_true_as_occasional_reordering():
+    from sandbox.faults import WEBHOOK_REORDER_ON, Faults
+
+    faults = Faults(SandboxConfig(), seed=1)
+    faults.set({"webhook_reorder": True, "webhook_duplicate_rate": 0.3})
+    assert faults.rate("webhook_reorder") == WEBHOOK_REORDER_ON and 0 < WEBHOOK_REORDER_ON < 1
+    faults.set({"webhook_reorder": False})
+    assert faults.rate("webhook_reorder") == 0.0
