@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from redox_elt.environment import Environment, EnvironmentValueError, harden_process
 
@@ -60,10 +60,17 @@ def _apply_environment(args: argparse.Namespace, env: Environment) -> None:
         args.config = env.config_path
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the problem and the fix (exit code 2), not the usage
+    block; every subcommand's parser is one too (argparse builds them with this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())  # a value with CR/LF stays on one line
+        self.exit(2, f"{self.prog}: {text} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL."
-    )
+    parser = OneLineParser(prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (never PHI)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -95,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.cli import register as register_pipeline_verbs
 
     register_pipeline_verbs(sub)
+    from pipelines.quarantine_cli import register as register_quarantine_verbs
+
+    register_quarantine_verbs(sub)
     sub.choices["sync"].set_defaults(func=_sync_through_dagster)
     return parser
 
@@ -104,7 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM ends the command like Ctrl-C (also while it waits for the warehouse).
     signal.signal(signal.SIGTERM, _interrupt)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
