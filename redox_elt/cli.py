@@ -4,6 +4,7 @@ only parses arguments and dispatches."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
@@ -13,19 +14,79 @@ from typing import Any, NoReturn
 from redox_elt.environment import Environment, EnvironmentValueError, harden_process
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """``--host``/``--port`` the sandbox can listen on; raises ``ValueError`` with one line
+    naming the problem and the fix (checked before the population is built: seconds)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (0..65535; 0 picks a free one)")
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f"cannot open a socket ({exc.strerror or type(exc).__name__})") from None
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except (OSError, OverflowError, UnicodeError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"port {port} on {host} is already in use; stop what listens there or pass another --port"
+            ) from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(
+            f"cannot listen on {host[:80]!r} port {port} ({reason}); pass a local address such as 127.0.0.1"
+        ) from None
+    finally:
+        probe.close()
+
+
+def check_seed_dir(path: str | None) -> None:
+    """``--seed-from`` names an existing folder (one line naming it otherwise)."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(
+            f"--seed-from {path[:200]!r} {what}; pass a folder of FHIR .ndjson or Bundle .json files"
+        )
+
+
 def _sandbox_serve(args: argparse.Namespace) -> int:
     from sandbox.config import SandboxConfigError, load_config
 
     try:
         config = load_config(args.config, seed=args.seed, patients=args.patients)
-    except (SandboxConfigError, OSError) as exc:
+    except SandboxConfigError as exc:
         print(f"redox-elt sandbox: config error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(
+            f"redox-elt sandbox: config error: --config {str(args.config)[:200]!r} cannot be read "
+            f"({exc.strerror or type(exc).__name__}); pass a sandbox config file (YAML or JSON)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        check_listen_address(args.host, args.port)
+        check_seed_dir(args.seed_from)
+    except ValueError as exc:
+        print(f"redox-elt sandbox: {exc}", file=sys.stderr)
         return 2
     # Imported after the config is read: the server pulls in the Redox models (seconds), and a
     # config error should be reported at once.
     from sandbox.server import SandboxServer
 
-    server = SandboxServer(config, host=args.host, port=args.port, seed_from=args.seed_from)
+    try:
+        server = SandboxServer(config, host=args.host, port=args.port, seed_from=args.seed_from)
+    except (OSError, OverflowError, ValueError) as exc:
+        # The port was taken between the check and the bind, or the seed folder holds nothing usable.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:200]
+        print(f"redox-elt sandbox: cannot start: {reason}", file=sys.stderr)
+        return 2
     conns = ", ".join(c.id for c in server.config.connections)
     print(
         f"redox sandbox listening on {server.url} ({config.patients} patients, seed {config.seed}; {conns})",
