@@ -42,6 +42,12 @@ def _parse_instant(value: str | None, flag: str) -> datetime | None:
 MAX_LOOKBACK_HOURS = 24.0 * 30
 
 
+def one_line(text: object) -> str:
+    """An error message as one printable line: a value carrying CR/LF, NUL or other control
+    characters (a path, an id) is shown escaped instead of breaking the line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
 def check_lookback_hours(value: float) -> float:
     """``--lookback-hours``: a finite number of hours from 0 to ``MAX_LOOKBACK_HOURS``."""
     if not math.isfinite(value) or not 0 <= value <= MAX_LOOKBACK_HOURS:
@@ -180,7 +186,7 @@ def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
         paths = WarehousePaths.at(warehouse_location(args.warehouse), args.destination)
     except (ConfigError, ValueError, KeyError, OSError) as exc:
         text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"redox-elt sync: {text}", file=sys.stderr)
+        print(f"redox-elt sync: {one_line(text)}", file=sys.stderr)
         return 2
     started = time.monotonic()
     lookback_s = args.lookback_hours * 3600.0
@@ -209,7 +215,7 @@ def _demo(args: argparse.Namespace) -> int:
         config = load_config(None, patients=args.patients, seed=args.seed)
         paths = WarehousePaths.at(warehouse_location(args.warehouse), args.destination)
     except (SandboxConfigError, ValueError, OSError) as exc:
-        print(f"redox-elt demo: {exc}", file=sys.stderr)
+        print(f"redox-elt demo: {one_line(exc)}", file=sys.stderr)
         return 2
     started = time.monotonic()
     with SandboxServer(config) as server:
@@ -232,7 +238,10 @@ def _renormalize(args: argparse.Namespace) -> int:
     file = target if target.suffix == ".duckdb" else target / "redox.duckdb"
     if not file.is_file():
         # Nothing to rebuild from: say so instead of creating an empty warehouse.
-        print(f"redox-elt renormalize: no warehouse at {file} (run redox-elt sync first)", file=sys.stderr)
+        print(
+            f"redox-elt renormalize: no warehouse at {one_line(file)} (run redox-elt sync first)",
+            file=sys.stderr,
+        )
         return 2
     paths = WarehousePaths.at(file, args.destination)
     counts = renormalize(paths, connection_ids=args.connection)

@@ -519,6 +519,8 @@ def retry_entries(
     """Ask for these records (all of the connections', without numbers) to be fetched again at
     the next sync: a dismissal is undone and the request is recorded. -> records affected."""
     if not table_exists(con, STAGING_SCHEMA, QUARANTINE_TABLE) or not _has_item_kind(con):
+        if numbers:
+            raise QuarantineSelectionError("this warehouse has no quarantine entries")
         return 0
     create_decision_tables(con)
     _number_entries(con)

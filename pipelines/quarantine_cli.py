@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 
 from pipelines import quarantine as Q
+from pipelines.cli import one_line
 from pipelines.vocabulary import is_plain_connection_id
 
 LOCK_WAIT_S = 30.0  # a sync holds the warehouse for its whole run; say so rather than hang
@@ -39,7 +40,11 @@ def warehouse_file(warehouse: str | None) -> Path:
 
     target = Path(warehouse) if warehouse else DEFAULT_WAREHOUSE
     file = target if target.suffix == ".duckdb" else target / "redox.duckdb"
-    if not file.is_file():
+    try:
+        found = "\x00" not in str(file) and file.is_file()
+    except OSError:  # a name too long, a path through a file
+        found = False
+    if not found:
         raise QuarantineCliError(f"no warehouse at {file} (pass --warehouse, or run redox-elt sync first)")
     return file
 
@@ -145,7 +150,7 @@ def _run(func: Any) -> Any:
             return 3
         except (QuarantineCliError, Q.QuarantineSelectionError, ConfigError, KeyError, OSError) as exc:
             text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            print(f"redox-elt quarantine {args.quarantine_command}: {text}", file=sys.stderr)
+            print(f"redox-elt quarantine {args.quarantine_command}: {one_line(text)}", file=sys.stderr)
             return 2
         except duckdb.Error as exc:
             print(

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import yaml
+
 from redox_elt.environment import Environment, EnvironmentValueError, harden_process
 
 
@@ -41,32 +43,52 @@ def check_listen_address(host: str, port: int) -> None:
         probe.close()
 
 
+SEED_SUFFIXES = (".ndjson", ".ndjson.gz", ".json")
+
+
 def check_seed_dir(path: str | None) -> None:
-    """``--seed-from`` names an existing folder (one line naming it otherwise)."""
+    """``--seed-from`` names a folder holding FHIR files (one line naming it otherwise)."""
     if path is None:
         return
     from pathlib import Path
 
-    folder = Path(path)
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise ValueError(
-            f"--seed-from {path[:200]!r} {what}; pass a folder of FHIR .ndjson or Bundle .json files"
-        )
+    fix = "pass a folder of FHIR .ndjson or Bundle .json files"
+    named = path.strip() and "\x00" not in path
+    try:
+        folder = Path(path)
+        if not named or not folder.is_dir():
+            what = "is not a folder" if named and folder.exists() else "does not exist"
+            raise ValueError(f"--seed-from {path[:200]!r} {what}; {fix}")
+        if not any(p.is_file() and p.name.endswith(SEED_SUFFIXES) for p in folder.rglob("*")):
+            raise ValueError(f"--seed-from {path[:200]!r} holds no .ndjson, .ndjson.gz or .json file; {fix}")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"--seed-from {path[:200]!r} cannot be read ({reason}); {fix}") from None
 
 
 def _sandbox_serve(args: argparse.Namespace) -> int:
+    from pipelines.cli import one_line
     from sandbox.config import SandboxConfigError, load_config
 
+    fix = "pass a sandbox config file (YAML or JSON)"
     try:
+        if args.config is not None and (not args.config.strip() or "\x00" in args.config):
+            raise OSError(errno.ENOENT, "no such file")
         config = load_config(args.config, seed=args.seed, patients=args.patients)
     except SandboxConfigError as exc:
-        print(f"redox-elt sandbox: config error: {exc}", file=sys.stderr)
+        print(f"redox-elt sandbox: config error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(
             f"redox-elt sandbox: config error: --config {str(args.config)[:200]!r} cannot be read "
-            f"({exc.strerror or type(exc).__name__}); pass a sandbox config file (YAML or JSON)",
+            f"({exc.strerror or type(exc).__name__}); {fix}",
+            file=sys.stderr,
+        )
+        return 2
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:  # not UTF-8 / YAML / JSON
+        print(
+            f"redox-elt sandbox: config error: --config {str(args.config)[:200]!r} is not a valid "
+            f"sandbox config ({type(exc).__name__}); {fix}",
             file=sys.stderr,
         )
         return 2
@@ -74,7 +96,7 @@ def _sandbox_serve(args: argparse.Namespace) -> int:
         check_listen_address(args.host, args.port)
         check_seed_dir(args.seed_from)
     except ValueError as exc:
-        print(f"redox-elt sandbox: {exc}", file=sys.stderr)
+        print(f"redox-elt sandbox: {one_line(exc)}", file=sys.stderr)
         return 2
     # Imported after the config is read: the server pulls in the Redox models (seconds), and a
     # config error should be reported at once.
