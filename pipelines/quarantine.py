@@ -275,7 +275,10 @@ def patients_to_refetch(con: duckdb.DuckDBPyConnection, connection_id: str) -> l
         f"AND q.patient_ref_type IS NOT NULL AND {_open_sql(con)} ORDER BY 1, 2",
         [connection_id],
     ).fetchall()
-    return [(str(t), str(v)) for t, v in rows]
+    from pipelines.panel import canonical_system
+
+    # In the panel's spelling (``ops.patient_panel.id_system``): "fhir", "MR", "EPI", a URI.
+    return sorted({(canonical_system(str(t)), str(v)) for t, v in rows})
 
 
 def _number_entries(con: duckdb.DuckDBPyConnection) -> None:

@@ -83,7 +83,8 @@ def _when(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if value is not None else "-"
 
 
-def print_records(records: Sequence[Q.QuarantineRecord], stream: Any = sys.stdout) -> None:
+def print_records(records: Sequence[Q.QuarantineRecord], stream: Any = None) -> None:
+    stream = stream or sys.stdout
     if not records:
         print("no quarantine entries", file=stream)
         return
