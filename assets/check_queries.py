@@ -16,8 +16,10 @@ import orjson
 from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES, fhir_instant
 from pipelines.model import ENTITIES, ENTITY_KEY
 from pipelines.publish import STAGING_SCHEMA, model_schema
+from pipelines.quarantine import unresolved_quarantine_counts
 from pipelines.resource_hints import QUARANTINE_TABLE, staged_table_name
 from pipelines.sync_runs import CROSSWALK_TABLE, MODE_LIVE, STATUS_SUCCESS, SYNC_RUNS_TABLE
+from pipelines.warehouse import table_columns
 
 CROSSWALK = CROSSWALK_TABLE
 CROSSWALK_KEY_COLUMNS = ("connection_id", "id_system", "id_value")
@@ -146,7 +148,7 @@ def sync_ages(
 
 
 def quarantine_rates(con: duckdb.DuckDBPyConnection, max_rate: float) -> CheckOutcome:
-    """Quarantined / (quarantined + staged) rows per connection, against ``max_rate``."""
+    """Open quarantined / (open quarantined + staged) rows per connection, against ``max_rate``."""
     tables = _tables(con)
     staged = [
         f"{STAGING_SCHEMA}.{staged_table_name(s, e)}"
@@ -158,13 +160,9 @@ def quarantine_rates(con: duckdb.DuckDBPyConnection, max_rate: float) -> CheckOu
         return CheckOutcome(True, {}, "nothing staged yet")
     union = " UNION ALL ".join(f"SELECT connection_id FROM {t}" for t in staged)
     good = dict(con.execute(f"SELECT connection_id, count(*) FROM ({union}) GROUP BY 1").fetchall())
-    quarantined: dict[str, int] = {}
-    if f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}" in tables:
-        quarantined = dict(
-            con.execute(
-                f"SELECT connection_id, count(*) FROM {STAGING_SCHEMA}.{QUARANTINE_TABLE} GROUP BY 1"
-            ).fetchall()
-        )
+    # Only open entries count: one resolved by a later load, or dismissed by a person, is no
+    # longer a problem of the data (a stale quarantine must not fail every later check).
+    quarantined = unresolved_quarantine_counts(con)
     rates: dict[str, float] = {}
     for cid in sorted(set(good) | set(quarantined)):
         q, g = quarantined.get(cid, 0), good.get(cid, 0)
@@ -193,6 +191,11 @@ def warehouse_fhir_counts(
     tables = _tables(con)
     out: dict[str, tuple[int, datetime | None]] = {}
     has_quarantine = f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}" in tables
+    unresolved = (
+        " AND resolved_at IS NULL"
+        if has_quarantine and "resolved_at" in table_columns(con, STAGING_SCHEMA, QUARANTINE_TABLE)
+        else ""
+    )
     for entity in entities:
         table = f"{STAGING_SCHEMA}.{staged_table_name('fhir', entity)}"
         if table not in tables:
@@ -210,9 +213,11 @@ def warehouse_fhir_counts(
             [connection_id, cutoff],
         ).fetchone()[0]
         if has_quarantine:
+            # A record still quarantined exists at the source but not here; one resolved since
+            # is among the staged rows already.
             n += con.execute(
                 f"""SELECT count(*) FROM {STAGING_SCHEMA}.{QUARANTINE_TABLE}
-                    WHERE connection_id = ? AND source_surface = 'fhir' AND entity = ?
+                    WHERE connection_id = ? AND source_surface = 'fhir' AND entity = ?{unresolved}
                       AND (source_updated_at IS NULL OR source_updated_at < ?)""",
                 [connection_id, entity, cutoff],
             ).fetchone()[0]

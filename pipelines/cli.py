@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import tempfile
 import threading
@@ -34,6 +35,64 @@ def _parse_instant(value: str | None, flag: str) -> datetime | None:
     if not EARLIEST_INSTANT <= dt <= latest:
         raise ValueError(f"{flag}: {value!r} is outside {EARLIEST_INSTANT:%Y-%m-%d} .. {latest:%Y-%m-%d}")
     return dt
+
+
+# A live run re-reads this much before its cursor; more is a backfill (--since/--until), and
+# an unbounded value overflows the date arithmetic (1e9 hours is 114,000 years).
+MAX_LOOKBACK_HOURS = 24.0 * 30
+
+
+def one_line(text: object) -> str:
+    """An error message as one printable line: a value carrying CR/LF, NUL or other control
+    characters (a path, an id) is shown escaped instead of breaking the line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+
+
+def check_lookback_hours(value: float) -> float:
+    """``--lookback-hours``: a finite number of hours from 0 to ``MAX_LOOKBACK_HOURS``."""
+    if not math.isfinite(value) or not 0 <= value <= MAX_LOOKBACK_HOURS:
+        raise ValueError(
+            f"--lookback-hours must be a number from 0 to {MAX_LOOKBACK_HOURS:g}, got {value!r} "
+            "(to re-read a longer span, backfill it with --since/--until)"
+        )
+    return value
+
+
+def warehouse_location(warehouse: str | Path | None) -> Path:
+    """The DuckDB file ``--warehouse`` names, checked before anything is created: its folder
+    must exist or be creatable, and be writable; an existing target must be a writable file.
+    Raises ``ValueError`` with one line naming the problem and the fix; creates nothing."""
+    from pipelines.warehouse import DEFAULT_WAREHOUSE
+
+    target = Path(warehouse) if warehouse else DEFAULT_WAREHOUSE
+    if "\x00" in str(target):
+        raise ValueError("--warehouse: a path cannot contain a NUL character")
+    file = target if target.suffix == ".duckdb" else target / "redox.duckdb"
+    fix = "pass --warehouse in a folder you can write"
+    if file.exists() and not file.is_file():
+        raise ValueError(f"--warehouse: {file} exists and is not a file; {fix}")
+    folder = file.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--warehouse: {existing} is not a folder, so {folder} cannot be created; {fix}")
+    try:
+        # A real write is the only honest test (root passes os.access; a read-only mount does not).
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"--warehouse: cannot write in {existing} ({exc.strerror or type(exc).__name__}); {fix}"
+        ) from None
+    if file.exists():
+        try:
+            os.close(os.open(file, os.O_RDWR))
+        except OSError as exc:
+            raise ValueError(
+                f"--warehouse: cannot open {file} for writing ({exc.strerror or type(exc).__name__}); {fix}"
+            ) from None
+    return file
 
 
 def sync_window(since: str | None, until: str | None) -> SyncWindow:
@@ -120,14 +179,14 @@ def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
     from resources.settings import ConfigError, load_settings
 
     try:
-        if not math.isfinite(args.lookback_hours) or args.lookback_hours < 0:
-            raise ValueError("--lookback-hours must be a finite number >= 0")
+        check_lookback_hours(args.lookback_hours)
         settings = load_settings(args.config)
         window = sync_window(args.since, args.until)
         windows = connection_windows(settings, args.connection, window)
-        paths = WarehousePaths.at(args.warehouse, args.destination)
+        paths = WarehousePaths.at(warehouse_location(args.warehouse), args.destination)
     except (ConfigError, ValueError, KeyError, OSError) as exc:
-        print(f"redox-elt sync: {exc}", file=sys.stderr)
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"redox-elt sync: {one_line(text)}", file=sys.stderr)
         return 2
     started = time.monotonic()
     lookback_s = args.lookback_hours * 3600.0
@@ -149,11 +208,15 @@ def _demo(args: argparse.Namespace) -> int:
     from pipelines.warehouse import WarehousePaths
     from resources.onboarding import connect_sandbox
     from resources.settings import load_settings
-    from sandbox.config import load_config
+    from sandbox.config import SandboxConfigError, load_config
     from sandbox.server import SandboxServer
 
-    config = load_config(None, patients=args.patients, seed=args.seed)
-    paths = WarehousePaths.at(args.warehouse, args.destination)
+    try:
+        config = load_config(None, patients=args.patients, seed=args.seed)
+        paths = WarehousePaths.at(warehouse_location(args.warehouse), args.destination)
+    except (SandboxConfigError, ValueError, OSError) as exc:
+        print(f"redox-elt demo: {one_line(exc)}", file=sys.stderr)
+        return 2
     started = time.monotonic()
     with SandboxServer(config) as server:
         print(f"sandbox: {server.url} ({config.patients} patients, seed {config.seed})", flush=True)
@@ -175,7 +238,10 @@ def _renormalize(args: argparse.Namespace) -> int:
     file = target if target.suffix == ".duckdb" else target / "redox.duckdb"
     if not file.is_file():
         # Nothing to rebuild from: say so instead of creating an empty warehouse.
-        print(f"redox-elt renormalize: no warehouse at {file} (run redox-elt sync first)", file=sys.stderr)
+        print(
+            f"redox-elt renormalize: no warehouse at {one_line(file)} (run redox-elt sync first)",
+            file=sys.stderr,
+        )
         return 2
     paths = WarehousePaths.at(file, args.destination)
     counts = renormalize(paths, connection_ids=args.connection)

@@ -62,7 +62,7 @@ from resources.responses import (
 from resources.retry import GiveUp, RetryPolicy, RetryState
 from resources.settings import ConnectionSettings, Settings, redox_home
 from resources.throttle import AdaptiveThrottle
-from resources.vault import Vault
+from resources.vault import Vault, VaultError
 
 __all__ = [
     "DataModelError",
@@ -462,7 +462,26 @@ class RedoxClient:
         return f"RedoxClient(connection={self.conn.id!r})"
 
     def __enter__(self) -> RedoxClient:
+        self.check_credentials()
         return self
+
+    def check_credentials(self) -> None:
+        """Fail now, not with "0 rows", when this client could not authenticate: the vault does
+        not open (a wrong master key), or holds no signing key or secret. Local checks only; a
+        connection with nothing to ask (a network without known patients) still fails here,
+        so a run that could not authenticate is recorded as failed. Injected token providers
+        (tests) without the check are trusted."""
+        for surface, provider in self._tokens.items():
+            check = getattr(provider, "check_credentials", None)
+            if check is None:
+                continue
+            try:
+                check()
+            except (TokenError, VaultError):
+                fallback = getattr(self._legacy_fallback, "check_credentials", None)
+                if fallback is None or surface != "datamodel":
+                    raise
+                fallback()  # OAuth cannot sign, but the legacy key still authenticates
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -536,20 +536,25 @@ def config_path(path: str | os.PathLike[str] | None = None) -> Path:
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read and validate the connections config (``path`` or ``$REDOX_ELT_CONFIG``)."""
     file = config_path(path)
+    shown = str(file) if str(file).isprintable() else repr(str(file))  # one line, whatever the name
     try:
-        text = file.read_text()
+        if "\x00" in str(file):
+            raise FileNotFoundError
+        text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"config file {file} does not exist (create one with `redox-elt sandbox connect`)"
+            f"config file {shown} does not exist (create one with `redox-elt sandbox connect`)"
         ) from None
     except OSError as exc:
-        raise ConfigError(f"config file {file} cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"config file {shown} cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {shown} is not UTF-8 text (a YAML connections file is)") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {file} is not valid YAML{at}") from None
+        raise ConfigError(f"config file {shown} is not valid YAML{at}") from None
     return settings_from_dict(raw, source_path=file)
 
 
