@@ -33,6 +33,7 @@ import dlt
 import duckdb
 
 from pipelines import panel as P
+from pipelines.datamodel import network_source
 from pipelines.datamodel import patient_pull as dm_pull
 from pipelines.discovery import DEFAULT_DISCOVER_DAYS, DEFAULT_HORIZON_DAYS, discover_datamodel, discover_fhir
 from pipelines.fhir import patient_pull as fhir_pull
@@ -359,8 +360,6 @@ def _network(
 ) -> ConnectionExtract:
     """A clinical network keeps its behaviour (asked about the enterprise ids other connections
     know); the people asked are recorded in its panel as ``network_match``."""
-    from pipelines.datamodel import datamodel_source
-
     out.stats.mode = "network"
     now = out.clock.now()
     with duckdb.connect(str(out.db)) as con:
@@ -370,14 +369,14 @@ def _network(
     out.network_ids = tuple(known_enterprise_ids)
     out.stats.due = len(known_enterprise_ids)
     out.sources = [
-        datamodel_source(
+        network_source(
             client,
             landing,
             conn.id,
             entities=tuple(conn.entities),
             window=window,
-            page_size=conn.page_size or 100,
             known_enterprise_ids=tuple(known_enterprise_ids),
+            counter=out.counter,
         )  # fmt: skip
     ]
     return out
@@ -473,10 +472,7 @@ def _pull_generator(
     stats = out.stats
 
     def generate() -> Iterator[Any]:
-        emitter = StagedEmitter(
-            surface, conn.id, tuple(e for e in ENTITIES if e in conn.entities),
-            client=client, landing=landing, known_content=known_content,
-        )  # fmt: skip
+        emitter = StagedEmitter(surface, conn.id, client=client, landing=landing, known_content=known_content)
         for page in discovery_pages:
             emitter.take(page)
             yield from emitter.drain(final=False)
