@@ -44,12 +44,11 @@ from assets.specs import (
     normalized_specs,
     raw_specs,
 )
+from pipelines.access import AccessStats
 from pipelines.model import ENTITIES
 from pipelines.publish import ensure_model_tables, model_schema
-from pipelines.access import AccessStats
 from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, SyncReport, run_sync
-from pipelines.sync_context import DEFAULT_DISCOVER_DAYS
-from pipelines.sync_context import ConnectionWindow, SyncWindow
+from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, ConnectionWindow, SyncWindow
 from pipelines.warehouse import WriterLock
 
 DUCKDB_POOL = "duckdb_writer"

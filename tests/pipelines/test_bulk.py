@@ -114,22 +114,6 @@ class ExportServer:
         self.httpd.server_close()
 
 
-class _Throttle:
-    def acquire(self) -> float:
-        return 0.0
-
-    def on_success(self, sent_at: float) -> None:
-        pass
-
-    def on_rate_limited(self, *a: Any, **k: Any) -> None:
-        pass
-
-
-class _Provider:
-    def invalidate(self, token: str) -> None:
-        pass
-
-
 @dataclass
 class FakeConn:
     id: str = "bulk-clinic"
@@ -145,21 +129,23 @@ class FakeConn:
 
 
 class FakeClient:
-    """The parts of RedoxClient the bulk path uses: pacing, token, HTTP, audit."""
+    """The part of RedoxClient the bulk path uses: ``fhir_bulk_get`` (token, audit)."""
 
     def __init__(self, conn: FakeConn) -> None:
         self.conn = conn
-        self.throttle = _Throttle()
         self.http = httpx.Client(timeout=10)
         self.audited: list[tuple[str, int]] = []
 
-    def _token(self, surface: str) -> tuple[_Provider, str]:
-        return _Provider(), TOKEN
-
-    def _audit(
-        self, surface: str, operation: str, method: str, template: str, status: int, *rest: Any
-    ) -> None:
-        self.audited.append((operation, status))
+    def fhir_bulk_get(
+        self, url: str, *, kickoff: bool = False, accept: str = "application/fhir+json", priority: str | None = None
+    ) -> httpx.Response:
+        headers = {"Accept": accept, "Authorization": f"Bearer {TOKEN}"}
+        if kickoff:
+            headers["Prefer"] = "respond-async"
+        response = self.http.get(url, headers=headers)
+        kind = "kick-off" if kickoff else ("file" if "ndjson" in accept else "status")
+        self.audited.append((f"bulk export {kind}", response.status_code))
+        return response
 
 
 @pytest.fixture
