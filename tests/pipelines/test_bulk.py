@@ -137,7 +137,12 @@ class FakeClient:
         self.audited: list[tuple[str, int]] = []
 
     def fhir_bulk_get(
-        self, url: str, *, kickoff: bool = False, accept: str = "application/fhir+json", priority: str | None = None
+        self,
+        url: str,
+        *,
+        kickoff: bool = False,
+        accept: str = "application/fhir+json",
+        priority: str | None = None,
     ) -> httpx.Response:
         headers = {"Accept": accept, "Authorization": f"Bearer {TOKEN}"}
         if kickoff:
