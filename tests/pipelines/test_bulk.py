@@ -201,21 +201,23 @@ def test_bulk_backfill_lands_ndjson_and_fills_the_panel(export_server: ExportSer
 
 
 def test_sandbox_bulk_export_first_sync_equals_truth(sandbox_factory, tmp_path: Path, monkeypatch) -> None:
-    server = sandbox_factory()
-    meta = httpx.get(f"{server.url}/_sandbox/connections", timeout=30).json()["connections"]
-    if not any("bulk_export" in c for c in meta):
-        pytest.skip("this sandbox has no bulk export (/_sandbox/connections has no 'bulk_export')")
-    entitled = [c["id"] for c in meta if c.get("bulk_export")]
-    if not entitled:
-        pytest.skip("no sandbox connection is configured bulk_export: true")
+    from dataclasses import replace
+
+    from sandbox.config import default_connections
     from tests.pipelines.test_patient_pull import connect, published_counts, sync_one, truth
 
+    bulk = "northwind-fhir"
+    server = sandbox_factory(
+        connections=[replace(c, bulk_export=True) if c.id == bulk else c for c in default_connections()]
+    )
+    meta = httpx.get(f"{server.url}/_sandbox/connections", timeout=30).json()["connections"]
+    assert [c["id"] for c in meta if c.get("bulk_export")] == [bulk]
+    entitled = [bulk]
     monkeypatch.setenv("REDOX_ELT_MASTER_KEY", "bulk-test-master-key")
     monkeypatch.setenv("REDOX_ELT_HOME", str(tmp_path / "home"))
     settings = connect(server, tmp_path / "home")
     conn = settings.connection(entitled[0])
-    if not getattr(conn, "bulk_export", False):
-        pytest.skip("the client settings do not carry bulk_export yet")
+    assert conn.bulk_export, "sandbox connect copies bulk_export"
     paths = WarehousePaths.at(tmp_path / "wh" / "redox.duckdb")
     extract = sync_one(settings, conn.id, paths)
     assert extract.stats.mode == "bulk"
