@@ -20,6 +20,7 @@ from pipelines.quarantine import unresolved_quarantine_counts
 from pipelines.resource_hints import QUARANTINE_TABLE, staged_table_name
 from pipelines.sync_runs import CROSSWALK_TABLE, MODE_LIVE, STATUS_SUCCESS, SYNC_RUNS_TABLE
 from pipelines.warehouse import table_columns
+from resources.client import RedoxAPIError
 
 CROSSWALK = CROSSWALK_TABLE
 CROSSWALK_KEY_COLUMNS = ("connection_id", "id_system", "id_value")
@@ -172,12 +173,20 @@ def quarantine_rates(con: duckdb.DuckDBPyConnection, max_rate: float) -> CheckOu
     return CheckOutcome(not over, rates, summary)
 
 
-def fhir_source_total(client: Any, entity: str, before: datetime) -> int:
-    """What the FHIR server reports as the total of ``entity`` last updated before ``before``."""
+def fhir_source_total(client: Any, entity: str, before: datetime) -> int | None:
+    """What the FHIR server reports as the total of ``entity`` last updated before ``before``;
+    None where the server refuses a count without a patient (Redox requires one of each
+    resource's parameter sets and ``_lastUpdated`` never stands in for one, REDOX-REFERENCE
+    §3.3): the organization-wide total is then not something a client can know."""
     total = 0
     for resource_type in ENTITY_RESOURCE_TYPES[entity]:
         params = {"_count": "0", "_lastUpdated": f"lt{fhir_instant(before)}"}
-        first = next(iter(client.fhir_search_pages(resource_type, params, entity=entity)))
+        try:
+            first = next(iter(client.fhir_search_pages(resource_type, params, entity=entity)))
+        except RedoxAPIError as exc:
+            if exc.status_code == 400:
+                return None
+            raise
         total += int(orjson.loads(first).get("total") or 0)
     return total
 
@@ -234,5 +243,7 @@ def reconcile_with_source(
     for entity, (n, cutoff) in warehouse.items():
         if cutoff is None:
             continue
-        out[entity] = {"warehouse": n, "source": int(source_total(entity, cutoff))}
+        total = source_total(entity, cutoff)
+        if total is not None:  # None: the source cannot be counted without a patient
+            out[entity] = {"warehouse": n, "source": int(total)}
     return out

@@ -15,12 +15,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipelines.sync_context import SyncWindow
+from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, SyncWindow
 
 # Records' last-updated times a window can name: nothing predates Unix time, and a bound
 # more than a day ahead is a typo (and would overflow day arithmetic near year 9999).
 EARLIEST_INSTANT = datetime(1970, 1, 1, tzinfo=UTC)
 FUTURE_SLACK = timedelta(days=1)
+MAX_DISCOVER_DAYS = 3650
 
 
 def _parse_instant(value: str | None, flag: str) -> datetime | None:
@@ -114,7 +115,33 @@ def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout) -> Non
     table.add_column("in warehouse", justify="right")
     table.add_column("quarantined", justify="right")
     table.add_column("time (s)", justify="right")
+    access = Table(title="requests and patients (the shared budget)")
+    for column in (
+        "connection",
+        "mode",
+        "requests",
+        "budget left",
+        "due",
+        "pulled",
+        "deferred",
+        "new",
+        "errors",
+    ):
+        access.add_column(column, justify="left" if column in ("connection", "mode") else "right")
     for conn in report.connections:
+        stats = conn.access
+        if stats is not None:
+            access.add_row(
+                conn.connection_id,
+                stats.mode,
+                str(stats.requests),
+                "-" if stats.budget_left is None else str(stats.budget_left),
+                str(stats.due),
+                str(stats.pulled),
+                str(stats.deferred),
+                str(stats.discovered),
+                str(sum(stats.errors.values())),
+            )
         if conn.error:
             table.add_row(conn.connection_id, "-", "-", "-", "-", f"FAILED: {conn.error}")
             continue
@@ -129,7 +156,9 @@ def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout) -> Non
                 str(conn.quarantined.get("all", 0)) if i == 0 else "",
                 f"{total_s:.1f}" if i == 0 else "",
             )
-    Console(file=stream).print(table)
+    console = Console(file=stream)
+    console.print(table)
+    console.print(access)
 
 
 @contextlib.contextmanager
@@ -180,6 +209,8 @@ def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
 
     try:
         check_lookback_hours(args.lookback_hours)
+        if not 1 <= args.discover_days <= MAX_DISCOVER_DAYS:
+            raise ValueError(f"--discover-days must be a whole number from 1 to {MAX_DISCOVER_DAYS}")
         settings = load_settings(args.config)
         window = sync_window(args.since, args.until)
         windows = connection_windows(settings, args.connection, window)
@@ -190,12 +221,13 @@ def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
         return 2
     started = time.monotonic()
     lookback_s = args.lookback_hours * 3600.0
+    extract = {"full": args.full, "discover_days": args.discover_days}
     try:
         with live_progress():
             if runner is None:
-                report = run_sync(settings, paths, windows, lookback_s=lookback_s, caller="cli")
+                report = run_sync(settings, paths, windows, lookback_s=lookback_s, caller="cli", **extract)
             else:
-                report = runner(settings, paths, windows, lookback_s=lookback_s)
+                report = runner(settings, paths, windows, lookback_s=lookback_s, **extract)
     except WarehouseBusy as exc:
         print(f"redox-elt sync: {exc}", file=sys.stderr)
         return 3
@@ -204,6 +236,7 @@ def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from pipelines.panel_cli import import_sandbox_rosters
     from pipelines.sync import run_sync
     from pipelines.warehouse import WarehousePaths
     from resources.onboarding import connect_sandbox
@@ -223,6 +256,11 @@ def _demo(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="redox-elt-demo-") as tmp:
             cfg_path = connect_sandbox(server.url, Path(tmp) / "connections.yaml", name="redox-elt-demo")
             settings = load_settings(cfg_path)
+            # Each EHR connection's roster, imported the way a user imports their own (CSV ->
+            # panel add); discovery then adds whoever is active but not on it.
+            rosters = import_sandbox_rosters(server.url, settings, paths.duckdb, Path(tmp))
+            added = sum(r.added for r in rosters.values())
+            print(f"rosters: {added} patients imported for {len(rosters)} connections", flush=True)
             with live_progress():
                 report = run_sync(settings, paths, caller="demo")
     _print_summary(report, time.monotonic() - started)
@@ -261,6 +299,17 @@ def register(sub: Any) -> None:
         type=float,
         default=1.0,
         help="live runs re-read this much before the cursor, for late-arriving updates (default 1)",
+    )
+    sync.add_argument(
+        "--full",
+        action="store_true",
+        help="re-pull every panel patient now, whatever the refresh schedule says",
+    )
+    sync.add_argument(
+        "--discover-days",
+        type=int,
+        default=DEFAULT_DISCOVER_DAYS,
+        help=f"discovery looks this many days back (default {DEFAULT_DISCOVER_DAYS})",
     )
     sync.add_argument("--destination", choices=["duckdb", "parquet"], default="duckdb")
     sync.add_argument(

@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_webhook_verbs(sub)
     register_quarantine_verbs(sub)
     sub.choices["sync"].set_defaults(func=_sync_through_dagster)
+    from pipelines.panel_cli import register as register_panel_verbs
+
+    register_panel_verbs(sub)
     return parser
 
 
