@@ -11,18 +11,27 @@ that cannot be read at all becomes one quarantine row; the batch goes on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import dlt
+import pyarrow as pa
 
 from pipelines.landing import PageContext, RawLanding
-from pipelines.model import ROW_EXTRAS, rows_to_table, staged_schema
+from pipelines.model import ENTITY_KEY, ROW_EXTRAS, SchemaMismatch, rows_to_table, staged_schema
 from pipelines.pages import PageRows
 from pipelines.progress import PROGRESS
-from pipelines.quarantine import QUARANTINE_HINTS, QuarantineEntry, quarantine_row, quarantine_schema
+from pipelines.quarantine import (
+    ITEM_ID,
+    ITEM_POSITION,
+    QUARANTINE_HINTS,
+    QuarantineEntry,
+    quarantine_row,
+    quarantine_schema,
+)
 from pipelines.resource_hints import staged_resource_hints
 from pipelines.vocabulary import ENTITIES, staged_table_name
 
@@ -61,6 +70,9 @@ class EntityBatcher:
         self.rows: list[dict[str, Any]] = []
         self.ingested_at = ingested_at or datetime.now(UTC)
         self.counts = {"rows": 0}
+        # Where a row whose values do not fit the schema goes (the router's quarantine);
+        # without one such a row fails the batch.
+        self.on_bad_row: Callable[[dict[str, Any], str], None] | None = None
 
     def add_row(self, row: dict[str, Any]) -> None:
         extras = {key: row.pop(key) for key in ROW_EXTRAS if key in row}
@@ -127,10 +139,53 @@ class EntityBatcher:
 
     def drain(self, final: bool) -> Iterator[Any]:
         if self.rows and (final or len(self.rows) >= self.batch_rows):
-            table = rows_to_table(self.rows, self.schema)
+            try:
+                table = rows_to_table(self.rows, self.schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                table = self._table_without_bad_rows()
             self.counts["rows"] += table.num_rows
             self.rows = []
             yield table
+
+    def _table_without_bad_rows(self) -> pa.Table:
+        """A batch failed to convert: one record carries a value of the wrong type (a server
+        sent a number for a code, a list for a date...). Convert row by row, hand each bad row
+        to ``on_bad_row`` with the column at fault, and keep the rest of the batch."""
+        good = []
+        for row in self.rows:
+            reason = wrong_typed_column(row, self.schema)
+            if reason is None:
+                good.append(row)
+            elif self.on_bad_row is None:
+                raise SchemaMismatch(f"{self.entity}: {reason}")
+            else:
+                self.on_bad_row(row, reason)
+        return rows_to_table(good, self.schema)
+
+
+def _only_patient(page: PageRows) -> tuple[str, str] | None:
+    """The (reference type, value) of the one patient all rows of the page name, if one."""
+    refs = {
+        (row.get("patient_ref_type"), row.get("patient_ref_value"))
+        for rows in page.rows.values()
+        for row in rows
+        if row.get("patient_ref_value")
+    }
+    return next(iter(refs)) if len(refs) == 1 else None
+
+
+def wrong_typed_column(row: dict[str, Any], schema: pa.Schema) -> str | None:
+    """The first column whose value does not fit its Arrow type, as a PHI-free reason
+    (the column name and the Python type, never the value); None when the row fits."""
+    for f in schema:
+        value = row.get(f.name)
+        if value is None:
+            continue
+        try:
+            pa.array([value], type=f.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return f"column {f.name}: a {type(value).__name__} value where {f.type} is expected"
+    return None
 
 
 class PageRouter:
@@ -171,15 +226,47 @@ class PageRouter:
         }
         self.quarantined: list[dict[str, Any]] = []
         self.counts = {"quarantined": 0}
+        for entity, batcher in self.batchers.items():
+            batcher.on_bad_row = self._bad_row_sink(entity)
 
-    def take(self, page: PageRows, raw_ref: str, allowed: Iterable[str] | None = None) -> None:
+    def _bad_row_sink(self, entity: str) -> Callable[[dict[str, Any], str], None]:
+        def sink(row: dict[str, Any], reason: str) -> None:
+            item = row.get(ENTITY_KEY.get(entity, ""))
+            self.quarantine(
+                QuarantineEntry(
+                    entity,
+                    item if isinstance(item, str) and item else "row",
+                    reason,
+                    patient_ref_type=row.get("patient_ref_type"),
+                    patient_ref_value=row.get("patient_ref_value"),
+                    item_kind=ITEM_ID if isinstance(item, str) and item else ITEM_POSITION,
+                ),
+                row.get("raw_ref") or "",
+            )
+
+        return sink
+
+    def take(
+        self,
+        page: PageRows,
+        raw_ref: str,
+        allowed: Iterable[str] | None = None,
+        pulled_for: tuple[str, str] | None = None,
+    ) -> None:
         keep = set(ENTITIES if allowed is None else allowed)
         for entity in ENTITIES:
             if entity in keep:
                 for row in page.rows.get(entity, ()):
                     self.batchers[entity].add_row(row)
+        page_patient = _only_patient(page) or pulled_for
         for entry in page.quarantined:
             if entry.entity in keep:
+                if entry.patient_ref_value is None and page_patient is not None:
+                    # A per-patient page: its damaged record belongs to the one patient every
+                    # other record names, so the next sync knows whom to fetch again.
+                    entry = replace(
+                        entry, patient_ref_type=page_patient[0], patient_ref_value=page_patient[1]
+                    )
                 self.quarantine(entry, raw_ref)
 
     def take_page(
@@ -214,7 +301,7 @@ class PageRouter:
                 self.quarantine_page(answer_ref, entity, f"page unreadable: {exc}")
         if completions:
             page = complete_documents(page, completions)
-        self.take(page, raw_ref, context.entities)
+        self.take(page, raw_ref, context.entities, context.pulled_for)
         return page
 
     def quarantine(self, entry: QuarantineEntry, raw_ref: str) -> None:

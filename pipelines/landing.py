@@ -134,6 +134,9 @@ class PageContext:
     patient: dict[str, Any] | None = None
     entities: tuple[str, ...] | None = None
     completes: str | None = None
+    # The patient a per-patient call asked about (panel spelling: "fhir"/"MR"/…, value): the
+    # owner of a damaged record on the page that names no patient itself. PHI: landing only.
+    pulled_for: tuple[str, str] | None = None
 
     def is_empty(self) -> bool:
         return self == PageContext()
@@ -148,6 +151,8 @@ class PageContext:
             doc["entities"] = list(self.entities)
         if self.completes is not None:
             doc["completes"] = self.completes
+        if self.pulled_for is not None:
+            doc["pulled_for"] = list(self.pulled_for)
         return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
 
     @classmethod
@@ -159,6 +164,7 @@ class PageContext:
             patient=doc.get("patient"),
             entities=tuple(entities) if entities is not None else None,
             completes=doc.get("completes"),
+            pulled_for=tuple(doc["pulled_for"]) if doc.get("pulled_for") else None,
         )
 
 

@@ -473,6 +473,36 @@ def mark_all_due(
     return len(rows)
 
 
+def mark_identifiers_due(
+    con: duckdb.DuckDBPyConnection,
+    connection_id: str,
+    identifiers: list[tuple[str, str]],
+    *,
+    reason: str = "retry",
+    now: datetime | None = None,
+) -> int:
+    """These patients are due now (their quarantined records are fetched again until they
+    load or a person dismisses them). Identifiers in the panel's spelling; a ``fhir`` id also
+    matches a row whose FHIR logical id was resolved later. Returns the rows marked."""
+    at = _now(now)
+    marked = 0
+    for id_system, id_value in identifiers:
+        rows = con.execute(
+            """
+            UPDATE ops.patient_panel SET next_pull_due_at = least(coalesce(next_pull_due_at, ?), ?),
+                pull_reason = CASE WHEN coalesce(pull_priority, 99) > ? THEN ? ELSE pull_reason END,
+                pull_priority = least(coalesce(pull_priority, 99), ?)
+            WHERE connection_id = ?
+              AND ((id_system = ? AND id_value = ?) OR (? = 'fhir' AND fhir_id = ?) OR (? = 'MR' AND mrn = ?))
+            RETURNING 1
+            """,
+            [at, at, REASON_RANK[reason], reason, REASON_RANK[reason], connection_id,
+             id_system, id_value, id_system, id_value, id_system, id_value],
+        ).fetchall()  # fmt: skip
+        marked += len(rows)
+    return marked
+
+
 def mark_due_in_window(
     con: duckdb.DuckDBPyConnection,
     connection_id: str,

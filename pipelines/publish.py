@@ -88,8 +88,14 @@ def _staged_union(con: duckdb.DuckDBPyConnection, entity: str, columns: list[str
     if not surfaces:
         return None
     cols = ", ".join(f'"{c}"' for c in columns)
+    # One surface record (its source id) is one row: a version staged under another key — it
+    # arrived without its business identifier, or with a damaged one — is superseded by the
+    # record's latest fetch. Landed page names start with their fetch time, so the newest
+    # page wins in a live sync and in a replay alike.
     parts = [
-        f"SELECT {cols} FROM {STAGING_SCHEMA}.{staged_table_name(s, entity)} WHERE connection_id = $conn"
+        f"SELECT {cols} FROM {STAGING_SCHEMA}.{staged_table_name(s, entity)} WHERE connection_id = $conn "
+        "QUALIFY source_id IS NULL OR row_number() OVER (PARTITION BY source_id "
+        "ORDER BY regexp_extract(raw_ref, '[^/]*$') DESC NULLS LAST, ingested_at DESC) = 1"
         for s in surfaces
     ]
     return " UNION ALL ".join(parts)

@@ -43,12 +43,52 @@ class PulledPage:
 
 
 def page_context(
-    entities: Iterable[str], *, only: Iterable[str] | None = None, event_type: str | None = None
+    entities: Iterable[str],
+    *,
+    only: Iterable[str] | None = None,
+    event_type: str | None = None,
+    pulled_for: tuple[str, str] | None = None,
 ) -> PageContext:
     """The context a page is landed with: the entities this sync takes from it (the connection's
-    ``entities`` on this surface, narrowed to ``only``) in vocabulary order."""
+    ``entities`` on this surface, narrowed to ``only``) in vocabulary order, and the patient a
+    per-patient call asked about."""
     keep = set(entities) if only is None else set(entities) & set(only)
-    return PageContext(event_type=event_type, entities=tuple(e for e in ENTITIES if e in keep))
+    return PageContext(
+        event_type=event_type, entities=tuple(e for e in ENTITIES if e in keep), pulled_for=pulled_for
+    )
+
+
+def fhir_search_patient(params: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
+    """The one patient a FHIR search names (``patient``/``_id``/``identifier``), panel spelling."""
+    from pipelines.panel import canonical_system
+
+    for name, value in params:
+        if name in ("patient", "subject") and value and "," not in value:
+            return ("fhir", value.rsplit("/", 1)[-1])
+        if name == "_id" and value and "," not in value:
+            return ("fhir", value)
+        if name == "identifier" and "|" in value and "," not in value:
+            system, _, ident = value.partition("|")
+            return (canonical_system(system), ident) if ident else None
+    return None
+
+
+def datamodel_query_patient(payload: dict[str, Any]) -> tuple[str, str] | None:
+    """The one patient a Data Model query names (``Patient`` or a one-item ``Patients``)."""
+    from pipelines.panel import canonical_system
+
+    patients = payload.get("Patients")
+    if isinstance(patients, list):
+        if len(patients) != 1:
+            return None
+        block = patients[0]
+    else:
+        block = payload.get("Patient")
+    idents = (block or {}).get("Identifiers") if isinstance(block, dict) else None
+    for ident in idents or []:
+        if isinstance(ident, dict) and ident.get("ID") and ident.get("IDType"):
+            return (canonical_system(str(ident["IDType"])), str(ident["ID"]))
+    return None
 
 
 def land_page(

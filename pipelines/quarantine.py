@@ -136,6 +136,13 @@ def resolve_quarantine(con: duckdb.DuckDBPyConnection, connection_id: str) -> in
             if entity == "results":
                 keys.append("order_id")  # a Data Model order quarantined as a whole
             match = " OR ".join(f's."{k}" = q.item_id' for k in dict.fromkeys(keys))
+            # The patient an entry names: by the row's own reference, or for a patient found by
+            # its MR (an identifier search), by the patient row's MR.
+            same_patient = (
+                "(s.patient_ref_type = q.patient_ref_type AND s.patient_ref_value = q.patient_ref_value)"
+            )
+            if entity == "patients":
+                same_patient += " OR (q.patient_ref_type = 'MR' AND s.mrn = q.patient_ref_value)"
             n = con.execute(
                 f"""UPDATE {q} SET resolved_at = now() WHERE quarantine_id IN (
                     SELECT q.quarantine_id FROM {q} q
@@ -149,8 +156,7 @@ def resolve_quarantine(con: duckdb.DuckDBPyConnection, connection_id: str) -> in
                         OR ({by_position} AND q.patient_ref_value IS NOT NULL AND EXISTS (
                             SELECT 1 FROM {STAGING_SCHEMA}.{table} s
                             WHERE s.connection_id = q.connection_id
-                              AND s.patient_ref_type = q.patient_ref_type
-                              AND s.patient_ref_value = q.patient_ref_value
+                              AND ({same_patient})
                               AND s.ingested_at > q.first_seen_at
                               AND NOT EXISTS (
                                 SELECT 1 FROM {q} q2

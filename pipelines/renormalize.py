@@ -24,7 +24,7 @@ from pipelines.batches import PageRouter
 from pipelines.landing import LandedPage, PageContext, RawLanding
 from pipelines.publish import publish_connection
 from pipelines.resource_hints import staged_resource_hints
-from pipelines.sync import pipeline_name
+from pipelines.sync_context import pipeline_name
 from pipelines.vocabulary import ENTITIES, QUARANTINE_TABLE, STAGING_SCHEMA, staged_table_name
 from pipelines.warehouse import WarehousePaths, WriterLock, table_columns, table_exists
 

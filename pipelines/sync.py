@@ -9,7 +9,6 @@ call ``run_sync``; its per-connection step is ``sync_connection``.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import time
 import uuid
@@ -21,12 +20,21 @@ import dlt
 import duckdb
 
 from pipelines.access import AccessStats, extract_connection
+from pipelines.inbox.process import process_inbox
 from pipelines.lake import export_lake
 from pipelines.landing import RawLanding
+from pipelines.panel import mark_identifiers_due
 from pipelines.publish import model_schema, publish_connection
-from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, ConnectionWindow, SyncWindow, networks_last
+from pipelines.quarantine import patients_to_refetch
+from pipelines.sync_context import (
+    DEFAULT_DISCOVER_DAYS,
+    ConnectionWindow,
+    SyncWindow,
+    networks_last,
+    pipeline_name,
+)
 from pipelines.sync_runs import CROSSWALK_TABLE, record_sync_run, table_row_counts
-from pipelines.vocabulary import STAGING_SCHEMA
+from pipelines.vocabulary import OPS_SCHEMA, STAGING_SCHEMA
 from pipelines.warehouse import WarehousePaths, WriterLock, table_exists
 from resources.audit import AuditLog, load_audit_into_duckdb
 from resources.client import RedoxClient
@@ -61,6 +69,8 @@ class SyncReport:
     # rows per table per synced connection ("raw.fhir_patients" -> {connection: n}),
     # counted under the writer lock at the end of the run
     row_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the webhook inbox processed before the connections (pipelines.inbox.process stats)
+    inbox: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -92,11 +102,6 @@ def drop_completed_packages(pipeline: Any) -> None:
         if package.jobs.get("failed_jobs"):
             continue
         shutil.rmtree(package.package_path, ignore_errors=True)
-
-
-def pipeline_name(connection_id: str) -> str:
-    """Distinct per connection: parallel pipelines with one name race on state."""
-    return "redox_" + re.sub(r"[^a-z0-9_]", "_", connection_id.lower())
 
 
 def _row_counts(info: Any, surfaces: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
@@ -174,6 +179,8 @@ def sync_connection(
         if conn.kind == "network"
         else ()
     )
+    if conn.kind != "network":
+        requeue_quarantined(paths, conn.id)
     started = time.monotonic()
     configure_dlt_retention()
     with RedoxClient(settings, conn, audit=audit, run_id=run_id, caller=caller) as client:
@@ -198,6 +205,17 @@ def sync_connection(
         report.published = publish_connection(con, conn.id)
     report.seconds["publish"] = time.monotonic() - started
     return report
+
+
+def requeue_quarantined(paths: WarehousePaths, connection_id: str) -> int:
+    """Patients with open quarantine entries are due again: what failed to load is fetched
+    on every sync until it loads (the entry resolves) or a person dismisses it."""
+    if not paths.duckdb.exists():
+        return 0
+    with duckdb.connect(str(paths.duckdb)) as con:
+        if not table_exists(con, OPS_SCHEMA, "patient_panel"):
+            return 0
+        return mark_identifiers_due(con, connection_id, patients_to_refetch(con, connection_id))
 
 
 def connection_windows(
@@ -237,6 +255,8 @@ def run_sync(
     report = SyncReport(run_id=run_id)
     kinds = {c.id: c.kind for c in settings.connections}
     with WriterLock(paths):
+        # Pushed events first: they add the patients they name to the panel, due now.
+        report.inbox = process_inbox(paths, settings, connection_ids=[w.connection_id for w in windows])
         audit = AuditLog(paths.audit_log)
         try:
             for cw in networks_last(windows, lambda w: kinds.get(w.connection_id)):

@@ -3,6 +3,7 @@ backfill window; and the one rule on the order connections sync in."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -60,3 +61,8 @@ def networks_last(items: Iterable[T], kind: Callable[[T], str | None]) -> list[T
     kept): a network is asked about the enterprise ids the EHR connections loaded, so it
     must sync after them in a run, and be scheduled after them."""
     return sorted(items, key=lambda item: kind(item) == NETWORK_KIND)
+
+
+def pipeline_name(connection_id: str) -> str:
+    """Distinct per connection: parallel pipelines with one name race on state."""
+    return "redox_" + re.sub(r"[^a-z0-9_]", "_", connection_id.lower())

@@ -21,7 +21,14 @@ from typing import Any
 
 from pipelines.landing import RawLanding
 from pipelines.panel import DuePatient, datamodel_id_type
-from pipelines.pull_pages import CallCounter, PulledPage, land_page, page_context, with_priority
+from pipelines.pull_pages import (
+    CallCounter,
+    PulledPage,
+    datamodel_query_patient,
+    land_page,
+    page_context,
+    with_priority,
+)
 
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 FUTURE = timedelta(days=3650)
@@ -78,7 +85,9 @@ def _ask(
     raw, body = ctx.client.datamodel_raw(payload, entity=entity, **kw)
     meta = payload["Meta"]
     ctx.counter.add(f"{meta['DataModel']}.{meta['EventType']}")
-    context = page_context(ctx.entities, only=only, event_type=event_type)
+    context = page_context(
+        ctx.entities, only=only, event_type=event_type, pulled_for=datamodel_query_patient(payload)
+    )
     return land_page(ctx.landing, ctx.connection_id, "datamodel", entity, raw, context, body)
 
 

@@ -53,10 +53,11 @@ def bundle_rows(bundle: Any, connection_id: str, raw_ref: str | None, fetched_en
             continue
         rid = resource.get("id") if isinstance(resource.get("id"), str) and resource.get("id") else None
         if rtype not in FHIR_RESOURCE_ENTITIES:
-            # The entity asked for; the id, when there is one, lets a later good copy resolve it.
+            # Under the entity asked for and by position: which entity the record really is is
+            # unknown, so a later good copy resolves it through its patient's next clean page.
             ref_type, ref_value = _patient_of(resource, None)
             reason = f"Bundle {where}: resourceType is not one the pipeline reads"
-            out.quarantined.append(_entry(fetched_entity, rid, where, reason, ref_type, ref_value))
+            out.quarantined.append(_entry(fetched_entity, None, where, reason, ref_type, ref_value))
             continue
         entity = FHIR_RESOURCE_ENTITIES[rtype]
         ref_type, ref_value = _patient_of(resource, rtype)

@@ -28,7 +28,14 @@ from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES
 from pipelines.landing import RawLanding
 from pipelines.normalize_common import parse_ts
 from pipelines.panel import FHIR_ID_SYSTEM, DuePatient, fhir_identifier_token
-from pipelines.pull_pages import CallCounter, PulledPage, land_page, page_context, with_priority
+from pipelines.pull_pages import (
+    CallCounter,
+    PulledPage,
+    fhir_search_patient,
+    land_page,
+    page_context,
+    with_priority,
+)
 
 DOCUMENT_ELEMENTS = "subject,masterIdentifier,date,type,context,status,category,identifier"
 ID_CHUNK = 50  # documents per ``_id=a,b,c`` search
@@ -109,7 +116,7 @@ def _search(
     ``rows`` False: a listing (``_elements``) whose pages no sync takes rows from."""
     out = []
     kw = with_priority(ctx.client, "fhir_search_pages", priority)
-    context = page_context(ctx.entities if rows else ())
+    context = page_context(ctx.entities if rows else (), pulled_for=fhir_search_patient(params))
     for raw in ctx.client.fhir_search_pages(resource_type, params, entity=entity, **kw):
         ctx.counter.add(f"search {resource_type}")
         bundle = orjson.loads(raw)

@@ -57,7 +57,7 @@ from pipelines.landing import RawLanding
 from pipelines.page_reader import PageUnreadable, read_page
 from pipelines.publish import publish_connection
 from pipelines.resource_hints import staged_resource_hints
-from pipelines.sync import pipeline_name
+from pipelines.sync_context import pipeline_name
 from pipelines.vocabulary import (
     ENTITIES,
     FHIR_RESOURCE_ENTITIES,

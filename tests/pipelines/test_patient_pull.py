@@ -23,7 +23,7 @@ from pipelines.access import extract_connection
 from pipelines.landing import RawLanding
 from pipelines.model import ENTITIES
 from pipelines.publish import publish_connection
-from pipelines.sync import pipeline_name
+from pipelines.sync_context import pipeline_name
 from pipelines.warehouse import WarehousePaths
 from resources.client import RedoxClient
 from resources.onboarding import connect_sandbox
