@@ -35,11 +35,32 @@ def normalized_key(entity: str) -> AssetKey:
     return AssetKey(["redox", entity])
 
 
+PANEL_KEY = AssetKey(["ops", "patient_panel"])
+
+
+def panel_spec() -> AssetSpec:
+    """Who is pulled: the patient panel, upstream of every staged table. The sync run
+    maintains it first (roster rows resolved, discovery, events, due marks; a backfill window
+    makes the patients with activity in it due), then pulls the due patients."""
+    return AssetSpec(
+        key=PANEL_KEY,
+        group_name=RAW_GROUP,
+        owners=OWNERS,
+        kinds={"duckdb"},
+        description=(
+            "The patient panel (ops.patient_panel): one row per connection and patient, how it was "
+            "found (roster, discovery windows, census, events, bulk, network match) and when it is due. "
+            "Metadata: counts only."
+        ),
+    )
+
+
 def raw_spec(surface: str, entity: str) -> AssetSpec:
     """The asset of one staged table ``raw.<surface>_<entity>`` (written by the dlt pull
     resources; a page feeds every table whose rows it holds, as dlt table variants)."""
     return AssetSpec(
         key=raw_key(surface, entity),
+        deps=[PANEL_KEY],
         group_name=RAW_GROUP,
         owners=OWNERS,
         kinds={"dlt", "duckdb"},

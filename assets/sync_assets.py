@@ -39,9 +39,11 @@ from assets.specs import (
     CROSSWALK,
     CROSSWALK_KEY,
     OWNERS,
+    PANEL_KEY,
     PERSONS_KEY,
     normalized_key,
     normalized_specs,
+    panel_spec,
     raw_specs,
 )
 from pipelines.access import AccessStats
@@ -164,6 +166,23 @@ def _materializations(report: SyncReport) -> Iterator[MaterializeResult]:
         }
         return MaterializeResult(asset_key=key, metadata=metadata)
 
+    panel = {
+        c.connection_id: {
+            k: v
+            for k, v in c.access.to_dict().items()
+            if k in ("mode", "requests", "budget_left", "discovered", "due", "pulled", "deferred", "failed")
+        }
+        for c in report.connections
+        if c.access is not None
+    }
+    yield MaterializeResult(
+        asset_key=PANEL_KEY,
+        metadata={
+            "patients_pulled": MetadataValue.int(sum(v.get("pulled", 0) for v in panel.values())),
+            "patients_deferred": MetadataValue.int(sum(v.get("deferred", 0) for v in panel.values())),
+            "by_connection": MetadataValue.json(panel),
+        },
+    )
     for spec in raw_specs():
         path = spec.key.path
         table = "raw.quarantine" if path[-1] == "quarantine" else f"raw.{path[1]}_{path[2]}"
@@ -194,7 +213,7 @@ def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
 
     @multi_asset(
         name="redox_sync",
-        specs=[*raw_specs(), *normalized_specs()],
+        specs=[panel_spec(), *raw_specs(), *normalized_specs()],
         partitions_def=partitions_def,
         # One run per connection and contiguous day range (see assets/partitions.py).
         backfill_policy=BackfillPolicy.single_run(),

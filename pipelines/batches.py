@@ -164,13 +164,15 @@ class EntityBatcher:
 
 
 def _only_patient(page: PageRows) -> tuple[str, str] | None:
-    """The (reference type, value) of the one patient all rows of the page name, if one."""
+    """The (reference type, value) of the one patient every record of the page names (its
+    rows and its quarantined records alike), if there is exactly one."""
     refs = {
         (row.get("patient_ref_type"), row.get("patient_ref_value"))
         for rows in page.rows.values()
         for row in rows
         if row.get("patient_ref_value")
     }
+    refs |= {(e.patient_ref_type, e.patient_ref_value) for e in page.quarantined if e.patient_ref_value}
     return next(iter(refs)) if len(refs) == 1 else None
 
 

@@ -17,9 +17,10 @@ import orjson
 import pytest
 
 from assets.check_queries import quarantine_rates
-from pipelines.fhir import fhir_source
+from pipelines.batches import PageRouter
 from pipelines.landing import RawLanding
 from pipelines.quarantine import patients_to_refetch, unresolved_entries, unresolved_quarantine_counts
+from pipelines.resource_hints import staged_resource_hints
 
 CONN = "test-conn"
 MRN = "MRN90210777"  # a patient identifier: never printed
@@ -56,16 +57,6 @@ def bundle(*, fixed: bool = False) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
 
 
-class Pages:
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-
-    def fhir_search_pages(self, resource_type: str, params: dict, *, entity: str | None = None):
-        yield orjson.dumps(
-            self.body if resource_type == "Observation" else {"resourceType": "Bundle", "entry": []}
-        )
-
-
 def load(tmp_path: Path, body: dict[str, Any]) -> Path:
     wh = tmp_path / "w.duckdb"
     pipeline = dlt.pipeline(
@@ -74,7 +65,16 @@ def load(tmp_path: Path, body: dict[str, Any]) -> Path:
         dataset_name="raw",
         pipelines_dir=str(tmp_path / ".dlt"),
     )
-    pipeline.run(fhir_source(Pages(body), RawLanding(tmp_path / "landing"), CONN, entities=("results",)))
+    landing = RawLanding(tmp_path / "landing")
+    ref = landing.land(CONN, "fhir", "results", orjson.dumps(body)).raw_ref
+    router = PageRouter(CONN, "fhir", landing=landing, main="fhir_results")
+
+    def pages() -> Any:
+        # The one page-to-rows path the live pulls and renormalize use.
+        router.take_page(body, ref, "results")
+        yield from router.drain(final=True)
+
+    pipeline.run(dlt.resource(pages, name="fhir_results", **staged_resource_hints("fhir", "results")))
     return wh
 
 

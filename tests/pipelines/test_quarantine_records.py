@@ -77,13 +77,13 @@ def test_bundle_rows_quarantines_each_bad_entry_and_keeps_the_rest() -> None:
         ("results", "entry[1]"): "position",
         ("results", "entry[2]"): "position",
         ("results", "entry[3]"): "position",
-        ("results", "b1"): "id",
+        ("results", "entry[4]"): "position",  # an unknown type: its entity, so its id, is unknown
         ("results", "ord1-c"): "id",
         ("results", "late"): "id",
         ("results", "entry[8]"): "position",
     }
     assert "not an object" in got[("results", "entry[1]")].reason
-    assert "resourceType is not one the pipeline reads" in got[("results", "b1")].reason
+    assert "resourceType is not one the pipeline reads" in got[("results", "entry[4]")].reason
     assert "has no id" in got[("results", "ord1-c")].reason
     assert got[("results", "entry[8]")].patient_ref_value == "p1"
     assert "ISO-8601" in got[("results", "late")].reason
@@ -142,11 +142,12 @@ def test_a_later_good_load_resolves_the_entry_and_the_check_counts_only_unresolv
     run(tmp_path, fixed)
     with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
         publish_connection(con, CONN)  # every load is followed by a publish, which resolves
-        # "late" by its id; entry[8] (no id, patient p1) because p1's results were fetched
-        # again and all of them read.
+        # "late" by its id; the positional entries (entry[8] names p1; the others sit on a page
+        # whose every record names p1, so they are p1's too) because p1's results were fetched
+        # again and all of them read. "ord1-c" waits for its own id.
         left = {e["item_id"] for e in unresolved_entries(con, CONN)}
-        assert left == {"entry[1]", "entry[2]", "entry[3]", "b1", "ord1-c"}
-        assert unresolved_quarantine_counts(con) == {CONN: 5}
+        assert left == {"ord1-c"}
+        assert unresolved_quarantine_counts(con) == {CONN: 1}
         assert resolve_quarantine(con, CONN) == 0  # idempotent
 
 
