@@ -930,10 +930,10 @@ class RedoxClient:
     def fhir_operation(
         self, path: str, bundle: dict[str, Any], idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        """``POST {Type}/${operation}`` with a message Bundle (write-back), e.g. ``ServiceRequest/$order-new``."""
+        """``POST {Type}/${operation}`` with a message Bundle (write-back), e.g. ``ServiceRequest/$servicerequest-create``."""
         match = _OPERATION.fullmatch(path)
         if not match:
-            raise ScopeError(f"'{path[:60]}' is not a FHIR operation path like 'ServiceRequest/$order-new'")
+            raise ScopeError(f"'{path[:60]}' is not a FHIR operation path like 'ServiceRequest/$servicerequest-create'")
         self._require_surface("fhir")
         rtype, op = match.groups()
         write_entity = FHIR_WRITE_ENTITIES.get(rtype)
