@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.inbox.cli import register as register_webhook_verbs
 
     register_webhook_verbs(sub)
+    from pipelines.writeback.cli import register as register_writeback_verb
+
+    register_writeback_verb(sub)
     sub.choices["sync"].set_defaults(func=_sync_through_dagster)
     return parser
 
