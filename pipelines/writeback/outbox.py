@@ -132,18 +132,28 @@ class Outbox:
             for r in rows
         ]
 
-    def _update(self, row: OutboxRow, sets: dict[str, Any], *, expect: tuple[str, ...]) -> bool:
-        """Set columns where the row is still in one of ``expect``; False when it moved meanwhile."""
+    def _update(
+        self,
+        row: OutboxRow,
+        sets: dict[str, Any],
+        *,
+        expect: tuple[str, ...],
+        con: duckdb.DuckDBPyConnection | None = None,
+    ) -> bool:
+        """Set columns where the row is still in one of ``expect``; False when it moved meanwhile.
+        Committed before returning (its own transaction, or the caller's autocommit connection)."""
         sets = {**sets, "updated_at": datetime.now(UTC)}
         assignments = ", ".join(f"{c} = ?" for c in sets)
         marks = ", ".join("?" for _ in expect)
-        with self.connect() as con:
-            changed = con.execute(
-                f"UPDATE outbox.{row.kind} SET {assignments} WHERE {KEY_COLUMN[row.kind]} = ? "
-                f"AND status IN ({marks}) RETURNING 1",
-                [*sets.values(), row.key, *expect],
-            ).fetchall()
-        return bool(changed)
+        sql = (
+            f"UPDATE outbox.{row.kind} SET {assignments} WHERE {KEY_COLUMN[row.kind]} = ? "
+            f"AND status IN ({marks}) RETURNING 1"
+        )
+        params = [*sets.values(), row.key, *expect]
+        if con is not None:
+            return bool(con.execute(sql, params).fetchall())
+        with self.connect() as own:
+            return bool(own.execute(sql, params).fetchall())
 
     def mark_sending(self, row: OutboxRow, surface: str) -> bool:
         """Committed before the request leaves: from here on the outcome is unknown until
@@ -161,9 +171,9 @@ class Outbox:
             expect=("pending", "sending"),
         )
 
-    def mark_failed(self, row: OutboxRow, reason: str) -> bool:
+    def mark_failed(self, row: OutboxRow, reason: str, con: duckdb.DuckDBPyConnection | None = None) -> bool:
         return self._update(
-            row, {"status": "failed", "last_error": reason[:500]}, expect=("pending", "sending")
+            row, {"status": "failed", "last_error": reason[:500]}, expect=("pending", "sending"), con=con
         )
 
     def note_unknown(self, row: OutboxRow, reason: str) -> bool:

@@ -189,6 +189,10 @@ def is_refusal(exc: Exception) -> bool:
     return status is not None and 400 <= status < 500 and status not in (408, 429)
 
 
+class Deferred(Exception):
+    """The row depends on an earlier row of the same run (an appointment's create)."""
+
+
 class Writer:
     """Deliver the open rows of one warehouse's outboxes."""
 
@@ -263,6 +267,13 @@ class Writer:
                 ).fetchone()[0]
             )
             if not created and not known:
+                waiting = con.execute(
+                    "SELECT count(*) FROM outbox.appointments WHERE appointment_id = ? AND connection_id = ? "
+                    "AND action = 'create' AND status IN ('pending', 'sending') AND seq < ?",
+                    [bid, row.connection_id, row.values["seq"]],
+                ).fetchone()[0]
+                if waiting:
+                    raise Deferred  # its create is still to be delivered; build it after that
                 raise P.InvalidRow(
                     f"appointment to {action} does not exist at this connection (no sent create, not in redox.appointments)"
                 )
@@ -294,16 +305,16 @@ class Writer:
                 values[column] = value
         return dataclasses.replace(row, values=values)
 
-    def build(self, row: OutboxRow) -> P.Request:
-        """The validated request for a row; InvalidRow when it cannot be one."""
+    def build(self, row: OutboxRow, con: duckdb.DuckDBPyConnection) -> P.Request:
+        """The validated request for a row; InvalidRow when it cannot be one, Deferred when it
+        waits for an earlier row."""
         try:
             conn = self.settings.connection(row.connection_id)
         except Exception:
             raise P.InvalidRow("connection_id is not a connection of the config") from None
-        with self.outbox.connect() as con:
-            self._check_target(con, row, conn)
-            patient = self._patient(con, row)
-            row = self._inherit(con, row)
+        self._check_target(con, row, conn)
+        patient = self._patient(con, row)
+        row = self._inherit(con, row)
         surface = "fhir" if "fhir" in conn.surfaces else "datamodel"
         if surface == "fhir":
             return P.fhir_request(row, patient, conn.destination_slug, self.now())
@@ -330,43 +341,66 @@ class Writer:
         return self.report
 
     def _run_connection(self, conn_id: str, rows: list[OutboxRow], dry_run: bool) -> None:
-        built: list[tuple[OutboxRow, P.Request]] = []
-        for row in rows:
-            try:
-                request = self.build(row)
-            except P.InvalidRow as exc:
-                self._fail(row, str(exc), dry_run)
-                continue
-            if dry_run:
-                self.report.dry_run.append(
-                    {"kind": row.kind, "id": row.key, "connection_id": conn_id, **P.describe(request)}
-                )
-                continue
-            built.append((row, request))
-        if not built:
-            return
-        destination = self.destination_factory(self.settings, self.settings.connection(conn_id))
+        destination: Destination | None = None
         try:
-            unknown: list[tuple[OutboxRow, P.Request]] = []
-            for row, request in built:
-                if row.status == "sending":
-                    unknown.append((row, request))  # a previous run's send went unanswered or was killed
-                elif not self._send(destination, row, request):
-                    unknown.append((row, request))
-            for _ in range(AMBIGUOUS_ROUNDS):
-                if not unknown:
-                    break
-                unknown = [(r, q) for r, q in unknown if not self._settle(destination, r, q)]
-            self.report.unknown += len(unknown)
+            while rows:
+                built, deferred = self._build_batch(rows, dry_run)
+                if built and not dry_run:
+                    destination = destination or self.destination_factory(
+                        self.settings, self.settings.connection(conn_id)
+                    )
+                    self._deliver(destination, built)
+                if len(deferred) == len(rows) or dry_run:
+                    break  # what they wait for did not get through: they stay pending for the next run
+                rows = deferred
         finally:
-            destination.close()
+            if destination is not None:
+                destination.close()
 
-    def _fail(self, row: OutboxRow, reason: str, dry_run: bool) -> None:
-        self.report.failures.append((row.kind, row.key, reason))
-        if dry_run:
-            return
-        self.outbox.mark_failed(row, reason)
-        self.report.failed += 1
+    def _build_batch(
+        self, rows: list[OutboxRow], dry_run: bool
+    ) -> tuple[list[tuple[OutboxRow, P.Request]], list[OutboxRow]]:
+        """Build every row under one lock and connection; fail the invalid ones there."""
+        built: list[tuple[OutboxRow, P.Request]] = []
+        deferred: list[OutboxRow] = []
+        with self.outbox.connect() as con:
+            for row in rows:
+                try:
+                    request = self.build(row, con)
+                except Deferred:
+                    deferred.append(row)
+                    continue
+                except P.InvalidRow as exc:
+                    self.report.failures.append((row.kind, row.key, str(exc)))
+                    if not dry_run:
+                        self.outbox.mark_failed(row, str(exc), con=con)
+                        self.report.failed += 1
+                    continue
+                if dry_run:
+                    self.report.dry_run.append(
+                        {
+                            "kind": row.kind,
+                            "id": row.key,
+                            "connection_id": row.connection_id,
+                            **P.describe(request),
+                        }
+                    )
+                    continue
+                built.append((row, request))
+        return built, deferred
+
+    def _deliver(self, destination: Destination, built: list[tuple[OutboxRow, P.Request]]) -> None:
+        unknown: list[tuple[OutboxRow, P.Request]] = []
+        for row, request in built:
+            if row.status == "sending":
+                unknown.append((row, request))  # a previous run's send went unanswered or was killed
+            elif not self._send(destination, row, request):
+                unknown.append((row, request))
+        for _ in range(AMBIGUOUS_ROUNDS):
+            if not unknown:
+                break
+            unknown = [(r, q) for r, q in unknown if not self._settle(destination, r, q)]
+        self.report.unknown += len(unknown)
 
     def _send(self, destination: Destination, row: OutboxRow, request: P.Request) -> bool:
         """Send once. True: settled (sent or failed). False: outcome unknown, row left ``sending``."""

@@ -215,13 +215,13 @@ class Crashing(Destination):
 
 
 def test_fault_trials_deliver_exactly_once(env: dict[str, Any], paths: WarehousePaths) -> None:
-    """240 orders (80 per surface mix) under 30% timeouts after commit, 5xx, resets and 10% kills
+    """210 orders (70 per connection) under 30% timeouts after commit, 5xx, resets and 10% kills
     between send and status commit: each arrives once, no row is left ``sending``."""
     rng = random.Random(11)
     ids = []
     for conn_id in EHR:
         keys = patients_of(env, conn_id, 40)
-        rows = [(f"trial-{conn_id}-{i}", conn_id, keys[i % len(keys)]) for i in range(80)]
+        rows = [(f"trial-{conn_id}-{i}", conn_id, keys[i % len(keys)]) for i in range(70)]
         ids += [r[0] for r in rows]
         insert_orders(paths, rows)
     faults(env, {"timeout_after_commit_rate": 0.3, "error_rate": 0.1, "drop_rate": 0.05, "timeout_s": 0.05})
