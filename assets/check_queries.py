@@ -16,8 +16,11 @@ import orjson
 from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES, fhir_instant
 from pipelines.model import ENTITIES, ENTITY_KEY
 from pipelines.publish import STAGING_SCHEMA, model_schema
+from pipelines.quarantine import unresolved_quarantine_counts
 from pipelines.resource_hints import QUARANTINE_TABLE, staged_table_name
 from pipelines.sync_runs import CROSSWALK_TABLE, MODE_LIVE, STATUS_SUCCESS, SYNC_RUNS_TABLE
+from pipelines.warehouse import table_columns
+from resources.client import RedoxAPIError
 
 CROSSWALK = CROSSWALK_TABLE
 CROSSWALK_KEY_COLUMNS = ("connection_id", "id_system", "id_value")
@@ -146,7 +149,7 @@ def sync_ages(
 
 
 def quarantine_rates(con: duckdb.DuckDBPyConnection, max_rate: float) -> CheckOutcome:
-    """Quarantined / (quarantined + staged) rows per connection, against ``max_rate``."""
+    """Open quarantined / (open quarantined + staged) rows per connection, against ``max_rate``."""
     tables = _tables(con)
     staged = [
         f"{STAGING_SCHEMA}.{staged_table_name(s, e)}"
@@ -158,13 +161,9 @@ def quarantine_rates(con: duckdb.DuckDBPyConnection, max_rate: float) -> CheckOu
         return CheckOutcome(True, {}, "nothing staged yet")
     union = " UNION ALL ".join(f"SELECT connection_id FROM {t}" for t in staged)
     good = dict(con.execute(f"SELECT connection_id, count(*) FROM ({union}) GROUP BY 1").fetchall())
-    quarantined: dict[str, int] = {}
-    if f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}" in tables:
-        quarantined = dict(
-            con.execute(
-                f"SELECT connection_id, count(*) FROM {STAGING_SCHEMA}.{QUARANTINE_TABLE} GROUP BY 1"
-            ).fetchall()
-        )
+    # Only open entries count: one resolved by a later load, or dismissed by a person, is no
+    # longer a problem of the data (a stale quarantine must not fail every later check).
+    quarantined = unresolved_quarantine_counts(con)
     rates: dict[str, float] = {}
     for cid in sorted(set(good) | set(quarantined)):
         q, g = quarantined.get(cid, 0), good.get(cid, 0)
@@ -174,12 +173,20 @@ def quarantine_rates(con: duckdb.DuckDBPyConnection, max_rate: float) -> CheckOu
     return CheckOutcome(not over, rates, summary)
 
 
-def fhir_source_total(client: Any, entity: str, before: datetime) -> int:
-    """What the FHIR server reports as the total of ``entity`` last updated before ``before``."""
+def fhir_source_total(client: Any, entity: str, before: datetime) -> int | None:
+    """What the FHIR server reports as the total of ``entity`` last updated before ``before``;
+    None where the server refuses a count without a patient (Redox requires one of each
+    resource's parameter sets and ``_lastUpdated`` never stands in for one, REDOX-REFERENCE
+    §3.3): the organization-wide total is then not something a client can know."""
     total = 0
     for resource_type in ENTITY_RESOURCE_TYPES[entity]:
         params = {"_count": "0", "_lastUpdated": f"lt{fhir_instant(before)}"}
-        first = next(iter(client.fhir_search_pages(resource_type, params, entity=entity)))
+        try:
+            first = next(iter(client.fhir_search_pages(resource_type, params, entity=entity)))
+        except RedoxAPIError as exc:
+            if exc.status_code == 400:
+                return None
+            raise
         total += int(orjson.loads(first).get("total") or 0)
     return total
 
@@ -193,6 +200,11 @@ def warehouse_fhir_counts(
     tables = _tables(con)
     out: dict[str, tuple[int, datetime | None]] = {}
     has_quarantine = f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}" in tables
+    unresolved = (
+        " AND resolved_at IS NULL"
+        if has_quarantine and "resolved_at" in table_columns(con, STAGING_SCHEMA, QUARANTINE_TABLE)
+        else ""
+    )
     for entity in entities:
         table = f"{STAGING_SCHEMA}.{staged_table_name('fhir', entity)}"
         if table not in tables:
@@ -210,9 +222,11 @@ def warehouse_fhir_counts(
             [connection_id, cutoff],
         ).fetchone()[0]
         if has_quarantine:
+            # A record still quarantined exists at the source but not here; one resolved since
+            # is among the staged rows already.
             n += con.execute(
                 f"""SELECT count(*) FROM {STAGING_SCHEMA}.{QUARANTINE_TABLE}
-                    WHERE connection_id = ? AND source_surface = 'fhir' AND entity = ?
+                    WHERE connection_id = ? AND source_surface = 'fhir' AND entity = ?{unresolved}
                       AND (source_updated_at IS NULL OR source_updated_at < ?)""",
                 [connection_id, entity, cutoff],
             ).fetchone()[0]
@@ -229,5 +243,7 @@ def reconcile_with_source(
     for entity, (n, cutoff) in warehouse.items():
         if cutoff is None:
             continue
-        out[entity] = {"warehouse": n, "source": int(source_total(entity, cutoff))}
+        total = source_total(entity, cutoff)
+        if total is not None:  # None: the source cannot be counted without a patient
+            out[entity] = {"warehouse": n, "source": int(total)}
     return out

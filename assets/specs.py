@@ -1,11 +1,8 @@
 """Asset keys and specs, by layer.
 
 * ``raw``: one asset per staged ``raw.<surface>_<entity>`` table, plus ``raw.quarantine``.
-  Their specs come from the dlt sources through a ``dagster-dlt`` translator, so keys,
-  kinds and descriptions follow the dlt resources that write them. The Data Model's
-  visit query writes several tables at once (dlt table variants: its Patient blocks,
-  Clinical Summary medications and Notes/Media documents), so those tables get the
-  spec of the resource that writes them, under their own key.
+  The per-patient pull resources write them (a page feeds every table whose rows it
+  holds, as dlt table variants), so each table has its own spec under its own key.
 * ``normalized``: the common model ``redox.<entity>`` and the crosswalk
   ``redox.patient_identifiers``.
 * ``analytics``: views across connections (``redox.persons``).
@@ -14,12 +11,7 @@
 from __future__ import annotations
 
 from dagster import AssetKey, AssetSpec
-from dagster_dlt import DagsterDltTranslator
-from dagster_dlt.translator import DltResourceTranslatorData
-from dlt.extract.resource import DltResource
 
-from pipelines.datamodel import datamodel_source
-from pipelines.fhir import fhir_source
 from pipelines.model import ENTITIES, ENTITY_KEY
 from pipelines.publish import SURFACES
 from pipelines.sync_runs import CROSSWALK_TABLE
@@ -43,48 +35,24 @@ def normalized_key(entity: str) -> AssetKey:
     return AssetKey(["redox", entity])
 
 
-class StagedTableTranslator(DagsterDltTranslator):
-    """Maps a dlt resource of our sources to the asset of the staged table it writes."""
-
-    def get_asset_spec(self, data: DltResourceTranslatorData) -> AssetSpec:
-        return self.spec_for_table(data.resource, data.resource.name)
-
-    def spec_for_table(self, resource: DltResource, entity: str) -> AssetSpec:
-        surface = resource.source_name
-        base = super().get_asset_spec(DltResourceTranslatorData(resource=resource, pipeline=None))
-        writer = (
-            ""
-            if resource.name == entity
-            else f" (written by the {resource.name} resource as a table variant)"
-        )
-        return base.replace_attributes(
-            key=raw_key(surface, entity),
-            deps=[],
-            group_name=RAW_GROUP,
-            owners=OWNERS,
-            kinds={"dlt", "duckdb"},
-            description=(
-                f"Staged {_SURFACE_TITLE[surface]} {entity} rows, one per record per connection "
-                f"(table raw.{surface}_{entity}, merged on connection_id + business key){writer}."
-            ),
-        )
+def raw_spec(surface: str, entity: str) -> AssetSpec:
+    """The asset of one staged table ``raw.<surface>_<entity>`` (written by the dlt pull
+    resources; a page feeds every table whose rows it holds, as dlt table variants)."""
+    return AssetSpec(
+        key=raw_key(surface, entity),
+        group_name=RAW_GROUP,
+        owners=OWNERS,
+        kinds={"dlt", "duckdb"},
+        description=(
+            f"Staged {_SURFACE_TITLE[surface]} {entity} rows, one per record per connection "
+            f"(table raw.{surface}_{entity}, merged on connection_id + business key)."
+        ),
+    )
 
 
 def raw_specs() -> list[AssetSpec]:
-    """One spec per (surface, entity), derived from the dlt sources' resources."""
-    translator = StagedTableTranslator()
-    # Building a source only declares its resources: no client is called.
-    fhir = fhir_source(None, None, "spec")
-    ehr_dm = datamodel_source(None, None, "spec")
-    network_dm = datamodel_source(None, None, "spec", entities=("patients", "documents"))
-    specs = [
-        translator.get_asset_spec(DltResourceTranslatorData(resource=r, pipeline=None))
-        for r in fhir.resources.values()
-    ]
-    dm_resources = {**network_dm.resources, **ehr_dm.resources}  # the EHR visit query writes documents too
-    for entity in ENTITIES:
-        resource = dm_resources.get(entity, ehr_dm.resources["encounters"])
-        specs.append(translator.spec_for_table(resource, entity))
+    """One spec per (surface, entity), plus the quarantine."""
+    specs = [raw_spec(surface, entity) for surface in SURFACES for entity in ENTITIES]
     specs.append(
         AssetSpec(
             key=QUARANTINE_KEY,

@@ -44,10 +44,11 @@ from assets.specs import (
     normalized_specs,
     raw_specs,
 )
+from pipelines.access import AccessStats
 from pipelines.model import ENTITIES
 from pipelines.publish import ensure_model_tables, model_schema
 from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, SyncReport, run_sync
-from pipelines.sync_context import ConnectionWindow, SyncWindow
+from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, ConnectionWindow, SyncWindow
 from pipelines.warehouse import WriterLock
 
 DUCKDB_POOL = "duckdb_writer"
@@ -75,6 +76,15 @@ class SyncConfig(Config):
     )
     lookback_s: float = Field(
         default=DEFAULT_LOOKBACK_S, description="Live mode: re-read this much before the cursor."
+    )
+    full: bool = Field(
+        default=False,
+        description="Re-pull every panel patient now, whatever the refresh schedule says (CLI --full).",
+    )
+    discover_days: int = Field(
+        default=DEFAULT_DISCOVER_DAYS,
+        ge=1,
+        description="Live mode: discovery looks this many days back (CLI --discover-days).",
     )
 
 
@@ -117,6 +127,8 @@ def report_metadata(reports: list[ConnectionReport]) -> MetadataValue:
                 "published": r.published,
                 "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
                 "error": r.error,
+                # requests, budget left, patients due / pulled / deferred (PHI-free counts)
+                "access": r.access.to_dict() if r.access is not None else None,
             }
             for r in reports
         ]
@@ -133,6 +145,7 @@ def reports_from_metadata(value: Any) -> list[ConnectionReport]:
             published=dict(d["published"]),
             seconds=dict(d["seconds"]),
             error=d["error"],
+            access=AccessStats(**d["access"]) if d.get("access") else None,
         )
         for d in value or []
     ]
@@ -211,6 +224,8 @@ def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
             run_id=context.run_id,
             caller="dagster",
             lookback_s=config.lookback_s,
+            full=config.full,
+            discover_days=config.discover_days,
         )
         if report.failures:
             failed = "; ".join(f"{c}: {why}" for c, why in sorted(report.failures.items()))

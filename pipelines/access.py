@@ -1,9 +1,9 @@
 """Extract one connection the way real Redox allows: discovery, the patient panel, per-patient
 pulls, bulk export for entitled connections, and clinical-network matches.
 
-``extract_connection`` is what the sync runner calls per connection instead of
-``build_sources``. It does the few eager steps whose answers decide who is pulled (resolving
-demographic roster rows, discovery, marking patients due), then returns dlt sources whose
+``extract_connection`` is what the sync runner calls per connection. It does the few eager
+steps whose answers decide who is pulled (resolving demographic roster rows, discovery,
+marking patients due), then returns dlt sources whose
 resources do the pulls while dlt extracts, and a ``ConnectionExtract`` whose ``finish`` the
 runner calls **after** ``pipeline.run`` loaded the rows: only then do the pulled patients'
 ``last_full_pull_at`` move (the panel is the state; the resources carry no dlt cursor).
@@ -33,6 +33,7 @@ import dlt
 import duckdb
 
 from pipelines import panel as P
+from pipelines.datamodel import network_source
 from pipelines.datamodel import patient_pull as dm_pull
 from pipelines.discovery import DEFAULT_DISCOVER_DAYS, DEFAULT_HORIZON_DAYS, discover_datamodel, discover_fhir
 from pipelines.fhir import patient_pull as fhir_pull
@@ -151,6 +152,7 @@ class ConnectionExtract:
                 counts["network_matches"] = P.mark_pulled(con, self.conn.id, net, refresh_days=refresh_days)[
                     "pulled"
                 ]
+                self.stats.pulled = counts["network_matches"]
             if self.bulk is not None and self.bulk.completed:
                 counts.update(self.bulk.record(con, self.conn.id, refresh_days=refresh_days))
             if self.discovered_at is not None:
@@ -167,8 +169,11 @@ class ConnectionExtract:
                 P.set_capability(
                     con, self.conn.id, "server_clock_offset_s", f"{self.clock.offset_s:.3f}", now=now
                 )
-        self.stats.requests = self.counter.total
+        # Every request this extract sent: searches and queries, plus document contents fetched.
+        self.stats.requests = self.counter.total + self.stats.contents_fetched
         self.stats.requests_by_kind = dict(self.counter.by_kind)
+        if self.stats.contents_fetched:
+            self.stats.requests_by_kind["read Binary"] = self.stats.contents_fetched
         if self._client is not None:
             self.stats.budget_left = budget_remaining(self._client)
             self.stats.budget = budget_stats(self._client)
@@ -359,8 +364,6 @@ def _network(
 ) -> ConnectionExtract:
     """A clinical network keeps its behaviour (asked about the enterprise ids other connections
     know); the people asked are recorded in its panel as ``network_match``."""
-    from pipelines.datamodel import datamodel_source
-
     out.stats.mode = "network"
     now = out.clock.now()
     with duckdb.connect(str(out.db)) as con:
@@ -370,14 +373,14 @@ def _network(
     out.network_ids = tuple(known_enterprise_ids)
     out.stats.due = len(known_enterprise_ids)
     out.sources = [
-        datamodel_source(
+        network_source(
             client,
             landing,
             conn.id,
             entities=tuple(conn.entities),
             window=window,
-            page_size=conn.page_size or 100,
             known_enterprise_ids=tuple(known_enterprise_ids),
+            counter=out.counter,
         )  # fmt: skip
     ]
     return out
@@ -473,10 +476,7 @@ def _pull_generator(
     stats = out.stats
 
     def generate() -> Iterator[Any]:
-        emitter = StagedEmitter(
-            surface, conn.id, tuple(e for e in ENTITIES if e in conn.entities),
-            client=client, landing=landing, known_content=known_content,
-        )  # fmt: skip
+        emitter = StagedEmitter(surface, conn.id, client=client, landing=landing, known_content=known_content)
         for page in discovery_pages:
             emitter.take(page)
             yield from emitter.drain(final=False)

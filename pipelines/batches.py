@@ -24,34 +24,12 @@ from pipelines.pages import PageRows
 from pipelines.progress import PROGRESS
 from pipelines.quarantine import QUARANTINE_HINTS, QuarantineEntry, quarantine_row, quarantine_schema
 from pipelines.resource_hints import staged_resource_hints
-from pipelines.sync_context import SyncWindow
 from pipelines.vocabulary import ENTITIES, staged_table_name
 
 log = logging.getLogger(__name__)
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BATCH_ROWS = 20_000
 QUARANTINE_BATCH = 1000
-
-
-def incremental_for(window: SyncWindow, lookback_s: float) -> Any:
-    """The dlt cursor for a resource: stateful for live runs, stateless for backfills."""
-    if window.is_backfill:
-        return dlt.sources.incremental(
-            "source_updated_at",
-            initial_value=window.start or EPOCH,
-            end_value=window.end,
-            on_cursor_value_missing="include",
-            primary_key=(),
-        )
-    return dlt.sources.incremental(
-        "source_updated_at",
-        initial_value=window.start or EPOCH,
-        lag=lookback_s,
-        on_cursor_value_missing="include",
-        # Boundary rows re-fetched by the ``ge`` window are de-duplicated by the merge key.
-        primary_key=(),
-    )
 
 
 class EntityBatcher:
@@ -75,8 +53,9 @@ class EntityBatcher:
         self.client = client
         self.landing = landing
         self.batch_rows = batch_rows
-        # Renormalization: document content comes from the landing's index, never the API.
+        # (connection, URL) -> content digest stored by an earlier fetch (the landing's index).
         self.content_index = content_index
+        self.contents_fetched = 0
         self.prefetched: dict[str, bytes] = {}
         self.schema = staged_schema(entity)
         self.rows: list[dict[str, Any]] = []
@@ -105,30 +84,39 @@ class EntityBatcher:
 
     def _attach_content(self, row: dict[str, Any], content: bytes | None, content_url: str | None) -> None:
         """Store a document's content by hash and record the hash on the row. Content comes
-        with the payload (Data Model), from the landing's index (renormalization, never the
-        API), or from one fetch of the attachment URL (FHIR)."""
-        if content is None and content_url and self.content_index is not None:
-            digest = self.content_index.get((self.connection_id, content_url))
+        with the payload (Data Model), from the landing's index when an earlier fetch stored it
+        (a refresh never re-downloads bytes it holds; renormalization never calls the API), or
+        from one fetch of the attachment URL (FHIR, live runs only)."""
+        if content is None and content_url:
+            digest = self.content_index.get((self.connection_id, content_url)) if self.content_index else None
             if digest and self.landing.document_path(digest).exists():
                 row["content_sha256"] = digest
                 row["content_bytes"] = self.landing.document_path(digest).stat().st_size
-            return
-        from_url = content is None and bool(content_url) and self.client is not None
-        if from_url:
+                return
+            if self.client is None:
+                return  # a replay: content not stored stays unset, never fetched
             content = self.prefetched.pop(content_url, None) or self.client.fetch_document_content(
                 content_url
             )
+            self.contents_fetched += 1
+            digest = self.landing.store_document(content)
+            self.landing.index_content(self.connection_id, content_url, digest)
+            if self.content_index is not None:
+                self.content_index[(self.connection_id, content_url)] = digest
+            row["content_sha256"] = digest
+            row["content_bytes"] = len(content)
+            return
         if content is None:
             return
-        digest = self.landing.store_document(content)
-        if from_url:
-            self.landing.index_content(self.connection_id, content_url, digest)
-        row["content_sha256"] = digest
+        row["content_sha256"] = self.landing.store_document(content)
         row["content_bytes"] = len(content)
 
     def prefetch_contents(self, urls: list[str], workers: int = 8) -> None:
         """Fetch a page's document contents concurrently (one request each) before the
-        rows are added; a failed fetch is retried inline by ``add_row``."""
+        rows are added, leaving out contents the landing already holds; a failed fetch is
+        retried inline by ``add_row``."""
+        known = self.content_index or {}
+        urls = [u for u in dict.fromkeys(urls) if (self.connection_id, u) not in known]
         if self.client is None or not urls:
             return
         with ThreadPoolExecutor(min(workers, len(urls))) as pool:
@@ -243,6 +231,10 @@ class PageRouter:
 
     def prefetch_contents(self, urls: list[str]) -> None:
         self.batchers["documents"].prefetch_contents(urls)
+
+    @property
+    def contents_fetched(self) -> int:
+        return self.batchers["documents"].contents_fetched
 
     def drain(self, final: bool) -> Iterator[Any]:
         for entity, batcher in self.batchers.items():

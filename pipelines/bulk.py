@@ -33,7 +33,7 @@ from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES, fhir_instant
 from pipelines.landing import RawLanding
 from pipelines.model import ENTITIES
 from pipelines.normalize_common import parse_ts
-from pipelines.pull_pages import CallCounter, ServerClock, StagedEmitter
+from pipelines.pull_pages import CallCounter, ServerClock, StagedEmitter, land_page, page_context
 from pipelines.resource_hints import staged_resource_hints
 
 POLL_DEADLINE_S = 1800.0
@@ -78,40 +78,10 @@ def group_id(conn: Any) -> str:
 def _get(
     client: Any, url: str, *, accept: str, prefer_async: bool, operation: str, counter: CallCounter
 ) -> Any:
-    """One authorized GET through the client's pacing, token handling and audit trail.
-
-    The client has no bulk-data call yet; this uses its request loop's building blocks so the
-    export is throttled, audited and re-authenticated like every other call."""
-    budget = getattr(client, "budget", None)
-    acquire = getattr(budget, "acquire", None)
-    last_status: int | None = None
-    for attempt in range(1, 7):
-        if callable(acquire):
-            acquire("new_patient")
-        sent_at = client.throttle.acquire()
-        provider, token = client._token("fhir")
-        headers = {"Accept": accept, **client.conn.headers, "Authorization": f"Bearer {token}"}
-        if prefer_async:
-            headers["Prefer"] = "respond-async"
-        started, called_at = time.perf_counter(), datetime.now(UTC)
-        response = client.http.get(url, headers=headers)
-        counter.add(operation)
-        path = urlparse(url).path
-        client._audit("fhir", operation, "GET", path.rsplit("/", 1)[0] + "/{id}", response.status_code,
-                      started, called_at, None, attempt, None)  # fmt: skip
-        last_status = response.status_code
-        if response.status_code == 401 and attempt == 1:
-            provider.invalidate(token)
-            continue
-        if response.status_code == 429:
-            client.throttle.on_rate_limited(sent_at, retry_after_s=_retry_after(response), limit_hint=None)
-            continue
-        if response.status_code in (500, 502, 503, 504):
-            time.sleep(min(POLL_MAX_S, 0.5 * 2**attempt))
-            continue
-        client.throttle.on_success(sent_at)
-        return response
-    raise BulkExportError(f"{operation} failed: HTTP {last_status}")
+    """One GET of the flow through the client (pacing, the shared budget, token, retries, audit)."""
+    response = client.fhir_bulk_get(url, kickoff=prefer_async, accept=accept, priority="new_patient")
+    counter.add(operation)
+    return response
 
 
 def _retry_after(response: Any) -> float | None:
@@ -158,17 +128,27 @@ def run_export(
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
 
 
-def _ndjson_pages(body: bytes) -> Iterator[tuple[bytes, list[bytes]]]:
-    """NDJSON in chunks of ``LINES_PER_PAGE``: (collection Bundle bytes holding the lines verbatim, lines)."""
+def _ndjson_pages(body: bytes) -> Iterator[bytes]:
+    """NDJSON in chunks of ``LINES_PER_PAGE``, each a collection Bundle holding the lines
+    verbatim. A line that is not a JSON object is kept as a JSON string, so the page stays
+    readable and that entry alone is quarantined (by its position) by the common reader."""
     lines = [line for line in body.splitlines() if line.strip()]
     for i in range(0, len(lines), LINES_PER_PAGE):
-        chunk = lines[i : i + LINES_PER_PAGE]
-        bundle = (
+        chunk = [_entry_json(line) for line in lines[i : i + LINES_PER_PAGE]]
+        yield (
             b'{"resourceType":"Bundle","type":"collection","entry":['
             + b",".join(b'{"resource":' + line + b"}" for line in chunk)
             + b"]}"
         )
-        yield bundle, chunk
+
+
+def _entry_json(line: bytes) -> bytes:
+    try:
+        if isinstance(orjson.loads(line), dict):
+            return line
+    except orjson.JSONDecodeError:
+        pass
+    return orjson.dumps(line.decode("utf-8", errors="replace"))
 
 
 def bulk_source(
@@ -185,7 +165,8 @@ def bulk_source(
             clock.offset_s = (run.transaction_time - datetime.now(UTC)).total_seconds()
             clock.observed = True
         entities = tuple(e for e in ENTITIES if e in conn.entities)
-        emitter = StagedEmitter("fhir", conn.id, entities, client=client, landing=landing,
+        context = page_context(entities)
+        emitter = StagedEmitter("fhir", conn.id, client=client, landing=landing,
                                 known_content=landing.content_index())  # fmt: skip
         base = urlparse(conn.fhir_base_url)
         for item in manifest.get("output") or []:
@@ -199,18 +180,20 @@ def bulk_source(
             run.files += 1
             rtype = str(item.get("type") or "")
             entity = P_ENTITY.get(rtype, "patients")
-            for bundle, lines in _ndjson_pages(response.content):
-                ref = landing.land(conn.id, "fhir", entity, bundle).raw_ref
-                for line in lines:
-                    resource = orjson.loads(line)
+            for bundle in _ndjson_pages(response.content):
+                page = land_page(landing, conn.id, "fhir", entity, bundle, context)
+                for entry in page.body.get("entry") or []:
+                    resource = entry.get("resource")
                     run.lines += 1
+                    if not isinstance(resource, dict):
+                        continue
                     if resource.get("resourceType") == "Patient" and resource.get("id"):
                         mrn = _mrn_of(resource)
                         system, value = ("MR", mrn) if mrn else (P.FHIR_ID_SYSTEM, str(resource["id"]))
                         run.patients.append(
                             P.Sighting(system, value, "bulk", fhir_id=str(resource["id"]), mrn=mrn)
                         )
-                    emitter.take_resource(resource, ref)
+                emitter.take(page)
                 yield from emitter.drain(final=False)
         yield from emitter.drain(final=True)
         run.completed = True

@@ -28,9 +28,17 @@ from pipelines.fhir.settings import fhir_instant
 from pipelines.landing import RawLanding
 from pipelines.normalize_common import parse_ts
 from pipelines.panel import FHIR_ID_SYSTEM, Sighting
-from pipelines.pull_pages import CallCounter, PulledPage, ServerClock, error_code, with_priority
+from pipelines.pull_pages import (
+    CallCounter,
+    PulledPage,
+    ServerClock,
+    error_code,
+    land_page,
+    page_context,
+    with_priority,
+)
+from pipelines.sync_context import DEFAULT_DISCOVER_DAYS as DEFAULT_DISCOVER_DAYS  # re-exported
 
-DEFAULT_DISCOVER_DAYS = 30
 DEFAULT_HORIZON_DAYS = 90  # booked appointments this far ahead make a patient active
 MIN_SPLIT = timedelta(minutes=1)
 MAX_WALK = 500
@@ -42,6 +50,7 @@ WindowFn = Callable[[datetime], tuple[datetime, datetime | None]]
 class Discovery:
     """What discovery found: the landed pages (to stage) and the patients seen."""
 
+    entities: tuple[str, ...] = ()  # the entities the sync takes from the pages (this surface's)
     pages: list[PulledPage] = field(default_factory=list)
     sightings: list[Sighting] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)  # PHI-free error label -> count
@@ -118,7 +127,8 @@ def _fhir_window(
         dated.append(("date", f"lt{fhir_instant(end)}"))
     dated.append(("_count", str(page_size)))
     kw = with_priority(client, "fhir_search_pages", "discovery")
-    pages: list[tuple[dict[str, Any], str]] = []
+    pages: list[PulledPage] = []
+    context = page_context(out.entities)
     for raw in client.fhir_search_pages(resource_type, dated, entity=entity, **kw):
         counter.add(f"discover {resource_type}")
         bundle = orjson.loads(raw)
@@ -126,8 +136,10 @@ def _fhir_window(
         codes = bundle_errors(bundle)
         if codes:
             raise PartialFailure(f"search {resource_type}", codes)
-        pages.append((bundle, landing.land(connection_id, "fhir", entity, raw).raw_ref))
-    last_bundle = pages[-1][0] if pages else {}
+        pages.append(land_page(landing, connection_id, "fhir", entity, raw, context, bundle))
+    # Every landed page is staged, a full one that is split below included (a replay reads it too).
+    out.pages.extend(pages)
+    last_bundle = pages[-1].body if pages else {}
     capped_without_next = (
         len(pages) == 1
         and len(last_bundle.get("entry") or []) >= page_size
@@ -148,9 +160,8 @@ def _fhir_window(
                 page_size, counter, out, found_by, now, depth + 1, clock=clock,
             )  # fmt: skip
         return
-    for bundle, ref in pages:
-        out.pages.append(PulledPage("fhir", ref, bundle))
-        for entry in bundle.get("entry") or []:
+    for page in pages:
+        for entry in page.body.get("entry") or []:
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if isinstance(resource, dict):
                 s = _fhir_sighting(resource, found_by, now)
@@ -173,7 +184,7 @@ def discover_fhir(
     """The in-house census first (its answer tells the server's time), then encounters and
     appointments in the window ``window_of(server now)``."""
     counter = counter or CallCounter()
-    out = Discovery()
+    out = Discovery(entities=entities)
     start, end = window_of(clock.now())
     plans = []
     if "encounters" in entities and end is None:  # the census is "now"; a backfill window has none
@@ -233,7 +244,7 @@ def discover_datamodel(
     """The census first (its answer tells the server's time), then booked appointments over
     ``[start, now + horizon]``."""
     counter = counter or CallCounter()
-    out = Discovery()
+    out = Discovery(entities=entities)
     _, end = window_of(clock.now())
     if "encounters" in entities and end is None:
         try:
@@ -260,12 +271,19 @@ def _ask(
     payload: dict[str, Any],
     entity: str,
     counter: CallCounter,
-) -> tuple[dict[str, Any], str]:
+    out: Discovery,
+    event_type: str,
+    only: frozenset[str],
+) -> PulledPage:
+    """Send a discovery query, land the answer with its context and keep the page."""
     raw, body = client.datamodel_raw(
         payload, entity=entity, **with_priority(client, "datamodel_raw", "discovery")
     )
     counter.add(f"discover {payload['Meta']['DataModel']}.{payload['Meta']['EventType']}")
-    return body, landing.land(connection_id, "datamodel", entity, raw).raw_ref
+    context = page_context(out.entities, only=only, event_type=event_type)
+    page = land_page(landing, connection_id, "datamodel", entity, raw, context, body)
+    out.pages.append(page)
+    return page
 
 
 def _booked(
@@ -287,12 +305,12 @@ def _booked(
             "StartDateTime": _dm_time(cursor),
             "EndDateTime": _dm_time(end),
         }
-        body, ref = _ask(client, landing, connection_id, payload, "appointments", counter)
+        body = _ask(
+            client, landing, connection_id, payload, "appointments", counter, out,
+            "BookedResponse", frozenset({"appointments", "patients"}),
+        ).body  # fmt: skip
         clock.observe(body)
         now = clock.now()
-        out.pages.append(
-            PulledPage("datamodel", ref, body, "BookedResponse", frozenset({"appointments", "patients"}))
-        )
         visits = body.get("Visits") or []
         for v in visits:
             who = _dm_patient(v.get("Patient"))
@@ -327,12 +345,12 @@ def _census(
     clock: ServerClock,
 ) -> None:
     payload = {"Meta": {"DataModel": "PatientAdmin", "EventType": "CensusQuery"}}
-    body, ref = _ask(client, landing, connection_id, payload, "encounters", counter)
+    body = _ask(
+        client, landing, connection_id, payload, "encounters", counter, out,
+        "CensusQueryResponse", frozenset({"encounters", "patients"}),
+    ).body  # fmt: skip
     clock.observe(body)
     now = clock.now()
-    out.pages.append(
-        PulledPage("datamodel", ref, body, "CensusQueryResponse", frozenset({"encounters", "patients"}))
-    )
     for p in body.get("Patients") or []:
         who = _dm_patient(p)
         if not who:

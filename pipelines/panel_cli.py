@@ -18,12 +18,15 @@ import duckdb
 import httpx
 
 from pipelines import panel as P
+from pipelines.cli import one_line
 
 
 def _open(warehouse: str | None) -> tuple[Any, duckdb.DuckDBPyConnection]:
+    """An existing warehouse (``list``/``stats`` read one; they never create it)."""
+    from pipelines.quarantine_cli import warehouse_file
     from pipelines.warehouse import WarehousePaths
 
-    paths = WarehousePaths.at(warehouse)
+    paths = WarehousePaths(duckdb=warehouse_file(warehouse).resolve())
     con = duckdb.connect(str(paths.duckdb))
     P.create_tables(con)
     return paths, con
@@ -44,7 +47,18 @@ def import_roster(
 
     if settings is not None:
         settings.connection(connection_id)  # an unknown connection fails fast
-    paths = WarehousePaths.at(warehouse)
+    from pipelines.cli import warehouse_location
+
+    try:
+        # Read and parse the roster before anything is created: a bad file changes nothing.
+        P.read_roster(Path(roster).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, P.RosterError):
+            raise
+        raise P.RosterError(
+            f"--file {str(roster)[:200]!r} is not a readable UTF-8 roster CSV; pass the roster file"
+        ) from None
+    paths = WarehousePaths.at(warehouse_location(warehouse))  # a first roster may create it
     with WriterLock(paths), duckdb.connect(str(paths.duckdb)) as con:
         return P.add_roster(con, connection_id, Path(roster))
 
@@ -55,8 +69,9 @@ def _add(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args.config)
         result = import_roster(args.warehouse, args.connection, args.file, settings=settings)
-    except (ConfigError, KeyError, P.RosterError, OSError) as exc:
-        print(f"redox-elt panel add: {exc}", file=sys.stderr)
+    except (ConfigError, KeyError, P.RosterError, OSError, ValueError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"redox-elt panel add: {one_line(text)}", file=sys.stderr)
         return 2
     print(
         f"{args.connection}: {result.added} added, {result.already} already in the panel, "
@@ -64,6 +79,33 @@ def _add(args: argparse.Namespace) -> int:
         + (f", {result.skipped_blank} blank lines skipped" if result.skipped_blank else "")
     )
     return 0
+
+
+def _usage_errors(verb: Any) -> Any:
+    """``list``/``stats`` with a missing warehouse or a bad config: one line, exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from pipelines.quarantine_cli import QuarantineCliError
+        from resources.settings import ConfigError
+
+        try:
+            return int(verb(args))
+        except (QuarantineCliError, ConfigError, KeyError, OSError, duckdb.Error) as exc:
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            print(f"redox-elt panel {args.panel_command}: {one_line(text)}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+    if not 1 <= n <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 10,000,000: {text[:40]!r}")
+    return n
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -91,7 +133,7 @@ def _stats(args: argparse.Namespace) -> int:
         try:
             settings = _settings(args.config)
         except ConfigError as exc:
-            print(f"redox-elt panel stats: {exc}", file=sys.stderr)
+            print(f"redox-elt panel stats: {one_line(exc)}", file=sys.stderr)
             return 2
         ids = list(args.connection or [c.id for c in settings.connections])
     _, con = _open(args.warehouse)
@@ -162,13 +204,13 @@ def register(sub: Any) -> None:
     lst.add_argument("--connection", required=True)
     lst.add_argument("--config", default=None)
     lst.add_argument("--warehouse", default=None)
-    lst.add_argument("--limit", type=int, default=None)
+    lst.add_argument("--limit", type=_positive_int, default=None)
     lst.add_argument("--json", action="store_true")
-    lst.set_defaults(func=_list)
+    lst.set_defaults(func=_usage_errors(_list))
 
     st = verbs.add_parser("stats", help="per-connection panel counts (patients, due, pulled, ...)")
     st.add_argument("--connection", action="append")
     st.add_argument("--config", default=None)
     st.add_argument("--warehouse", default=None)
     st.add_argument("--json", action="store_true")
-    st.set_defaults(func=_stats)
+    st.set_defaults(func=_usage_errors(_stats))

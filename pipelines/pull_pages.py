@@ -1,168 +1,109 @@
 """Landed pages of discovery, per-patient pulls and bulk export, turned into staged rows.
 
-The pulls fetch on worker threads and land every response as received; what they hand to the
-dlt resource is a list of ``PulledPage`` (where the page landed, how to read it). The resource
-normalizes them on its own thread through the common normalizers into the staged tables
-``raw.<surface>_<entity>`` (merge on the business keys, no dlt cursor: the panel is the state).
-Client helpers here code to the shared budget contract (``client.budget``, ``priority=``) and
-work before it exists.
+The pulls fetch on worker threads and land every response as received, each with the
+``PageContext`` a replay needs (the event type of the query, the entities this sync takes
+from the page); what they hand to the dlt resource is a list of ``PulledPage``. The resource
+routes them on its own thread through ``PageRouter.take_page`` — the one page-to-rows path
+the live sources and ``redox-elt renormalize`` share — into the staged tables
+``raw.<surface>_<entity>`` (merge on the business keys, no dlt cursor: the panel is the
+state). Client helpers here code to the shared budget contract (``client.budget``,
+``priority=``).
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import dlt
 import orjson
-import pyarrow as pa
 
-from pipelines.batches import EntityBatcher
-from pipelines.datamodel.normalize import normalize_datamodel
-from pipelines.fhir.normalize import NORMALIZERS
-from pipelines.landing import RawLanding
-from pipelines.normalize_common import NormalizationError, parse_ts
-from pipelines.resource_hints import staged_resource_hints, staged_table_name
+from pipelines.batches import PageRouter
+from pipelines.fhir.pages import attachment_urls
+from pipelines.landing import PageContext, RawLanding
+from pipelines.normalize_common import parse_ts
+from pipelines.vocabulary import ENTITIES, staged_table_name
+
+# The table a pull resource is named after; every other staged table leaves as a variant.
+PULL_MAIN_ENTITY = "patients"
 
 
 @dataclass(frozen=True)
 class PulledPage:
-    """One landed response and how to normalize it."""
+    """One landed response: where it landed, its parsed body and its context."""
 
     surface: str  # fhir | datamodel
+    entity: str  # the entity the call fetched (its landing folder)
     raw_ref: str
-    body: dict[str, Any] | None = None  # parsed body when at hand (else read from the landing)
-    event_type: str | None = None  # Data Model: the response type of the query sent
-    only: frozenset[str] | None = None  # Data Model: the entities to take from it
-    patient: dict[str, Any] | None = None  # Data Model: the queried Patient block (DocumentGet)
+    body: Any
+    context: PageContext
 
 
-class ContentAwareBatcher(EntityBatcher):
-    """An EntityBatcher that fetches a document's content only when the landing's content index
-    does not already hold it: a refresh re-reads metadata, never bytes already stored."""
+def page_context(
+    entities: Iterable[str], *, only: Iterable[str] | None = None, event_type: str | None = None
+) -> PageContext:
+    """The context a page is landed with: the entities this sync takes from it (the connection's
+    ``entities`` on this surface, narrowed to ``only``) in vocabulary order."""
+    keep = set(entities) if only is None else set(entities) & set(only)
+    return PageContext(event_type=event_type, entities=tuple(e for e in ENTITIES if e in keep))
 
-    def __init__(
-        self, *args: Any, known_content: dict[tuple[str, str], str] | None = None, **kw: Any
-    ) -> None:
-        super().__init__(*args, **kw)
-        self.known_content = known_content or {}
-        self.contents_fetched = 0
 
-    def _attach_content(self, row: dict[str, Any], content: bytes | None, content_url: str | None) -> None:
-        if content is None and content_url and self.landing is not None:
-            digest = self.known_content.get((self.connection_id, content_url))
-            if digest and self.landing.document_path(digest).exists():
-                row["content_sha256"] = digest
-                row["content_bytes"] = self.landing.document_path(digest).stat().st_size
-                return
-            self.contents_fetched += 1
-        super()._attach_content(row, content, content_url)
-        if content_url and row.get("content_sha256"):
-            self.known_content[(self.connection_id, content_url)] = row["content_sha256"]
+def land_page(
+    landing: RawLanding,
+    connection_id: str,
+    surface: str,
+    entity: str,
+    raw: bytes,
+    context: PageContext,
+    body: Any = None,
+) -> PulledPage:
+    """Land a response as received, with its context; -> the page (body parsed when not given)."""
+    ref = landing.land(connection_id, surface, entity, raw, context).raw_ref
+    if body is None:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = raw  # take_page quarantines the page as unreadable
+    return PulledPage(surface, entity, ref, body, context)
 
 
 class StagedEmitter:
-    """Per-entity batchers of one surface; pages in, Arrow tables for the staged tables out."""
+    """One surface's page router for a pull resource: pages in, tables for dlt out."""
 
     def __init__(
         self,
         surface: str,
         connection_id: str,
-        entities: tuple[str, ...],
         *,
         client: Any,
         landing: RawLanding,
         known_content: dict[tuple[str, str], str] | None = None,
     ) -> None:
         self.surface = surface
-        self.connection_id = connection_id
-        self.landing = landing
-        self.entities = set(entities)
-        shared = known_content if known_content is not None else {}
-        self.batchers = {
-            e: ContentAwareBatcher(
-                e, connection_id, surface, client=client, landing=landing, known_content=shared
-            )
-            for e in entities
-        }
+        self.router = PageRouter(
+            connection_id,
+            surface,
+            client=client,
+            landing=landing,
+            content_index=known_content if known_content is not None else {},
+            main=staged_table_name(surface, PULL_MAIN_ENTITY),
+        )
 
     @property
     def contents_fetched(self) -> int:
-        return sum(b.contents_fetched for b in self.batchers.values())
+        return self.router.contents_fetched
 
     def take(self, page: PulledPage) -> None:
-        body = page.body
-        if body is None:
-            body = orjson.loads(self.landing.read(page.raw_ref))
-        if self.surface == "fhir":
-            self._take_fhir(body, page.raw_ref)
-        else:
-            self._take_datamodel(body, page)
-
-    def take_resource(self, resource: dict[str, Any], raw_ref: str) -> None:
-        rtype = resource.get("resourceType")
-        if rtype not in NORMALIZERS:
-            return
-        entity, normalize = NORMALIZERS[rtype]
-        if entity in self.batchers:
-            self.batchers[entity].add_resource(resource, normalize, raw_ref, resource_type=rtype)
-
-    def _take_fhir(self, bundle: dict[str, Any], raw_ref: str) -> None:
-        if bundle.get("resourceType") != "Bundle":
-            self.take_resource(bundle, raw_ref)
-            return
-        if "documents" in self.batchers:
-            urls = [
-                url
-                for entry in bundle.get("entry") or []
-                for content in ((entry.get("resource") or {}).get("content") or [])
-                if (url := (content.get("attachment") or {}).get("url"))
-                and (self.connection_id, url) not in self.batchers["documents"].known_content
-            ]
-            self.batchers["documents"].prefetch_contents(urls)
-        for entry in bundle.get("entry") or []:
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            if isinstance(resource, dict):
-                self.take_resource(resource, raw_ref)
-
-    def _take_datamodel(self, body: dict[str, Any], page: PulledPage) -> None:
-        try:
-            out = normalize_datamodel(
-                body, self.connection_id, page.raw_ref, event_type=page.event_type, patient=page.patient
-            )
-        except NormalizationError as exc:
-            first = next(iter(self.batchers.values()))
-            first.quarantine(page.raw_ref, None, str(exc))
-            return
-        for entity, rows in out.rows.items():
-            if entity in self.batchers and (page.only is None or entity in page.only):
-                for row in rows:
-                    self.batchers[entity].add_row(row)
+        wants_documents = page.context.entities is None or "documents" in page.context.entities
+        if self.surface == "fhir" and wants_documents:
+            self.router.prefetch_contents(attachment_urls(page.body))
+        self.router.take_page(page.body, page.raw_ref, page.entity, page.context)
 
     def drain(self, final: bool) -> Iterator[Any]:
-        """Tables for ``raw.<surface>_<entity>``; every table names its staged table explicitly."""
-        for entity, batcher in self.batchers.items():
-            for item in batcher.drain(final=final):
-                if isinstance(item, pa.Table):
-                    yield dlt.mark.with_hints(
-                        item, staged_hints(self.surface, entity), create_table_variant=True
-                    )
-                else:
-                    yield item
-
-
-def staged_hints(surface: str, entity: str) -> Any:
-    hints = staged_resource_hints(surface, entity)
-    return dlt.mark.make_hints(
-        table_name=staged_table_name(surface, entity),
-        write_disposition="merge",
-        primary_key=hints["primary_key"],
-        columns=hints["columns"],
-    )
+        yield from self.router.drain(final=final)
 
 
 # ---- the shared budget (resources/client contract, guarded until it lands) ---------------------

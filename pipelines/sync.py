@@ -1,5 +1,7 @@
-"""The one sync runner: for each connection window, extract both surfaces with dlt into
-the staged tables, then publish the common model; record the run, load the audit trail.
+"""The one sync runner: for each connection window, extract the connection the way Redox
+allows (the patient panel: discovery, per-patient pulls, bulk backfill; ``pipelines.access``)
+with dlt into the staged tables, then publish the common model; record the run (requests,
+budget left, patients deferred), load the audit trail.
 No orchestrator imports: ``redox-elt sync``, ``redox-elt demo`` and every Dagster asset
 call ``run_sync``; its per-connection step is ``sync_connection``.
 """
@@ -18,13 +20,13 @@ from typing import Any
 import dlt
 import duckdb
 
-from pipelines.datamodel import datamodel_source
-from pipelines.fhir import fhir_source
+from pipelines.access import AccessStats, extract_connection
 from pipelines.lake import export_lake
 from pipelines.landing import RawLanding
 from pipelines.publish import model_schema, publish_connection
-from pipelines.sync_context import ConnectionWindow, SyncWindow, networks_last
+from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, ConnectionWindow, SyncWindow, networks_last
 from pipelines.sync_runs import CROSSWALK_TABLE, record_sync_run, table_row_counts
+from pipelines.vocabulary import STAGING_SCHEMA
 from pipelines.warehouse import WarehousePaths, WriterLock, table_exists
 from resources.audit import AuditLog, load_audit_into_duckdb
 from resources.client import RedoxClient
@@ -33,7 +35,6 @@ from resources.settings import ConnectionSettings, Settings
 log = logging.getLogger(__name__)
 
 DEFAULT_LOOKBACK_S = 3600.0
-FHIR_PAGE_SIZE = 500
 
 
 @dataclass
@@ -47,6 +48,8 @@ class ConnectionReport:
     published: dict[str, int] = field(default_factory=dict)  # rows in redox.<entity> after publish
     seconds: dict[str, float] = field(default_factory=dict)  # extract+load, publish
     error: str | None = None
+    # The extract's PHI-free counts: requests, budget left, patients due / pulled / deferred …
+    access: AccessStats | None = None
 
 
 @dataclass
@@ -116,47 +119,6 @@ def _row_counts(info: Any, surfaces: Sequence[str]) -> tuple[dict[str, int], dic
     return extracted, quarantined
 
 
-def build_sources(
-    client: RedoxClient,
-    conn: ConnectionSettings,
-    landing: RawLanding,
-    window: SyncWindow,
-    lookback_s: float,
-    known_enterprise_ids: tuple[str, ...] = (),
-    known_patients: tuple[tuple[str, str], ...] = (),
-) -> list[Any]:
-    sources = []
-    if "fhir" in conn.surfaces:
-        sources.append(
-            fhir_source(
-                client,
-                landing,
-                conn.id,
-                entities=tuple(conn.entities),
-                window=window,
-                # Ask for big pages; a server caps _count at what it allows (the sandbox: 500).
-                page_size=max(conn.page_size or 0, FHIR_PAGE_SIZE),
-                lookback_s=lookback_s,
-            )
-        )
-    if "datamodel" in conn.surfaces:
-        sources.append(
-            datamodel_source(
-                client,
-                landing,
-                conn.id,
-                entities=tuple(conn.entities),
-                window=window,
-                lookback_s=lookback_s,
-                page_size=conn.page_size or 100,
-                also_fhir="fhir" in conn.surfaces,
-                known_enterprise_ids=known_enterprise_ids,
-                known_patients=known_patients,
-            )
-        )
-    return sources
-
-
 def _rows_if_table(
     paths: WarehousePaths, schema: str | None, table: str, sql: str, params: list
 ) -> list[tuple]:
@@ -169,19 +131,6 @@ def _rows_if_table(
         if not table_exists(con, schema, table):
             return []
         return con.execute(sql.format(table=f"{schema}.{table}"), params).fetchall()
-
-
-def datamodel_patients_known(paths: WarehousePaths, connection_id: str) -> tuple[tuple[str, str], ...]:
-    """(identifier type, value) of every patient an earlier sync staged from the Data Model."""
-    rows = _rows_if_table(
-        paths,
-        "raw",
-        "datamodel_patients",
-        "SELECT DISTINCT patient_ref_type, patient_ref_value FROM {table} "
-        "WHERE connection_id = ? AND patient_ref_value IS NOT NULL ORDER BY 2",
-        [connection_id],
-    )
-    return tuple((r[0], r[1]) for r in rows)
 
 
 def enterprise_ids_known(
@@ -209,8 +158,15 @@ def sync_connection(
     run_id: str,
     lookback_s: float = DEFAULT_LOOKBACK_S,
     caller: str = "cli",
+    full: bool = False,
+    discover_days: int = DEFAULT_DISCOVER_DAYS,
 ) -> ConnectionReport:
-    """Extract + load + publish one connection. The caller holds the writer lock."""
+    """Extract + load + publish one connection. The caller holds the writer lock.
+
+    The extract is the patient panel's (``pipelines.access``): discovery and panel bookkeeping
+    first, then per-patient pulls (or the bulk backfill, or the network's questions) while dlt
+    loads; only once the rows loaded does the panel record who was pulled. No DuckDB
+    connection stays open across ``pipeline.run``."""
     report = ConnectionReport(conn.id, window=window)
     landing = RawLanding(paths.landing_root)
     known = (
@@ -218,17 +174,22 @@ def sync_connection(
         if conn.kind == "network"
         else ()
     )
-    patients = datamodel_patients_known(paths, conn.id) if "datamodel" in conn.surfaces else ()
     started = time.monotonic()
     configure_dlt_retention()
     with RedoxClient(settings, conn, audit=audit, run_id=run_id, caller=caller) as client:
+        extract = extract_connection(
+            client, conn, landing, paths, window=window, full=full, discover_days=discover_days,
+            lookback_s=lookback_s, known_enterprise_ids=known,
+        )  # fmt: skip
+        report.access = extract.stats
         pipeline = dlt.pipeline(
             pipeline_name=pipeline_name(conn.id),
             destination=dlt.destinations.duckdb(str(paths.duckdb)),
-            dataset_name="raw",
+            dataset_name=STAGING_SCHEMA,
             pipelines_dir=str(paths.dlt_dir),
         )
-        info = pipeline.run(build_sources(client, conn, landing, window, lookback_s, known, patients))
+        info = pipeline.run(extract.sources)
+        extract.finish(paths)
         report.extracted, report.quarantined = _row_counts(info, conn.surfaces)
         drop_completed_packages(pipeline)
     report.seconds["extract_load"] = time.monotonic() - started
@@ -258,6 +219,8 @@ def run_sync(
     on_connection: Callable[[ConnectionReport], None] | None = None,
     connection_ids: Sequence[str] | None = None,
     window: SyncWindow | None = None,
+    full: bool = False,
+    discover_days: int = DEFAULT_DISCOVER_DAYS,
 ) -> SyncReport:
     """The one sync runner (``redox-elt sync``, ``redox-elt demo`` and every Dagster asset).
 
@@ -265,7 +228,9 @@ def run_sync(
     writer lock; one connection's failure does not stop the others. Every connection's
     outcome is recorded in ``ops.sync_runs``; then the audit trail is loaded, the lake
     exported (Parquet destination) and the rows counted for the caller's summary.
-    ``windows`` defaults to ``connection_ids`` (all by default) over ``window`` (live)."""
+    ``windows`` defaults to ``connection_ids`` (all by default) over ``window`` (live).
+    ``full`` re-pulls every panel patient now; ``discover_days`` is how far back discovery
+    looks on a live run."""
     if windows is None:
         windows = connection_windows(settings, connection_ids, window)
     run_id = run_id or uuid.uuid4().hex
@@ -285,6 +250,8 @@ def run_sync(
                         run_id=run_id,
                         lookback_s=lookback_s,
                         caller=caller,
+                        full=full,
+                        discover_days=discover_days,
                     )
                 except Exception as exc:  # noqa: BLE001 - one connection's failure must not stop the others
                     conn_report = ConnectionReport(
@@ -317,6 +284,7 @@ def _record(paths: WarehousePaths, run_id: str, report: ConnectionReport, caller
             published=sum(n for e, n in report.published.items() if e != CROSSWALK_TABLE),
             quarantined=sum(report.quarantined.values()),
             error=report.error,
+            access=report.access.to_dict() if report.access is not None else None,
         )
 
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
+# How far back discovery looks on a live run (``redox-elt sync --discover-days``).
+DEFAULT_DISCOVER_DAYS = 30
+
 
 @dataclass(frozen=True)
 class SyncWindow:

@@ -36,12 +36,27 @@ _COLUMNS = (
     "caller",
     "status",
     "error",
+    "requests",
+    "budget_left",
+    "patients_due",
+    "patients_pulled",
+    "patients_deferred",
+)
+# Columns added after the table first shipped: (name, type). Older tables get them on first use.
+_ADDED_COLUMNS = (
+    ("status", f"VARCHAR DEFAULT '{STATUS_SUCCESS}'"),
+    ("error", "VARCHAR"),
+    ("requests", "BIGINT"),
+    ("budget_left", "BIGINT"),
+    ("patients_due", "BIGINT"),
+    ("patients_pulled", "BIGINT"),
+    ("patients_deferred", "BIGINT"),
 )
 
 
 def ensure_sync_runs_table(con: duckdb.DuckDBPyConnection) -> None:
-    """Create ``ops.sync_runs``; a table from before the status column gets it, with its
-    existing rows (successes only were recorded then) marked successful."""
+    """Create ``ops.sync_runs``; a table from an earlier version gets the newer columns (rows
+    from before the status column, successes only then, are marked successful)."""
     con.execute("CREATE SCHEMA IF NOT EXISTS ops")
     con.execute(
         f"""CREATE TABLE IF NOT EXISTS {SYNC_RUNS_TABLE} (
@@ -50,10 +65,8 @@ def ensure_sync_runs_table(con: duckdb.DuckDBPyConnection) -> None:
             extracted_rows BIGINT, published_rows BIGINT, quarantined_rows BIGINT, caller VARCHAR,
             status VARCHAR DEFAULT '{STATUS_SUCCESS}', error VARCHAR)"""
     )
-    con.execute(
-        f"ALTER TABLE {SYNC_RUNS_TABLE} ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT '{STATUS_SUCCESS}'"
-    )
-    con.execute(f"ALTER TABLE {SYNC_RUNS_TABLE} ADD COLUMN IF NOT EXISTS error VARCHAR")
+    for name, sql_type in _ADDED_COLUMNS:
+        con.execute(f"ALTER TABLE {SYNC_RUNS_TABLE} ADD COLUMN IF NOT EXISTS {name} {sql_type}")
 
 
 def record_sync_run(
@@ -67,8 +80,12 @@ def record_sync_run(
     published: int,
     quarantined: int,
     error: str | None,
+    access: dict | None = None,
 ) -> None:
-    """One row for one connection's share of a run."""
+    """One row for one connection's share of a run. ``access``: the extract's PHI-free counts
+    (``pipelines.access.AccessStats.to_dict``): requests sent, budget left, patients due,
+    pulled and deferred; absent when the connection failed before extracting."""
+    access = access or {}
     ensure_sync_runs_table(con)
     con.execute(
         f"INSERT INTO {SYNC_RUNS_TABLE} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
@@ -85,6 +102,11 @@ def record_sync_run(
             caller,
             STATUS_FAILED if error else STATUS_SUCCESS,
             error,
+            access.get("requests"),
+            access.get("budget_left"),
+            access.get("due"),
+            access.get("pulled"),
+            access.get("deferred"),
         ],
     )
 

@@ -8,7 +8,7 @@ copy on purpose: the emulator never imports the pipeline.)
 
 from __future__ import annotations
 
-import re
+from resources.settings import CONNECTION_ID_PATTERN as _CONFIG_CONNECTION_ID_PATTERN
 
 # The common model's entities, in publish order (patients first: the crosswalk).
 ENTITIES: tuple[str, ...] = ("patients", "encounters", "results", "medications", "appointments", "documents")
@@ -48,8 +48,9 @@ LANDING_PAGES_DIR = "responses"
 LEGACY_LANDING_PAGES_DIR = "raw"
 LANDING_DOCUMENTS_DIR = "documents"
 
-# A connection id as it may appear in a path: a plain name, no separators, no dots first.
-CONNECTION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# A connection id as it may appear in a path: the rule the config loader enforces
+# (resources/settings.py owns it; the landing re-checks every id before building a path).
+CONNECTION_ID_PATTERN = _CONFIG_CONNECTION_ID_PATTERN
 
 
 def staged_table_name(surface: str, entity: str) -> str:

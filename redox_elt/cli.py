@@ -4,28 +4,111 @@ only parses arguments and dispatches."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
+
+import yaml
 
 from redox_elt.environment import Environment, EnvironmentValueError, harden_process
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """``--host``/``--port`` the sandbox can listen on; raises ``ValueError`` with one line
+    naming the problem and the fix (checked before the population is built: seconds)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (0..65535; 0 picks a free one)")
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f"cannot open a socket ({exc.strerror or type(exc).__name__})") from None
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except (OSError, OverflowError, UnicodeError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            raise ValueError(
+                f"port {port} on {host} is already in use; stop what listens there or pass another --port"
+            ) from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(
+            f"cannot listen on {host[:80]!r} port {port} ({reason}); pass a local address such as 127.0.0.1"
+        ) from None
+    finally:
+        probe.close()
+
+
+SEED_SUFFIXES = (".ndjson", ".ndjson.gz", ".json")
+
+
+def check_seed_dir(path: str | None) -> None:
+    """``--seed-from`` names a folder holding FHIR files (one line naming it otherwise)."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    fix = "pass a folder of FHIR .ndjson or Bundle .json files"
+    named = path.strip() and "\x00" not in path
+    try:
+        folder = Path(path)
+        if not named or not folder.is_dir():
+            what = "is not a folder" if named and folder.exists() else "does not exist"
+            raise ValueError(f"--seed-from {path[:200]!r} {what}; {fix}")
+        if not any(p.is_file() and p.name.endswith(SEED_SUFFIXES) for p in folder.rglob("*")):
+            raise ValueError(f"--seed-from {path[:200]!r} holds no .ndjson, .ndjson.gz or .json file; {fix}")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"--seed-from {path[:200]!r} cannot be read ({reason}); {fix}") from None
+
+
 def _sandbox_serve(args: argparse.Namespace) -> int:
+    from pipelines.cli import one_line
     from sandbox.config import SandboxConfigError, load_config
 
+    fix = "pass a sandbox config file (YAML or JSON)"
     try:
+        if args.config is not None and (not args.config.strip() or "\x00" in args.config):
+            raise OSError(errno.ENOENT, "no such file")
         config = load_config(args.config, seed=args.seed, patients=args.patients)
-    except (SandboxConfigError, OSError) as exc:
-        print(f"redox-elt sandbox: config error: {exc}", file=sys.stderr)
+    except SandboxConfigError as exc:
+        print(f"redox-elt sandbox: config error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(
+            f"redox-elt sandbox: config error: --config {str(args.config)[:200]!r} cannot be read "
+            f"({exc.strerror or type(exc).__name__}); {fix}",
+            file=sys.stderr,
+        )
+        return 2
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:  # not UTF-8 / YAML / JSON
+        print(
+            f"redox-elt sandbox: config error: --config {str(args.config)[:200]!r} is not a valid "
+            f"sandbox config ({type(exc).__name__}); {fix}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        check_listen_address(args.host, args.port)
+        check_seed_dir(args.seed_from)
+    except ValueError as exc:
+        print(f"redox-elt sandbox: {one_line(exc)}", file=sys.stderr)
         return 2
     # Imported after the config is read: the server pulls in the Redox models (seconds), and a
     # config error should be reported at once.
     from sandbox.server import SandboxServer
 
-    server = SandboxServer(config, host=args.host, port=args.port, seed_from=args.seed_from)
+    try:
+        server = SandboxServer(config, host=args.host, port=args.port, seed_from=args.seed_from)
+    except (OSError, OverflowError, ValueError) as exc:
+        # The port was taken between the check and the bind, or the seed folder holds nothing usable.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)[:200]
+        print(f"redox-elt sandbox: cannot start: {reason}", file=sys.stderr)
+        return 2
     conns = ", ".join(c.id for c in server.config.connections)
     print(
         f"redox sandbox listening on {server.url} ({config.patients} patients, seed {config.seed}; {conns})",
@@ -60,10 +143,17 @@ def _apply_environment(args: argparse.Namespace, env: Environment) -> None:
         args.config = env.config_path
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the problem and the fix (exit code 2), not the usage
+    block; every subcommand's parser is one too (argparse builds them with this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())  # a value with CR/LF stays on one line
+        self.exit(2, f"{self.prog}: {text} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL."
-    )
+    parser = OneLineParser(prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (never PHI)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -96,12 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_pipeline_verbs(sub)
     from pipelines.inbox.cli import register as register_webhook_verbs
+    from pipelines.quarantine_cli import register as register_quarantine_verbs
 
     register_webhook_verbs(sub)
+    register_quarantine_verbs(sub)
     from pipelines.writeback.cli import register as register_writeback_verb
 
     register_writeback_verb(sub)
     sub.choices["sync"].set_defaults(func=_sync_through_dagster)
+    from pipelines.panel_cli import register as register_panel_verbs
+
+    register_panel_verbs(sub)
     return parser
 
 
@@ -110,7 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM ends the command like Ctrl-C (also while it waits for the warehouse).
     signal.signal(signal.SIGTERM, _interrupt)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -45,7 +45,7 @@ from assets.sync_assets import (
     reports_from_metadata,
 )
 from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, SyncReport
-from pipelines.sync_context import ConnectionWindow, SyncWindow, networks_last
+from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, ConnectionWindow, SyncWindow, networks_last
 from pipelines.warehouse import WarehouseBusy, WarehousePaths
 from redox_elt.environment import Environment
 from resources.settings import Settings
@@ -179,7 +179,14 @@ def _watch_blocked_run(instance: DagsterInstance, run_id_box: list[str], wait_s:
 
 
 def run_plan(
-    connection_id: str, window: SyncWindow, lookback_s: float, today: datetime, first_day: date | None = None
+    connection_id: str,
+    window: SyncWindow,
+    lookback_s: float,
+    today: datetime,
+    first_day: date | None = None,
+    *,
+    full: bool = False,
+    discover_days: int = DEFAULT_DISCOVER_DAYS,
 ) -> dict[str, Any]:
     """Partition, tags and run config of one connection's CLI run. The exact bounds travel
     as run config; the partition range only labels the run, so it is clamped to the days
@@ -187,6 +194,8 @@ def run_plan(
     config: dict[str, Any] = {
         "mode": MODE_WINDOW if window.is_backfill else MODE_LIVE,
         "lookback_s": lookback_s,
+        "full": full,
+        "discover_days": discover_days,
     }
     if window.start is not None:
         config["window_start"] = window.start.isoformat()
@@ -234,7 +243,8 @@ def _with_window(report: ConnectionReport, cw: ConnectionWindow) -> ConnectionRe
 
 @dataclass(frozen=True)
 class DagsterSyncRunner:
-    """The CLI's ``runner``: ``runner(settings, paths, windows, lookback_s=)`` → ``SyncReport``.
+    """The CLI's ``runner``: ``runner(settings, paths, windows, lookback_s=, full=, discover_days=)``
+    → ``SyncReport``.
 
     ``build_definitions(env, redox, warehouse)`` is the code location's factory, passed in
     by the CLI entry point (only the entry point and Dagster's loader import it)."""
@@ -256,6 +266,8 @@ class DagsterSyncRunner:
         windows: Sequence[ConnectionWindow],
         *,
         lookback_s: float = DEFAULT_LOOKBACK_S,
+        full: bool = False,
+        discover_days: int = DEFAULT_DISCOVER_DAYS,
     ) -> SyncReport:
         if settings.source_path is None:
             raise ValueError("the CLI sync needs settings read from a connections file")
@@ -272,7 +284,10 @@ class DagsterSyncRunner:
         with self._instance() as instance:
             instance.add_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME, [w.connection_id for w in ordered])
             for cw in ordered:
-                plan = run_plan(cw.connection_id, cw.window, lookback_s, today, self.first_day)
+                plan = run_plan(
+                    cw.connection_id, cw.window, lookback_s, today, self.first_day,
+                    full=full, discover_days=discover_days,
+                )  # fmt: skip
                 plan["tags"].update(process_tags())
                 wait_for_pool(instance, self.env.pool_wait_s)
                 run_id_box: list[str] = []

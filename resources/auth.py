@@ -359,6 +359,14 @@ class OAuthTokenProvider(_SingleFlight):
 
         return [k for k in newest_first if not resting(k)] + [k for k in newest_first if resting(k)]
 
+    def check_credentials(self) -> None:
+        """Raise unless this provider could sign an assertion: the vault opens with the master
+        key and the key ring holds a key (no request is sent)."""
+        if not self.key_ring.load().keys:
+            raise TokenError(
+                f"key ring '{self.key_ring.name}' has no signing key; run `redox-elt keys generate` and register the JWKS"
+            )
+
     def _request(self, key: SigningKey) -> httpx.Response:
         data = {
             "grant_type": "client_credentials",
@@ -475,6 +483,13 @@ class LegacyTokenProvider(_SingleFlight):
 
     def __repr__(self) -> str:
         return f"LegacyTokenProvider(auth_url={self.auth_url!r})"
+
+    def check_credentials(self) -> None:
+        """Raise unless the secret can be read (the vault opens with the master key)."""
+        if not self._secret():
+            raise TokenError(
+                "the legacy API secret in the vault is empty; store it again with `redox-elt vault set`"
+            )
 
     def _call(self, path: str, body: dict[str, str], operation: str) -> httpx.Response:
         self.token_requests += 1

@@ -62,7 +62,7 @@ from resources.responses import (
 from resources.retry import GiveUp, RetryPolicy, RetryState
 from resources.settings import ConnectionSettings, Settings, redox_home
 from resources.throttle import AdaptiveThrottle
-from resources.vault import Vault
+from resources.vault import Vault, VaultError
 
 __all__ = [
     "DataModelError",
@@ -464,7 +464,26 @@ class RedoxClient:
         return f"RedoxClient(connection={self.conn.id!r})"
 
     def __enter__(self) -> RedoxClient:
+        self.check_credentials()
         return self
+
+    def check_credentials(self) -> None:
+        """Fail now, not with "0 rows", when this client could not authenticate: the vault does
+        not open (a wrong master key), or holds no signing key or secret. Local checks only; a
+        connection with nothing to ask (a network without known patients) still fails here,
+        so a run that could not authenticate is recorded as failed. Injected token providers
+        (tests) without the check are trusted."""
+        for surface, provider in self._tokens.items():
+            check = getattr(provider, "check_credentials", None)
+            if check is None:
+                continue
+            try:
+                check()
+            except (TokenError, VaultError):
+                fallback = getattr(self._legacy_fallback, "check_credentials", None)
+                if fallback is None or surface != "datamodel":
+                    raise
+                fallback()  # OAuth cannot sign, but the legacy key still authenticates
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -676,6 +695,7 @@ class RedoxClient:
         accept: str = "application/json",
         content_type: str | None = None,
         priority: str | None = None,
+        prefer: str | None = None,
         **request: Any,
     ) -> tuple[httpx.Response, Any]:
         """One logical call with retries; returns (response, parsed body or None)."""
@@ -688,6 +708,8 @@ class RedoxClient:
             headers = {"Accept": accept, **self.conn.headers, "Authorization": f"Bearer {token}"}
             if content_type:
                 headers["Content-Type"] = content_type
+            if prefer:
+                headers["Prefer"] = prefer
             if write and idempotency_key:
                 headers["Idempotency-Key"] = idempotency_key  # the same on every retry: the same write
             attempt = self._transmit(
@@ -928,6 +950,47 @@ class RedoxClient:
                 priority=priority,
             )
         return response.content
+
+    def fhir_bulk_get(
+        self,
+        url: str,
+        *,
+        kickoff: bool = False,
+        accept: str = "application/fhir+json",
+        priority: str | None = None,
+    ) -> httpx.Response:
+        """One GET of the FHIR Bulk Data flow (``Group/{id}/$export`` kick-off with
+        ``Prefer: respond-async``, status polls, NDJSON files), paced, budgeted, audited and
+        re-authenticated like every call. ``url`` is absolute or relative to the FHIR base and
+        must stay on its origin. Returns the response (202 and 200 alike; the body is not parsed)."""
+        self._require_surface("fhir")
+        full = urljoin(self.conn.fhir_base_url + "/", url)
+        if not self._same_origin(full):
+            raise ScopeError(
+                f"connection '{self.conn.id}': bulk export URL is on another host; not sending the token there"
+            )
+        kind = "kick-off" if kickoff else ("file" if "ndjson" in accept else "status")
+        # Status and file URLs are the server's own: the template names what they are, not the path.
+        template = (
+            f"{self._fhir_template}/Group/{{id}}/$export"
+            if kickoff
+            else f"{self._fhir_template}/{{bulk {kind}}}"
+        )
+        with self._attribution():
+            response, _ = self._send(
+                surface="fhir",
+                operation=f"bulk export {kind}",
+                method="GET",
+                url=full,
+                template=template,
+                write=False,
+                count=lambda _b: None,
+                parse=False,
+                accept=accept,
+                priority=priority,
+                prefer="respond-async" if kickoff else None,
+            )
+        return response
 
     def fhir_operation(
         self, path: str, bundle: dict[str, Any], idempotency_key: str | None = None

@@ -99,6 +99,12 @@ def _connection_entry(raw: dict[str, Any]) -> dict[str, Any]:
         entry["destination_slug"] = raw["destination_slug"]
     if isinstance(raw.get("page_size"), int):
         entry["page_size"] = raw["page_size"]
+    if isinstance(raw.get("refresh_days"), int) and not isinstance(raw["refresh_days"], bool):
+        entry["refresh_days"] = raw["refresh_days"]
+    if raw.get("bulk_export") is True:
+        entry["bulk_export"] = True
+        if raw.get("bulk_group_id"):
+            entry["bulk_group_id"] = str(raw["bulk_group_id"])
     limit = raw.get("rate_limit")
     if isinstance(limit, dict) and limit.get("requests") and limit.get("window_s"):
         entry["max_rps"] = round(_RATE_HEADROOM * float(limit["requests"]) / float(limit["window_s"]), 2)

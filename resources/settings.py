@@ -77,6 +77,8 @@ CONNECTION_ID_RULE = "1-63 of a-z 0-9 - _, starting with a letter or digit (it n
 TIMEOUT_RANGE_S = (0.1, 600.0)
 MAX_RPS_RANGE = (0.01, 10_000.0)
 PAGE_SIZE_RANGE = (1, 10_000)
+DEFAULT_REFRESH_DAYS = 7
+REFRESH_DAYS_RANGE = (1, 3650)
 QUOTA_REQUESTS_RANGE = (1, 100_000_000)
 QUOTA_WINDOW_RANGE_S = (1.0, 86_400.0)
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
@@ -138,6 +140,12 @@ class ConnectionSettings:
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_rps: float | None = None
     page_size: int | None = None
+    # The patient panel's rolling re-pull period (days): catches corrections no event announces.
+    refresh_days: int = DEFAULT_REFRESH_DAYS
+    # Entitled to FHIR bulk export (``Group/{id}/$export``): the first sync backfills from it.
+    bulk_export: bool = False
+    # The Group exported; default: the connection's destination slug (one Group per connection).
+    bulk_group_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +222,11 @@ def _connection_to_dict(conn: ConnectionSettings) -> dict[str, Any]:
         out["max_rps"] = conn.max_rps
     if conn.page_size is not None:
         out["page_size"] = conn.page_size
+    out["refresh_days"] = conn.refresh_days
+    if conn.bulk_export:
+        out["bulk_export"] = True
+    if conn.bulk_group_id:
+        out["bulk_group_id"] = conn.bulk_group_id
     return out
 
 
@@ -304,6 +317,13 @@ def _whole(
     low, high = bounds
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{where}: '{key}' must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def _flag(raw: dict[str, Any], key: str, where: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be true or false, got {type(value).__name__}")
     return value
 
 
@@ -401,6 +421,9 @@ _CONNECTION_FIELDS = {
     "timeout_s",
     "max_rps",
     "page_size",
+    "refresh_days",
+    "bulk_export",
+    "bulk_group_id",
 }
 
 
@@ -433,7 +456,13 @@ def _parse_connection(raw: Any, index: int, auth: AuthSettings) -> ConnectionSet
         timeout_s=_number(raw, "timeout_s", where, DEFAULT_TIMEOUT_S, TIMEOUT_RANGE_S) or DEFAULT_TIMEOUT_S,
         max_rps=_number(raw, "max_rps", where, None, MAX_RPS_RANGE),
         page_size=page_size,
+        refresh_days=_whole(raw, "refresh_days", where, DEFAULT_REFRESH_DAYS, REFRESH_DAYS_RANGE)
+        or DEFAULT_REFRESH_DAYS,
+        bulk_export=_flag(raw, "bulk_export", where),
+        bulk_group_id=_text(raw, "bulk_group_id", where),
     )
+    if conn.bulk_export and "fhir" not in surfaces:
+        raise ConfigError(f"{where}: 'bulk_export' needs the 'fhir' surface (bulk export is FHIR's)")
     env_hint = f"REDOX_{conn_id.upper().replace('-', '_')}"
     if "fhir" in surfaces:
         if not conn.fhir_base_url:
@@ -536,20 +565,25 @@ def config_path(path: str | os.PathLike[str] | None = None) -> Path:
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read and validate the connections config (``path`` or ``$REDOX_ELT_CONFIG``)."""
     file = config_path(path)
+    shown = str(file) if str(file).isprintable() else repr(str(file))  # one line, whatever the name
     try:
-        text = file.read_text()
+        if "\x00" in str(file):
+            raise FileNotFoundError
+        text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"config file {file} does not exist (create one with `redox-elt sandbox connect`)"
+            f"config file {shown} does not exist (create one with `redox-elt sandbox connect`)"
         ) from None
     except OSError as exc:
-        raise ConfigError(f"config file {file} cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"config file {shown} cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {shown} is not UTF-8 text (a YAML connections file is)") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {file} is not valid YAML{at}") from None
+        raise ConfigError(f"config file {shown} is not valid YAML{at}") from None
     return settings_from_dict(raw, source_path=file)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipelines.landing import RawLanding
 from pipelines.panel import DuePatient, datamodel_id_type
-from pipelines.pull_pages import CallCounter, PulledPage, with_priority
+from pipelines.pull_pages import CallCounter, PulledPage, land_page, page_context, with_priority
 
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 FUTURE = timedelta(days=3650)
@@ -65,13 +65,21 @@ def _parse(value: Any) -> datetime | None:
 
 
 def _ask(
-    ctx: DataModelPullContext, payload: dict[str, Any], entity: str, land_as: str, priority: str
-) -> tuple[dict[str, Any], str]:
+    ctx: DataModelPullContext,
+    payload: dict[str, Any],
+    entity: str,
+    priority: str,
+    event_type: str,
+    only: frozenset[str],
+) -> PulledPage:
+    """Send one query (labelled with the entity it fetches) and land the answer with the
+    context a replay needs: its event type and the entities this sync takes from it."""
     kw = with_priority(ctx.client, "datamodel_raw", priority)
     raw, body = ctx.client.datamodel_raw(payload, entity=entity, **kw)
     meta = payload["Meta"]
     ctx.counter.add(f"{meta['DataModel']}.{meta['EventType']}")
-    return body, ctx.landing.land(ctx.connection_id, "datamodel", land_as, raw).raw_ref
+    context = page_context(ctx.entities, only=only, event_type=event_type)
+    return land_page(ctx.landing, ctx.connection_id, "datamodel", entity, raw, context, body)
 
 
 def _full(body: dict[str, Any], items: list[Any], page_size: int) -> bool:
@@ -85,28 +93,30 @@ def _walk(
     key_of: Callable[[dict[str, Any]], str],
     time_of: Callable[[dict[str, Any]], datetime | None],
     entity: str,
-    land_as: str,
     priority: str,
-) -> list[tuple[dict[str, Any], str]]:
+    event_type: str,
+    only: frozenset[str],
+) -> list[PulledPage]:
     """A capped query continued by moving its window start to the last item's time."""
     out = []
     seen: set[str] = set()
     cursor = EARLIEST
     for _ in range(MAX_WALK):
-        body, ref = _ask(ctx, build(cursor), entity, land_as, priority)
-        out.append((body, ref))
-        items = items_of(body)
+        page = _ask(ctx, build(cursor), entity, priority, event_type, only)
+        out.append(page)
+        items = items_of(page.body)
         fresh = [i for i in items if key_of(i) not in seen]
         seen.update(key_of(i) for i in items)
         times = [t for t in (time_of(i) for i in items) if t is not None]
-        if not _full(body, items, ctx.page_size) or not fresh or not times or max(times) <= cursor:
+        if not _full(page.body, items, ctx.page_size) or not fresh or not times or max(times) <= cursor:
             break
         cursor = max(times)
     return out
 
 
 def pull_patient(patient: DuePatient, ctx: DataModelPullContext) -> DataModelPatientResult:
-    """Fetch and land one patient's Data Model records; raises on any failure."""
+    """Fetch and land one patient's Data Model records; raises on any failure. Every landed
+    answer is in the result: its context says which rows the sync takes from it."""
     result = DataModelPatientResult()
     priority = patient.priority
     ident = {
@@ -114,23 +124,25 @@ def pull_patient(patient: DuePatient, ctx: DataModelPullContext) -> DataModelPat
         "IDType": "MR" if patient.mrn else datamodel_id_type(patient.id_system),
     }
     who = {"Identifiers": [ident]}
-    found, ref = _ask(
-        ctx, {**_meta("PatientSearch", "Query"), "Patient": who}, "patients", "patients", priority
+    found = _ask(
+        ctx,
+        {**_meta("PatientSearch", "Query"), "Patient": who},
+        "patients",
+        priority,
+        "Response",
+        frozenset({"patients"}),
     )
-    block = found.get("Patient") or {}
+    result.pages.append(found)
+    block = found.body.get("Patient") or {}
     if not block.get("Identifiers"):
         result.not_found = True
-        result.pages.append(PulledPage("datamodel", ref, found, "Response", frozenset({"patients"})))
         return result
-    if "patients" in ctx.entities:
-        result.pages.append(PulledPage("datamodel", ref, found, "Response", frozenset({"patients"})))
     for i in block.get("Identifiers") or []:
         if str(i.get("IDType", "")).upper() in ("MR", "MRN") and i.get("ID"):
             result.mrn = str(i["ID"])
             ident = {"ID": result.mrn, "IDType": "MR"}
             who = {"Identifiers": [ident]}
             break
-    keep = frozenset({"patients"}) & frozenset(ctx.entities)
     if "encounters" in ctx.entities or "documents" in ctx.entities:
         visits = _walk(
             ctx,
@@ -143,66 +155,66 @@ def pull_patient(patient: DuePatient, ctx: DataModelPullContext) -> DataModelPat
             lambda v: str(v.get("VisitNumber")),
             lambda v: _parse(v.get("VisitDateTime")),
             "encounters",
-            "encounters",
             priority,
+            "VisitQueryResponse",
+            frozenset({"patients", "encounters"}),
         )
-        for body, vref in visits:
+        for page in visits:
             result.visit_numbers.extend(
                 str(v["VisitNumber"])
-                for p in body.get("Patients") or []
+                for p in page.body.get("Patients") or []
                 for v in p.get("Visits") or []
                 if v.get("VisitNumber")
             )
-            if "encounters" in ctx.entities:
-                result.pages.append(
-                    PulledPage("datamodel", vref, body, "VisitQueryResponse", keep | {"encounters"})
-                )
+        result.pages.extend(visits)
     if "results" in ctx.entities:
-        for body, rref in _walk(
-            ctx,
-            lambda s: {
-                **_meta("Results", "Query"),
-                "Patients": [who],
-                "LastUpdated": {"StartDateTime": _dm_time(s)},
-            },
-            lambda b: b.get("Orders") or [],
-            lambda o: f"{o.get('ID')}|{o.get('LastUpdated')}",
-            lambda o: _parse(o.get("LastUpdated")),
-            "results",
-            "results",
-            priority,
-        ):
-            result.pages.append(PulledPage("datamodel", rref, body, "QueryResponse", keep | {"results"}))
+        result.pages.extend(
+            _walk(
+                ctx,
+                lambda s: {
+                    **_meta("Results", "Query"),
+                    "Patients": [who],
+                    "LastUpdated": {"StartDateTime": _dm_time(s)},
+                },
+                lambda b: b.get("Orders") or [],
+                lambda o: f"{o.get('ID')}|{o.get('LastUpdated')}",
+                lambda o: _parse(o.get("LastUpdated")),
+                "results",
+                priority,
+                "QueryResponse",
+                frozenset({"patients", "results"}),
+            )
+        )
     if "appointments" in ctx.entities:
         far = datetime.now(UTC) + FUTURE
-        for body, aref in _walk(
-            ctx,
-            lambda s: {
-                **_meta("Scheduling", "Booked"),
-                "StartDateTime": _dm_time(s),
-                "EndDateTime": _dm_time(far),
-                "Visit": {"Patients": [who]},
-            },
-            lambda b: b.get("Visits") or [],
-            lambda v: str(v.get("VisitNumber")),
-            lambda v: _parse(v.get("VisitDateTime")),
-            "appointments",
-            "appointments",
-            priority,
-        ):
-            result.pages.append(
-                PulledPage("datamodel", aref, body, "BookedResponse", keep | {"appointments"})
+        result.pages.extend(
+            _walk(
+                ctx,
+                lambda s: {
+                    **_meta("Scheduling", "Booked"),
+                    "StartDateTime": _dm_time(s),
+                    "EndDateTime": _dm_time(far),
+                    "Visit": {"Patients": [who]},
+                },
+                lambda b: b.get("Visits") or [],
+                lambda v: str(v.get("VisitNumber")),
+                lambda v: _parse(v.get("VisitDateTime")),
+                "appointments",
+                priority,
+                "BookedResponse",
+                frozenset({"patients", "appointments"}),
             )
-    if "medications" in ctx.entities:
-        body, mref = _ask(
-            ctx,
-            {**_meta("Clinical Summary", "PatientQuery"), "Patient": who},
-            "medications",
-            "medications",
-            priority,
         )
+    if "medications" in ctx.entities:
         result.pages.append(
-            PulledPage("datamodel", mref, body, "PatientQueryResponse", frozenset({"medications"}))
+            _ask(
+                ctx,
+                {**_meta("Clinical Summary", "PatientQuery"), "Patient": who},
+                "medications",
+                priority,
+                "PatientQueryResponse",
+                frozenset({"medications"}),
+            )
         )
     if "documents" in ctx.entities:
         for model, key in (("Notes", "Notes"), ("Media", "Media")):
@@ -221,17 +233,17 @@ def _documents(
     """Notes or Media for the patient; a full answer is re-asked per visit number (the only
     narrowing these queries offer), in halves until each answer is under the cap."""
     base = {**_meta(model, "Query"), "Patients": [who]}
-    body, ref = _ask(ctx, base, "documents", "documents", priority)
-    pages = [PulledPage("datamodel", ref, body, "QueryResponse", frozenset({"documents"}))]
-    if len(body.get(key) or []) < ctx.page_size or not visit_numbers:
+    only = frozenset({"documents"})
+    first = _ask(ctx, base, "documents", priority, "QueryResponse", only)
+    pages = [first]
+    if len(first.body.get(key) or []) < ctx.page_size or not visit_numbers:
         return pages
     pending = [sorted(set(visit_numbers))]
     while pending:
         numbers = pending.pop()
-        body, ref = _ask(ctx, {**base, "VisitNumbers": numbers}, "documents", "documents", priority)
-        if len(body.get(key) or []) >= ctx.page_size and len(numbers) > 1:
+        page = _ask(ctx, {**base, "VisitNumbers": numbers}, "documents", priority, "QueryResponse", only)
+        pages.append(page)
+        if len(page.body.get(key) or []) >= ctx.page_size and len(numbers) > 1:
             half = len(numbers) // 2
             pending.extend([numbers[:half], numbers[half:]])
-            continue
-        pages.append(PulledPage("datamodel", ref, body, "QueryResponse", frozenset({"documents"})))
     return pages

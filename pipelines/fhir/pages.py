@@ -48,6 +48,7 @@ def bundle_rows(bundle: Any, connection_id: str, raw_ref: str | None, fetched_en
             )
             continue
         rtype = resource.get("resourceType")
+        rtype = rtype if isinstance(rtype, str) else None  # a list or object here is no type at all
         if rtype in INFORMATIONAL_TYPES:
             continue
         rid = resource.get("id") if isinstance(resource.get("id"), str) and resource.get("id") else None

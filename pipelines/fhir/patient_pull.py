@@ -28,7 +28,7 @@ from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES
 from pipelines.landing import RawLanding
 from pipelines.normalize_common import parse_ts
 from pipelines.panel import FHIR_ID_SYSTEM, DuePatient, fhir_identifier_token
-from pipelines.pull_pages import CallCounter, PulledPage, with_priority
+from pipelines.pull_pages import CallCounter, PulledPage, land_page, page_context, with_priority
 
 DOCUMENT_ELEMENTS = "subject,masterIdentifier,date,type,context,status,category,identifier"
 ID_CHUNK = 50  # documents per ``_id=a,b,c`` search
@@ -97,19 +97,26 @@ class FhirPullContext:
 
 
 def _search(
-    ctx: FhirPullContext, resource_type: str, params: list[tuple[str, str]], entity: str, priority: str
-) -> list[tuple[dict[str, Any], str]]:
-    """Every page of a search, landed; -> [(bundle, raw_ref)]. Raises on a partial failure."""
+    ctx: FhirPullContext,
+    resource_type: str,
+    params: list[tuple[str, str]],
+    entity: str,
+    priority: str,
+    *,
+    rows: bool = True,
+) -> list[PulledPage]:
+    """Every page of a search, landed with its context. Raises on a partial failure.
+    ``rows`` False: a listing (``_elements``) whose pages no sync takes rows from."""
     out = []
     kw = with_priority(ctx.client, "fhir_search_pages", priority)
+    context = page_context(ctx.entities if rows else ())
     for raw in ctx.client.fhir_search_pages(resource_type, params, entity=entity, **kw):
         ctx.counter.add(f"search {resource_type}")
         bundle = orjson.loads(raw)
         codes = bundle_errors(bundle)
         if codes:
             raise PartialFailure(f"search {resource_type}", codes)
-        ref = ctx.landing.land(ctx.connection_id, "fhir", entity, raw).raw_ref
-        out.append((bundle, ref))
+        out.append(land_page(ctx.landing, ctx.connection_id, "fhir", entity, raw, context, bundle))
     return out
 
 
@@ -121,11 +128,11 @@ def _patient_params(patient: DuePatient, ctx: FhirPullContext) -> list[tuple[str
     return [("identifier", fhir_identifier_token(patient.id_system, patient.id_value, ctx.destination_slug))]
 
 
-def _resources(pages: list[tuple[dict[str, Any], str]], rtype: str) -> list[dict[str, Any]]:
+def _resources(pages: list[PulledPage], rtype: str) -> list[dict[str, Any]]:
     return [
         e["resource"]
-        for bundle, _ in pages
-        for e in bundle.get("entry") or []
+        for page in pages
+        for e in page.body.get("entry") or []
         if isinstance(e, dict)
         and isinstance(e.get("resource"), dict)
         and e["resource"].get("resourceType") == rtype
@@ -148,7 +155,7 @@ def pull_patient(patient: DuePatient, ctx: FhirPullContext) -> FhirPatientResult
     result = FhirPatientResult()
     priority = patient.priority
     base = _patient_params(patient, ctx)
-    found: list[tuple[dict[str, Any], str]] | None = None
+    found: list[PulledPage] | None = None
     if ctx.revinclude is not False:
         try:
             found = _search(
@@ -169,22 +176,27 @@ def pull_patient(patient: DuePatient, ctx: FhirPullContext) -> FhirPatientResult
     patients = _resources(found, "Patient")
     if not patients:
         result.not_found = True
-        result.pages = [PulledPage("fhir", ref, body) for body, ref in found]
+        result.pages = list(found)
         return result
     # Identifier searches match exactly (REDOX-REFERENCE §3.3): one patient, or the first of a merge.
     result.fhir_id = str(patients[0].get("id"))
     result.mrn = _mrn_of(patients[0])
-    result.pages.extend(PulledPage("fhir", ref, body) for body, ref in found)
+    result.pages.extend(found)
     if result.revinclude:
         return result
     for entity in ctx.entities:
         if entity in ("patients", "documents"):
             continue
         for rtype in ENTITY_RESOURCE_TYPES[entity]:
-            pages = _search(
-                ctx, rtype, [("patient", result.fhir_id), ("_count", str(ctx.page_size))], entity, priority
+            result.pages.extend(
+                _search(
+                    ctx,
+                    rtype,
+                    [("patient", result.fhir_id), ("_count", str(ctx.page_size))],
+                    entity,
+                    priority,
+                )
             )
-            result.pages.extend(PulledPage("fhir", ref, body) for body, ref in pages)
     if "documents" in ctx.entities:
         result.pages.extend(_documents(ctx, result, priority))
     return result
@@ -202,6 +214,7 @@ def _documents(ctx: FhirPullContext, result: FhirPatientResult, priority: str) -
                 [*by_patient, ("_elements", DOCUMENT_ELEMENTS)],
                 "documents",
                 priority,
+                rows=False,
             )
             result.elements = True
         except Exception as exc:
@@ -226,10 +239,9 @@ def _documents(ctx: FhirPullContext, result: FhirPatientResult, priority: str) -
                     "documents",
                     priority,
                 )
-                pages.extend(PulledPage("fhir", ref, body) for body, ref in full)
+                pages.extend(full)
             return pages
-    full = _search(ctx, "DocumentReference", by_patient, "documents", priority)
-    return [PulledPage("fhir", ref, body) for body, ref in full]
+    return _search(ctx, "DocumentReference", by_patient, "documents", priority)
 
 
 def _changed(doc: dict[str, Any], known: dict[str, datetime | None]) -> bool:

@@ -13,17 +13,17 @@ from typing import Any
 import duckdb
 import pytest
 from dagster import DagsterInstance, ExecuteInProcessResult, materialize
-from dlt.common.versioned_state import decompress_state
 
 from assets.partitions import CONNECTIONS_PARTITIONS_NAME, sync_partitions_def
 from assets.resources import CheckThresholds, ConnectionsFileResource, WarehouseResource
 from assets.sync_assets import build_sync_assets
-from pipelines.sync import pipeline_name
+from pipelines.warehouse import WarehousePaths
 from redox_elt.environment import Environment
 from resources.client import SHARED
 from resources.onboarding import connect_sandbox
 from resources.settings import load_settings, write_settings
 from sandbox.server import SandboxServer
+from tests.conftest import import_rosters
 
 ORCHESTRATION_PATIENTS = 120
 DEFAULTS = Environment()
@@ -106,19 +106,21 @@ def model_counts(warehouse_file: Path, connection_id: str) -> dict[str, int]:
         }
 
 
-def live_cursor(warehouse_file: Path, connection_id: str) -> Any:
-    """The connection's dlt resource state (its live cursors) as stored in the warehouse,
-    with the row version; ``None`` when no state was ever stored."""
+def import_roster(server: SandboxServer, config_path: Path, warehouse_dir: Path) -> None:
+    """Each EHR connection's roster in the warehouse's panel, imported as a user does."""
+    settings = load_settings(config_path)
+    wh = WarehousePaths.at(warehouse_dir)
+    import_rosters(server.url, settings, wh.duckdb, warehouse_dir.parent / f"rosters-{warehouse_dir.name}")
+
+
+def discovered_at(warehouse_file: Path, connection_id: str) -> str | None:
+    """When the connection's last live discovery ran (a backfill window never moves it)."""
     with duckdb.connect(str(warehouse_file), read_only=True) as con:
         row = con.execute(
-            "SELECT version, state FROM raw._dlt_pipeline_state WHERE pipeline_name = ? ORDER BY version DESC LIMIT 1",
-            [pipeline_name(connection_id)],
+            "SELECT value FROM ops.connection_capabilities WHERE connection_id = ? AND capability = 'discovered_at'",
+            [connection_id],
         ).fetchone()
-    if row is None:
-        return None
-    version, blob = row
-    state = decompress_state(blob)
-    return version, state.get("sources")
+    return row[0] if row else None
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.05) -> Any:

@@ -1,14 +1,12 @@
-"""In-process materialization of the sync asset against a live sandbox.
-
-A FHIR connection is used for the window-equals-truth comparisons: the FHIR surface
-filters on last-updated, which is what the sandbox's ``Query(updated_ge, updated_lt)``
-counts. (The Data Model enumerates visits by start time, so its windows are not
-last-updated windows; shared/REDOX-REFERENCE.md.)
+"""In-process materialization of the sync asset against a live sandbox, on the patient
+panel path: a partition (connection x day) is a window whose panel patients with activity
+are pulled whole; patients never pulled (a freshly imported roster) are due whatever the
+window; a backfill window never moves the live discovery marker.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from assets.partitions import RANGE_END_TAG, RANGE_START_TAG, partition_key
@@ -16,8 +14,9 @@ from sandbox.population.store import Query
 from sandbox.server import SandboxServer
 from tests.orchestration.conftest import (
     ENTITIES,
+    discovered_at,
+    import_roster,
     instance_with_connections,
-    live_cursor,
     model_counts,
     register,
     run_sync_asset,
@@ -27,13 +26,15 @@ from tests.orchestration.conftest import (
 FHIR_CONN = "northwind-fhir"
 
 
-def truth(server: SandboxServer, connection_id: str, start: datetime, end: datetime) -> dict[str, int]:
-    store = server.state.store
-    return {e: store.count(Query(connection_id, e, updated_ge=start, updated_lt=end)) for e in ENTITIES}
+def truth(server: SandboxServer, connection_id: str) -> dict[str, int]:
+    return {e: server.state.store.count(Query(connection_id, e)) for e in ENTITIES}
 
 
-def test_single_partition_equals_truth_for_its_day(small_sandbox: SandboxServer, tmp_path: Path) -> None:
+def test_single_partition_pulls_the_new_roster_and_equals_truth(
+    small_sandbox: SandboxServer, tmp_path: Path
+) -> None:
     config = register(small_sandbox, tmp_path, (FHIR_CONN,))
+    import_roster(small_sandbox, config, tmp_path / "wh")
     resources = sync_resources(config, tmp_path / "wh")
     instance = instance_with_connections([FHIR_CONN])
     day = datetime(2026, 10, 20, tzinfo=UTC)
@@ -42,8 +43,7 @@ def test_single_partition_equals_truth_for_its_day(small_sandbox: SandboxServer,
 
     assert result.success
     warehouse = tmp_path / "wh" / "redox.duckdb"
-    expected = truth(small_sandbox, FHIR_CONN, day, day + timedelta(days=1))
-    assert sum(expected.values()) > 0, "the chosen day should hold records"
+    expected = truth(small_sandbox, FHIR_CONN)
     assert model_counts(warehouse, FHIR_CONN) == expected
     # Row counts reach the asset's metadata (counts only), for exactly that partition.
     events = result.get_asset_materialization_events()
@@ -51,21 +51,11 @@ def test_single_partition_equals_truth_for_its_day(small_sandbox: SandboxServer,
     metadata = results_event.materialization.metadata
     assert metadata["rows_by_connection"].value == {FHIR_CONN: expected["results"]}
     assert {e.partition for e in events} == {str(partition_key(FHIR_CONN, day.date()))}
-    # A backfill window stores no live cursor.
-    state = live_cursor(warehouse, FHIR_CONN)
-    assert state is None or _no_cursor(state[1])
+    # A backfill window is not a live discovery.
+    assert discovered_at(warehouse, FHIR_CONN) is None
 
 
-def _no_cursor(sources: dict) -> bool:
-    """True when no resource holds an incremental cursor value."""
-    for source in (sources or {}).values():
-        for resource in (source.get("resources") or {}).values():
-            if resource.get("incremental"):
-                return False
-    return True
-
-
-def test_seven_day_range_via_backfill_tags_equals_truth_and_keeps_the_live_cursor(
+def test_seven_day_range_via_backfill_tags_keeps_the_warehouse_and_the_live_marker(
     small_sandbox: SandboxServer, tmp_path: Path
 ) -> None:
     config = register(small_sandbox, tmp_path, (FHIR_CONN,))
@@ -75,30 +65,20 @@ def test_seven_day_range_via_backfill_tags_equals_truth_and_keeps_the_live_curso
         RANGE_START_TAG: str(partition_key(FHIR_CONN, first.date())),
         RANGE_END_TAG: str(partition_key(FHIR_CONN, last.date())),
     }
-
-    # A fresh warehouse: after the range run it holds exactly the window's records.
-    fresh = sync_resources(config, tmp_path / "fresh")
-    result = run_sync_asset(fresh, instance, tags=tags)
-    assert result.success
-    expected = truth(small_sandbox, FHIR_CONN, first, last + timedelta(days=1))
-    assert sum(expected.values()) > sum(
-        truth(small_sandbox, FHIR_CONN, last, last + timedelta(days=1)).values()
-    )
-    assert model_counts(tmp_path / "fresh" / "redox.duckdb", FHIR_CONN) == expected
-    partitions = {e.partition for e in result.get_asset_materialization_events()}
-    assert partitions == {str(partition_key(FHIR_CONN, (first + timedelta(days=i)).date())) for i in range(7)}
-
-    # A warehouse with a live cursor: the same range run leaves the cursor as it was.
+    import_roster(small_sandbox, config, tmp_path / "live")
     live = sync_resources(config, tmp_path / "live")
     assert run_sync_asset(
         live, instance, partition_key=partition_key(FHIR_CONN, last.date()), mode="live"
     ).success
     live_file = tmp_path / "live" / "redox.duckdb"
-    before = live_cursor(live_file, FHIR_CONN)
-    assert before is not None and not _no_cursor(before[1])
+    before = discovered_at(live_file, FHIR_CONN)
+    assert before is not None
     everything = model_counts(live_file, FHIR_CONN)
-    assert everything == {e: small_sandbox.state.store.count(Query(FHIR_CONN, e)) for e in ENTITIES}
+    assert everything == truth(small_sandbox, FHIR_CONN)
 
-    assert run_sync_asset(live, instance, tags=tags).success
-    assert live_cursor(live_file, FHIR_CONN) == before
+    result = run_sync_asset(live, instance, tags=tags)
+    assert result.success
+    partitions = {e.partition for e in result.get_asset_materialization_events()}
+    assert len(partitions) == 7
+    assert discovered_at(live_file, FHIR_CONN) == before
     assert model_counts(live_file, FHIR_CONN) == everything  # merged, not duplicated

@@ -20,7 +20,7 @@ from redox_elt.sync_job import DagsterSyncRunner, run_plan
 from resources.settings import load_settings
 from sandbox.population.store import Query
 from sandbox.server import SandboxServer
-from tests.orchestration.conftest import ENTITIES, model_counts, register
+from tests.orchestration.conftest import ENTITIES, import_roster, model_counts, register
 
 FHIR_CONN = "northwind-fhir"
 
@@ -49,30 +49,38 @@ def test_a_cli_window_becomes_a_day_range_with_its_exact_bounds() -> None:
 def test_the_cli_sync_runs_the_dagster_job_live_and_windowed(
     small_sandbox: SandboxServer, tmp_path: Path
 ) -> None:
-    settings = load_settings(register(small_sandbox, tmp_path, (FHIR_CONN,)))
+    config = register(small_sandbox, tmp_path, (FHIR_CONN,))
+    settings = load_settings(config)
     run_sync_job = DagsterSyncRunner(Environment(), build_definitions)
-    window = SyncWindow(datetime(2026, 10, 3, 12, 30, tzinfo=UTC), datetime(2026, 10, 17, 6, tzinfo=UTC))
-    windowed = WarehousePaths.at(tmp_path / "windowed")
-    report = run_sync_job(settings, windowed, connection_windows(settings, window=window))
-    assert report.ok, [c.error for c in report.connections]
     store = small_sandbox.state.store
-    expected = {
-        e: store.count(Query(FHIR_CONN, e, updated_ge=window.start, updated_lt=window.end)) for e in ENTITIES
-    }
-    assert model_counts(windowed.duckdb, FHIR_CONN) == expected
-    assert report.connections[0].published["results"] == expected["results"]
-    with duckdb.connect(str(windowed.duckdb), read_only=True) as con:
-        assert con.execute(
-            "SELECT mode, window_start, window_end, caller, status, error FROM ops.sync_runs"
-        ).fetchall() == [("backfill", window.start, window.end, "dagster", "success", None)]
+    everything = {e: store.count(Query(FHIR_CONN, e)) for e in ENTITIES}
 
     live = WarehousePaths.at(tmp_path / "live")
+    import_roster(small_sandbox, config, tmp_path / "live")
     report = run_sync_job(settings, live, connection_windows(settings))
-    assert report.ok
+    assert report.ok, [c.error for c in report.connections]
     assert report.connections[0].published == {
-        **{e: store.count(Query(FHIR_CONN, e)) for e in ENTITIES},
+        **everything,
         "patient_identifiers": report.connections[0].published["patient_identifiers"],
     }
+    # The extract's counts travel back through the run's metadata.
+    assert report.connections[0].access.pulled > 0 and report.connections[0].access.requests > 0
+
+    # A window re-pulls the panel patients active in it; the run is recorded with its bounds.
+    window = SyncWindow(datetime(2026, 10, 3, 12, 30, tzinfo=UTC), datetime(2026, 10, 17, 6, tzinfo=UTC))
+    report = run_sync_job(settings, live, connection_windows(settings, window=window), full=False)
+    assert report.ok, [c.error for c in report.connections]
+    assert model_counts(live.duckdb, FHIR_CONN) == everything
+    with duckdb.connect(str(live.duckdb), read_only=True) as con:
+        rows = con.execute(
+            "SELECT mode, window_start, window_end, caller, status, error, requests, patients_deferred "
+            "FROM ops.sync_runs ORDER BY finished_at"
+        ).fetchall()
+    assert [r[:6] for r in rows] == [
+        ("live", None, None, "dagster", "success", None),
+        ("backfill", window.start, window.end, "dagster", "success", None),
+    ]
+    assert all(r[6] > 0 and r[7] == 0 for r in rows)
 
 
 @pytest.mark.parametrize(

@@ -114,22 +114,6 @@ class ExportServer:
         self.httpd.server_close()
 
 
-class _Throttle:
-    def acquire(self) -> float:
-        return 0.0
-
-    def on_success(self, sent_at: float) -> None:
-        pass
-
-    def on_rate_limited(self, *a: Any, **k: Any) -> None:
-        pass
-
-
-class _Provider:
-    def invalidate(self, token: str) -> None:
-        pass
-
-
 @dataclass
 class FakeConn:
     id: str = "bulk-clinic"
@@ -145,21 +129,28 @@ class FakeConn:
 
 
 class FakeClient:
-    """The parts of RedoxClient the bulk path uses: pacing, token, HTTP, audit."""
+    """The part of RedoxClient the bulk path uses: ``fhir_bulk_get`` (token, audit)."""
 
     def __init__(self, conn: FakeConn) -> None:
         self.conn = conn
-        self.throttle = _Throttle()
         self.http = httpx.Client(timeout=10)
         self.audited: list[tuple[str, int]] = []
 
-    def _token(self, surface: str) -> tuple[_Provider, str]:
-        return _Provider(), TOKEN
-
-    def _audit(
-        self, surface: str, operation: str, method: str, template: str, status: int, *rest: Any
-    ) -> None:
-        self.audited.append((operation, status))
+    def fhir_bulk_get(
+        self,
+        url: str,
+        *,
+        kickoff: bool = False,
+        accept: str = "application/fhir+json",
+        priority: str | None = None,
+    ) -> httpx.Response:
+        headers = {"Accept": accept, "Authorization": f"Bearer {TOKEN}"}
+        if kickoff:
+            headers["Prefer"] = "respond-async"
+        response = self.http.get(url, headers=headers)
+        kind = "kick-off" if kickoff else ("file" if "ndjson" in accept else "status")
+        self.audited.append((f"bulk export {kind}", response.status_code))
+        return response
 
 
 @pytest.fixture
@@ -210,21 +201,23 @@ def test_bulk_backfill_lands_ndjson_and_fills_the_panel(export_server: ExportSer
 
 
 def test_sandbox_bulk_export_first_sync_equals_truth(sandbox_factory, tmp_path: Path, monkeypatch) -> None:
-    server = sandbox_factory()
-    meta = httpx.get(f"{server.url}/_sandbox/connections", timeout=30).json()["connections"]
-    if not any("bulk_export" in c for c in meta):
-        pytest.skip("this sandbox has no bulk export (/_sandbox/connections has no 'bulk_export')")
-    entitled = [c["id"] for c in meta if c.get("bulk_export")]
-    if not entitled:
-        pytest.skip("no sandbox connection is configured bulk_export: true")
+    from dataclasses import replace
+
+    from sandbox.config import default_connections
     from tests.pipelines.test_patient_pull import connect, published_counts, sync_one, truth
 
+    bulk = "northwind-fhir"
+    server = sandbox_factory(
+        connections=[replace(c, bulk_export=True) if c.id == bulk else c for c in default_connections()]
+    )
+    meta = httpx.get(f"{server.url}/_sandbox/connections", timeout=30).json()["connections"]
+    assert [c["id"] for c in meta if c.get("bulk_export")] == [bulk]
+    entitled = [bulk]
     monkeypatch.setenv("REDOX_ELT_MASTER_KEY", "bulk-test-master-key")
     monkeypatch.setenv("REDOX_ELT_HOME", str(tmp_path / "home"))
     settings = connect(server, tmp_path / "home")
     conn = settings.connection(entitled[0])
-    if not getattr(conn, "bulk_export", False):
-        pytest.skip("the client settings do not carry bulk_export yet")
+    assert conn.bulk_export, "sandbox connect copies bulk_export"
     paths = WarehousePaths.at(tmp_path / "wh" / "redox.duckdb")
     extract = sync_one(settings, conn.id, paths)
     assert extract.stats.mode == "bulk"

@@ -7,7 +7,6 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import duckdb
 import pytest
@@ -23,7 +22,7 @@ from resources.onboarding import connect_sandbox
 from resources.settings import load_settings
 from sandbox.population.store import Query
 from sandbox.server import SandboxServer
-from tests.conftest import sandbox_config
+from tests.conftest import import_rosters, sandbox_config
 
 # The connection that speaks only this surface.
 SURFACE_CONNECTION = {"fhir": "northwind-fhir", "datamodel": "lakeside-dm"}
@@ -42,6 +41,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             settings, connections=tuple(dataclasses.replace(c, max_rps=200.0) for c in settings.connections)
         )
         paths = WarehousePaths.at(tmp_path_factory.mktemp("wh") / "redox.duckdb")
+        import_rosters(server.url, settings, paths.duckdb, tmp_path_factory.mktemp("rosters"))
         ids = list(SURFACE_CONNECTION.values())
         assert run_sync(settings, paths, connection_ids=ids).ok
         before = _staged_counts(paths)
@@ -138,29 +138,22 @@ def test_every_source_record_is_staged(world: dict, surface: str, entity: str) -
     assert got == want
 
 
-@pytest.mark.parametrize("entity", ENTITIES)
-def test_fhir_backfill_window_loads_exactly_the_window(world: dict, entity: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("connection_id", list(SURFACE_CONNECTION.values()))
+def test_backfill_window_re_pulls_the_panel_patients_active_in_it(world: dict, connection_id: str) -> None:
+    """A backfill of a window re-pulls, whole, the panel patients with activity in it: some,
+    not all; every one pulled; the staged tables merge the same rows (nothing duplicated)."""
     store = world["server"].state.store
     end = store.now - timedelta(days=20)
     start = end - timedelta(days=90)
-    paths = WarehousePaths.at(tmp_path / "redox.duckdb")
-    assert run_sync(
-        world["settings"], paths, connection_ids=["northwind-fhir"], window=SyncWindow(start, end)
-    ).ok
-    with duckdb.connect(str(paths.duckdb), read_only=True) as con:
-        got = con.execute(f"select count(*) from raw.{staged_table_name('fhir', entity)}").fetchone()[0]
-    assert got == store.count(Query("northwind-fhir", entity, updated_ge=start, updated_lt=end))
-
-
-def test_datamodel_results_backfill_window_loads_exactly_the_window(world: dict, tmp_path: Path) -> None:
-    """Results.Query filters on last-updated, so a Data Model window is exact too."""
-    store = world["server"].state.store
-    end = store.now - timedelta(days=20)
-    start = end - timedelta(days=90)
-    paths = WarehousePaths.at(tmp_path / "redox.duckdb")
-    assert run_sync(
-        world["settings"], paths, connection_ids=["lakeside-dm"], window=SyncWindow(start, end)
-    ).ok
-    with duckdb.connect(str(paths.duckdb), read_only=True) as con:
-        got = con.execute("select count(*) from raw.datamodel_results").fetchone()[0]
-    assert got == store.count(Query("lakeside-dm", "results", updated_ge=start, updated_lt=end))
+    before = _staged_counts(world["paths"])
+    with duckdb.connect(str(world["paths"].duckdb), read_only=True) as con:
+        panel = con.execute(
+            "select count(*) from ops.patient_panel where connection_id = ?", [connection_id]
+        ).fetchone()[0]
+    report = run_sync(
+        world["settings"], world["paths"], connection_ids=[connection_id], window=SyncWindow(start, end)
+    )
+    assert report.ok, report.failures
+    stats = report.connections[0].access
+    assert 0 < stats.due < panel and stats.pulled == stats.due and stats.deferred == 0
+    assert _staged_counts(world["paths"]) == before

@@ -8,8 +8,8 @@ import dlt
 import duckdb
 import orjson
 
-from pipelines.fhir import fhir_source
 from pipelines.landing import RawLanding
+from tests.pipelines.page_source import fhir_pages_source
 
 
 def observation(oid: str, code: dict | None) -> dict:
@@ -54,7 +54,7 @@ def test_unnormalizable_resource_is_quarantined_and_the_batch_goes_on(tmp_path: 
         dataset_name="raw",
         pipelines_dir=str(tmp_path / ".dlt"),
     )
-    pipeline.run(fhir_source(OnePageClient(), landing, "test-conn", entities=("results",)))
+    pipeline.run(fhir_pages_source(OnePageClient(), landing, "test-conn", entities=("results",)))
     with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:
         loaded = sorted(r[0] for r in con.execute("select result_id from raw.fhir_results").fetchall())
         quarantined = con.execute(

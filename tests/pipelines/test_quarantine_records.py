@@ -15,11 +15,11 @@ import pytest
 
 from pipelines.batches import PageRouter
 from pipelines.datamodel.pages import payload_rows
-from pipelines.fhir import fhir_source
 from pipelines.fhir.pages import bundle_rows
 from pipelines.landing import PageContext, RawLanding, UnsafePath, safe_path
 from pipelines.publish import publish_connection
 from pipelines.quarantine import resolve_quarantine, unresolved_entries, unresolved_quarantine_counts
+from tests.pipelines.page_source import fhir_pages_source
 
 CONN = "test-conn"
 LOINC = {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]}
@@ -122,7 +122,9 @@ def run(tmp_path: Path, bundle: dict[str, Any]) -> None:
         dataset_name="raw",
         pipelines_dir=str(tmp_path / ".dlt"),
     )
-    pipeline.run(fhir_source(Pages(bundle), RawLanding(tmp_path / "landing"), CONN, entities=("results",)))
+    pipeline.run(
+        fhir_pages_source(Pages(bundle), RawLanding(tmp_path / "landing"), CONN, entities=("results",))
+    )
 
 
 def test_a_later_good_load_resolves_the_entry_and_the_check_counts_only_unresolved(tmp_path: Path) -> None:

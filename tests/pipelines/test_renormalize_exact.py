@@ -1,5 +1,6 @@
-"""``redox-elt renormalize`` rebuilds exactly what the live sync built, for every
-connection kind (FHIR-only, Data-Model-only, both surfaces, clinical network), from the
+"""``redox-elt renormalize`` rebuilds exactly what the live sync (the patient panel path:
+rosters imported, discovery, per-patient pulls, then a ``--full`` re-pull after the sandbox
+changed) built, for every connection kind (FHIR-only, Data-Model-only, both surfaces, clinical network), from the
 landing alone: every ``raw.*`` and ``redox.*`` table has the same rows (count and a
 content hash that leaves out load times and raw_ref, as the acceptance check does), and
 the audit trail records no new API call."""
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+import httpx
 import pytest
 
 from pipelines.renormalize import renormalize
@@ -20,7 +22,7 @@ from pipelines.warehouse import WarehousePaths
 from resources.onboarding import connect_sandbox
 from resources.settings import load_settings
 from sandbox.server import SandboxServer
-from tests.conftest import sandbox_config
+from tests.conftest import import_rosters, sandbox_config
 
 # Columns that legitimately change between a load and its replay (the acceptance check's list).
 VOLATILE = (
@@ -76,7 +78,13 @@ def synced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Warehouse
             settings, connections=tuple(dataclasses.replace(c, max_rps=200.0) for c in settings.connections)
         )
         paths = WarehousePaths.at(tmp_path_factory.mktemp("wh") / "redox.duckdb")
+        # The panel path as a user runs it: rosters imported, a sync, then after the sandbox
+        # moved on a --full re-pull (a second version of changed records lands).
+        import_rosters(server.url, settings, paths.duckdb, tmp_path_factory.mktemp("rosters"))
         report = run_sync(settings, paths)
+        assert report.ok, [c.error for c in report.connections if c.error]
+        httpx.post(f"{server.url}/_sandbox/advance", json={"days": 1, "change_fraction": 0.02}, timeout=60)
+        report = run_sync(settings, paths, full=True)
         assert report.ok, [c.error for c in report.connections if c.error]
         yield paths, [c.id for c in settings.connections]
     finally:

@@ -26,7 +26,9 @@ from resources.settings import Settings, load_settings, settings_from_dict
 from resources.vault import Vault
 
 FHIR_CONN = "northwind-fhir"
-SEARCH = {"_count": "5", "_lastUpdated": "ge1900-01-01"}
+# A search Redox allows without a patient: Encounter by date (REDOX-REFERENCE §3.3).
+SEARCH = {"_count": "5", "date": "ge1900-01-01"}
+ALL_ENCOUNTERS = {"_count": "500", "date": "ge1900-01-01"}
 CANARY_SECRET = "canary-secret-0b7f3e1d95"
 
 
@@ -40,7 +42,7 @@ def set_faults(server: Any, **faults: Any) -> None:
 
 
 def first_page(client: RedoxClient) -> bytes:
-    return next(client.fhir_search_pages("Patient", SEARCH))
+    return next(client.fhir_search_pages("Encounter", SEARCH))
 
 
 def run_for(seconds: float, threads: int, work: Callable[[], Any]) -> tuple[int, list[BaseException]]:
@@ -85,10 +87,10 @@ def test_jwt_assertion_gets_a_token_and_every_call_is_audited(sandbox_server: An
     http = httpx.Client(timeout=10, event_hooks={"request": [lambda r: requests.append(r.url.path)]})
     audit = AuditLog(tmp_path / "audit.jsonl", run_id="run-live")
     with RedoxClient(settings, FHIR_CONN, audit=audit, http=http) as client:
-        patients = list(client.fhir_search("Patient", {"_count": "50", "_lastUpdated": "ge1900-01-01"}))
+        encounters = list(client.fhir_search("Encounter", ALL_ENCOUNTERS))
     audit.close()
     truth = httpx.get(f"{sandbox_server.url}/_sandbox/truth", params={"persons": "false"}, timeout=30).json()
-    assert len(patients) == truth["counts"][FHIR_CONN]["patients"]
+    assert len(encounters) == truth["counts"][FHIR_CONN]["encounters"]
     records, _ = read_audit_file(tmp_path / "audit.jsonl")
     api = [r for r in records if r["surface"] == "fhir"]
     tokens = [r for r in records if r["surface"] == "auth"]
@@ -343,7 +345,8 @@ def test_canary_secret_and_patient_name_never_reach_logs(
     with RedoxClient(settings, FHIR_CONN, audit=audit) as client:
         patient = next(
             p
-            for p in client.fhir_search("Patient", {"_count": "50", "_lastUpdated": "ge1900-01-01"})
+            for e in client.fhir_search("Encounter", ALL_ENCOUNTERS)
+            for p in client.fhir_search("Patient", {"_id": e["subject"]["reference"].split("/", 1)[1]})
             if len(p["name"][0]["family"]) >= 5
         )
         family, given = patient["name"][0]["family"], patient["name"][0]["given"][0]
@@ -384,9 +387,11 @@ def test_canary_secret_and_patient_name_never_reach_logs(
 
 # ---- Data Model surface and the legacy -> OAuth migration ------------------------------------------
 
-RESULTS_QUERY = {
-    "Meta": {"DataModel": "Results", "EventType": "Query"},
-    "LastUpdated": {"StartDateTime": "1900-01-01T00:00:00Z"},
+# A query Redox allows without a patient: booked appointments over a time range.
+BOOKED_QUERY = {
+    "Meta": {"DataModel": "Scheduling", "EventType": "Booked"},
+    "StartDateTime": "1900-01-01T00:00:00.000Z",
+    "EndDateTime": "2100-01-01T00:00:00.000Z",
 }
 
 
@@ -394,10 +399,10 @@ def test_datamodel_prefers_oauth_when_both_are_configured(sandbox_server: Any, t
     settings = onboard(sandbox_server, tmp_path)
     assert settings.auth.has_oauth and settings.auth.has_legacy
     with RedoxClient(settings, "lakeside-dm", audit=AuditLog(tmp_path / "audit.jsonl")) as client:
-        body = client.datamodel(RESULTS_QUERY, entity="results")
-    assert body["Orders"]
+        body = client.datamodel(BOOKED_QUERY, entity="appointments")
+    assert body["Visits"]
     operations = [r["operation"] for r in read_audit_file(tmp_path / "audit.jsonl")[0]]
-    assert operations == ["token", "Results.Query"]
+    assert operations == ["token", "Scheduling.Booked"]
 
 
 def test_legacy_only_connection_warns_and_still_works(
@@ -409,7 +414,7 @@ def test_legacy_only_connection_warns_and_still_works(
     document["connections"] = [c for c in document["connections"] if c["id"] == "lakeside-dm"]
     legacy_only = settings_from_dict(document, source_path=tmp_path / "legacy.yaml")
     with RedoxClient(legacy_only, "lakeside-dm", audit=AuditLog(tmp_path / "audit.jsonl")) as client:
-        assert client.datamodel(RESULTS_QUERY)["Orders"]
+        assert client.datamodel(BOOKED_QUERY)["Visits"]
         with pytest.raises(DataModelError) as caught:  # no demographics: Redox answers with Meta.Errors
             client.datamodel({"Meta": {"DataModel": "PatientSearch", "EventType": "Query"}, "Patient": {}})
     assert "connection lakeside-dm is still on legacy API keys" in caplog.text
