@@ -38,12 +38,16 @@ def _insert(paths: WarehousePaths, table: str, values: dict[str, Any]) -> None:
     marks = ", ".join("?" for _ in values)
     key = "order_id" if table == "orders" else "request_id"
     with outbox.connect() as con:
-        exists = con.execute(f"SELECT count(*) FROM outbox.{table} WHERE {key} = ?", [values[key]]).fetchone()[0]
+        exists = con.execute(
+            f"SELECT count(*) FROM outbox.{table} WHERE {key} = ?", [values[key]]
+        ).fetchone()[0]
         if not exists:  # the same id again is the same logical write
             con.execute(f"INSERT INTO outbox.{table} ({columns}) VALUES ({marks})", list(values.values()))
 
 
-def _wait(settings: Any, paths: WarehousePaths, kind: str, key: str, connection_id: str, timeout_s: float) -> Outcome:
+def _wait(
+    settings: Any, paths: WarehousePaths, kind: str, key: str, connection_id: str, timeout_s: float
+) -> Outcome:
     deadline = time.monotonic() + timeout_s
     outbox = Outbox(paths)
     while True:
