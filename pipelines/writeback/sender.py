@@ -46,13 +46,15 @@ class WritebackReport:
     found_after_unanswered_send: int = 0
     failed: int = 0
     unknown: int = 0  # still ``sending``: outcome not yet established
+    acknowledged: int = 0  # ``sent`` rows now visible at the destination
     dry_run: list[dict[str, Any]] = field(default_factory=list)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, key, reason)
 
     def summary(self) -> str:
         return (
             f"{self.sent} sent, {self.found_after_unanswered_send} found at the destination after an unanswered send, "
-            f"{self.failed} failed, {self.unknown} still unknown (re-run to settle)"
+            f"{self.failed} failed, {self.unknown} still unknown (re-run to settle), "
+            f"{self.acknowledged} acknowledged"
         )
 
 
@@ -204,8 +206,10 @@ class Writer:
         destination_factory: Callable[[Any, Any], Destination] = Destination,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         out: Callable[[str], None] = print,
+        acknowledge: bool = True,
     ) -> None:
         self.settings = settings
+        self.acknowledge = acknowledge  # after sending, ask about ``sent`` rows (pipelines.writeback.acks)
         self.paths = paths
         self.outbox = Outbox(paths)
         self.destination_factory = destination_factory
@@ -338,6 +342,10 @@ class Writer:
                     by_conn.setdefault(row.connection_id, []).append(row)
                 for conn_id, conn_rows in by_conn.items():
                     self._run_connection(conn_id, conn_rows, dry_run)
+            if self.acknowledge and not dry_run:
+                from pipelines.writeback.acks import acknowledge
+
+                self.report.acknowledged = acknowledge(self, connection_id)
         return self.report
 
     def _run_connection(self, conn_id: str, rows: list[OutboxRow], dry_run: bool) -> None:

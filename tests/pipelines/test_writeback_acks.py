@@ -25,7 +25,7 @@ from tests.pipelines.test_writeback import (  # noqa: F401, F811 - fixtures
 def test_sent_rows_are_acknowledged_once_visible(env: dict[str, Any], paths: WarehousePaths) -> None:
     rows = [(f"ack-{c}-{i}", c, k) for c in EHR for i, k in enumerate(patients_of(env, c, 2))]
     insert_orders(paths, rows)
-    writer = Writer(env["settings"], paths, out=lambda _s: None)
+    writer = Writer(env["settings"], paths, out=lambda _s: None, acknowledge=False)
     writer.run()
     assert {s for s, _ in outbox(paths).values()} == {"sent"}
     assert acknowledge(writer) == len(rows)
@@ -85,3 +85,10 @@ def test_submit_order_and_create_appointment_in_one_call(env: dict[str, Any], pa
     w = writes(env)
     assert Counter(x["order_id"] for x in w["orders"]) == {"lib-1": 1}
     assert [(x["appointment_id"], x["surface"]) for x in w["appointments"]] == [("VN-LIB-1", "fhir")]
+
+
+def test_a_writeback_run_acknowledges_what_it_sent(env: dict[str, Any], paths: WarehousePaths) -> None:
+    insert_orders(paths, [("ack-run-1", "riverbend-both", patients_of(env, "riverbend-both", 1)[0])])
+    report = Writer(env["settings"], paths, out=lambda _s: None).run()
+    assert (report.sent, report.acknowledged) == (1, 1)
+    assert outbox(paths)["ack-run-1"][0] == "acknowledged"
