@@ -398,12 +398,22 @@ class Writer:
         return built, deferred
 
     def _deliver(self, destination: Destination, built: list[tuple[OutboxRow, P.Request]]) -> None:
+        """Send in outbox order. A row left ``sending`` by an earlier run is looked up first. Writes
+        to one appointment keep their order: after an unsettled one, later ones wait (pending)."""
         unknown: list[tuple[OutboxRow, P.Request]] = []
+        blocked: set[str] = set()
         for row, request in built:
-            if row.status == "sending":
-                unknown.append((row, request))  # a previous run's send went unanswered or was killed
-            elif not self._send(destination, row, request):
+            chain = P.business_id(row) if row.kind == "appointments" else None
+            if chain is not None and chain in blocked:
+                continue  # an earlier write to this appointment is unsettled; it stays pending
+            if row.status == "sending":  # a previous run's send went unanswered or was killed
+                settled = self._settle(destination, row, request)
+            else:
+                settled = self._send(destination, row, request)
+            if not settled:
                 unknown.append((row, request))
+                if chain is not None:
+                    blocked.add(chain)
         for _ in range(AMBIGUOUS_ROUNDS):
             if not unknown:
                 break

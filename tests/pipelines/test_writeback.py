@@ -370,3 +370,42 @@ def test_outbox_ids_are_stable_business_ids(paths: WarehousePaths) -> None:
         ).fetchone() == ("pending", 0)
         with pytest.raises(duckdb.ConstraintException):
             con.execute("update outbox.orders set status = 'lost' where order_id = ?", [oid])
+
+
+class LosesTheRescheduleAnswer(Destination):
+    """The reschedule commits at the destination, and its answer is lost (a 504 after commit)."""
+
+    def send(self, request: Any) -> str | None:
+        from resources.client import RedoxAPIError
+
+        external_id = super().send(request)
+        if request.action == "update":
+            raise RedoxAPIError("lost", connection_id=self.conn.id, operation="x", status_code=504)
+        return external_id
+
+
+def test_writes_to_one_appointment_keep_their_order_after_a_lost_answer(
+    env: dict[str, Any], paths: WarehousePaths
+) -> None:
+    conn_id = "northwind-fhir"
+    key = patients_of(env, conn_id, 1)[0]
+    with WriterLock(paths), duckdb.connect(str(paths.duckdb)) as con:
+        for request_id, action, start in (
+            ("a-new", "create", "2026-12-03 09:00:00+00"),
+            ("a-move", "update", "2026-12-04 10:00:00+00"),
+            ("a-cancel", "cancel", None),
+        ):
+            con.execute(
+                "insert into outbox.appointments (request_id, appointment_id, action, connection_id, patient_key, "
+                "start_at) values (?, 'VN-ORDER', ?, ?, ?, ?::timestamptz)",
+                [request_id, action, conn_id, key, start],
+            )
+    first = Writer(
+        env["settings"], paths, destination_factory=LosesTheRescheduleAnswer, out=lambda _s: None
+    ).run()
+    # The reschedule was found by looking, not re-sent; the cancel waited for it.
+    assert (first.sent, first.found_after_unanswered_send) == (1, 1)
+    assert outbox(paths, "appointments")["a-cancel"][0] == "pending"
+    Writer(env["settings"], paths, out=lambda _s: None).run()
+    events = [x["event"] for x in writes(env)["appointments"]]
+    assert events == ["Scheduling-New", "Scheduling-Reschedule", "Scheduling-Cancel"]
