@@ -34,6 +34,7 @@ from pipelines.quarantine import resolve_quarantine
 from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES, MODEL_SCHEMA, staged_table_name
 from pipelines.vocabulary import STAGING_SCHEMA as STAGING_SCHEMA  # re-exported for assets/
 from pipelines.vocabulary import SURFACES as SURFACES  # re-exported for assets/
+from pipelines.writeback.outbox import ensure_outbox_tables
 
 
 def model_schema(con: duckdb.DuckDBPyConnection) -> str:
@@ -66,6 +67,8 @@ def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
                connection_id, patient_key, enterprise_id
         FROM {ms}.patients"""
     )
+    # The write-back outboxes exist from the first sync, so users can fill them with SQL.
+    ensure_outbox_tables(con)
 
 
 def _create_from_schema(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) -> None:

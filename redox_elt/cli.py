@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_webhook_verbs(sub)
     register_quarantine_verbs(sub)
+    from pipelines.writeback.cli import register as register_writeback_verb
+
+    register_writeback_verb(sub)
     sub.choices["sync"].set_defaults(func=_sync_through_dagster)
     from pipelines.panel_cli import register as register_panel_verbs
 

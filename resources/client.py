@@ -110,6 +110,8 @@ DATAMODEL_READ_ENTITIES: dict[str, frozenset[str]] = {
 DATAMODEL_WRITE_ENTITIES: dict[str, str] = {"Order": "orders", "Scheduling": "appointments"}
 # Data Model event types that ask for data rather than send it (REDOX-REFERENCE §2.5).
 _QUERY_EVENTS = frozenset({"Booked", "AvailableSlots", "DocumentGet"})
+# Queries a connection entitled to write orders / appointments may send to find its own writes.
+_WRITE_LOOKUP_EVENTS = frozenset({"Query", "Booked"})
 
 # Redox caps API traffic at 40 MB (REDOX-REFERENCE §12.6); anything much larger is not an answer.
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -993,10 +995,12 @@ class RedoxClient:
     def fhir_operation(
         self, path: str, bundle: dict[str, Any], idempotency_key: str | None = None
     ) -> dict[str, Any]:
-        """``POST {Type}/${operation}`` with a message Bundle (write-back), e.g. ``ServiceRequest/$order-new``."""
+        """``POST {Type}/${operation}`` with a message Bundle (write-back), e.g. ``ServiceRequest/$servicerequest-create``."""
         match = _OPERATION.fullmatch(path)
         if not match:
-            raise ScopeError(f"'{path[:60]}' is not a FHIR operation path like 'ServiceRequest/$order-new'")
+            raise ScopeError(
+                f"'{path[:60]}' is not a FHIR operation path like 'ServiceRequest/$servicerequest-create'"
+            )
         self._require_surface("fhir")
         rtype, op = match.groups()
         write_entity = FHIR_WRITE_ENTITIES.get(rtype)
@@ -1021,6 +1025,44 @@ class RedoxClient:
             )
         return body
 
+    def fhir_find_written(
+        self, resource_type: str, identifier: str, *, priority: str | None = None
+    ) -> list[dict[str, Any]]:
+        """``POST {ServiceRequest|Appointment}/_search`` by ``identifier`` (``system|value``): the
+        resources this connection wrote back, found again after an unanswered write. Allowed by
+        the write entitlement; one page (an identifier names one logical write)."""
+        self._require_surface("fhir")
+        write_entity = FHIR_WRITE_ENTITIES.get(resource_type)
+        if write_entity is None or write_entity not in self.conn.write_entities:
+            raise self._refuse(
+                f"look up written {resource_type} (write_entities: {', '.join(self.conn.write_entities) or 'none'})"
+            )
+        with self._attribution():
+            _, bundle = self._send(
+                surface="fhir",
+                operation=f"search {resource_type}",
+                method="POST",
+                url=self._fhir_url(f"{resource_type}/_search"),
+                template=f"{self._fhir_template}/{resource_type}/_search",
+                write=False,
+                count=_bundle_count,
+                accept="application/fhir+json",
+                priority=priority,
+                data=_form([("identifier", identifier)]),
+            )
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise RedoxAPIError(
+                f"connection '{self.conn.id}': search {resource_type} answered without a Bundle",
+                connection_id=self.conn.id,
+                operation=f"search {resource_type}",
+                status_code=None,
+            )
+        return [
+            e["resource"]
+            for e in as_list(bundle.get("entry"))
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        ]
+
     # ---- Data Model ------------------------------------------------------------------------
 
     def _datamodel_scope(self, payload: dict[str, Any], entity: str | None) -> tuple[str, str, bool]:
@@ -1030,7 +1072,13 @@ class RedoxClient:
             raise ScopeError("a Data Model payload needs Meta.DataModel and Meta.EventType")
         data_model, event = str(meta["DataModel"]), str(meta["EventType"])
         is_query = data_model == "PatientSearch" or event.endswith("Query") or event in _QUERY_EVENTS
-        if is_query:
+        if (
+            is_query
+            and DATAMODEL_WRITE_ENTITIES.get(data_model) in self.conn.write_entities
+            and (event in _WRITE_LOOKUP_EVENTS)
+        ):
+            pass  # a writer looks for its own writes (Order.Query, Scheduling.Booked) before re-sending
+        elif is_query:
             allowed = DATAMODEL_READ_ENTITIES.get(data_model)
             if allowed is None:
                 raise self._refuse(

@@ -31,7 +31,7 @@ class WriteRecord:
     event: str  # e.g. "Order-New", "Scheduling-Cancel"
     payload: dict[str, Any]
     received_at: str
-    duplicate: bool  # same idempotency key, or same (id, event, payload) seen before
+    duplicate: bool  # informational: this (connection, id, event) was received before
 
     def to_json(self) -> dict[str, Any]:
         d = {
@@ -51,10 +51,14 @@ class WriteRecord:
 
 @dataclass
 class WriteLog:
-    """Every accepted write-back, duplicates included, so tests can count them."""
+    """Every write-back received, duplicates included, as Redox and the EHR would keep them.
+
+    Redox has no idempotency mechanism, so nothing here de-duplicates: a client that sends the
+    same order twice has placed it twice. ``duplicate`` only marks the repeat for tests.
+    """
 
     writes: list[WriteRecord] = field(default_factory=list)
-    _seen: set[tuple] = field(default_factory=set)
+    _seen: set[tuple[str, str, str, str]] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(
@@ -68,15 +72,13 @@ class WriteLog:
         payload: dict[str, Any],
         fingerprint: str,
     ) -> WriteRecord:
-        """Store one accepted write. ``fingerprint`` identifies the logical write
-        (e.g. a hash of the business content) for duplicate detection when no
-        idempotency key is sent."""
+        """Store one received write. ``idempotency_key`` (a header Redox ignores) and
+        ``fingerprint`` are kept for inspection only; neither suppresses anything."""
+        del fingerprint  # the content hash does not make two writes one
         with self._lock:
-            keys = {("fp", connection_id, kind, order_id, event, fingerprint)}
-            if idempotency_key:
-                keys.add(("ik", connection_id, idempotency_key))
-            duplicate = bool(keys & self._seen)
-            self._seen |= keys
+            key = (connection_id, kind, order_id, event)
+            duplicate = key in self._seen
+            self._seen.add(key)
             w = WriteRecord(
                 kind=kind,
                 order_id=order_id,

@@ -522,15 +522,54 @@ def booked(ctx: QueryContext) -> QueryAnswer:
             return False
         return not providers or a.provider.npi in providers
 
-    picked, more = collect(
-        ctx, "appointments", patient_ids, order="start_at", predicate=keep, date_ge=start, date_lt=stop
-    )
+    picked: list[AppointmentRecord] = []
+    more = False
+    if "appointments" in ctx.conn.entities:  # else the connection only writes appointments back
+        picked, more = collect(
+            ctx, "appointments", patient_ids, order="start_at", predicate=keep, date_ge=start, date_lt=stop
+        )
     cache = PatientCache(ctx)
     visits = [
         {**appointment_visit(a), "AppointmentInfo": appointment_info(a), "Patient": cache.block(a.patient)}
         for a in picked
     ]
+    known = {str(v.get("VisitNumber")) for v in visits}
+    for visit_number, visit_block, written_patient, at in _written_appointments(ctx, patient_ids):
+        if visit_number in known or (number not in (None, "") and visit_number != str(number)):
+            continue
+        if at is not None and (at < start or (stop is not None and at >= stop)):
+            continue
+        visits.append({**visit_block, "Patient": written_patient})
     return QueryAnswer({"Visits": visits}, incomplete=more)
+
+
+def _written_appointments(
+    ctx: QueryContext, patient_ids: list[str] | None
+) -> Iterator[tuple[str, dict[str, Any], dict[str, Any], datetime | None]]:
+    """(visit number, Visit block, Patient block, start) of appointments written back to this
+    connection through the Data Model (latest Scheduling.New / Reschedule / Cancel per visit), so
+    a client can find a write whose answer it never heard."""
+    if ctx.writes is None:
+        return
+    latest: dict[str, tuple[str, dict[str, Any]]] = {}
+    for w in ctx.writes.to_json()["appointments"]:
+        if w["connection_id"] == ctx.conn.id and w["surface"] == "datamodel":
+            latest[w["order_id"]] = (w["event"], w["payload"])
+    wanted = set(patient_ids) if patient_ids else None
+    for visit_number, (event, payload) in sorted(latest.items()):
+        patient = _obj(payload.get("Patient"))
+        idents = _identifier_list(patient.get("Identifiers"))
+        if wanted is not None and (not idents or not {p.id for p in resolve_patients(ctx, idents)} & wanted):
+            continue
+        visit = dict(_obj(payload.get("Visit")))
+        visit["VisitNumber"] = visit_number
+        if event == "Scheduling-Cancel":
+            visit["Status"] = "Canceled"
+        try:
+            at = parse_time(visit.get("VisitDateTime"), "Visit.VisitDateTime")
+        except QueryError:
+            at = None
+        yield visit_number, visit, {"Identifiers": patient.get("Identifiers") or []}, at
 
 
 def _one_patient(ctx: QueryContext, patient: Any) -> PatientRecord | None:
@@ -853,7 +892,9 @@ QUERIES: dict[tuple[str, str], QuerySpec] = {
     ("PatientAdmin", "VisitQuery"): QuerySpec("encounters", "VisitQueryResponse", visit_query),
     ("PatientAdmin", "CensusQuery"): QuerySpec("encounters", "CensusQueryResponse", census_query),
     ("Results", "Query"): QuerySpec("results", "QueryResponse", results_query),
-    ("Scheduling", "Booked"): QuerySpec("appointments", "BookedResponse", booked),
+    ("Scheduling", "Booked"): QuerySpec(
+        "appointments", "BookedResponse", booked, write_entity="appointments"
+    ),
     ("Scheduling", "AvailableSlots"): QuerySpec("appointments", "AvailableSlotsResponse", available_slots),
     ("Order", "Query"): QuerySpec("results", "QueryResponse", order_query, write_entity="orders"),
     ("Clinical Summary", "PatientQuery"): QuerySpec("documents", "PatientQueryResponse", None),

@@ -1,13 +1,19 @@
-"""Names of the FHIR write-back operations and event codes (the project's decision where Redox is silent).
+"""The FHIR write-back operations Redox documents, and the notification event codes.
 
-Redox documents ``$``-operations that take a message Bundle (e.g. ``Observation/$write-results``)
-but no order or appointment operation; the project uses the same pattern. Change them here
-when a real destination says otherwise (REDOX-REFERENCE "Decisions where Redox is silent").
+Redox documents message-Bundle operations for writes (REDOX-REFERENCE §3.2, §12.2):
+``ServiceRequest/$servicerequest-create`` and ``Appointment/$appointment-create``,
+``$appointment-update``, ``$appointment-cancel``. The Bundle's first entry is a MessageHeader
+whose ``eventUri`` names the EventDefinition. There is no ServiceRequest update or cancel
+operation (those exist only as Data Model ``Order.Update`` / ``Order.Cancel``). The older
+``Appointment/$write`` generation, keyed by an ``urn:redox:event-type`` eventCoding, is still
+accepted because real destinations still answer it; the pipeline never sends it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+EVENT_DEFINITION_BASE = "https://fhir.redoxengine.com/EventDefinition/"
 
 
 @dataclass(frozen=True)
@@ -15,27 +21,68 @@ class WriteOperation:
     resource_type: str  # the path segment before ``$``, and the focus resource's type
     name: str  # the operation, including ``$``
     write_entity: str  # ConnectionSpec.write_entities entry that entitles it
-    events: tuple[str, ...]  # accepted MessageHeader.eventCoding codes
     id_system_suffix: str  # the focus resource's business identifier system ends with this
+    event_uri: str | None = None  # MessageHeader.eventUri the operation requires
+    event: str | None = None  # the write log's event name for ``event_uri`` operations
+    # The older generation: MessageHeader.eventCoding (urn:redox:event-type) code -> write log event.
+    legacy_events: dict[str, str] = field(default_factory=dict)
 
 
-ORDER_OPERATION = WriteOperation(
+ORDER_CREATE = WriteOperation(
     resource_type="ServiceRequest",
-    name="$order-new",
+    name="$servicerequest-create",
     write_entity="orders",
-    events=("Order-New", "Order-Update", "Order-Cancel"),
     id_system_suffix=":OrderID",
+    event_uri=EVENT_DEFINITION_BASE + "ServiceRequestCreate",
+    event="Order-New",
 )
-SCHEDULE_OPERATION = WriteOperation(
+APPOINTMENT_CREATE = WriteOperation(
     resource_type="Appointment",
-    name="$schedule-new",
+    name="$appointment-create",
     write_entity="appointments",
-    events=("Scheduling-New", "Scheduling-Reschedule", "Scheduling-Cancel"),
     id_system_suffix=":VN",
+    event_uri=EVENT_DEFINITION_BASE + "AppointmentCreate",
+    event="Scheduling-New",
+)
+APPOINTMENT_UPDATE = WriteOperation(
+    resource_type="Appointment",
+    name="$appointment-update",
+    write_entity="appointments",
+    id_system_suffix=":VN",
+    event_uri=EVENT_DEFINITION_BASE + "AppointmentUpdate",
+    event="Scheduling-Reschedule",
+)
+APPOINTMENT_CANCEL = WriteOperation(
+    resource_type="Appointment",
+    name="$appointment-cancel",
+    write_entity="appointments",
+    id_system_suffix=":VN",
+    event_uri=EVENT_DEFINITION_BASE + "AppointmentCancel",
+    event="Scheduling-Cancel",
+)
+APPOINTMENT_LEGACY_WRITE = WriteOperation(
+    resource_type="Appointment",
+    name="$write",
+    write_entity="appointments",
+    id_system_suffix=":VN",
+    legacy_events={
+        "Appointment-New": "Scheduling-New",
+        "Appointment-Update": "Scheduling-Reschedule",
+        "Appointment-Cancel": "Scheduling-Cancel",
+    },
 )
 WRITE_OPERATIONS: dict[tuple[str, str], WriteOperation] = {
-    (op.resource_type, op.name): op for op in (ORDER_OPERATION, SCHEDULE_OPERATION)
+    (op.resource_type, op.name): op
+    for op in (
+        ORDER_CREATE,
+        APPOINTMENT_CREATE,
+        APPOINTMENT_UPDATE,
+        APPOINTMENT_CANCEL,
+        APPOINTMENT_LEGACY_WRITE,
+    )
 }
+# Resource types written back, and the write entity that entitles a search for them by identifier.
+WRITTEN_RESOURCE_TYPES: dict[str, str] = {"ServiceRequest": "orders", "Appointment": "appointments"}
 
 # Notification event codes pushed to destinations (REDOX-REFERENCE §3.5), by entity and change.
 # Redox's own examples mix ``PatientAdmin-patient-created`` style with

@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Route
 from sandbox.auth import REDOX_HEADERS, InvalidToken
 from sandbox.config import ConnectionSpec
 from sandbox.fhir.bulk import NDJSON, BulkExports, ExportRefused, parse_kickoff
-from sandbox.fhir.operations import WRITE_OPERATIONS
+from sandbox.fhir.operations import WRITE_OPERATIONS, WRITTEN_RESOURCE_TYPES
 from sandbox.fhir.paging import (
     Page,
     PageRequest,
@@ -39,7 +39,13 @@ from sandbox.fhir.paging import (
 )
 from sandbox.fhir.render import RESOURCE_ENTITIES, RenderCache, instant, render_binary, resource_type
 from sandbox.fhir.search import SearchError, parse_search
-from sandbox.fhir.writeback import WriteError, parse_write, response_bundle
+from sandbox.fhir.writeback import (
+    WriteError,
+    identifier_matches,
+    parse_write,
+    response_bundle,
+    written_resource,
+)
 from sandbox.population.records import DocumentRecord, Record
 from sandbox.state import SandboxState
 
@@ -167,6 +173,9 @@ class FhirApi:
         conn = entered
         try:
             rtype = request.path_params["rtype"]
+            written = await self._written_search(request, conn, rtype)
+            if written is not None:
+                return written
             self._entity(conn, rtype)
             if rtype == "Binary":
                 raise _Refused(405, "not-supported", "Binary cannot be searched; read it by id")
@@ -402,6 +411,43 @@ class FhirApi:
 
     # --- write-back operations -----------------------------------------------------------------
 
+    async def _written_search(self, request: Request, conn: ConnectionSpec, rtype: str) -> Response | None:
+        """``POST ServiceRequest|Appointment/_search`` with ``identifier``: the resources written
+        back to this connection (latest write per business id), so a client can find a write
+        whose answer it never heard. None: not such a search (the ordinary search answers)."""
+        write_entity = WRITTEN_RESOURCE_TYPES.get(rtype)
+        if write_entity is None or write_entity not in conn.write_entities or request.method != "POST":
+            return None
+        if PAGE_TOKEN in request.query_params:
+            return None
+        params = await _body_params(request)
+        wanted = [v for k, v in params if k == "identifier"]
+        if not wanted or any(k not in ("identifier", "_count") for k, _ in params):
+            return None
+        latest: dict[str, dict[str, Any]] = {}
+        for w in self.state.writes.to_json()[write_entity]:
+            if w["connection_id"] != conn.id or w["surface"] != "fhir":
+                continue
+            resource = written_resource(w["payload"], rtype, w["event"])
+            if resource is not None and any(identifier_matches(resource, v) for v in wanted):
+                latest[w["order_id"]] = resource
+        if not latest and write_entity in conn.entities:
+            return None  # nothing written with that identifier: the EHR's own records may match
+        base = self.base_url(request, conn)
+        bundle = {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "meta": {"lastUpdated": instant(self.state.store.now)},
+            "type": "searchset",
+            "total": len(latest),
+            "link": [{"relation": "self", "url": f"{base}/{rtype}/_search"}],
+            "entry": [
+                {"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                for r in latest.values()
+            ],
+        }
+        return self._send(conn, orjson.dumps(bundle))
+
     async def _operation(self, request: Request, conn: ConnectionSpec, rtype: str, name: str) -> Response:
         op = WRITE_OPERATIONS.get((rtype, name))
         if op is None:
@@ -419,7 +465,8 @@ class FhirApi:
             parsed = parse_write(op, bundle)
         except WriteError as exc:
             raise _Refused(400, exc.code, exc.message) from None
-        written = self.state.writes.record(
+        # Redox has no idempotency mechanism: every write received is recorded, duplicates included.
+        self.state.writes.record(
             kind=op.write_entity,
             order_id=parsed.business_id,
             connection_id=conn.id,
@@ -430,9 +477,9 @@ class FhirApi:
             fingerprint=parsed.fingerprint,
         )
         if self.state.faults.roll(conn.id, "timeout_after_commit"):
-            # Stored, but the client never hears: it must retry, and the retry is a duplicate.
+            # Stored, but the client never hears: a blind retry would be a duplicate.
             return await self.state.faults.stall(conn, request)
-        ack = response_bundle(op, parsed, conn, self.base_url(request, conn), written.duplicate)
+        ack = response_bundle(op, parsed, conn, self.base_url(request, conn))
         return self._send(conn, orjson.dumps(ack))
 
 

@@ -1,8 +1,10 @@
-"""Validate write-back message Bundles (``ServiceRequest/$order-new``, ``Appointment/$schedule-new``).
+"""Validate write-back message Bundles (``ServiceRequest/$servicerequest-create``,
+``Appointment/$appointment-create`` / ``-update`` / ``-cancel``, the older ``Appointment/$write``).
 
-The body is a Bundle of type ``message`` whose first entry is a MessageHeader with an
-``urn:redox:event-type`` eventCoding and a focus on the ServiceRequest / Appointment, which
-travels with its Patient. Error messages name the problem, never a value from the body.
+The body is a Bundle of type ``message`` whose first entry is a MessageHeader with the
+operation's ``eventUri`` (the older generation: an ``urn:redox:event-type`` eventCoding), a
+``source`` and a ``focus`` on the ServiceRequest / Appointment, which travels with its Patient.
+Error messages name the problem, never a value from the body.
 """
 
 from __future__ import annotations
@@ -135,6 +137,22 @@ def _check_focus(op: WriteOperation, event: str, focus: dict[str, Any]) -> None:
             raise WriteError("Appointment.start is required")
 
 
+def _event(op: WriteOperation, header: dict[str, Any]) -> str:
+    """The write log's event name for this request, from eventUri (or the older eventCoding)."""
+    if op.event_uri is not None:
+        if header.get("eventUri") != op.event_uri:
+            raise WriteError(f"{op.resource_type}/{op.name} needs MessageHeader.eventUri '{op.event_uri}'")
+        assert op.event is not None
+        return op.event
+    coding = header.get("eventCoding")
+    if not isinstance(coding, dict) or coding.get("system") != ids.EVENT_TYPE_SYSTEM:
+        raise WriteError(f"MessageHeader.eventCoding.system must be '{ids.EVENT_TYPE_SYSTEM}'")
+    event = op.legacy_events.get(coding.get("code"))  # type: ignore[arg-type]
+    if event is None:
+        raise WriteError(f"{op.resource_type}/{op.name} accepts event codes {', '.join(op.legacy_events)}")
+    return event
+
+
 def parse_write(op: WriteOperation, bundle: Any) -> ParsedWrite:
     """Check a write-back message Bundle and pull out what the write log keys on."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
@@ -145,12 +163,10 @@ def parse_write(op: WriteOperation, bundle: Any) -> ParsedWrite:
     header = resources[0][1]
     if header["resourceType"] != "MessageHeader":
         raise WriteError("the first Bundle entry must be a MessageHeader")
-    coding = header.get("eventCoding")
-    if not isinstance(coding, dict) or coding.get("system") != ids.EVENT_TYPE_SYSTEM:
-        raise WriteError(f"MessageHeader.eventCoding.system must be '{ids.EVENT_TYPE_SYSTEM}'")
-    event = coding.get("code")
-    if event not in op.events:
-        raise WriteError(f"{op.resource_type}/{op.name} accepts event codes {', '.join(op.events)}")
+    event = _event(op, header)
+    source = header.get("source")
+    if not isinstance(source, dict) or not isinstance(source.get("endpoint"), str):
+        raise WriteError("MessageHeader.source.endpoint is required")
     focus = _focus(header, resources, op.resource_type)
     business_id = _business_id(focus, op.id_system_suffix)
     _check_focus(op, event, focus)
@@ -166,39 +182,22 @@ def parse_write(op: WriteOperation, bundle: Any) -> ParsedWrite:
 
 
 def response_bundle(
-    op: WriteOperation, parsed: ParsedWrite, conn: ConnectionSpec, endpoint: str, duplicate: bool
+    op: WriteOperation, parsed: ParsedWrite, conn: ConnectionSpec, endpoint: str
 ) -> dict[str, Any]:
-    """The acknowledgement: a message Bundle whose MessageHeader.response is ``ok``; a duplicate
-    write also carries an informational OperationOutcome (it was recorded, not applied twice)."""
+    """The acknowledgement: a message Bundle whose MessageHeader.response is ``ok``. Writes are
+    asynchronous at Redox: ``ok`` means received, not delivered to the EHR."""
     header_id = str(uuid.uuid4())
     header: dict[str, Any] = {
         "resourceType": "MessageHeader",
         "id": header_id,
-        "eventCoding": {"system": ids.EVENT_TYPE_SYSTEM, "code": parsed.event},
         "source": {"name": conn.name, "endpoint": endpoint},
         "response": {"identifier": parsed.request_id, "code": "ok"},
     }
-    entries: list[dict[str, Any]] = [{"fullUrl": f"urn:uuid:{header_id}", "resource": header}]
-    if duplicate:
-        outcome_id = str(uuid.uuid4())
-        header["response"]["details"] = {"reference": f"urn:uuid:{outcome_id}"}
-        entries.append(
-            {
-                "fullUrl": f"urn:uuid:{outcome_id}",
-                "resource": {
-                    "resourceType": "OperationOutcome",
-                    "id": outcome_id,
-                    "issue": [
-                        {
-                            "severity": "information",
-                            "code": "duplicate",
-                            "diagnostics": f"this {op.resource_type} write was already received; "
-                            "it is acknowledged again and not applied twice",
-                        }
-                    ],
-                },
-            }
-        )
+    if op.event_uri is not None:
+        header["eventUri"] = op.event_uri
+    else:
+        code = next(k for k, v in op.legacy_events.items() if v == parsed.event)
+        header["eventCoding"] = {"system": ids.EVENT_TYPE_SYSTEM, "code": code}
     now = instant(datetime.now(UTC))
     return {
         "resourceType": "Bundle",
@@ -206,5 +205,34 @@ def response_bundle(
         "meta": {"lastUpdated": now},
         "type": "message",
         "timestamp": now,
-        "entry": entries,
+        "entry": [{"fullUrl": f"urn:uuid:{header_id}", "resource": header}],
     }
+
+
+def written_resource(record_payload: dict[str, Any], resource_type: str, event: str) -> dict[str, Any] | None:
+    """The focus resource of a recorded write as a search would return it: with an id derived
+    from its business identifier, and the status a cancel leaves it in."""
+    for entry in record_payload.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == resource_type:
+            out = dict(resource)
+            out.setdefault(
+                "id", str(uuid.uuid5(_NAMESPACE, orjson.dumps(resource.get("identifier")).decode()))
+            )
+            if event == "Scheduling-Cancel":
+                out["status"] = "cancelled"
+            return out
+    return None
+
+
+def identifier_matches(resource: dict[str, Any], wanted: str) -> bool:
+    """FHIR token search on ``identifier``: ``system|value``, ``|value`` or ``value``."""
+    system, sep, value = wanted.partition("|")
+    if not sep:
+        system, value = "", wanted
+    for ident in resource.get("identifier") or []:
+        if not isinstance(ident, dict) or ident.get("value") != value:
+            continue
+        if not sep or not system or ident.get("system") == system:
+            return True
+    return False

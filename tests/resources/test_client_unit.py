@@ -168,7 +168,7 @@ def bundle(n: int, next_url: str | None = None) -> dict[str, Any]:
         lambda c: list(c.fhir_search("Condition", {})),  # no entity maps to it
         lambda c: c.fhir_read("Patient", "../../admin"),
         lambda c: c.fhir_operation(
-            "Appointment/$schedule-new", {"resourceType": "Bundle"}, "k"
+            "Appointment/$appointment-create", {"resourceType": "Bundle"}, "k"
         ),  # not a write entity
         lambda c: c.datamodel({"Meta": {"DataModel": "Scheduling", "EventType": "New"}}),
         lambda c: c.datamodel({"Meta": {"DataModel": "Medications", "EventType": "PatientQuery"}}),
@@ -481,15 +481,15 @@ def test_fhir_write_operation_sends_a_stable_idempotency_key(tmp_path: Path) -> 
         "type": "message",
         "entry": [{"resource": {"resourceType": "MessageHeader"}}],
     }
-    assert client.fhir_operation("ServiceRequest/$order-new", order, idempotency_key="outbox-7") == ack
+    assert client.fhir_operation("ServiceRequest/$servicerequest-create", order, idempotency_key="outbox-7") == ack
     first, second = script.requests
     assert (
-        first.url.path.endswith("/ServiceRequest/$order-new")
+        first.url.path.endswith("/ServiceRequest/$servicerequest-create")
         and first.headers["Content-Type"] == "application/fhir+json"
     )
     assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"] == "outbox-7"
     templates = {r["path_template"] for r in read_audit_file(tmp_path / "audit.jsonl")[0]}
-    assert templates == {"/fhir/R4/{slug}/{env}/ServiceRequest/$order-new"}
+    assert templates == {"/fhir/R4/{slug}/{env}/ServiceRequest/$servicerequest-create"}
 
 
 def test_document_content_is_read_relative_to_the_fhir_base_only(tmp_path: Path) -> None:

@@ -296,7 +296,7 @@ def order_bundle(patient_id: str, order_id: str) -> dict[str, Any]:
                 "resource": {
                     "resourceType": "MessageHeader",
                     "id": "mh-e2e",
-                    "eventCoding": {"system": "urn:redox:event-type", "code": "Order-New"},
+                    "eventUri": "https://fhir.redoxengine.com/EventDefinition/ServiceRequestCreate",
                     "source": {"name": "redox-elt", "endpoint": "urn:redox-elt"},
                     "focus": [{"reference": "ServiceRequest/sr-e2e"}],
                 },
@@ -352,7 +352,7 @@ def first_record(live: Live, conn_id: str) -> dict[str, str]:
 def test_writes_lists_every_accepted_write_back_duplicates_included(live: Live) -> None:
     assert live.http.get(f"{live.url}/_sandbox/writes").json() == {"orders": [], "appointments": []}
     fhir_patient = first_record(live, "northwind-fhir")
-    url = f"{live.fhir_base('northwind-fhir')}/ServiceRequest/$order-new"
+    url = f"{live.fhir_base('northwind-fhir')}/ServiceRequest/$servicerequest-create"
     bundle = order_bundle(fhir_patient["patient_id"], "ORD-E2E-1")
     headers = {**live.bearer(), "Idempotency-Key": "idem-1"}
     first = live.http.post(url, json=bundle, headers=headers)
@@ -555,7 +555,7 @@ def test_token_lifetime_fault_makes_tokens_expire(live: Live) -> None:
 def test_timeout_after_commit_stores_the_write_and_the_retry_is_a_duplicate(live: Live) -> None:
     live.faults(connection="northwind-fhir", timeout_after_commit_rate=1.0, timeout_s=0.2)
     patient = first_record(live, "northwind-fhir")
-    url = f"{live.fhir_base('northwind-fhir')}/ServiceRequest/$order-new"
+    url = f"{live.fhir_base('northwind-fhir')}/ServiceRequest/$servicerequest-create"
     headers = {**live.bearer(), "Idempotency-Key": "commit-1"}
     lost = live.http.post(url, json=order_bundle(patient["patient_id"], "ORD-LOST"), headers=headers)
     assert lost.status_code == 504

@@ -26,7 +26,15 @@ from sandbox.auth import InvalidToken, TokenInfo
 from sandbox.config import ConnectionSpec, SandboxConfig
 from sandbox.fhir import identifiers as ids
 from sandbox.fhir import paging
-from sandbox.fhir.operations import NOTIFICATION_EVENTS, ORDER_OPERATION, SCHEDULE_OPERATION
+from sandbox.fhir.operations import (
+    APPOINTMENT_CANCEL,
+    APPOINTMENT_CREATE,
+    APPOINTMENT_LEGACY_WRITE,
+    APPOINTMENT_UPDATE,
+    NOTIFICATION_EVENTS,
+    ORDER_CREATE,
+    WriteOperation,
+)
 from sandbox.fhir.render import (
     RenderCache,
     content_hash,
@@ -983,7 +991,7 @@ def test_search_bundles_validate_and_mangle_is_applied(
 # --- write-back ------------------------------------------------------------------------------
 
 
-def order_bundle(order_id: str = "ORD-NEW-1", event: str = "Order-New", **changes: Any) -> dict:
+def order_bundle(order_id: str = "ORD-NEW-1", **changes: Any) -> dict:
     service_request = {
         "resourceType": "ServiceRequest",
         "id": "sr1",
@@ -1003,7 +1011,7 @@ def order_bundle(order_id: str = "ORD-NEW-1", event: str = "Order-New", **change
                 "resource": {
                     "resourceType": "MessageHeader",
                     "id": "mh-1",
-                    "eventCoding": {"system": "urn:redox:event-type", "code": event},
+                    "eventUri": ORDER_CREATE.event_uri,
                     "source": {"name": "redox-elt", "endpoint": "urn:redox-elt"},
                     "focus": [{"reference": "ServiceRequest/sr1"}],
                 },
@@ -1021,9 +1029,9 @@ def order_bundle(order_id: str = "ORD-NEW-1", event: str = "Order-New", **change
     }
 
 
-def appointment_bundle(visit: str = "SCH-NEW-1", event: str = "Scheduling-New") -> dict:
+def appointment_bundle(visit: str = "SCH-NEW-1", op: WriteOperation = APPOINTMENT_CREATE) -> dict:
     bundle = order_bundle()
-    bundle["entry"][0]["resource"]["eventCoding"]["code"] = event
+    bundle["entry"][0]["resource"]["eventUri"] = op.event_uri
     bundle["entry"][0]["resource"]["focus"] = [{"reference": "urn:uuid:7b1c3c57-1d6c-4a8e-9b8e-0f4c4a1f0002"}]
     bundle["entry"][1]["resource"] = {
         "resourceType": "Appointment",
@@ -1038,15 +1046,13 @@ def appointment_bundle(visit: str = "SCH-NEW-1", event: str = "Scheduling-New") 
 
 def test_order_write_back_is_recorded_and_acknowledged(client: TestClient, state: SandboxState) -> None:
     validate(order_bundle())
-    r = client.post(
-        f"{BASE}/ServiceRequest/{ORDER_OPERATION.name}",
-        json=order_bundle(),
-        headers={**AUTH, "Idempotency-Key": "k1"},
-    )
+    r = client.post(f"{BASE}/ServiceRequest/$servicerequest-create", json=order_bundle(), headers=AUTH)
     assert r.status_code == 200, r.text
     ack = r.json()
     validate(ack)
-    assert ack["entry"][0]["resource"]["response"] == {"identifier": "mh-1", "code": "ok"}
+    header = ack["entry"][0]["resource"]
+    assert header["response"] == {"identifier": "mh-1", "code": "ok"}
+    assert header["eventUri"] == "https://fhir.redoxengine.com/EventDefinition/ServiceRequestCreate"
     [write] = state.writes.writes
     assert (write.kind, write.order_id, write.event, write.surface, write.connection_id) == (
         "orders",
@@ -1055,31 +1061,67 @@ def test_order_write_back_is_recorded_and_acknowledged(client: TestClient, state
         "fhir",
         "clinic",
     )
-    assert write.idempotency_key == "k1" and not write.duplicate
     assert write.payload == order_bundle()
 
 
-def test_write_back_duplicates_are_detected_by_key_and_by_content(
+def test_every_write_is_recorded_even_with_the_same_idempotency_key(
     client: TestClient, state: SandboxState
 ) -> None:
-    url = f"{BASE}/ServiceRequest/$order-new"
-    client.post(url, json=order_bundle(), headers={**AUTH, "Idempotency-Key": "k1"})
-    again = client.post(url, json=order_bundle("ORD-OTHER"), headers={**AUTH, "Idempotency-Key": "k1"})
-    same_content = client.post(url, json=order_bundle(), headers=AUTH)
-    fresh = client.post(url, json=order_bundle(event="Order-Cancel", status="revoked"), headers=AUTH)
-    assert [r.status_code for r in (again, same_content, fresh)] == [200, 200, 200]
-    assert [w.duplicate for w in state.writes.writes] == [False, True, True, False]
-    outcome = again.json()["entry"][1]["resource"]
-    assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["code"] == "duplicate"
+    """Redox has no idempotency mechanism: a repeated write is a second write."""
+    url = f"{BASE}/ServiceRequest/$servicerequest-create"
+    first = client.post(url, json=order_bundle(), headers={**AUTH, "Idempotency-Key": "k1"})
+    again = client.post(url, json=order_bundle(), headers={**AUTH, "Idempotency-Key": "k1"})
+    assert [first.status_code, again.status_code] == [200, 200]
+    assert [w.order_id for w in state.writes.writes] == ["ORD-NEW-1", "ORD-NEW-1"]
+    assert [w.duplicate for w in state.writes.writes] == [False, True]
+    assert len(again.json()["entry"]) == 1  # no "not applied twice" outcome: it was applied twice
 
 
-def test_appointment_write_back(client: TestClient, state: SandboxState) -> None:
-    r = client.post(f"{BASE}/Appointment/{SCHEDULE_OPERATION.name}", json=appointment_bundle(), headers=AUTH)
+def test_written_order_is_found_by_identifier_search(client: TestClient, state: SandboxState) -> None:
+    client.post(f"{BASE}/ServiceRequest/$servicerequest-create", json=order_bundle("ORD-FIND"), headers=AUTH)
+    form = {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}
+    hit = client.post(
+        f"{BASE}/ServiceRequest/_search",
+        content="identifier=urn:redox:clinic-health:OrderID|ORD-FIND",
+        headers=form,
+    )
+    assert hit.status_code == 200, hit.text
+    assert hit.json()["total"] == 1
+    assert hit.json()["entry"][0]["resource"]["identifier"][0]["value"] == "ORD-FIND"
+    miss = client.post(f"{BASE}/ServiceRequest/_search", content="identifier=ORD-NOPE", headers=form)
+    assert miss.status_code == 200 and miss.json()["total"] == 0
+
+
+@pytest.mark.parametrize("op", [APPOINTMENT_CREATE, APPOINTMENT_UPDATE, APPOINTMENT_CANCEL])
+def test_appointment_write_back(client: TestClient, state: SandboxState, op: WriteOperation) -> None:
+    r = client.post(f"{BASE}/Appointment/{op.name}", json=appointment_bundle(op=op), headers=AUTH)
     assert r.status_code == 200, r.text
     write = state.writes.writes[0]
-    assert (write.kind, write.order_id, write.event) == ("appointments", "SCH-NEW-1", "Scheduling-New")
-    wrong_op = client.post(f"{BASE}/Appointment/$schedule-new", json=order_bundle(), headers=AUTH)
-    assert wrong_op.status_code == 400
+    assert (write.kind, write.order_id, write.event) == ("appointments", "SCH-NEW-1", op.event)
+    wrong_uri = client.post(
+        f"{BASE}/Appointment/{op.name}", json=appointment_bundle(op=APPOINTMENT_LEGACY_WRITE), headers=AUTH
+    )
+    assert wrong_uri.status_code == 400 and "eventUri" in wrong_uri.text
+
+
+def test_older_appointment_write_generation_is_accepted(client: TestClient, state: SandboxState) -> None:
+    bundle = appointment_bundle()
+    header = bundle["entry"][0]["resource"]
+    del header["eventUri"]
+    header["eventCoding"] = {"system": "urn:redox:event-type", "code": "Appointment-New"}
+    r = client.post(f"{BASE}/Appointment/$write", json=bundle, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert state.writes.writes[0].event == "Scheduling-New"
+
+
+@pytest.mark.parametrize(
+    "invented",
+    ["ServiceRequest/$order-new", "Appointment/$schedule-new", "ServiceRequest/$servicerequest-update"],
+)
+def test_invented_operations_are_404(client: TestClient, state: SandboxState, invented: str) -> None:
+    r = client.post(f"{BASE}/{invented}", json=order_bundle(), headers=AUTH)
+    assert r.status_code == 404
+    assert state.writes.writes == []
 
 
 @pytest.mark.parametrize(
@@ -1087,8 +1129,11 @@ def test_appointment_write_back(client: TestClient, state: SandboxState) -> None
     [
         (lambda b: b.update(type="collection"), "Bundle.type"),
         (lambda b: b["entry"].reverse(), "MessageHeader"),
-        (lambda b: b["entry"][0]["resource"]["eventCoding"].update(code="Order-Explode"), "event codes"),
-        (lambda b: b["entry"][0]["resource"]["eventCoding"].update(system="urn:other"), "eventCoding.system"),
+        (
+            lambda b: b["entry"][0]["resource"].update(eventUri="https://x/EventDefinition/Explode"),
+            "eventUri",
+        ),
+        (lambda b: b["entry"][0]["resource"].pop("source"), "source"),
         (
             lambda b: b["entry"][1]["resource"].update(identifier=[{"system": "urn:x:VN", "value": "1"}]),
             ":OrderID",
@@ -1103,7 +1148,7 @@ def test_bad_write_back_bundle_is_400_naming_the_problem(
 ) -> None:
     bundle = order_bundle()
     mutate(bundle)
-    r = client.post(f"{BASE}/ServiceRequest/$order-new", json=bundle, headers=AUTH)
+    r = client.post(f"{BASE}/ServiceRequest/$servicerequest-create", json=bundle, headers=AUTH)
     assert r.status_code == 400
     assert needle in r.json()["issue"][0]["diagnostics"]
     assert state.writes.writes == []
@@ -1111,23 +1156,17 @@ def test_bad_write_back_bundle_is_400_naming_the_problem(
 
 def test_write_back_refusals(client: TestClient, state: SandboxState) -> None:
     limited = "/fhir/R4/limited-net/Development"
-    assert (
-        client.post(f"{limited}/ServiceRequest/$order-new", json=order_bundle(), headers=AUTH).status_code
-        == 403
-    )
-    assert (
-        client.post(f"{BASE}/ServiceRequest/$order-explode", json=order_bundle(), headers=AUTH).status_code
-        == 404
-    )
-    assert client.get(f"{BASE}/ServiceRequest/$order-new", headers=AUTH).status_code == 405
-    not_json = client.post(f"{BASE}/ServiceRequest/$order-new", content=b"{oops", headers=AUTH)
+    url = "ServiceRequest/$servicerequest-create"
+    assert client.post(f"{limited}/{url}", json=order_bundle(), headers=AUTH).status_code == 403
+    assert client.get(f"{BASE}/{url}", headers=AUTH).status_code == 405
+    not_json = client.post(f"{BASE}/{url}", content=b"{oops", headers=AUTH)
     assert not_json.status_code == 400
     assert state.writes.writes == []
 
 
 def test_oversized_body_is_413(client: TestClient, state: SandboxState) -> None:
     state.config.max_payload_bytes = 100
-    r = client.post(f"{BASE}/ServiceRequest/$order-new", json=order_bundle(), headers=AUTH)
+    r = client.post(f"{BASE}/ServiceRequest/$servicerequest-create", json=order_bundle(), headers=AUTH)
     assert r.status_code == 413 and r.json()["resourceType"] == "OperationOutcome"
     assert state.writes.writes == []
 
@@ -1136,7 +1175,7 @@ def test_timeout_after_commit_stores_the_write_but_the_client_gets_an_error(
     client: TestClient, state: SandboxState
 ) -> None:
     state.faults.on.add("timeout_after_commit")
-    r = client.post(f"{BASE}/ServiceRequest/$order-new", json=order_bundle(), headers=AUTH)
+    r = client.post(f"{BASE}/ServiceRequest/$servicerequest-create", json=order_bundle(), headers=AUTH)
     assert r.status_code == 504
     assert len(state.writes.writes) == 1
 
