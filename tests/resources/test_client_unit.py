@@ -481,7 +481,10 @@ def test_fhir_write_operation_sends_a_stable_idempotency_key(tmp_path: Path) -> 
         "type": "message",
         "entry": [{"resource": {"resourceType": "MessageHeader"}}],
     }
-    assert client.fhir_operation("ServiceRequest/$servicerequest-create", order, idempotency_key="outbox-7") == ack
+    assert (
+        client.fhir_operation("ServiceRequest/$servicerequest-create", order, idempotency_key="outbox-7")
+        == ack
+    )
     first, second = script.requests
     assert (
         first.url.path.endswith("/ServiceRequest/$servicerequest-create")
