@@ -45,7 +45,11 @@ def test_every_expected_asset_exists_with_layer_and_partitions() -> None:
         AssetKey(["raw", "quarantine"])
     }
     normalized = {AssetKey(["redox", e]) for e in (*ENTITIES, "patient_identifiers")}
-    assert keys == raw | normalized | {AssetKey(["analytics", "persons"])}
+    panel = AssetKey(["ops", "patient_panel"])
+    assert keys == raw | normalized | {AssetKey(["analytics", "persons"]), panel}
+    # The panel (who is pulled) is upstream of every staged table, on the same partitions.
+    assert panel in graph.get(AssetKey(["raw", "fhir", "results"])).parent_keys
+    assert isinstance(graph.get(panel).partitions_def, MultiPartitionsDefinition)
     groups = {k: graph.get(k).group_name for k in keys}
     assert {groups[k] for k in raw} == {"raw"}
     assert {groups[k] for k in normalized} == {"normalized"}
