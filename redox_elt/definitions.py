@@ -25,6 +25,7 @@ from assets.resources import (  # noqa: E402
     WarehouseResource,
 )
 from assets.sync_assets import build_sync_assets  # noqa: E402
+from assets.writeback import build_inbox_sensor, writeback_job  # noqa: E402
 from pipelines.warehouse import DEFAULT_WAREHOUSE  # noqa: E402
 from redox_elt.environment import CONFIG_ENV, WAREHOUSE_ENV  # noqa: E402
 
@@ -61,9 +62,9 @@ def build_definitions(
     return Definitions(
         assets=[sync.redox_sync, sync.persons],
         asset_checks=CHECKS,
-        jobs=[job],
+        jobs=[job, writeback_job],
         schedules=build_schedules(job, when),
-        sensors=SENSORS,
+        sensors=[*SENSORS, build_inbox_sensor(job)],
         resources={
             "redox": redox or redox_resource(env),
             "warehouse": warehouse or warehouse_resource(env),
