@@ -128,8 +128,8 @@ def _search(
 
 
 def _patient_params(patient: DuePatient, ctx: FhirPullContext) -> list[tuple[str, str]]:
-    if patient.fhir_id:
-        return [("_id", patient.fhir_id)]
+    """The patient by the identifier it joined the panel with (exact, and immune to a logical id
+    learned from a damaged answer); by ``_id`` only for a row known solely by its FHIR id."""
     if patient.id_system == FHIR_ID_SYSTEM:
         return [("_id", patient.id_value)]
     return [("identifier", fhir_identifier_token(patient.id_system, patient.id_value, ctx.destination_slug))]
@@ -186,7 +186,12 @@ def pull_patient(patient: DuePatient, ctx: FhirPullContext) -> FhirPatientResult
         result.pages = list(found)
         return result
     # Identifier searches match exactly (REDOX-REFERENCE §3.3): one patient, or the first of a merge.
-    result.fhir_id = str(patients[0].get("id"))
+    logical_id = patients[0].get("id")
+    if not isinstance(logical_id, str) or not logical_id:
+        # A damaged answer (its record is quarantined): nothing to search the patient's records
+        # by, and nothing to remember — the pull fails and the patient stays due.
+        raise PartialFailure("search Patient", ("patient-without-id",))
+    result.fhir_id = logical_id
     result.mrn = _mrn_of(patients[0])
     result.pages.extend(found)
     if result.revinclude:

