@@ -94,8 +94,10 @@ def test_sigkilled_receiver_stores_every_distinct_message_exactly_once(
         httpx.post(
             f"{server.url}/_sandbox/faults", json={"webhook_duplicate_rate": 0.3, "webhook_reorder": True}
         )
-        httpx.post(f"{server.url}/_sandbox/advance", json={"days": 2, "change_fraction": 0.05}, timeout=120)
-        wait_until(lambda: inbox_stats()["distinct_messages"] >= 10, 60, "the first deliveries")
+        # A long stream (several hundred events) and a kill right after the first stored ones, so
+        # the receiver dies mid-stream even on an idle machine.
+        httpx.post(f"{server.url}/_sandbox/advance", json={"days": 6, "change_fraction": 0.2}, timeout=120)
+        wait_until(lambda: inbox_stats()["distinct_messages"] >= 2, 60, "the first deliveries")
         os.killpg(receiver.pid, signal.SIGKILL)
         receiver.wait()
         mid = httpx.get(f"{server.url}/_sandbox/truth", params={"persons": "false"}).json()["webhooks"]
