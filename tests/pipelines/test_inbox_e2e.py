@@ -143,7 +143,9 @@ def test_event_first_patients_get_every_record_after_the_next_sync(
             for conn, source_id, status in con.execute(
                 f"SELECT connection_id, source_id, status FROM {ms}.{entity}"
             ).fetchall():
-                record = store.get(conn, entity, source_id) or store.find_by_business_id(conn, entity, source_id)
+                record = store.get(conn, entity, source_id) or store.find_by_business_id(
+                    conn, entity, source_id
+                )
                 assert record is not None, f"an {entity} row from an event is unknown to the sandbox"
                 assert status == record.status, (conn, entity, status, record.status)
                 compared += 1
@@ -162,10 +164,7 @@ def test_event_first_patients_get_every_record_after_the_next_sync(
             (patient,) = store.find_patients(conn, identifier=mrn, id_type="MR")
             fhir_id = patient.id
             for entity in ENTITIES:
-                if entity == "patients":
-                    want = 1
-                else:
-                    want = store.count(Query(conn, entity, patient_id=fhir_id))
+                want = 1 if entity == "patients" else store.count(Query(conn, entity, patient_id=fhir_id))
                 assert got[entity][mrn] == want, (conn, entity, got[entity][mrn], want)
         # Nobody else was pulled: the warehouse holds the event patients and no one more.
         assert set(got["patients"]) == mrns
