@@ -63,7 +63,9 @@ _NAMESPACE = uuid.UUID("8b1f7c2e-3d4a-4e5b-9c6d-7e8f9a0b1c2d")
 
 def report_outcome(state: SandboxState, conn: ConnectionSpec, write: WriteRecord) -> int:
     """Queue the EHR's outcome of ``write`` for every registered destination; how many
-    payloads were queued per destination."""
+    payloads were queued per destination (0 for a state without a webhook sender)."""
+    if state.webhooks is None:
+        return 0
     payloads = outcome_payloads(state, conn, write)
     return state.webhooks.enqueue_payloads([(conn.id, p) for p in payloads])
 
