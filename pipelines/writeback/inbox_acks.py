@@ -171,8 +171,17 @@ def _fhir_outcome(bundle: dict[str, Any]) -> Outcome | None:
     return None
 
 
+# Bytes every outcome body holds, per family: a cheap test before parsing (Media events are large).
+_MARKERS = {
+    FAMILY_DATAMODEL: (b'"Order"', b'"Scheduling"'),
+    FAMILY_FHIR: (b'"ServiceRequest"', b'"Appointment"'),
+}
+
+
 def read_outcome(family: str, body: bytes) -> Outcome | None:
     """The write-back outcome a pushed message carries, if it is shaped like one."""
+    if not any(marker in body for marker in _MARKERS.get(family, ())):
+        return None
     try:
         payload = parse_body(body)
     except ValueError:
@@ -251,16 +260,28 @@ def settle_outcomes(
     """Settle the outbox rows the messages answer. ``messages``: ``(connection_id, family,
     body)`` per message, or None to skip one. Returns, per message, whether it is the outcome
     of one of our orders (consumed: the caller loads nothing for it)."""
-    consumed = [False] * len(messages)
-    outcomes = [
-        (i, item[0], read_outcome(item[1], item[2])) for i, item in enumerate(messages) if item and item[0]
-    ]
-    outcomes = [(i, c, o) for i, c, o in outcomes if o is not None]
+    return _settle(con, _read_all(messages), len(messages))
+
+
+def _read_all(
+    messages: Sequence[tuple[str | None, str, bytes] | None],
+) -> list[tuple[int, str, Outcome]]:
+    out = []
+    for i, item in enumerate(messages):
+        if item is None or not item[0]:
+            continue
+        outcome = read_outcome(item[1], bytes(item[2]))
+        if outcome is not None:
+            out.append((i, item[0], outcome))
+    return out
+
+
+def _settle(con: duckdb.DuckDBPyConnection, outcomes: list[tuple[int, str, Outcome]], n: int) -> list[bool]:
+    consumed = [False] * n
     if not outcomes or not table_exists(con, "outbox", "orders"):
         return consumed
     counts = {ACCEPTED: 0, REFUSED: 0}
     for i, connection_id, outcome in outcomes:
-        assert connection_id is not None and outcome is not None
         if not _ours(con, connection_id, outcome):
             continue
         settle = _settle_order if outcome.kind == "orders" else _settle_appointment
@@ -282,7 +303,8 @@ def settle_pushed_outcomes(
 ) -> list[bool]:
     """``settle_outcomes`` on the warehouse at ``duckdb_path``, connecting only when some message
     is shaped like an outcome. The caller holds the warehouse's writer lock."""
-    if not any(m and m[0] and read_outcome(m[1], m[2]) for m in messages):
+    outcomes = _read_all(messages)
+    if not outcomes:
         return [False] * len(messages)
     with duckdb.connect(str(duckdb_path)) as con:
-        return settle_outcomes(con, messages)
+        return _settle(con, outcomes, len(messages))

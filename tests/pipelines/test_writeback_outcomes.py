@@ -21,6 +21,7 @@ from typing import Any
 
 import duckdb
 import httpx
+import orjson
 import pytest
 import uvicorn
 
@@ -30,6 +31,8 @@ from pipelines.inbox.receiver import create_app, settings_resolver
 from pipelines.inbox.store import connect, inbox_path
 from pipelines.publish import ensure_model_tables, model_schema
 from pipelines.warehouse import WarehousePaths, WriterLock
+from pipelines.writeback import ensure_outbox_tables
+from pipelines.writeback.inbox_acks import settle_outcomes
 from pipelines.writeback.sender import Destination, Writer
 from resources.onboarding import connect_sandbox
 from resources.settings import Settings, load_settings
@@ -346,3 +349,65 @@ def test_lookups_read_the_refused_state_and_never_resend(env: dict[str, Any]) ->
     assert again.found_after_unanswered_send == refused and again.sent == 0, again.summary()
     assert len(_writes(env)["orders"]) + len(_writes(env)["appointments"]) == sent
     assert (_rows(env["paths"], "orders"), _rows(env["paths"], "appointments")) == before
+
+
+def _dm(model: str, event: str, **body: Any) -> tuple[str, str, bytes]:
+    return (
+        "lakeside-dm",
+        FAMILY_DATAMODEL,
+        orjson.dumps({"Meta": {"DataModel": model, "EventType": event}, **body}),
+    )
+
+
+def test_an_appointment_outcome_settles_the_row_it_answers_whatever_the_arrival_order(tmp_path: Path) -> None:
+    """Outcomes of a create and of our own cancel, arriving cancel first (Redox may reorder),
+    settle both rows right; a refusal fails the create; duplicates change nothing."""
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        ensure_outbox_tables(con)
+        con.execute(
+            "insert into outbox.appointments (request_id, appointment_id, action, connection_id, patient_key, status) values "
+            "('c1', 'V1', 'create', 'lakeside-dm', 'k', 'sent'), ('x1', 'V1', 'cancel', 'lakeside-dm', 'k', 'sending'), "
+            "('c2', 'V2', 'create', 'lakeside-dm', 'k', 'sent'), ('c3', 'V3', 'create', 'lakeside-dm', 'k', 'pending')"
+        )
+        con.execute(
+            "insert into outbox.orders (order_id, connection_id, patient_key, status) values "
+            "('O1', 'lakeside-dm', 'k', 'sent'), ('O2', 'lakeside-dm', 'k', 'sent')"
+        )
+        messages = [
+            _dm("Scheduling", "Cancel", Visit={"VisitNumber": "V1"}),
+            _dm("Scheduling", "New", Visit={"VisitNumber": "V1"}),
+            _dm(
+                "Scheduling",
+                "Cancel",
+                Visit={"VisitNumber": "V2", "CancelReason": "slot no longer available"},
+            ),
+            _dm("Scheduling", "New", Visit={"VisitNumber": "V3"}),  # still pending: not ours to settle yet
+            _dm("Order", "Update", Order={"ID": "O1", "Status": "Scheduled"}),
+            _dm(
+                "Order",
+                "Cancel",
+                Order={"ID": "O2", "Status": "Canceled", "Notes": ["unknown ordering provider"]},
+            ),
+            _dm("Order", "Update", Order={"ID": "someone-elses"}),
+            None,
+        ]
+        consumed = settle_outcomes(con, messages)
+        assert consumed == [False, False, False, False, True, True, False, False]
+        assert settle_outcomes(con, messages) == consumed  # again: nothing moves
+        rows = dict(
+            con.execute(
+                "select request_id, status || coalesce(' / ' || last_error, '') from outbox.appointments"
+            ).fetchall()
+        )
+        orders = dict(
+            con.execute(
+                "select order_id, status || coalesce(' / ' || last_error, '') from outbox.orders"
+            ).fetchall()
+        )
+    assert rows == {
+        "c1": "acknowledged",
+        "x1": "acknowledged",
+        "c2": "failed / refused by the EHR: slot no longer available",
+        "c3": "pending",
+    }
+    assert orders == {"O1": "acknowledged", "O2": "failed / refused by the EHR: unknown ordering provider"}
