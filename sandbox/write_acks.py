@@ -31,7 +31,6 @@ processed the write (wall clock): outcomes concern written objects only, never p
 
 from __future__ import annotations
 
-import logging
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -50,7 +49,6 @@ from sandbox.webhooks import push_families
 if TYPE_CHECKING:
     from sandbox.state import SandboxState
 
-log = logging.getLogger("sandbox.write_acks")
 
 EVENT_DEFINITION = "https://fhir.redoxengine.com/EventDefinition/"
 MESSAGE_DEFINITION = "https://fhir.redoxengine.com/MessageDefinition/"
