@@ -222,6 +222,27 @@ class WebhookSender:
                 dest.wake.notify()
         return len(rendered)
 
+    def enqueue_payloads(self, payloads: Iterable[tuple[str, dict[str, Any]]]) -> int:
+        """Queue already rendered ``(connection_id, payload)`` pairs for every registered
+        destination (e.g. write-back outcomes, ``sandbox.write_acks``), after whatever is
+        queued; returns the number queued per destination."""
+        if self._stopping.is_set():
+            return 0
+        rendered = list(payloads)
+        with self._lock:
+            destinations = list(self._destinations.values())
+        if not destinations or not rendered:
+            return 0
+        for dest in destinations:
+            events = []
+            for connection_id, payload in rendered:
+                own = copy.deepcopy(payload)
+                events.append(_Event(own, self._assign_log_id(own), connection_id))
+            with dest.wake:
+                dest.queue.extend(events)
+                dest.wake.notify()
+        return len(rendered)
+
     @staticmethod
     def _assign_log_id(payload: dict[str, Any]) -> str:
         """One Log per destination (REDOX-REFERENCE §4.4); its ID never changes afterwards."""
