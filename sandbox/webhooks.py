@@ -212,15 +212,7 @@ class WebhookSender:
             out = self._render(change, conn)
             payloads = out if isinstance(out, list) else [out] if out else []
             rendered.extend((conn.id, p) for p in payloads)
-        for dest in destinations:
-            events = []
-            for connection_id, payload in rendered:
-                own = copy.deepcopy(payload)
-                events.append(_Event(own, self._assign_log_id(own), connection_id))
-            with dest.wake:
-                dest.queue.extend(events)
-                dest.wake.notify()
-        return len(rendered)
+        return self.enqueue_payloads(rendered)
 
     def enqueue_payloads(self, payloads: Iterable[tuple[str, dict[str, Any]]]) -> int:
         """Queue already rendered ``(connection_id, payload)`` pairs for every registered

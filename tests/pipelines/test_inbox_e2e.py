@@ -8,61 +8,24 @@ event-derived rows themselves already equal the sandbox's records before that sy
 from __future__ import annotations
 
 import dataclasses
-import socket
-import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import duckdb
 import httpx
-import pytest
-import uvicorn
 
 from pipelines.inbox.process import process_inbox
-from pipelines.inbox.receiver import create_app, settings_resolver
-from pipelines.inbox.store import inbox_path
 from pipelines.model import ENTITIES
 from pipelines.publish import model_schema
 from pipelines.sync import run_sync
 from pipelines.warehouse import WarehousePaths
 from resources.onboarding import connect_sandbox
-from resources.settings import Settings, load_settings
+from resources.settings import load_settings
 from sandbox.population.store import Query
+from tests.pipelines.inbox_receiver import wait_until
 
 TOKEN = "e2e-inbox-token"
 CONNECTIONS = ("northwind-fhir", "lakeside-dm", "riverbend-both")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling interval of a condition wait
-
-
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Callable[[Settings, WarehousePaths], str]]:
-    """Start the real receiver app under uvicorn on a free loopback port."""
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def start(settings: Settings, paths: WarehousePaths) -> str:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        app = create_app(inbox_path(paths), TOKEN, settings_resolver(settings))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        wait_until(lambda: server.started, 30, "the receiver to start")
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{port}/"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def _panel(paths: WarehousePaths) -> dict[str, list[tuple[str, str, str]]]:
@@ -105,7 +68,7 @@ def test_event_first_patients_get_every_record_after_the_next_sync(
         settings, connections=tuple(dataclasses.replace(c, max_rps=200.0) for c in settings.connections)
     )
     paths = WarehousePaths.at(tmp_path / "wh" / "redox.duckdb")
-    url = receiver(settings, paths)
+    url = receiver(settings, paths, TOKEN)
     r = httpx.post(f"{server.url}/_sandbox/webhooks", json={"url": url, "token": TOKEN}, timeout=30)
     assert r.status_code == 200, r.text
     # Duplicates and reordering on, as Redox delivers.

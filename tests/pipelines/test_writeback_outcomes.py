@@ -12,10 +12,7 @@ single write up. The lookup path reads the refused state too.
 from __future__ import annotations
 
 import dataclasses
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +20,9 @@ import duckdb
 import httpx
 import orjson
 import pytest
-import uvicorn
 
 from pipelines.inbox.envelope import FAMILY_DATAMODEL, parse_body
 from pipelines.inbox.process import process_inbox
-from pipelines.inbox.receiver import create_app, settings_resolver
 from pipelines.inbox.store import connect, inbox_path
 from pipelines.publish import ensure_model_tables, model_schema
 from pipelines.warehouse import WarehousePaths, WriterLock
@@ -35,43 +30,14 @@ from pipelines.writeback import ensure_outbox_tables
 from pipelines.writeback.inbox_acks import settle_outcomes
 from pipelines.writeback.sender import Destination, Writer
 from resources.onboarding import connect_sandbox
-from resources.settings import Settings, load_settings
+from resources.settings import load_settings
 from sandbox.datamodel.conform import strict_check
 from sandbox.faults import WRITE_REJECT_REASONS
+from tests.pipelines.inbox_receiver import wait_until
 
 TOKEN = "writeback-outcomes-token"
 EHR = ("northwind-fhir", "lakeside-dm", "riverbend-both")
 REJECT_RATE = 0.3
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling interval of a condition wait
-
-
-@pytest.fixture
-def receiver() -> Iterator[Callable[[Settings, WarehousePaths], str]]:
-    """The real receiver app under uvicorn on a free loopback port."""
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def start(settings: Settings, paths: WarehousePaths) -> str:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        app = create_app(inbox_path(paths), TOKEN, settings_resolver(settings))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        wait_until(lambda: server.started, 30, "the receiver to start")
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{port}/"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture
@@ -212,7 +178,7 @@ def _assert_rows_match_the_ehr(env: dict[str, Any]) -> tuple[int, int]:
 
 
 def test_pushed_outcomes_settle_every_row_without_a_lookup(env: dict[str, Any], receiver) -> None:
-    url = receiver(env["settings"], env["paths"])
+    url = receiver(env["settings"], env["paths"], TOKEN)
     r = httpx.post(f"{env['server'].url}/_sandbox/webhooks", json={"url": url, "token": TOKEN}, timeout=30)
     assert r.status_code == 200 and r.json()["verified"], r.text
     _faults(env, {"write_reject_rate": REJECT_RATE, "webhook_duplicate_rate": 0.2, "webhook_reorder": True})
