@@ -32,7 +32,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.partitions import windows_for_run
+from assets.partitions import first_day, windows_for_run
 from assets.resources import RedoxResource, WarehouseResource
 from assets.specs import (
     ANALYTICS_GROUP,
@@ -101,7 +101,9 @@ def plan_windows(context: AssetExecutionContext, config: SyncConfig) -> list[Con
     keys = context.partition_keys if context.has_partition_key_range else None
     single = context.partition_key if not context.has_partition_key_range else None
     try:
-        windows = windows_for_run(context.run.tags, keys, single)
+        windows = windows_for_run(
+            context.run.tags, keys, single, first_day(context.assets_def.partitions_def)
+        )
     except ValueError as exc:
         raise Failure(description=str(exc)) from None
     connection_ids = list(dict.fromkeys(w.connection_id for w in windows))

@@ -129,7 +129,17 @@ def _sync_through_dagster(args: argparse.Namespace) -> int:
     from redox_elt.definitions import build_definitions
     from redox_elt.sync_job import DagsterSyncRunner
 
-    return sync_command(args, runner=DagsterSyncRunner(args.environment, build_definitions))
+    return sync_command(args, runner=DagsterSyncRunner(args.environment, build_definitions, verbose=args.verbose))
+
+
+def _demo_through_dagster(args: argparse.Namespace) -> int:
+    """``redox-elt demo`` runs the same Dagster job, so with ``$DAGSTER_HOME`` set the UI
+    shows the demo's runs and materializations."""
+    from pipelines.cli import _demo
+    from redox_elt.definitions import build_definitions
+    from redox_elt.sync_job import DagsterSyncRunner
+
+    return _demo(args, runner=DagsterSyncRunner(args.environment, build_definitions, verbose=args.verbose))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -194,10 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_writeback_verb(sub)
     sub.choices["sync"].set_defaults(func=_sync_through_dagster)
+    sub.choices["demo"].set_defaults(func=_demo_through_dagster)
     from pipelines.panel_cli import register as register_panel_verbs
 
     register_panel_verbs(sub)
     return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """``-v``: INFO with times and logger names, for a person debugging. Otherwise warnings
+    only, as plain ``redox-elt: message`` lines (a warning is meant for the user)."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, format="redox-elt: %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,10 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         _apply_environment(args, Environment.read())
     except EnvironmentValueError as exc:
