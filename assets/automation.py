@@ -188,3 +188,19 @@ def connection_partitions_sensor(
 
 
 SENSORS: list[SensorDefinition] = [connection_partitions_sensor]
+
+
+def next_scheduled_runs(when: ScheduleSettings, now: datetime) -> dict[str, list[tuple[str, datetime]]]:
+    """The next tick of each schedule that syncs a connection of each kind, after ``now``:
+    ``{"ehr": [(schedule, at), ...], "network": [...]}`` (``redox-elt status`` shows them;
+    they fire while the Dagster daemon runs)."""
+    from dagster._utils.schedules import cron_string_iterator
+
+    def next_tick(cron: str) -> datetime:
+        return next(t for t in cron_string_iterator(now.timestamp(), cron, "UTC") if t > now)
+
+    reconcile = ("daily_reconciliation", next_tick(when.reconcile_cron))
+    return {
+        "ehr": [("incremental_sync_ehr", next_tick(when.sync_cron)), reconcile],
+        "network": [("incremental_sync_network", next_tick(when.network_sync_cron)), reconcile],
+    }

@@ -129,7 +129,9 @@ def _sync_through_dagster(args: argparse.Namespace) -> int:
     from redox_elt.definitions import build_definitions
     from redox_elt.sync_job import DagsterSyncRunner
 
-    return sync_command(args, runner=DagsterSyncRunner(args.environment, build_definitions, verbose=args.verbose))
+    return sync_command(
+        args, runner=DagsterSyncRunner(args.environment, build_definitions, verbose=args.verbose)
+    )
 
 
 def _demo_through_dagster(args: argparse.Namespace) -> int:
@@ -208,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.panel_cli import register as register_panel_verbs
 
     register_panel_verbs(sub)
+    from redox_elt.status_cli import register as register_status_verbs
+
+    register_status_verbs(sub)
     return parser
 
 

@@ -221,7 +221,9 @@ def run_plan(
     return {"partition_key": key, "tags": tags, "run_config": {"ops": {"redox_sync": {"config": config}}}}
 
 
-def _connection_report(cw: ConnectionWindow, result: Any, paths: WarehousePaths | None = None) -> ConnectionReport:
+def _connection_report(
+    cw: ConnectionWindow, result: Any, paths: WarehousePaths | None = None
+) -> ConnectionReport:
     """The runner's report for the run's connection, read back from the run's events."""
     for event in result.all_events:
         if event.is_step_failure:
