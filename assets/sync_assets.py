@@ -219,7 +219,10 @@ def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
         partitions_def=partitions_def,
         # One run per connection and contiguous day range (see assets/partitions.py).
         backfill_policy=BackfillPolicy.single_run(),
-        can_subset=False,
+        # Any of its assets can be selected (`dagster asset materialize --select redox/patients`).
+        # One pass over the API writes every table of the connection, so any selection runs the
+        # whole sync; materializations are recorded for the selected assets.
+        can_subset=True,
         pool=DUCKDB_POOL,
         description="Extract, load and publish the run's connections and days (pipelines.sync.run_sync).",
     )
@@ -254,7 +257,8 @@ def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
                 description=f"{len(report.failures)} of {len(windows)} connections failed: {failed}",
                 metadata={REPORTS_METADATA: report_metadata(report.connections)},
             )
-        yield from _materializations(report)
+        selected = context.selected_asset_keys
+        yield from (m for m in _materializations(report) if m.asset_key in selected)
 
     @asset(
         key=PERSONS_KEY,

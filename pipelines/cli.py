@@ -111,8 +111,11 @@ def sync_window(since: str | None, until: str | None) -> SyncWindow:
 # What each summary column means, printed under the table (the table is read by people
 # who have not read the docs).
 SUMMARY_LEGEND = (
-    ("fetched", "records received from Redox in this run, per entity (a record returned by "
-                "several queries or in several versions counts each time)"),
+    (
+        "fetched",
+        "records received from Redox in this run, per entity (a record returned by "
+        "several queries or in several versions counts each time)",
+    ),
     ("in warehouse", "distinct records of the connection now in redox.<entity>, from every run"),
     ("quarantined", "payloads set aside this run (raw.quarantine; redox-elt quarantine list)"),
     ("seconds", "wall time of the connection's run: extract, load and publish"),
@@ -167,7 +170,11 @@ def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout, engine
         entities = sorted((set(conn.extracted) | set(conn.published)) - {"patient_identifiers"})
         for entity in entities:
             table.add_row(
-                f"  {entity}", f"{conn.extracted.get(entity, 0):,}", f"{conn.published.get(entity, 0):,}", "", ""
+                f"  {entity}",
+                f"{conn.extracted.get(entity, 0):,}",
+                f"{conn.published.get(entity, 0):,}",
+                "",
+                "",
             )
     console.print(table)
     for name, meaning in SUMMARY_LEGEND:
