@@ -140,7 +140,7 @@ def _access_line(conn: Any) -> str | None:
     )
 
 
-def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout, engine_log: Any = None) -> None:
+def _print_summary(report: Any, elapsed: float, stream: Any = None, engine_log: Any = None) -> None:
     """The run's summary, readable at 80 columns: one row per connection (its time and
     quarantine) followed by its entities, a legend for the columns, then each connection's
     patients and API calls in one sentence, and any failure in full on its own line."""
@@ -148,6 +148,7 @@ def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout, engine
     from rich.console import Console
     from rich.table import Table
 
+    stream = stream or sys.stdout
     console = Console(file=stream, width=None if getattr(stream, "isatty", lambda: False)() else 80)
     table = Table(
         title=f"redox-elt sync {report.run_id[:8]}: {len(report.connections)} connections in {elapsed:.1f} s",
@@ -177,8 +178,12 @@ def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout, engine
                 "",
             )
     console.print(table)
+    legend = Table.grid(padding=(0, 1))
+    legend.add_column(no_wrap=True)
+    legend.add_column(overflow="fold")
     for name, meaning in SUMMARY_LEGEND:
-        console.print(f"  {name:<13}{meaning}", highlight=False, markup=False)
+        legend.add_row(f"  {name}", meaning)
+    console.print(legend, highlight=False)
     lines = [line for line in (_access_line(c) for c in report.connections) if line]
     if lines:
         console.print("\npatients and API calls (the quota is shared by every connection):", highlight=False)
@@ -249,7 +254,7 @@ def sync_exit_code(report: Any) -> int:
 WAREHOUSE_ERROR_PREFIX = "the warehouse "
 
 
-def check_warehouse_free(paths: Any, stream: Any = sys.stderr) -> None:
+def check_warehouse_free(paths: Any, stream: Any = None) -> None:
     """Before a sync: say so when another sync holds the warehouse's writer lock (this one
     then waits for it), and fail with one line when the DuckDB file cannot be opened for
     writing: another program holds it open, the file system is read-only, or it is not a
@@ -267,7 +272,7 @@ def check_warehouse_free(paths: Any, stream: Any = sys.stderr) -> None:
             print(
                 f"redox-elt sync: waiting for the writer lock: another sync is writing {paths.duckdb} "
                 "(this one starts when it ends; Ctrl-C to stop)",
-                file=stream,
+                file=stream or sys.stderr,
                 flush=True,
             )
             return
