@@ -115,26 +115,64 @@ def _last_syncs(con: duckdb.DuckDBPyConnection) -> tuple[dict[str, dict[str, Any
     return last, ok
 
 
-def _panel(con: duckdb.DuckDBPyConnection, now: datetime) -> dict[str, dict[str, Any]]:
-    if not table_exists(con, "ops", "patient_panel"):
+def _server_clock_offsets(con: duckdb.DuckDBPyConnection) -> dict[str, timedelta]:
+    """Each connection's server clock minus ours, as the last sync measured it: the panel's
+    times are the server's (a sandbox runs on a fixed clock)."""
+    if not table_exists(con, "ops", "connection_capabilities"):
         return {}
     rows = con.execute(
+        "SELECT connection_id, value FROM ops.connection_capabilities WHERE capability = 'server_clock_offset_s'"
+    ).fetchall()
+    out = {}
+    for cid, value in rows:
+        try:
+            out[cid] = timedelta(seconds=float(value))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _panel(con: duckdb.DuckDBPyConnection, now: datetime) -> dict[str, dict[str, Any]]:
+    """Per connection: panel size, due now, never pulled, failing, and the oldest / newest
+    full pull, the times moved onto our clock (``*_at``) from the server's."""
+    if not table_exists(con, "ops", "patient_panel"):
+        return {}
+    offsets = _server_clock_offsets(con)
+    rows = con.execute(
         """SELECT connection_id, count(*),
-                  count(*) FILTER (WHERE NOT coalesce(not_found, false) AND next_pull_due_at <= ?),
                   count(*) FILTER (WHERE last_full_pull_at IS NULL AND NOT coalesce(not_found, false)),
                   count(*) FILTER (WHERE consecutive_failures > 0),
                   min(last_full_pull_at), max(last_full_pull_at)
-           FROM ops.patient_panel GROUP BY 1""",
-        [now],
+           FROM ops.patient_panel GROUP BY 1"""
     ).fetchall()
+    due = {
+        cid: int(n)
+        for cid, n in con.execute(
+            """SELECT p.connection_id, count(*) FROM ops.patient_panel p
+               JOIN (SELECT unnest(?::VARCHAR[]) AS cid, unnest(?::DOUBLE[]) AS offset_s) o
+                 ON o.cid = p.connection_id
+               WHERE NOT coalesce(p.not_found, false)
+                 AND p.next_pull_due_at <= ?::TIMESTAMPTZ + to_seconds(o.offset_s)
+               GROUP BY 1""",
+            [
+                [r[0] for r in rows],
+                [offsets.get(r[0], timedelta(0)).total_seconds() for r in rows],
+                now,
+            ],
+        ).fetchall()
+    }
+
+    def ours(cid: str, moment: datetime | None) -> datetime | None:
+        return moment - offsets.get(cid, timedelta(0)) if moment is not None else None
+
     return {
         r[0]: {
             "patients": int(r[1]),
-            "due_now": int(r[2]),
-            "never_pulled": int(r[3]),
-            "failing": int(r[4]),
-            "oldest_full_pull_at": r[5],
-            "newest_full_pull_at": r[6],
+            "due_now": due.get(r[0], 0),
+            "never_pulled": int(r[2]),
+            "failing": int(r[3]),
+            "oldest_full_pull_at": ours(r[0], r[4]),
+            "newest_full_pull_at": ours(r[0], r[5]),
         }
         for r in rows
     }
@@ -173,6 +211,26 @@ def _api_calls(con: duckdb.DuckDBPyConnection, since: datetime) -> dict[str, dic
         }
         for r in rows
     }
+
+
+def connections_in_warehouse(warehouse: Path) -> list[tuple[str, str]]:
+    """(id, kind) of every connection the warehouse has synced, in the order first synced:
+    what ``status`` shows without a connections file (after ``redox-elt demo``). A
+    connection whose panel was found by network matching is a ``network``."""
+    if not warehouse.is_file():
+        return []
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        if not table_exists(con, "ops", "sync_runs"):
+            return []
+        ids = [r[0] for r in con.execute(
+            f"SELECT connection_id FROM {SYNC_RUNS_TABLE} GROUP BY 1 ORDER BY min(finished_at)"
+        ).fetchall()]  # fmt: skip
+        networks: set[str] = set()
+        if table_exists(con, "ops", "patient_panel"):
+            networks = {r[0] for r in con.execute(
+                "SELECT DISTINCT connection_id FROM ops.patient_panel WHERE found_by = 'network_match'"
+            ).fetchall()}  # fmt: skip
+    return [(cid, "network" if cid in networks else "ehr") for cid in ids]
 
 
 def read_status(

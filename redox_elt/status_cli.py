@@ -43,11 +43,12 @@ def read_status_for(args: argparse.Namespace) -> Any:
     """The status of the configured connections in ``--warehouse`` (raises ``ValueError``
     or ``ConfigError`` with one line)."""
     from assets.automation import ScheduleSettings, next_scheduled_runs
-    from pipelines.status import ScheduledRun, read_status
+    from pipelines.status import ScheduledRun, connections_in_warehouse, read_status
     from resources.settings import load_settings
 
-    settings = load_settings(args.config)
     file = _warehouse_file(args.warehouse)
+    # Without a connections file (after `redox-elt demo`): the connections the warehouse holds.
+    settings = load_settings(args.config) if args.config else None
     env = args.environment
     now = datetime.now(UTC)
     when = ScheduleSettings(env.sync_cron, env.network_sync_cron, env.reconcile_cron, env.reconcile_days)
@@ -55,6 +56,8 @@ def read_status_for(args: argparse.Namespace) -> Any:
         kind: [ScheduledRun(name, at) for name, at in runs]
         for kind, runs in next_scheduled_runs(when, now).items()
     }
+    if settings is None:
+        return read_status(file, connections_in_warehouse(file), next_runs=upcoming, now=now)
     connections = [(c.id, c.kind) for c in settings.connections]
     return read_status(file, connections, next_runs=upcoming, quota=_quota(settings), now=now)
 
@@ -112,7 +115,11 @@ def register(sub: Any) -> None:
     status = sub.add_parser(
         "status", help="each connection's last sync, freshness, rows, quarantine and API use"
     )
-    status.add_argument("--config", default=None, help="connections file (default: $REDOX_ELT_CONFIG)")
+    status.add_argument(
+        "--config",
+        default=None,
+        help="connections file (default: $REDOX_ELT_CONFIG, else the warehouse's connections)",
+    )
     status.add_argument(
         "--warehouse", default=None, help="DuckDB file or directory (default warehouse/redox.duckdb)"
     )
@@ -121,7 +128,11 @@ def register(sub: Any) -> None:
 
     report = sub.add_parser("report", help="write a static HTML page with plots of the warehouse's state")
     report.add_argument("--out", required=True, help="folder to write index.html into (created)")
-    report.add_argument("--config", default=None, help="connections file (default: $REDOX_ELT_CONFIG)")
+    report.add_argument(
+        "--config",
+        default=None,
+        help="connections file (default: $REDOX_ELT_CONFIG, else the warehouse's connections)",
+    )
     report.add_argument(
         "--warehouse", default=None, help="DuckDB file or directory (default warehouse/redox.duckdb)"
     )
