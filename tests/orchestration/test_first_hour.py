@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from dagster import AssetKey, DefaultSensorStatus, materialize
+from dagster import AssetKey, AssetSelection, DefaultSensorStatus, materialize
 from dagster._utils.error import serializable_error_info_from_exc_info
 
 from assets.partitions import HISTORY_START, RANGE_END_TAG, RANGE_START_TAG, partition_key, windows_for_run
@@ -219,9 +219,11 @@ def test_one_entity_can_be_materialized_and_the_automation_sensor_is_on(
 ) -> None:
     config = register(small_sandbox, tmp_path, (FHIR,))
     import_roster(small_sandbox, config, tmp_path / "wh")
+    from assets.checks import CHECKS
+
     result = materialize(
-        [redox_sync],
-        selection=[AssetKey(["redox", "patients"])],
+        [redox_sync, *CHECKS],
+        selection=AssetSelection.assets(AssetKey(["redox", "patients"])),
         partition_key=str(partition_key(FHIR, "2026-10-20")),
         resources=sync_resources(config, tmp_path / "wh"),
         instance=instance_with_connections([FHIR]),
@@ -231,6 +233,10 @@ def test_one_entity_can_be_materialized_and_the_automation_sensor_is_on(
     assert [e.asset_key for e in result.get_asset_materialization_events()] == [
         AssetKey(["redox", "patients"])
     ]
+    # Its own checks run, and only those (the multi-asset checks are subset too).
+    evaluations = result.get_asset_check_evaluations()
+    assert evaluations and {e.asset_key for e in evaluations} == {AssetKey(["redox", "patients"])}
+    assert all(e.passed for e in evaluations)
     defs = build_definitions()
     sensor = next(s for s in defs.sensors if s.name == "analytics_automation")
     assert sensor.default_status == DefaultSensorStatus.RUNNING
