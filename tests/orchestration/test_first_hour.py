@@ -7,6 +7,7 @@ sync can be materialized on its own; the analytics automation sensor is on by de
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from dagster._utils.error import serializable_error_info_from_exc_info
 
 from assets.partitions import HISTORY_START, RANGE_END_TAG, RANGE_START_TAG, partition_key, windows_for_run
 from pipelines.cli import check_warehouse_free
-from pipelines.warehouse import WarehousePaths
+from pipelines.warehouse import WarehouseBusy, WarehousePaths, WriterLock
 from redox_elt.cli import main
 from redox_elt.definitions import build_definitions
 from redox_elt.sync_job import root_cause
@@ -156,7 +157,9 @@ def test_a_warehouse_open_in_another_program_is_one_line_and_exit_2(
     assert f"is open in another program (process {holder.pid}); close it" in err
 
 
-def test_a_second_sync_says_it_waits_for_the_writer_lock(tmp_path: Path) -> None:
+def test_a_second_sync_says_it_waits_for_the_writer_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     paths = WarehousePaths.at(tmp_path / "wh")
     fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)  # what a running sync holds
@@ -164,8 +167,16 @@ def test_a_second_sync_says_it_waits_for_the_writer_lock(tmp_path: Path) -> None
         from io import StringIO
 
         said = StringIO()
-        check_warehouse_free(paths, stream=said)
+        check_warehouse_free(paths, stream=said)  # before the sync starts
         assert "waiting for the writer lock: another sync is writing" in said.getvalue()
+        # and whenever a run of it meets the lock later (between another sync's connections)
+        with (
+            caplog.at_level(logging.WARNING, logger="pipelines.warehouse"),
+            pytest.raises(WarehouseBusy),
+            WriterLock(paths, wait_s=0.3),
+        ):
+            pass
+        assert caplog.text.count("waiting for the writer lock") == 1
     finally:
         os.close(fd)
     said = StringIO()
