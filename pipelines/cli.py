@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -188,9 +189,11 @@ def _print_summary(report: Any, elapsed: float, stream: Any = None, engine_log: 
     if lines:
         console.print("\npatients and API calls (the quota is shared by every connection):", highlight=False)
         for line in lines:
-            console.print(f"  {line}", highlight=False, markup=False)
+            wrapped = textwrap.wrap(line, 78, initial_indent="  ", subsequent_indent="    ")
+            console.print("\n".join(wrapped), highlight=False, markup=False, soft_wrap=True)
     for line in failures:
-        console.print(line, highlight=False, markup=False)
+        wrapped = textwrap.wrap(line, 78, subsequent_indent="  ")
+        console.print("\n".join(wrapped), highlight=False, markup=False, soft_wrap=True)
     if engine_log is not None:
         console.print(f"engine log: {engine_log}", highlight=False, markup=False, soft_wrap=True)
 
