@@ -242,8 +242,8 @@ def _connection_report(
     return ConnectionReport(cw.connection_id, window=cw.window, error="run failed")
 
 
-# Exceptions whose text is safe and useful to show: ours (written without PHI), Dagster's
-# Failure descriptions (ours too), and the operating system's (a path and a reason).
+# Exceptions whose text is safe and useful to show: classes of ours (written without PHI),
+# Dagster's Failure descriptions (ours too), and the operating system's (a path and a reason).
 _SHOWN_MODULES = ("pipelines", "resources", "sandbox", "assets", "redox_elt")
 _OS_ERRORS = {"OSError", "PermissionError", "FileNotFoundError", "IsADirectoryError", "NotADirectoryError"}
 
@@ -267,24 +267,20 @@ def root_cause(error: SerializableErrorInfo | None, paths: WarehousePaths | None
     root = chain[-1]
     name = root.cls_name or "Error"
     text = (root.message or "").strip()
-    # A message starts "module.Class: text"; keep the text.
+    # The message starts "package.module.Class: text" ("Class: text" for a builtin).
     head, sep, rest = text.partition(": ")
-    body = rest if sep and head.rsplit(".", 1)[-1] == name else text
-    body = " ".join(body.split())
+    named = sep and head.rsplit(".", 1)[-1] == name
+    body = " ".join((rest if named else text).split())
+    module = head.rsplit(".", 1)[0] if named and "." in head else ""
     if name in ("IOException", "PermissionException") and paths is not None:
         return warehouse_open_error(paths.duckdb, RuntimeError(body))
-    if name in _OS_ERRORS or name == "Failure" or _from_own_module(root):
-        return f"{name}: {body[:400]}" if name != "Failure" else body[:400]
+    if name == "Failure":
+        return body[:400]
+    # Only a class of ours carries text written without PHI: a builtin or a library's
+    # exception raised in our code (a failed int(), a DuckDB conversion) can quote a value.
+    if name in _OS_ERRORS or module.split(".")[0] in _SHOWN_MODULES:
+        return f"{name}: {body[:400]}"
     return " <- ".join(e.cls_name or "Error" for e in reversed(chain[1:])) or name
-
-
-def _from_own_module(error: SerializableErrorInfo) -> bool:
-    """True when the exception was raised in this project's code (its last frame is ours)."""
-    frames = [line for line in error.stack if line.strip().startswith("File ")]
-    if not frames:
-        return False
-    last = frames[-1]
-    return any(f"/{m}/" in last for m in _SHOWN_MODULES) and "site-packages" not in last
 
 
 def _with_window(report: ConnectionReport, cw: ConnectionWindow) -> ConnectionReport:

@@ -208,7 +208,12 @@ def test_a_failed_step_is_summarised_by_its_root_cause(tmp_path: Path) -> None:
         root_cause(chained(denied), paths)
         == "PermissionError: [Errno 13] Permission denied: '/data/w.duckdb'"
     )
-    # A library's text may quote payload values: only its type is shown.
+    # Our own classes are written without PHI: their text is shown.
+    from resources.settings import ConfigError
+
+    ours = ConfigError("connection 'northwind-fhir': no surfaces")
+    assert root_cause(chained(ours), paths) == "ConfigError: connection 'northwind-fhir': no surfaces"
+    # A builtin's or a library's text may quote payload values: only its type is shown.
     leaky = ValueError("invalid literal for int() with base 10: 'Jane Doe'")
     assert root_cause(chained(leaky), paths) == "ValueError"
 
