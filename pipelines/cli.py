@@ -375,7 +375,7 @@ def register(sub: Any) -> None:
     sync.add_argument("--config", default=None, help="connections file (default: $REDOX_ELT_CONFIG)")
     sync.add_argument("--connection", action="append", help="only this connection (repeatable)")
     sync.add_argument("--since", default=None, help="backfill window start (ISO-8601, inclusive)")
-    sync.add_argument("--until", default=None, help="backfill window end (ISO-8601, exclusive)")
+    sync.add_argument("--until", default=None, help="backfill window end (ISO-8601, exclusive; default: now)")
     sync.add_argument(
         "--lookback-hours",
         type=float,
