@@ -48,7 +48,7 @@ def read_status_for(args: argparse.Namespace) -> Any:
 
     file = _warehouse_file(args.warehouse)
     # Without a connections file (after `redox-elt demo`): the connections the warehouse holds.
-    settings = load_settings(args.config) if args.config else None
+    settings = load_settings(args.config) if args.config is not None else None
     env = args.environment
     now = datetime.now(UTC)
     when = ScheduleSettings(env.sync_cron, env.network_sync_cron, env.reconcile_cron, env.reconcile_days)
@@ -60,6 +60,14 @@ def read_status_for(args: argparse.Namespace) -> Any:
         return read_status(file, connections_in_warehouse(file), next_runs=upcoming, now=now)
     connections = [(c.id, c.kind) for c in settings.connections]
     return read_status(file, connections, next_runs=upcoming, quota=_quota(settings), now=now)
+
+
+def _out_dir(value: str) -> Path:
+    """``--out``: a folder named explicitly (an empty value would write into the working
+    directory); created when the report is written."""
+    if not value.strip() or "\x00" in value:
+        raise ValueError("--out: pass the folder to write index.html into, e.g. --out report/")
+    return Path(value)
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -86,8 +94,9 @@ def _report(args: argparse.Namespace) -> int:
     from pipelines.report import write_report
 
     try:
+        out_dir = _out_dir(args.out)
         status = read_status_for(args)
-        page = write_report(status, Path(args.out))
+        page = write_report(status, out_dir)
     except _errors() as exc:
         print(f"redox-elt report: {_describe(exc)}", file=sys.stderr)
         return 2
