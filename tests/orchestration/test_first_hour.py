@@ -256,3 +256,17 @@ def test_one_entity_can_be_materialized_and_the_automation_sensor_is_on(
     defs = build_definitions()
     sensor = next(s for s in defs.sensors if s.name == "analytics_automation")
     assert sensor.default_status == DefaultSensorStatus.RUNNING
+
+
+def test_the_demo_records_into_the_dagster_home_the_readme_starts_dagster_dev_on(tmp_path: Path) -> None:
+    from redox_elt.cli import demo_dagster_home
+    from redox_elt.environment import Environment
+
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = demo_dagster_home(Environment(), tmp_path)
+    assert env.dagster_home == str((tmp_path / ".dagster_home").resolve())
+    assert (tmp_path / ".dagster_home" / "dagster.yaml").read_text() == "telemetry:\n  enabled: false\n"
+    # An operator's own DAGSTER_HOME wins.
+    assert (
+        demo_dagster_home(Environment(dagster_home="/srv/dagster"), tmp_path).dagster_home == "/srv/dagster"
+    )
