@@ -239,6 +239,11 @@ def _connection_report(
             reports = reports_from_metadata(metadata[REPORTS_METADATA].value)
             if reports:
                 return _with_window(reports[0], cw)
+    # No step ran to report: a resource that could not start, a run that failed around the step.
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        if isinstance(error, SerializableErrorInfo):
+            return ConnectionReport(cw.connection_id, window=cw.window, error=root_cause(error, paths))
     return ConnectionReport(cw.connection_id, window=cw.window, error="run failed")
 
 
