@@ -68,6 +68,23 @@ def quarantine_schema() -> pa.Schema:
     )
 
 
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT"}
+
+
+def ensure_quarantine_table(con: duckdb.DuckDBPyConnection) -> None:
+    """Create an empty ``raw.quarantine`` as dlt would (same columns and types), so queries
+    on it work from the first sync on, before anything was ever quarantined. dlt loads into
+    an existing table as into its own."""
+    if table_exists(con, STAGING_SCHEMA, QUARANTINE_TABLE):
+        return
+    columns = []
+    for f in quarantine_schema():
+        sql_type = "TIMESTAMP WITH TIME ZONE" if pa.types.is_timestamp(f.type) else _DUCKDB_TYPES[f.type]
+        columns.append(f"{f.name} {sql_type}{' NOT NULL' if f.name == 'quarantine_id' else ''}")
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {STAGING_SCHEMA}")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {STAGING_SCHEMA}.{QUARANTINE_TABLE} ({', '.join(columns)})")
+
+
 QUARANTINE_HINTS = dlt.mark.make_hints(
     table_name=QUARANTINE_TABLE,
     write_disposition="merge",

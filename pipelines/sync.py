@@ -25,7 +25,7 @@ from pipelines.lake import export_lake
 from pipelines.landing import RawLanding
 from pipelines.panel import mark_identifiers_due
 from pipelines.publish import model_schema, publish_connection
-from pipelines.quarantine import patients_to_refetch, quarantined_enterprise_ids
+from pipelines.quarantine import ensure_quarantine_table, patients_to_refetch, quarantined_enterprise_ids
 from pipelines.sync_context import (
     DEFAULT_DISCOVER_DAYS,
     ConnectionWindow,
@@ -296,6 +296,8 @@ def run_sync(
         finally:
             audit.close()
             load_audit_into_duckdb(paths.audit_log, paths.duckdb)
+        with duckdb.connect(str(paths.duckdb)) as con:
+            ensure_quarantine_table(con)  # empty until something is quarantined, but queryable
         if paths.destination == "parquet" and any(c.error is None for c in report.connections):
             export_lake(paths)
         with duckdb.connect(str(paths.duckdb), read_only=True) as con:
