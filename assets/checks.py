@@ -21,6 +21,7 @@ from dagster import (
 )
 
 from assets import check_queries as q
+from assets.partitions import run_connections
 from assets.resources import CheckThresholds, RedoxResource, WarehouseResource
 from assets.specs import CROSSWALK, CROSSWALK_KEY, QUARANTINE_KEY, normalized_key, raw_key
 from assets.sync_assets import DUCKDB_POOL
@@ -150,10 +151,17 @@ def connections_fresh(
     pool=DUCKDB_POOL,
     description="Quarantined share of each connection's items at most $REDOX_ELT_MAX_QUARANTINE_RATE (default 1%).",
 )
-def quarantine_rate(warehouse: WarehouseResource, thresholds: CheckThresholds) -> AssetCheckResult:
+def quarantine_rate(
+    context: AssetCheckExecutionContext, warehouse: WarehouseResource, thresholds: CheckThresholds
+) -> AssetCheckResult:
+    """Judges the connections the run synced (its partition tags; every connection when the run
+    has none): another connection's open quarantine must not fail this connection's sync."""
     max_rate = thresholds.max_quarantine_rate
+    judged = run_connections(context.run.tags)
     with read_warehouse(warehouse) as con:
-        outcome = q.quarantine_rates(con, max_rate) if con else q.CheckOutcome(True, {}, "no warehouse yet")
+        outcome = (
+            q.quarantine_rates(con, max_rate, judged) if con else q.CheckOutcome(True, {}, "no warehouse yet")
+        )
     return _result(QUARANTINE_KEY, QUARANTINE_CHECK, outcome, AssetCheckSeverity.ERROR)
 
 

@@ -24,6 +24,7 @@ full partition list, grouped by connection.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -94,6 +95,19 @@ def _split(key: str | MultiPartitionKey) -> tuple[str, str]:
     if not sep or not connection_id:
         raise ValueError(f"not a (connection, day) partition key: {key!r}")
     return connection_id, day_key
+
+
+def run_connections(tags: Mapping[str, str]) -> frozenset[str] | None:
+    """The connections a run's partition tags name (a single partition or a range); None for
+    a run without partitions (then it concerns every connection)."""
+    found = set()
+    if tags.get(f"dagster/partition/{CONNECTION_DIMENSION}"):
+        found.add(tags[f"dagster/partition/{CONNECTION_DIMENSION}"])
+    for tag in ("dagster/partition", RANGE_START_TAG, RANGE_END_TAG):
+        if tags.get(tag):
+            with contextlib.suppress(ValueError):
+                found.add(_split(tags[tag])[0])
+    return frozenset(found) or None
 
 
 def _window_start(day: date, history_day: date | None) -> datetime:

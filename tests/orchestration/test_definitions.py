@@ -211,3 +211,14 @@ def test_keys_across_connections_group_into_contiguous_windows() -> None:
             None,
             None,
         )
+
+
+def test_a_run_names_its_connections_by_its_partition_tags() -> None:
+    from assets.partitions import RANGE_END_TAG, RANGE_START_TAG, run_connections
+
+    assert run_connections({}) is None
+    assert run_connections({"dagster/partition": "lakeside-dm|2026-11-30"}) == {"lakeside-dm"}
+    assert run_connections({"dagster/partition/connection": "north-fhir"}) == {"north-fhir"}
+    ranged = {RANGE_START_TAG: "a-b|2026-11-01", RANGE_END_TAG: "a-b|2026-11-30"}
+    assert run_connections(ranged) == {"a-b"}
+    assert run_connections({"dagster/partition": "not a key"}) is None

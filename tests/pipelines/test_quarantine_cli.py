@@ -126,6 +126,11 @@ def test_dismiss_stops_counting_and_fetching_and_retry_undoes_it(
         assert sorted(patients_to_refetch(con, CONN)) == [("MR", MRN), ("fhir", "p-77")]
         assert unresolved_quarantine_counts(con) == {CONN: 3}
         assert not quarantine_rates(con, 0.10).passed  # 3 open of 4 rows
+        # A run judges the connections it synced: another connection's quarantine is shown,
+        # never a reason to fail this one.
+        other = quarantine_rates(con, 0.10, judged={"some-other-connection"})
+        assert other.passed and other.by_connection[CONN] > 0.10
+        assert not quarantine_rates(con, 0.10, judged={CONN}).passed
     records = listed(capsys, wh)
     mrn_entry = next(
         r for r in records if r["item_kind"] == "id" and r["patient_key"] and "p-77" not in r["reason"]
