@@ -23,6 +23,8 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
+from pipelines.analytics import ensure_analytics_views
+from pipelines.describe import describe_schema
 from pipelines.model import (
     ENTITY_COLUMNS,
     ENTITY_KEY,
@@ -69,6 +71,10 @@ def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
     )
     # The write-back outboxes exist from the first sync, so users can fill them with SQL.
     ensure_outbox_tables(con)
+    # Self-describing: comments from pipelines/model_docs.py, and the analytics views on top
+    # (both write only what changed, so this is cheap at every publish).
+    describe_schema(con, ms)
+    ensure_analytics_views(con, ms)
 
 
 def _create_from_schema(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) -> None:
