@@ -332,3 +332,103 @@ def read_inputs(con: duckdb.DuckDBPyConnection, ms: str) -> Inputs:
     ).fetchall()
     problems = tuple(c for s, t, c in rows if t == "problems")
     return Inputs(ms=ms, problem_columns=problems, has_events=any(t == "events" for _, t, _ in rows))
+
+
+_P = [("persons", "person_key")]
+_LOS = [("encounters", "start_at"), ("encounters", "end_at")]
+_RANGE = [("results", "value_numeric"), ("results", "reference_low"), ("results", "reference_high")]
+# Column lineage of each view: (its main model table, {column: [(table, column), ...]}). A view
+# column not named here is the same column of the main table (Dagster's dagster/column_lineage).
+VIEW_SOURCES: dict[str, tuple[str, dict[str, list[tuple[str, str]]]]] = {
+    "patient_summary": (
+        "patients",
+        {
+            "person_key": _P,
+            "connection_ids": [("patients", "connection_id")],
+            "n_connections": [("patients", "connection_id")],
+            "patient_keys": [("patients", "patient_key")],
+            "last_encounter_at": [("encounters", "start_at")],
+            "last_encounter_class": [("encounters", "class")],
+            "last_encounter_type": [("encounters", "type_display")],
+            "last_encounter_connection_id": [("encounters", "connection_id")],
+            "n_encounters": [("encounters", "encounter_id"), ("encounters", "status")],
+            "active_medications": [("medications", "display"), ("medications", "status")],
+            "n_active_medications": [("medications", "status")],
+            "active_problems": [],
+            "n_active_problems": [],
+        },
+    ),
+    "encounter_timeline": (
+        "encounters",
+        {
+            "person_key": _P,
+            "length_of_stay_hours": _LOS,
+            "encounter_number": [("encounters", "start_at")],
+            "days_since_previous_encounter": [("encounters", "start_at")],
+        },
+    ),
+    "latest_results": (
+        "results",
+        {
+            "person_key": _P,
+            "previous_value_numeric": [("results", "value_numeric")],
+            "previous_effective_at": [("results", "effective_at")],
+            "n_results": [("results", "code")],
+        },
+    ),
+    "abnormal_results": (
+        "results",
+        {
+            "person_key": _P,
+            "range_position": _RANGE,
+            "is_critical": [("results", "abnormal_flag")],
+            "flag_agrees_with_range": [("results", "abnormal_flag"), *_RANGE],
+        },
+    ),
+    "active_medications": ("medications", {"person_key": _P}),
+    "appointment_throughput": (
+        "appointments",
+        {
+            "day": [("appointments", "start_at")],
+            **{
+                c: [("appointments", "status")]
+                for c in (
+                    "appointments",
+                    "booked",
+                    "arrived",
+                    "completed",
+                    "cancelled",
+                    "no_show",
+                    "no_show_rate",
+                )
+            },
+        },
+    ),
+    "adt_census": (
+        "encounters",
+        {
+            "day": _LOS,
+            "admissions": [("encounters", "start_at")],
+            "discharges": [("encounters", "end_at"), ("encounters", "status")],
+            "transfers": [],
+            "in_house_end_of_day": _LOS,
+            "mean_length_of_stay_hours": _LOS,
+            "max_length_of_stay_hours": _LOS,
+        },
+    ),
+    "care_gaps": (
+        "encounters",
+        {
+            "person_key": _P,
+            "gap": [],
+            "gap_description": [],
+            "evidence": [("encounters", "reason_code")],
+            "last_a1c_at": [("results", "effective_at"), ("results", "code")],
+            "last_a1c_value": [("results", "value_numeric"), ("results", "code")],
+            "as_of": [],
+            "order_procedure_code": [],
+            "order_procedure_codeset": [],
+            "order_procedure_description": [],
+        },
+    ),
+}

@@ -1,0 +1,137 @@
+"""Column schemas (``dagster/column_schema``) and column lineage (``dagster/column_lineage``)
+of the assets, from the same documentation source as the warehouse's COMMENTs
+(``pipelines/model_docs.py``).
+
+Types come from the Arrow schemas of ``pipelines/model.py``; the views' and the panel's from
+an empty in-memory DuckDB built with the same DDL the warehouse gets (once per process).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import duckdb
+import pyarrow as pa
+from dagster import AssetKey, TableColumn, TableColumnDep, TableColumnLineage, TableSchema
+
+from pipelines.analytics import ANALYTICS_VIEWS, ensure_analytics_views
+from pipelines.analytics.views import VIEW_SOURCES
+from pipelines.model import PATIENT_REF, identifiers_schema, published_schema, staged_schema
+from pipelines.model_docs import column_doc
+from pipelines.panel import PANEL_DDL
+from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES
+
+PATIENT_REF_DOCS = {
+    "patient_ref_type": "How the staged row names its patient: fhir (logical id), MR or another identifier type.",
+    "patient_ref_value": "That identifier's value; the crosswalk resolves it to patient_key at publish.",
+}
+
+
+def _arrow_type(t: pa.DataType) -> str:
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_floating(t):
+        return "double"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_boolean(t):
+        return "bool"
+    return "string" if pa.types.is_string(t) else str(t)
+
+
+def _column(doc_table: str, name: str, type_name: str) -> TableColumn:
+    doc = column_doc(doc_table, name)
+    description = doc.description if doc else PATIENT_REF_DOCS.get(name)
+    return TableColumn(name=name, type=type_name, description=description)
+
+
+def arrow_table_schema(doc_table: str, schema: pa.Schema) -> TableSchema:
+    return TableSchema(columns=[_column(doc_table, f.name, _arrow_type(f.type)) for f in schema])
+
+
+def staged_table_schema(entity: str) -> TableSchema:
+    """``raw.<surface>_<entity>``: the staged columns (dlt adds its _dlt_* columns)."""
+    assert {c for c, _ in PATIENT_REF} <= set(PATIENT_REF_DOCS)
+    return arrow_table_schema(entity, staged_schema(entity))
+
+
+def normalized_table_schema(entity: str) -> TableSchema:
+    return arrow_table_schema(entity, published_schema(entity))
+
+
+def crosswalk_table_schema() -> TableSchema:
+    return arrow_table_schema(CROSSWALK_TABLE, identifiers_schema())
+
+
+@cache
+def _described_relations() -> dict[str, list[tuple[str, str]]]:
+    """(column, DuckDB type) of the persons view, the analytics views and the panel, read
+    from an empty in-memory warehouse."""
+    from pipelines.publish import ensure_model_tables  # publish imports the analytics package
+
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("CREATE SCHEMA IF NOT EXISTS ops")
+        con.execute(PANEL_DDL)
+        ensure_model_tables(con)
+        ensure_analytics_views(con, "redox")
+        out: dict[str, list[tuple[str, str]]] = {}
+        for schema, name in [("redox", "persons"), ("ops", "patient_panel")] + [
+            ("analytics", v) for v in ANALYTICS_VIEWS
+        ]:
+            rows = con.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+                [schema, name],
+            ).fetchall()
+            out[name] = [(c, t.lower()) for c, t in rows]
+        return out
+    finally:
+        con.close()
+
+
+def relation_schema(name: str) -> TableSchema:
+    """The column schema of ``persons``, an analytics view, or ``patient_panel``."""
+    return TableSchema(columns=[_column(name, c, t) for c, t in _described_relations()[name]])
+
+
+def normalized_lineage(
+    entity: str, staged_keys: list[AssetKey], crosswalk_key: AssetKey
+) -> TableColumnLineage:
+    """Each column of ``redox.<entity>`` comes from the same column of the staged tables; the
+    patient key of a non-patient row from the crosswalk (and from the MRN for patients)."""
+    deps: dict[str, list[TableColumnDep]] = {}
+    for f in published_schema(entity):
+        if f.name == "patient_key":
+            if entity == "patients":
+                deps[f.name] = [TableColumnDep(asset_key=k, column_name="mrn") for k in staged_keys]
+            else:
+                deps[f.name] = [
+                    TableColumnDep(asset_key=crosswalk_key, column_name="patient_key"),
+                    *(
+                        TableColumnDep(asset_key=k, column_name=c)
+                        for k in staged_keys
+                        for c, _ in PATIENT_REF
+                    ),
+                ]
+        else:
+            deps[f.name] = [TableColumnDep(asset_key=k, column_name=f.name) for k in staged_keys]
+    return TableColumnLineage(deps_by_column=deps)
+
+
+def view_lineage(view: str, key_of: dict[str, AssetKey]) -> TableColumnLineage:
+    """Column lineage of an analytics view (``VIEW_SOURCES``); ``key_of`` maps a model
+    table name to its asset key."""
+    main, overrides = VIEW_SOURCES[view]
+    main_columns = {f.name for f in published_schema(main)} if main in ENTITIES else set()
+    deps: dict[str, list[TableColumnDep]] = {}
+    for column, _ in _described_relations()[view]:
+        sources = overrides.get(column)
+        if sources is None:
+            sources = [(main, column)] if column in main_columns else []
+        picked = [TableColumnDep(asset_key=key_of[t], column_name=c) for t, c in sources if t in key_of]
+        if picked:
+            deps[column] = picked
+    return TableColumnLineage(deps_by_column=deps)
