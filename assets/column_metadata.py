@@ -8,17 +8,13 @@ an empty in-memory DuckDB built with the same DDL the warehouse gets (once per p
 
 from __future__ import annotations
 
-from functools import cache
-
-import duckdb
 import pyarrow as pa
 from dagster import AssetKey, TableColumn, TableColumnDep, TableColumnLineage, TableSchema
 
-from pipelines.analytics import ANALYTICS_VIEWS, ensure_analytics_views
+from pipelines.analytics import relation_columns
 from pipelines.analytics.views import VIEW_SOURCES
 from pipelines.model import PATIENT_REF, identifiers_schema, published_schema, staged_schema
 from pipelines.model_docs import column_doc
-from pipelines.panel import PANEL_DDL
 from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES
 
 PATIENT_REF_DOCS = {
@@ -65,36 +61,9 @@ def crosswalk_table_schema() -> TableSchema:
     return arrow_table_schema(CROSSWALK_TABLE, identifiers_schema())
 
 
-@cache
-def _described_relations() -> dict[str, list[tuple[str, str]]]:
-    """(column, DuckDB type) of the persons view, the analytics views and the panel, read
-    from an empty in-memory warehouse."""
-    from pipelines.publish import ensure_model_tables  # publish imports the analytics package
-
-    con = duckdb.connect(":memory:")
-    try:
-        con.execute("CREATE SCHEMA IF NOT EXISTS ops")
-        con.execute(PANEL_DDL)
-        ensure_model_tables(con)
-        ensure_analytics_views(con, "redox")
-        out: dict[str, list[tuple[str, str]]] = {}
-        for schema, name in [("redox", "persons"), ("ops", "patient_panel")] + [
-            ("analytics", v) for v in ANALYTICS_VIEWS
-        ]:
-            rows = con.execute(
-                "SELECT column_name, data_type FROM information_schema.columns "
-                "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
-                [schema, name],
-            ).fetchall()
-            out[name] = [(c, t.lower()) for c, t in rows]
-        return out
-    finally:
-        con.close()
-
-
 def relation_schema(name: str) -> TableSchema:
     """The column schema of ``persons``, an analytics view, or ``patient_panel``."""
-    return TableSchema(columns=[_column(name, c, t) for c, t in _described_relations()[name]])
+    return TableSchema(columns=[_column(name, c, t) for c, t in relation_columns()[name]])
 
 
 def normalized_lineage(
@@ -127,7 +96,7 @@ def view_lineage(view: str, key_of: dict[str, AssetKey]) -> TableColumnLineage:
     main, overrides = VIEW_SOURCES[view]
     main_columns = {f.name for f in published_schema(main)} if main in ENTITIES else set()
     deps: dict[str, list[TableColumnDep]] = {}
-    for column, _ in _described_relations()[view]:
+    for column, _ in relation_columns()[view]:
         sources = overrides.get(column)
         if sources is None:
             sources = [(main, column)] if column in main_columns else []

@@ -6,6 +6,7 @@ fingerprint of the definition), so refreshing is free when nothing changed."""
 from __future__ import annotations
 
 import hashlib
+from functools import cache
 
 import duckdb
 
@@ -14,7 +15,14 @@ from pipelines.describe import describe_schema, quote_literal
 
 ANALYTICS_SCHEMA = "analytics"
 
-__all__ = ["ANALYTICS_SCHEMA", "ANALYTICS_VIEWS", "analytics_schema", "ensure_analytics_views", "view_sql"]
+__all__ = [
+    "ANALYTICS_SCHEMA",
+    "ANALYTICS_VIEWS",
+    "analytics_schema",
+    "ensure_analytics_views",
+    "relation_columns",
+    "view_sql",
+]
 
 
 def analytics_schema(con: duckdb.DuckDBPyConnection) -> str:
@@ -62,3 +70,30 @@ def ensure_analytics_views(con: duckdb.DuckDBPyConnection, model_schema: str) ->
     if changed:
         describe_schema(con, schema, set(changed))
     return changed
+
+
+@cache
+def relation_columns() -> dict[str, list[tuple[str, str]]]:
+    """(column, DuckDB type) of the persons view, the analytics views and the panel, read
+    from an empty in-memory warehouse built with the warehouse's own DDL (once per process)."""
+    from pipelines.panel import create_tables as create_panel_tables
+    from pipelines.publish import ensure_model_tables  # publish imports this package
+
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("CREATE SCHEMA IF NOT EXISTS ops")
+        create_panel_tables(con)
+        ensure_model_tables(con)
+        out: dict[str, list[tuple[str, str]]] = {}
+        for schema, name in [("redox", "persons"), ("ops", "patient_panel")] + [
+            (ANALYTICS_SCHEMA, v) for v in ANALYTICS_VIEWS
+        ]:
+            rows = con.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+                [schema, name],
+            ).fetchall()
+            out[name] = [(c, t.lower()) for c, t in rows]
+        return out
+    finally:
+        con.close()
