@@ -63,18 +63,21 @@ def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
     for entity in ENTITIES:
         _create_from_schema(con, f"{ms}.{entity}", published_schema(entity))
     _create_from_schema(con, f"{ms}.{CROSSWALK_TABLE}", identifiers_schema())
-    con.execute(
-        f"""CREATE OR REPLACE VIEW {ms}.persons AS
-        SELECT coalesce('ep_' || enterprise_id, connection_id || ':' || patient_key) AS person_key,
-               connection_id, patient_key, enterprise_id
-        FROM {ms}.patients"""
-    )
+    con.execute(persons_view_sql(ms))
     # The write-back outboxes exist from the first sync, so users can fill them with SQL.
     ensure_outbox_tables(con)
     # Self-describing: comments from pipelines/model_docs.py, and the analytics views on top
     # (both write only what changed, so this is cheap at every publish).
     describe_schema(con, ms)
     ensure_analytics_views(con, ms)
+
+
+def persons_view_sql(ms: str) -> str:
+    """``{ms}.persons``: patient keys linked across connections on the enterprise id."""
+    return f"""CREATE OR REPLACE VIEW {ms}.persons AS
+        SELECT coalesce('ep_' || enterprise_id, connection_id || ':' || patient_key) AS person_key,
+               connection_id, patient_key, enterprise_id
+        FROM {ms}.patients"""
 
 
 def _create_from_schema(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) -> None:

@@ -152,6 +152,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {text} (see {self.prog} --help)\n")
 
 
+def _register_export(sub: Any) -> None:
+    """``redox-elt export --deidentify`` (pipelines/export_cli.py)."""
+    from pipelines.export_cli import register
+
+    register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (never PHI)")
@@ -197,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.panel_cli import register as register_panel_verbs
 
     register_panel_verbs(sub)
+    _register_export(sub)
     return parser
 
 
