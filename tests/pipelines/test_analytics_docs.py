@@ -76,6 +76,8 @@ def test_comments_on_every_column_written_once(tmp_path: Path, file_name: str) -
             "SELECT comment FROM duckdb_views() WHERE schema_name = 'analytics' AND view_name = 'care_gaps'"
         ).fetchall()[0][0]
         assert table_comment.startswith(TABLE_DOCS["care_gaps"])
+        for view in ANALYTICS_VIEWS:  # the views bind in either layout (schema redox, or main)
+            assert con.execute(f"select count(*) from analytics.{view}").fetchall() == [(0,)]
         # Idempotent and cheap: a second publish writes no comment and recreates no view.
         assert describe_schema(con, ms) == 0
         assert ensure_analytics_views(con, ms) == []
