@@ -11,7 +11,7 @@ import dataclasses
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +382,68 @@ def test_the_readme_example_queries_run_and_the_care_gap_insert_is_idempotent(sy
                 con.execute(sql)
         after = con.execute("select count(*) from outbox.orders").fetchall()[0][0]
         assert after - before == gaps
+
+
+def _tiny_warehouse(con: duckdb.DuckDBPyConnection) -> None:
+    """Two persons with hand-written rows: enough to check the optional inputs."""
+    from pipelines.publish import ensure_model_tables
+
+    ensure_model_tables(con)
+    con.execute(
+        "insert into redox.patients (connection_id, patient_key, enterprise_id, family_name, birth_date, source_updated_at) "
+        "values ('c1', 'pk_a', 'E1', 'A', DATE '1950-01-01', TIMESTAMPTZ '2026-01-01 00:00:00+00'), "
+        "('c1', 'pk_b', 'E2', 'B', DATE '1960-01-01', TIMESTAMPTZ '2026-01-01 00:00:00+00')"
+    )
+    con.execute(
+        "insert into redox.encounters (connection_id, patient_key, encounter_id, status, class, start_at, end_at) values "
+        "('c1', 'pk_a', 'v1', 'finished', 'IMP', TIMESTAMPTZ '2026-03-01 10:00:00+00', TIMESTAMPTZ '2026-03-04 10:00:00+00'), "
+        "('c1', 'pk_b', 'v2', 'in-progress', 'IMP', TIMESTAMPTZ '2026-03-02 10:00:00+00', NULL)"
+    )
+
+
+def test_adt_census_counts_webhook_transfers_and_patient_summary_reads_a_problem_list(tmp_path: Path) -> None:
+    """The optional inputs: ADT Transfer events (ops.events) and a problems table, once present,
+    feed adt_census.transfers, patient_summary.active_problems and the care-gap evidence."""
+    from pipelines.analytics import ensure_analytics_views
+
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        _tiny_warehouse(con)
+        assert con.execute("select sum(transfers) from analytics.adt_census").fetchall() == [(0,)]
+        con.execute(
+            "create schema if not exists ops; create table ops.events (message_key varchar, connection_id varchar, "
+            "family varchar, data_model varchar, event_type varchar, event_at timestamptz, visit_number varchar, "
+            "patient_id_system varchar, patient_id_value varchar, received_at timestamptz, processed_at timestamptz)"
+        )
+        con.execute(
+            "insert into ops.events values "
+            "('m1', 'c1', 'datamodel', 'PatientAdmin', 'Transfer', TIMESTAMPTZ '2026-03-03 08:00:00+00', 'v1', 'MR', 'x', now(), now()), "
+            "('m2', 'c1', 'datamodel', 'PatientAdmin', 'Transfer', TIMESTAMPTZ '2026-03-03 09:00:00+00', 'v2', 'MR', 'y', now(), now()), "
+            "('m3', 'c1', 'datamodel', 'PatientAdmin', 'Discharge', TIMESTAMPTZ '2026-03-04 10:00:00+00', 'v1', 'MR', 'x', now(), now())"
+        )
+        con.execute(
+            "create table redox.problems (connection_id varchar, patient_key varchar, problem_id varchar, "
+            "code varchar, display varchar, clinical_status varchar)"
+        )
+        con.execute(
+            "insert into redox.problems values ('c1', 'pk_a', 'p1', 'E11.9', 'Type 2 diabetes', 'active'), "
+            "('c1', 'pk_a', 'p2', 'J45.909', 'Asthma', 'resolved'), ('c1', 'pk_b', 'p3', 'I10', 'Hypertension', 'active')"
+        )
+        assert set(ensure_analytics_views(con, "redox")) >= {"adt_census", "patient_summary", "care_gaps"}
+        census = {
+            r[0]: r[1:]
+            for r in con.execute(
+                "select day, admissions, discharges, transfers, in_house_end_of_day from analytics.adt_census order by day"
+            ).fetchall()
+        }
+        assert census == {
+            date(2026, 3, 1): (1, 0, 0, 1),
+            date(2026, 3, 2): (1, 0, 0, 2),
+            date(2026, 3, 3): (0, 0, 2, 2),
+            date(2026, 3, 4): (0, 1, 0, 1),
+        }
+        problems = dict(
+            con.execute("select person_key, active_problems from analytics.patient_summary").fetchall()
+        )
+        assert problems == {"ep_E1": ["Type 2 diabetes"], "ep_E2": ["Hypertension"]}
+        gaps = con.execute("select person_key, evidence from analytics.care_gaps").fetchall()
+        assert gaps == [("ep_E1", ["problem_list"])]
