@@ -53,6 +53,12 @@ def staged_table_schema(entity: str) -> TableSchema:
     return arrow_table_schema(entity, staged_schema(entity))
 
 
+def quarantine_table_schema() -> TableSchema:
+    from pipelines.quarantine import quarantine_schema
+
+    return arrow_table_schema("quarantine", quarantine_schema())
+
+
 def normalized_table_schema(entity: str) -> TableSchema:
     return arrow_table_schema(entity, published_schema(entity))
 

@@ -19,6 +19,7 @@ from dagster import AssetKey, AssetSpec, TableSchema
 from assets.column_metadata import (
     crosswalk_table_schema,
     normalized_table_schema,
+    quarantine_table_schema,
     relation_schema,
     staged_table_schema,
 )
@@ -99,6 +100,7 @@ def raw_specs() -> list[AssetSpec]:
             group_name=RAW_GROUP,
             owners=OWNERS,
             kinds={"dlt", "duckdb"},
+            metadata=schema_metadata(quarantine_table_schema()),
             description="Payloads that could not be normalized: reason and raw_ref only, never the payload.",
         )
     )

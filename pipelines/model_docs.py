@@ -481,6 +481,25 @@ COLUMN_DOCS: dict[str, dict[str, ColumnDoc]] = {
     "documents": _DOCUMENTS,
     "patient_identifiers": _PATIENT_IDENTIFIERS,
     "persons": _PERSONS,
+    "quarantine": {
+        "quarantine_id": ColumnDoc(
+            "Stable id of (page, record, entity): replaying a page never duplicates an entry."
+        ),
+        "entity": ColumnDoc("What the record would have become (a common-model entity)."),
+        "raw_ref": ColumnDoc("The landed page that holds the record."),
+        "item_id": ColumnDoc(
+            "The record's id (FHIR logical id, else its business identifier), else its position in the page; '-' for a whole page."
+        ),
+        "item_kind": ColumnDoc("What item_id holds: id, position or page."),
+        "reason": ColumnDoc("Why the record could not be normalized, without PHI."),
+        "patient_ref_type": ColumnDoc(
+            "How the record names its patient (fhir, MR, ...), when it could be told."
+        ),
+        "patient_ref_value": ColumnDoc("That identifier: what a later sync asks again."),
+        "first_seen_at": ColumnDoc("When the record was first quarantined."),
+        "attempts": ColumnDoc("How many loads quarantined it."),
+        "resolved_at": ColumnDoc("When a later load brought the record in good shape (null: still open)."),
+    },
     # --- analytics views (pipelines/analytics; the question each answers is in TABLE_DOCS) ---
     "patient_summary": {
         **_PERSON,
@@ -637,6 +656,7 @@ TABLE_DOCS: dict[str, str] = {
     "documents": "Clinical documents (metadata; content is stored content-addressed in the landing): one row per (connection_id, document_id) (FHIR DocumentReference; Data Model Notes, Media, Clinical Summary documents).",
     "patient_identifiers": "The identity crosswalk: every identifier seen (FHIR id, MR, EHRID, NIST, EPI) -> patient_key, keyed by (connection_id, id_system, id_value).",
     "persons": "Persons across connections: patient keys linked on the shared enterprise id.",
+    "quarantine": "Records that could not be normalized, one row per record: reason and raw_ref only, never the payload.",
     **VIEW_QUESTIONS,
     # --- clinical record tables (issue 12) ---
 }

@@ -69,6 +69,7 @@ def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
     # Self-describing: comments from pipelines/model_docs.py, and the analytics views on top
     # (both write only what changed, so this is cheap at every publish).
     describe_schema(con, ms)
+    describe_schema(con, STAGING_SCHEMA, {"quarantine"})
     ensure_analytics_views(con, ms)
 
 
