@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 import pytest
+from dagster import AssetKey
 
 from pipelines.analytics.views import A1C_LOINC, DIABETES_ICD10_PREFIXES, INPATIENT_CLASSES
 from pipelines.sync import run_sync
@@ -447,3 +448,30 @@ def test_adt_census_counts_webhook_transfers_and_patient_summary_reads_a_problem
         assert problems == {"ep_E1": ["Type 2 diabetes"], "ep_E2": ["Hypertension"]}
         gaps = con.execute("select person_key, evidence from analytics.care_gaps").fetchall()
         assert gaps == [("ep_E1", ["problem_list"])]
+
+
+def test_dagster_materializes_every_view_with_row_counts_and_column_lineage(tmp_path: Path) -> None:
+    from dagster import DagsterInstance, materialize
+
+    from assets.analytics import ANALYTICS_KEYS, analytics_views
+    from assets.resources import WarehouseResource
+
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        _tiny_warehouse(con)
+    result = materialize(
+        [analytics_views],
+        resources={"warehouse": WarehouseResource(path=str(tmp_path / "w.duckdb"))},
+        instance=DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    events = {e.asset_key: e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert set(events) == set(ANALYTICS_KEYS)
+    summary = events[AssetKey(["analytics", "patient_summary"])]
+    assert summary["dagster/row_count"].value == 2
+    lineage = summary["dagster/column_lineage"].value
+    deps = {
+        d.asset_key.to_user_string() + "." + d.column_name
+        for d in lineage.deps_by_column["last_encounter_at"]
+    }
+    assert deps == {"redox/encounters.start_at"}
+    assert events[AssetKey(["analytics", "adt_census"])]["dagster/row_count"].value == 3
