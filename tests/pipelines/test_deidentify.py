@@ -391,3 +391,16 @@ def test_export_usage_errors_are_one_line(exported: dict[str, Any], tmp_path: Pa
         assert "shorter than 32" in capsys.readouterr().err
     finally:
         os.environ.pop(KEY_ENV, None)
+
+
+def test_export_reads_a_warehouse_named_redox_duckdb(tmp_path: Path) -> None:
+    """In a file named redox.duckdb the model lives in schema main (warehouse/README.md)."""
+    from pipelines.deidentify import export_deidentified
+    from tests.pipelines.test_analytics import _tiny_warehouse
+
+    with duckdb.connect(str(tmp_path / "redox.duckdb")) as con:
+        _tiny_warehouse(con)
+    report = export_deidentified(tmp_path / "redox.duckdb", tmp_path / "out", DeidKey(b"k" * 40, "env"))
+    assert report.rows["patient_summary"] == 2 and report.rows["encounter_timeline"] == 2
+    names = pq.read_table(tmp_path / "out" / "patient_summary.parquet").column_names
+    assert "family_name" not in names and "age" in names
