@@ -83,6 +83,12 @@ def _surface_table(table: str, columns: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
+def child_columns() -> dict[str, list[tuple[str, pa.DataType]]]:
+    import pipelines.model as model
+
+    return dict(getattr(model, "CHILD_COLUMNS", {}))
+
+
 def model_columns_block() -> str:
     out = [
         "### Lineage columns (lead every table of the common model)",
@@ -90,6 +96,8 @@ def model_columns_block() -> str:
         *_surface_table("patients", [(c, type_name(t)) for c, t in LINEAGE if c in LINEAGE_DOCS]),
     ]
     tables = [(e, [(c, type_name(t)) for c, t in cols]) for e, cols in ENTITY_COLUMNS.items()]
+    # Child tables (result components, report members), where the model has them.
+    tables += [(t, [(c, type_name(ty)) for c, ty in cols]) for t, cols in child_columns().items()]
     tables.append((CROSSWALK_TABLE, [(f.name, type_name(f.type)) for f in identifiers_schema()]))
     tables.append(("persons", [(c, type_name(t)) for c, t in relation_columns()["persons"]]))
     for table, columns in tables:

@@ -659,6 +659,14 @@ TABLE_DOCS: dict[str, str] = {
     "quarantine": "Records that could not be normalized, one row per record: reason and raw_ref only, never the payload.",
     **VIEW_QUESTIONS,
     # --- clinical record tables (issue 12) ---
+    "problems": "Problems (the problem list and encounter diagnoses): FHIR Condition; Data Model Clinical Summary Problems.",
+    "allergies": "Allergies and intolerances: FHIR AllergyIntolerance; Data Model Clinical Summary Allergies.",
+    "immunizations": "Immunizations: FHIR Immunization; Data Model Clinical Summary Immunizations, Vaccination.",
+    "procedures": "Procedures: FHIR Procedure; Data Model Clinical Summary Procedures.",
+    "diagnostic_reports": "Diagnostic reports grouping results: FHIR DiagnosticReport; Data Model Results orders, summary lab panels.",
+    "orders": "Inbound orders: FHIR ServiceRequest; Data Model Order events and queries, summary PlanOfCare requests.",
+    "result_components": "Components of a result (e.g. systolic and diastolic of a blood pressure), one row per component.",
+    "diagnostic_report_results": "The results each diagnostic report groups, one row per (report, position).",
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.analytics import ANALYTICS_VIEWS, ensure_analytics_views, relation_columns
 from pipelines.describe import describe_schema
-from pipelines.docs_readme import README, render
+from pipelines.docs_readme import README, child_columns, render
 from pipelines.model import ENTITY_COLUMNS, identifiers_schema, published_schema
 from pipelines.model_docs import COLUMN_DOCS, TABLE_DOCS, column_doc
 from pipelines.publish import ensure_model_tables, model_schema
@@ -20,6 +20,7 @@ from pipelines.vocabulary import CROSSWALK_TABLE
 
 def _model_relations() -> dict[str, list[str]]:
     out = {e: published_schema(e).names for e in ENTITY_COLUMNS}
+    out |= {t: [c for c, _ in cols] for t, cols in child_columns().items()}
     out[CROSSWALK_TABLE] = identifiers_schema().names
     out["persons"] = [c for c, _ in relation_columns()["persons"]]
     out |= {v: [c for c, _ in relation_columns()[v]] for v in ANALYTICS_VIEWS}
