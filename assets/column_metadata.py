@@ -9,7 +9,7 @@ an empty in-memory DuckDB built with the same DDL the warehouse gets (once per p
 from __future__ import annotations
 
 import pyarrow as pa
-from dagster import AssetKey, TableColumn, TableColumnDep, TableColumnLineage, TableSchema
+from dagster import AssetKey, AssetSpec, TableColumn, TableColumnDep, TableColumnLineage, TableSchema
 
 from pipelines.analytics import relation_columns
 from pipelines.analytics.views import VIEW_SOURCES
@@ -17,6 +17,7 @@ from pipelines.model import PATIENT_REF, identifiers_schema, published_schema, s
 from pipelines.model_docs import column_doc
 from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES
 
+COLUMN_SCHEMA = "dagster/column_schema"
 PATIENT_REF_DOCS = {
     "patient_ref_type": "How the staged row names its patient: fhir (logical id), MR or another identifier type.",
     "patient_ref_value": "That identifier's value; the crosswalk resolves it to patient_key at publish.",
@@ -110,3 +111,31 @@ def view_lineage(view: str, key_of: dict[str, AssetKey]) -> TableColumnLineage:
         if picked:
             deps[column] = picked
     return TableColumnLineage(deps_by_column=deps)
+
+
+def _schema_for_key(path: list[str]) -> TableSchema | None:
+    """The column schema of a ``redox/<table>`` asset from the model's Arrow schemas: an
+    entity, the crosswalk, or a child table where the model has them."""
+    import pipelines.model as model
+
+    if len(path) != 2 or path[0] != "redox":
+        return None
+    table = path[1]
+    if table in model.ENTITY_COLUMNS:
+        return normalized_table_schema(table)
+    if table == CROSSWALK_TABLE:
+        return crosswalk_table_schema()
+    child_columns = getattr(model, "CHILD_COLUMNS", {})
+    if table in child_columns:
+        return arrow_table_schema(table, pa.schema(child_columns[table]))
+    return None
+
+
+def with_column_schemas(specs: list[AssetSpec]) -> list[AssetSpec]:
+    """``specs`` with ``dagster/column_schema`` filled in where a spec lacks it and the model
+    knows the table (so a table added to the model gets its schema without a spec edit)."""
+    out = []
+    for spec in specs:
+        schema = None if COLUMN_SCHEMA in (spec.metadata or {}) else _schema_for_key(list(spec.key.path))
+        out.append(spec.merge_attributes(metadata={COLUMN_SCHEMA: schema}) if schema is not None else spec)
+    return out

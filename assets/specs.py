@@ -17,6 +17,7 @@ from __future__ import annotations
 from dagster import AssetKey, AssetSpec, TableSchema
 
 from assets.column_metadata import (
+    COLUMN_SCHEMA,
     crosswalk_table_schema,
     normalized_table_schema,
     quarantine_table_schema,
@@ -34,7 +35,6 @@ CROSSWALK = CROSSWALK_TABLE
 QUARANTINE_KEY = AssetKey(["raw", "quarantine"])
 CROSSWALK_KEY = AssetKey(["redox", CROSSWALK])
 PERSONS_KEY = AssetKey(["analytics", "persons"])
-COLUMN_SCHEMA = "dagster/column_schema"
 COLUMN_LINEAGE = "dagster/column_lineage"
 
 

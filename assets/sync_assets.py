@@ -32,7 +32,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from assets.column_metadata import normalized_lineage, relation_schema
+from assets.column_metadata import normalized_lineage, relation_schema, with_column_schemas
 from assets.partitions import windows_for_run
 from assets.resources import RedoxResource, WarehouseResource
 from assets.specs import (
@@ -220,7 +220,7 @@ def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
 
     @multi_asset(
         name="redox_sync",
-        specs=[panel_spec(), *raw_specs(), *normalized_specs()],
+        specs=with_column_schemas([panel_spec(), *raw_specs(), *normalized_specs()]),
         partitions_def=partitions_def,
         # One run per connection and contiguous day range (see assets/partitions.py).
         backfill_policy=BackfillPolicy.single_run(),
