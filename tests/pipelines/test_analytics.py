@@ -67,6 +67,7 @@ def synced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synced]:
             e: [r for c in EHR for r in store.iter(Query(c, e))]
             for e in ("patients", "encounters", "results", "medications", "appointments")
         }
+        records["problems"] = _problems(store)
         person = {(p.connection_id, p.id): f"ep_{p.enterprise_id}" for p in records["patients"]}
         yield Synced(server, paths, records, person)
     finally:
@@ -76,6 +77,19 @@ def synced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Synced]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _problems(store: Any) -> list[Any] | None:
+    """The sandbox's problem-list records, or None while the sandbox serves no problems."""
+    from sandbox.population.records import ENTITIES as SANDBOX_ENTITIES
+
+    if "problems" not in SANDBOX_ENTITIES:
+        return None
+    return [r for c in EHR for r in store.iter(Query(c, "problems"))]
+
+
+def _active_problems(s: Synced) -> list[Any]:
+    return [p for p in s.records["problems"] or [] if p.status in ("active", "recurrence", "relapse")]
 
 
 def rows(synced: Synced, sql: str) -> list[dict[str, Any]]:
@@ -117,6 +131,8 @@ def test_patient_summary_one_row_per_person(synced: Synced) -> None:
         if m.status == "active":
             want[person_of(s, m)]["meds"].add(m.code.display)
             want[person_of(s, m)]["n_meds"] += 1
+    for pr in _active_problems(s):
+        want[person_of(s, pr)]["problems"].add(pr.code.display)
     got = {r["person_key"]: r for r in rows(s, "select * from analytics.patient_summary")}
     assert set(got) == set(want)
     for key, w in want.items():
@@ -128,7 +144,10 @@ def test_patient_summary_one_row_per_person(synced: Synced) -> None:
         assert g["n_encounters"] == len(w["enc"]), key
         assert utc(g["last_encounter_at"]) == (max(w["enc"]) if w["enc"] else None), key
         assert set(g["active_medications"]) == w["meds"] and g["n_active_medications"] == w["n_meds"], key
-        assert g["active_problems"] is None  # no problems table in this model yet
+        if s.records["problems"] is None:  # the model has no problem list yet
+            assert g["active_problems"] is None, key
+        else:
+            assert set(g["active_problems"] or []) == w["problems"], key
     assert any(len(w["connections"]) > 1 for w in want.values()), "no person spans connections"
 
 
@@ -336,6 +355,11 @@ def _care_gaps(s: Synced, reason_connections: tuple[str, ...]) -> None:
         ):
             evidence[person_of(s, e)].add(e.connection_id)
     diabetic = {p for p, conns in evidence.items() if conns & set(reason_connections)}
+    # The problem list, where the model has one, is kept by both surfaces.
+    for pr in _active_problems(s):
+        if pr.code.code.startswith(DIABETES_ICD10_PREFIXES):
+            evidence[person_of(s, pr)].add("problem_list")
+            diabetic.add(person_of(s, pr))
     # A person whose diabetes only a connection without reasons in the model shows is left out
     # of the comparison on both sides.
     unknowable = set(evidence) - diabetic
@@ -421,15 +445,19 @@ def test_adt_census_counts_webhook_transfers_and_patient_summary_reads_a_problem
             "('m2', 'c1', 'datamodel', 'PatientAdmin', 'Transfer', TIMESTAMPTZ '2026-03-03 09:00:00+00', 'v2', 'MR', 'y', now(), now()), "
             "('m3', 'c1', 'datamodel', 'PatientAdmin', 'Discharge', TIMESTAMPTZ '2026-03-04 10:00:00+00', 'v1', 'MR', 'x', now(), now())"
         )
+        # The model's own problems table where it has one (issue 12: clinical status in `status`).
         con.execute(
-            "create table redox.problems (connection_id varchar, patient_key varchar, problem_id varchar, "
-            "code varchar, display varchar, clinical_status varchar)"
+            "create table if not exists redox.problems (connection_id varchar, patient_key varchar, "
+            "problem_id varchar, code varchar, display varchar, clinical_status varchar)"
         )
+        columns = {r[0] for r in con.execute("describe redox.problems").fetchall()}
+        status = "clinical_status" if "clinical_status" in columns else "status"
         con.execute(
-            "insert into redox.problems values ('c1', 'pk_a', 'p1', 'E11.9', 'Type 2 diabetes', 'active'), "
+            f"insert into redox.problems (connection_id, patient_key, problem_id, code, display, {status}) values "
+            "('c1', 'pk_a', 'p1', 'E11.9', 'Type 2 diabetes', 'active'), "
             "('c1', 'pk_a', 'p2', 'J45.909', 'Asthma', 'resolved'), ('c1', 'pk_b', 'p3', 'I10', 'Hypertension', 'active')"
         )
-        assert set(ensure_analytics_views(con, "redox")) >= {"adt_census", "patient_summary", "care_gaps"}
+        assert "adt_census" in ensure_analytics_views(con, "redox")  # rebuilt with the events
         census = {
             r[0]: r[1:]
             for r in con.execute(
