@@ -117,6 +117,7 @@ def test_patient_summary_one_row_per_person(synced: Synced) -> None:
             "enc": [],
             "meds": set(),
             "n_meds": 0,
+            "problems": set(),
         }
     )
     for p in s.records["patients"]:
