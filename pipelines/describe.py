@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import duckdb
 
-from pipelines.model_docs import COLUMN_DOCS, TABLE_DOCS, column_comment, column_doc
+from pipelines.model_docs import COLUMN_DOCS, TABLE_DOCS, ColumnDoc, column_comment, column_doc
 
 
 def quote_ident(name: str) -> str:
@@ -21,10 +21,24 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def describe_schema(con: duckdb.DuckDBPyConnection, schema: str, tables: set[str] | None = None) -> int:
+def describe_schema(
+    con: duckdb.DuckDBPyConnection,
+    schema: str,
+    tables: set[str] | None = None,
+    docs: dict[str, dict[str, ColumnDoc]] | None = None,
+    table_docs: dict[str, str] | None = None,
+) -> int:
     """Comment every documented table (or view) of ``schema`` in the current catalog and its
-    documented columns; ``tables`` limits which. Returns how many comments were written."""
-    wanted = set(COLUMN_DOCS) if tables is None else tables & set(COLUMN_DOCS)
+    documented columns; ``tables`` limits which. ``docs`` / ``table_docs`` replace the common
+    model's (``COLUMN_DOCS``, with the lineage columns, and ``TABLE_DOCS``) for another schema's
+    tables. Returns how many comments were written."""
+    table_docs = TABLE_DOCS if table_docs is None else table_docs
+
+    def lookup(table: str, column: str) -> ColumnDoc | None:
+        return column_doc(table, column) if docs is None else docs.get(table, {}).get(column)
+
+    documented = set(COLUMN_DOCS if docs is None else docs)
+    wanted = documented if tables is None else tables & documented
     current_tables = {
         name: comment
         for name, comment in con.execute(
@@ -45,7 +59,7 @@ def describe_schema(con: duckdb.DuckDBPyConnection, schema: str, tables: set[str
     statements: list[str] = []
     for table, comment in current_tables.items():
         target = f"{quote_ident(schema)}.{quote_ident(table)}"
-        doc = TABLE_DOCS.get(table)
+        doc = table_docs.get(table)
         # An analytics view's comment is its question plus a definition fingerprint.
         if doc and not (comment or "").startswith(doc):
             kind = "VIEW" if kinds.get(table) == "VIEW" else "TABLE"
@@ -57,7 +71,7 @@ def describe_schema(con: duckdb.DuckDBPyConnection, schema: str, tables: set[str
     ).fetchall():
         if table not in current_tables:
             continue
-        doc = column_doc(table, column)
+        doc = lookup(table, column)
         if doc is None:
             continue
         text = column_comment(doc)

@@ -686,3 +686,66 @@ def column_comment(doc: ColumnDoc) -> str:
     if doc.datamodel_field:
         parts.append(f"Data Model: {doc.datamodel_field}.")
     return " ".join(parts)
+
+
+# The write-back outboxes (schema outbox; pipelines/writeback/outbox.py): users fill the business
+# columns, the pipeline owns status and the columns after it.
+_OUTBOX_PIPELINE: dict[str, ColumnDoc] = {
+    "seq": ColumnDoc("Insertion order; rows are sent in it (pipeline)."),
+    "status": ColumnDoc(
+        "pending -> sending (committed before the request leaves) -> sent -> acknowledged, or failed (pipeline)."
+    ),
+    "attempts": ColumnDoc("Requests sent for the row (pipeline)."),
+    "last_error": ColumnDoc("Why it failed, or why its outcome is still unknown; never PHI (pipeline)."),
+    "surface": ColumnDoc("fhir or datamodel: the surface the write went through (pipeline)."),
+    "external_id": ColumnDoc(
+        "The acknowledgement's id: FHIR response MessageHeader id, Data Model Meta.Logs[0].ID (pipeline)."
+    ),
+    "created_at": ColumnDoc("When the row was inserted (UTC)."),
+    "updated_at": ColumnDoc("When the pipeline last changed the row (UTC)."),
+    "sent_at": ColumnDoc("When the request left (UTC)."),
+    "acknowledged_at": ColumnDoc("When the destination acknowledged it (UTC)."),
+    "acknowledgement": ColumnDoc("What acknowledged it (pipeline)."),
+}
+OUTBOX_DOCS: dict[str, dict[str, ColumnDoc]] = {
+    "orders": {
+        "order_id": ColumnDoc(
+            "Your stable id of the order (key), sent as Order.ID / ServiceRequest.identifier."
+        ),
+        "connection_id": ColumnDoc("The connection to send it to."),
+        "patient_key": ColumnDoc(
+            "The patient (redox.patients.patient_key; a key of another connection resolves through redox.persons)."
+        ),
+        "procedure_code": ColumnDoc("What is ordered: the procedure code."),
+        "procedure_codeset": ColumnDoc("Its code set: LOINC, CPT, SNOMED, HCPCS or a URI."),
+        "procedure_description": ColumnDoc("The procedure in words."),
+        "priority": ColumnDoc(
+            "Routine, Stat, ASAP, Urgent (Preoperative / Timing Critical on the Data Model only)."
+        ),
+        "ordered_at": ColumnDoc("When it was ordered (UTC)."),
+        "provider_npi": ColumnDoc("The ordering provider's NPI."),
+        "notes": ColumnDoc("Notes sent with the order."),
+        **_OUTBOX_PIPELINE,
+    },
+    "appointments": {
+        "request_id": ColumnDoc("Your id of this write (key; one per create, update or cancel)."),
+        "appointment_id": ColumnDoc(
+            "The appointment's visit number, sent as Visit.VisitNumber / Appointment.identifier."
+        ),
+        "action": ColumnDoc("create (default), update (reschedule) or cancel."),
+        "connection_id": ColumnDoc("The connection to send it to."),
+        "patient_key": ColumnDoc("The patient (redox.patients.patient_key)."),
+        "start_at": ColumnDoc("Appointment start (UTC)."),
+        "duration_minutes": ColumnDoc("Length in minutes (default 30)."),
+        "reason": ColumnDoc("Reason for the visit."),
+        "provider_npi": ColumnDoc("The provider's NPI."),
+        "location_facility": ColumnDoc("Facility."),
+        "location_department": ColumnDoc("Department (the Data Model requires it)."),
+        "notes": ColumnDoc("Notes sent with the appointment."),
+        **_OUTBOX_PIPELINE,
+    },
+}
+OUTBOX_TABLE_DOCS: dict[str, str] = {
+    "orders": "Write-back outbox: orders to send to the EHR, one row per logical write (redox-elt writeback sends them).",
+    "appointments": "Write-back outbox: appointments to create, reschedule or cancel in the EHR, one row per write.",
+}

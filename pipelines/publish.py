@@ -32,6 +32,7 @@ from pipelines.model import (
     identifiers_schema,
     published_schema,
 )
+from pipelines.model_docs import OUTBOX_DOCS, OUTBOX_TABLE_DOCS
 from pipelines.quarantine import resolve_quarantine
 from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES, MODEL_SCHEMA, staged_table_name
 from pipelines.vocabulary import STAGING_SCHEMA as STAGING_SCHEMA  # re-exported for assets/
@@ -70,6 +71,7 @@ def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
     # (both write only what changed, so this is cheap at every publish).
     describe_schema(con, ms)
     describe_schema(con, STAGING_SCHEMA, {"quarantine"})
+    describe_schema(con, "outbox", docs=OUTBOX_DOCS, table_docs=OUTBOX_TABLE_DOCS)
     ensure_analytics_views(con, ms)
 
 

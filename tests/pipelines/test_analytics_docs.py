@@ -82,3 +82,36 @@ def test_comments_on_every_column_written_once(tmp_path: Path, file_name: str) -
         # Idempotent and cheap: a second publish writes no comment and recreates no view.
         assert describe_schema(con, ms) == 0
         assert ensure_analytics_views(con, ms) == []
+
+
+def test_outbox_tables_are_documented_column_by_column(tmp_path: Path) -> None:
+    """outbox.appointments shares a name with the model's appointments: its columns carry their
+    own docs (pipelines/model_docs.py OUTBOX_DOCS), and every column of a table named like a model
+    entity, in any schema but raw, has a comment."""
+    from pipelines.model_docs import OUTBOX_DOCS
+
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        ensure_model_tables(con)
+        outbox = {
+            t: [
+                c
+                for (c,) in con.execute(
+                    f"select column_name from duckdb_columns() where schema_name = 'outbox' and table_name = '{t}'"
+                ).fetchall()
+            ]
+            for t in ("orders", "appointments")
+        }
+        assert {t: sorted(cols) for t, cols in outbox.items()} == {
+            t: sorted(d) for t, d in OUTBOX_DOCS.items()
+        }
+        missing = con.execute(
+            "select schema_name || '.' || table_name || '.' || column_name from duckdb_columns() "
+            "where table_name in ('patients','encounters','results','medications','appointments','documents','orders') "
+            "and schema_name <> 'raw' and comment is null"
+        ).fetchall()
+        assert not missing
+        comment = con.execute(
+            "select comment from duckdb_columns() where schema_name = 'outbox' and table_name = 'appointments' "
+            "and column_name = 'status'"
+        ).fetchall()[0][0]
+        assert comment.startswith("pending -> sending")
