@@ -13,6 +13,9 @@ code.
 * ``connection_partitions`` sensor: adds a ``connection`` partition for every connection
   in the config. Removed connections keep their partitions (and their history) until an
   operator deletes them.
+* ``analytics_automation`` sensor: evaluates the assets' automation conditions (the
+  analytics layer refreshes after a sync once the blocking checks pass). Dagster's own
+  default automation sensor starts stopped; this one is on by default, as the README says.
 """
 
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from datetime import date, datetime, timedelta
 from dagster import (
     AssetsDefinition,
     AssetSelection,
+    AutomationConditionSensorDefinition,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     MultiPartitionsDefinition,
@@ -187,4 +191,28 @@ def connection_partitions_sensor(
     return SensorResult(dynamic_partitions_requests=[connection_partitions.build_add_request(new)])
 
 
-SENSORS: list[SensorDefinition] = [connection_partitions_sensor]
+analytics_automation_sensor = AutomationConditionSensorDefinition(
+    name="analytics_automation",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Evaluates every asset's automation condition (analytics/* refresh after a sync).",
+)
+
+SENSORS: list[SensorDefinition] = [connection_partitions_sensor, analytics_automation_sensor]
+
+
+def next_scheduled_runs(when: ScheduleSettings, now: datetime) -> dict[str, list[tuple[str, datetime]]]:
+    """The next tick of each schedule that syncs a connection of each kind, after ``now``:
+    ``{"ehr": [(schedule, at), ...], "network": [...]}`` (``redox-elt status`` shows them;
+    they fire while the Dagster daemon runs)."""
+    from dagster._utils.schedules import cron_string_iterator
+
+    def next_tick(cron: str) -> datetime:
+        return next(t for t in cron_string_iterator(now.timestamp(), cron, "UTC") if t > now)
+
+    reconcile = ("daily_reconciliation", next_tick(when.reconcile_cron))
+    return {
+        "ehr": [("incremental_sync_ehr", next_tick(when.sync_cron)), reconcile],
+        "network": [("incremental_sync_network", next_tick(when.network_sync_cron)), reconcile],
+    }

@@ -4,13 +4,14 @@ the quarantine rate. Warnings: freshness per connection and FHIR counts against 
 source's reported totals. Metadata holds counts per connection only, never rows.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
 import duckdb
 from dagster import (
     AssetCheckExecutionContext,
+    AssetCheckKey,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
@@ -62,6 +63,13 @@ def _result(key, name: str, outcome: q.CheckOutcome, severity: AssetCheckSeverit
 _PK_TARGETS = [*ENTITIES, CROSSWALK]
 
 
+def _selected(context: AssetCheckExecutionContext, entities: Iterable[str], check: str) -> list[str]:
+    """The entities whose ``check`` this run selected (one asset materialized on its own
+    runs only its own checks)."""
+    keys = context.selected_asset_check_keys
+    return [e for e in entities if AssetCheckKey(normalized_key(e), check) in keys]
+
+
 @multi_asset_check(
     specs=[
         AssetCheckSpec(
@@ -70,10 +78,13 @@ _PK_TARGETS = [*ENTITIES, CROSSWALK]
         for e in _PK_TARGETS
     ],
     pool=DUCKDB_POOL,
+    can_subset=True,
 )
-def primary_keys_unique(warehouse: WarehouseResource) -> Iterator[AssetCheckResult]:
+def primary_keys_unique(
+    context: AssetCheckExecutionContext, warehouse: WarehouseResource
+) -> Iterator[AssetCheckResult]:
     with read_warehouse(warehouse) as con:
-        for entity in _PK_TARGETS:
+        for entity in _selected(context, _PK_TARGETS, PK_CHECK):
             outcome = (
                 q.primary_key_violations(con, entity) if con else q.CheckOutcome(True, {}, "no warehouse yet")
             )
@@ -92,14 +103,17 @@ def primary_keys_unique(warehouse: WarehouseResource) -> Iterator[AssetCheckResu
         for e in q.PATIENT_LINKED
     ],
     pool=DUCKDB_POOL,
+    can_subset=True,
 )
-def patients_in_crosswalk(warehouse: WarehouseResource) -> Iterator[AssetCheckResult]:
+def patients_in_crosswalk(
+    context: AssetCheckExecutionContext, warehouse: WarehouseResource
+) -> Iterator[AssetCheckResult]:
     """Orphans in a connection that has had a full (live) sync are an error and block
     downstream. In a connection that so far has only backfill windows, a row may name a
     patient updated outside the window: reported as a warning until the first live sync."""
     with read_warehouse(warehouse) as con:
         full = q.fully_synced_connections(con) if con else set()
-        for entity in q.PATIENT_LINKED:
+        for entity in _selected(context, q.PATIENT_LINKED, RI_CHECK):
             outcome = q.orphan_rows(con, entity) if con else q.CheckOutcome(True, {}, "no warehouse yet")
             severity = AssetCheckSeverity.ERROR
             if not outcome.passed and not (set(outcome.by_connection) & full):
@@ -157,6 +171,7 @@ def quarantine_rate(warehouse: WarehouseResource, thresholds: CheckThresholds) -
         for e in ENTITIES
     ],
     pool=DUCKDB_POOL,
+    can_subset=True,
 )
 def fhir_counts_match_source(
     context: AssetCheckExecutionContext, redox: RedoxResource, warehouse: WarehouseResource
@@ -183,6 +198,11 @@ def fhir_counts_match_source(
     finally:
         audit.close()
     for entity in ENTITIES:
+        if (
+            AssetCheckKey(raw_key("fhir", entity), SOURCE_TOTALS_CHECK)
+            not in context.selected_asset_check_keys
+        ):
+            continue
         per_conn = {c: cmp[entity] for c, cmp in comparisons.items() if entity in cmp}
         off = sorted(c for c, v in per_conn.items() if v["warehouse"] != v["source"])
         if off:

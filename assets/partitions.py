@@ -6,6 +6,14 @@
   ``(connection, day)`` syncs the stateless window ``[day, day + 1)``; a range of days
   is one window, so a backfill never moves the live cursor.
 
+History before the first day (``$REDOX_ELT_PARTITIONS_START``, default 2024-11-01): the
+first day's partition stands for that day *and everything before it*. Materializing it
+syncs ``[1970-01-01, first day + 1)``, so one click in the UI backfills an organization's
+older history, and a CLI window that starts earlier (``--since 2020-01-01``) runs with its
+exact bounds as run config, labelled with the first partition. One partition per day back
+to the oldest record would cost thousands of partitions per connection that the UI
+and the daemon evaluate on every tick, for days nobody syncs one at a time.
+
 Backfills: Dagster splits a multi-partition backfill into one run per connection and
 contiguous day range, and passes the range as the ``dagster/asset_partition_range_start``
 / ``_end`` run tags. Those tags are read directly, because ``context.partition_key_range``
@@ -51,6 +59,22 @@ def sync_partitions_def(start_date: str) -> MultiPartitionsDefinition:
     )
 
 
+# Where the first day's partition begins: no record's last-updated time predates Unix time.
+HISTORY_START = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def first_day(partitions_def: object) -> date | None:
+    """The first day of a (connection, day) partitions definition, or None for another kind."""
+    if not isinstance(partitions_def, MultiPartitionsDefinition):
+        return None
+    for dimension in partitions_def.partitions_defs:
+        if dimension.name == DAY_DIMENSION and isinstance(
+            dimension.partitions_def, DailyPartitionsDefinition
+        ):
+            return dimension.partitions_def.start.date()
+    return None
+
+
 def partition_key(connection_id: str, day: date | str) -> MultiPartitionKey:
     day_key = day if isinstance(day, str) else day.isoformat()
     return MultiPartitionKey({CONNECTION_DIMENSION: connection_id, DAY_DIMENSION: day_key})
@@ -72,8 +96,16 @@ def _split(key: str | MultiPartitionKey) -> tuple[str, str]:
     return connection_id, day_key
 
 
-def windows_from_keys(keys: Iterable[str | MultiPartitionKey]) -> list[ConnectionWindow]:
-    """Group partition keys by connection; each contiguous run of days is one window."""
+def _window_start(day: date, history_day: date | None) -> datetime:
+    """A window's start: the day's, or the beginning of history for the first day."""
+    return HISTORY_START if history_day is not None and day <= history_day else _day_start(day.isoformat())
+
+
+def windows_from_keys(
+    keys: Iterable[str | MultiPartitionKey], history_day: date | None = None
+) -> list[ConnectionWindow]:
+    """Group partition keys by connection; each contiguous run of days is one window (one
+    that starts on ``history_day``, the first partition, starts at the beginning of history)."""
     days_by_connection: dict[str, set[date]] = defaultdict(set)
     for key in keys:
         connection_id, day_key = _split(key)
@@ -86,7 +118,7 @@ def windows_from_keys(keys: Iterable[str | MultiPartitionKey]) -> list[Connectio
             if day is not None and day == prev + timedelta(days=1):
                 prev = day
                 continue
-            start = _day_start(first.isoformat())
+            start = _window_start(first, history_day)
             end = _day_start(prev.isoformat()) + timedelta(days=1)
             windows.append(ConnectionWindow(connection_id, SyncWindow(start, end)))
             if day is not None:
@@ -95,9 +127,13 @@ def windows_from_keys(keys: Iterable[str | MultiPartitionKey]) -> list[Connectio
 
 
 def windows_for_run(
-    tags: Mapping[str, str], partition_keys: Sequence[str] | None, single_key: str | None
+    tags: Mapping[str, str],
+    partition_keys: Sequence[str] | None,
+    single_key: str | None,
+    history_day: date | None = None,
 ) -> list[ConnectionWindow]:
-    """The windows a run covers, from its range tags, else its partition key(s)."""
+    """The windows a run covers, from its range tags, else its partition key(s).
+    ``history_day``: the first partition day, whose window reaches back to 1970."""
     start, end = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
     if start and end:
         start_conn, start_day = _split(start)
@@ -105,11 +141,14 @@ def windows_for_run(
         if start_conn == end_conn:
             if end_day < start_day:
                 raise ValueError(f"partition range ends ({end_day}) before it starts ({start_day})")
-            window = SyncWindow(_day_start(start_day), _day_start(end_day) + timedelta(days=1))
+            window = SyncWindow(
+                _window_start(date.fromisoformat(start_day), history_day),
+                _day_start(end_day) + timedelta(days=1),
+            )
             return [ConnectionWindow(start_conn, window)]
         if not partition_keys:
             raise ValueError("a partition range across connections needs the run's partition keys")
-        return windows_from_keys(partition_keys)
+        return windows_from_keys(partition_keys, history_day)
     if single_key is None:
         raise ValueError("a sync run needs a (connection, day) partition or a partition range")
-    return windows_from_keys([single_key])
+    return windows_from_keys([single_key], history_day)

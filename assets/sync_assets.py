@@ -33,7 +33,7 @@ from dagster import (
 from pydantic import Field
 
 from assets.column_metadata import normalized_lineage, relation_schema, with_column_schemas
-from assets.partitions import windows_for_run
+from assets.partitions import first_day, windows_for_run
 from assets.resources import RedoxResource, WarehouseResource
 from assets.specs import (
     ANALYTICS_GROUP,
@@ -106,7 +106,9 @@ def plan_windows(context: AssetExecutionContext, config: SyncConfig) -> list[Con
     keys = context.partition_keys if context.has_partition_key_range else None
     single = context.partition_key if not context.has_partition_key_range else None
     try:
-        windows = windows_for_run(context.run.tags, keys, single)
+        windows = windows_for_run(
+            context.run.tags, keys, single, first_day(context.assets_def.partitions_def)
+        )
     except ValueError as exc:
         raise Failure(description=str(exc)) from None
     connection_ids = list(dict.fromkeys(w.connection_id for w in windows))
@@ -224,7 +226,10 @@ def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
         partitions_def=partitions_def,
         # One run per connection and contiguous day range (see assets/partitions.py).
         backfill_policy=BackfillPolicy.single_run(),
-        can_subset=False,
+        # Any of its assets can be selected (`dagster asset materialize --select redox/patients`).
+        # One pass over the API writes every table of the connection, so any selection runs the
+        # whole sync; materializations are recorded for the selected assets.
+        can_subset=True,
         pool=DUCKDB_POOL,
         description="Extract, load and publish the run's connections and days (pipelines.sync.run_sync).",
     )
@@ -259,7 +264,8 @@ def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
                 description=f"{len(report.failures)} of {len(windows)} connections failed: {failed}",
                 metadata={REPORTS_METADATA: report_metadata(report.connections)},
             )
-        yield from _materializations(report)
+        selected = context.selected_asset_keys
+        yield from (m for m in _materializations(report) if m.asset_key in selected)
 
     @asset(
         key=PERSONS_KEY,

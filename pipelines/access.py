@@ -48,6 +48,7 @@ from pipelines.pull_pages import (
     budget_stats,
     error_code,
 )
+from pipelines.quarantine import open_entries_on_pages, quarantined_enterprise_ids, resolve_unattributed
 from pipelines.resource_hints import staged_resource_hints
 from pipelines.sync_context import SyncWindow
 from pipelines.warehouse import table_exists
@@ -129,9 +130,25 @@ class ConnectionExtract:
         self.runs: list[_SurfaceRun] = []
         self.network_ids: tuple[str, ...] = ()
         self.discovered_at: datetime | None = None
+        # This run's discovery: its surface, landed pages, and when it started.
+        self.discovery: tuple[str, list[str], datetime] | None = None
         self.bulk: Any = None  # pipelines.bulk.BulkRun
         self.counter = CallCounter()
         self._client: Any = None
+
+    def _settle_discovery(self, con: duckdb.DuckDBPyConnection) -> None:
+        """A record quarantined from a discovery page may be the only sighting of its patient:
+        the window is not done (``discovered_at`` stays, the next sync asks it again). A clean
+        discovery resolves the position-only entries earlier listings left."""
+        if self.discovery is None:
+            return
+        surface, refs, started = self.discovery
+        dirty = open_entries_on_pages(con, self.conn.id, refs)
+        if dirty:
+            self.discovered_at = None
+            self.stats.errors["discovery: records quarantined"] = dirty
+        elif not any(k.startswith("discovery: ") for k in self.stats.errors):
+            resolve_unattributed(con, self.conn.id, surface, started)
 
     def finish(self, panel: Any = None) -> dict[str, int]:
         """Record what loaded: call after ``pipeline.run`` returned without error."""
@@ -155,6 +172,7 @@ class ConnectionExtract:
                 self.stats.pulled = counts["network_matches"]
             if self.bulk is not None and self.bulk.completed:
                 counts.update(self.bulk.record(con, self.conn.id, refresh_days=refresh_days))
+            self._settle_discovery(con)
             if self.discovered_at is not None:
                 P.set_capability(con, self.conn.id, "discovered_at", self.discovered_at.isoformat(), now=now)
             if self.stats.revinclude is not None:
@@ -296,6 +314,7 @@ def extract_connection(
         return (max(start, since) if since else start), None
 
     discovery = None
+    discovery_started = datetime.now(UTC)  # wall time, as quarantine entries are stamped
     if "fhir" in surfaces:
         discovery = discover_fhir(
             client, landing, conn.id, surfaces["fhir"], clock, window_of,
@@ -310,6 +329,11 @@ def extract_connection(
         discovery_pages["datamodel"] = discovery.pages
     run_now = clock.now()
     if discovery is not None:
+        out.discovery = (
+            "fhir" if "fhir" in surfaces else "datamodel",
+            [p.raw_ref for p in discovery.pages],
+            discovery_started,
+        )
         for label, n in discovery.errors.items():
             stats.errors[f"discovery: {label}"] = n
         if not discovery.errors and not window.is_backfill:
@@ -372,6 +396,8 @@ def _network(
         )
     out.network_ids = tuple(known_enterprise_ids)
     out.stats.due = len(known_enterprise_ids)
+    with duckdb.connect(str(out.db)) as con:
+        requeued = quarantined_enterprise_ids(con, conn.id)
     out.sources = [
         network_source(
             client,
@@ -381,6 +407,7 @@ def _network(
             window=window,
             known_enterprise_ids=tuple(known_enterprise_ids),
             counter=out.counter,
+            full_history_ids=requeued,
         )  # fmt: skip
     ]
     return out

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
 import tempfile
-import threading
+import textwrap
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pipelines.progress import sync_display
 from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, SyncWindow
 
 # Records' last-updated times a window can name: nothing predates Unix time, and a bound
@@ -97,105 +96,106 @@ def warehouse_location(warehouse: str | Path | None) -> Path:
 
 
 def sync_window(since: str | None, until: str | None) -> SyncWindow:
-    """The window ``--since``/``--until`` ask for; raises ``ValueError`` with one line."""
+    """The window ``--since``/``--until`` ask for (``--since`` alone: up to now); raises
+    ``ValueError`` with one line."""
     start, end = _parse_instant(since, "--since"), _parse_instant(until, "--until")
     if end is not None and start is None:
         raise ValueError("--until needs --since (a backfill is the window [since, until))")
+    if start is not None and end is None:
+        # --since alone: a backfill up to now (the live cursor stays where it is).
+        end = datetime.now(UTC)
+        if start >= end:
+            raise ValueError(f"--since {since!r} is in the future; pass a past date or add --until")
     return SyncWindow(start, end)
 
 
-def _print_summary(report: Any, elapsed: float, stream: Any = sys.stdout) -> None:
+# What each summary column means, printed under the table (the table is read by people
+# who have not read the docs).
+SUMMARY_LEGEND = (
+    (
+        "fetched",
+        "records received from Redox in this run, per entity (a record returned by "
+        "several queries or in several versions counts each time)",
+    ),
+    ("in warehouse", "distinct records of the connection now in redox.<entity>, from every run"),
+    ("quarantined", "payloads set aside this run (raw.quarantine; redox-elt quarantine list)"),
+    ("seconds", "wall time of the connection's run: extract, load and publish"),
+)
+
+
+def _connection_seconds(conn: Any) -> float:
+    """The connection's wall time: the runner's measure when it has one, else the steps'."""
+    return conn.seconds.get("total") or sum(conn.seconds.values())
+
+
+def _access_line(conn: Any) -> str | None:
+    stats = conn.access
+    if stats is None:
+        return None
+    budget = "" if stats.budget_left is None else f", {stats.budget_left:,} left in the quota"
+    errors = sum(stats.errors.values())
+    return (
+        f"{conn.connection_id} ({stats.mode}): {stats.due:,} patients due, {stats.pulled:,} pulled, "
+        f"{stats.deferred:,} deferred, {stats.discovered:,} new; {stats.requests:,} API calls{budget}"
+        + (f"; {errors:,} errors" if errors else "")
+    )
+
+
+def _print_summary(report: Any, elapsed: float, stream: Any = None, engine_log: Any = None) -> None:
+    """The run's summary, readable at 80 columns: one row per connection (its time and
+    quarantine) followed by its entities, a legend for the columns, then each connection's
+    patients and API calls in one sentence, and any failure in full on its own line."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"redox-elt sync {report.run_id[:8]} ({elapsed:.1f} s)")
-    table.add_column("connection")
-    table.add_column("entity")
-    table.add_column("rows staged", justify="right")
-    table.add_column("in warehouse", justify="right")
-    table.add_column("quarantined", justify="right")
-    table.add_column("time (s)", justify="right")
-    access = Table(title="requests and patients (the shared budget)")
-    for column in (
-        "connection",
-        "mode",
-        "requests",
-        "budget left",
-        "due",
-        "pulled",
-        "deferred",
-        "new",
-        "errors",
-    ):
-        access.add_column(column, justify="left" if column in ("connection", "mode") else "right")
+    stream = stream or sys.stdout
+    console = Console(file=stream, width=None if getattr(stream, "isatty", lambda: False)() else 80)
+    table = Table(
+        title=f"redox-elt sync {report.run_id[:8]}: {len(report.connections)} connections in {elapsed:.1f} s",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title_justify="left",
+    )
+    table.add_column("connection / entity", overflow="fold", ratio=1)
+    for name in ("fetched", "in warehouse", "quarantined", "seconds"):
+        table.add_column(name, justify="right", no_wrap=True)
+    failures: list[str] = []
     for conn in report.connections:
-        stats = conn.access
-        if stats is not None:
-            access.add_row(
-                conn.connection_id,
-                stats.mode,
-                str(stats.requests),
-                "-" if stats.budget_left is None else str(stats.budget_left),
-                str(stats.due),
-                str(stats.pulled),
-                str(stats.deferred),
-                str(stats.discovered),
-                str(sum(stats.errors.values())),
-            )
+        seconds = f"{_connection_seconds(conn):.1f}"
         if conn.error:
-            table.add_row(conn.connection_id, "-", "-", "-", "-", f"FAILED: {conn.error}")
+            table.add_row(conn.connection_id, "", "", "", seconds)
+            table.add_row("  FAILED (see below)", "", "", "", "")
+            failures.append(f"{conn.connection_id} failed: {one_line(conn.error)}")
             continue
-        total_s = sum(conn.seconds.values())
-        entities = sorted(set(conn.extracted) | set(conn.published) - {"patient_identifiers"})
-        for i, entity in enumerate(entities):
+        table.add_row(conn.connection_id, "", "", f"{sum(conn.quarantined.values()):,}", seconds)
+        entities = sorted((set(conn.extracted) | set(conn.published)) - {"patient_identifiers"})
+        for entity in entities:
             table.add_row(
-                conn.connection_id if i == 0 else "",
-                entity,
-                str(conn.extracted.get(entity, 0)),
-                str(conn.published.get(entity, 0)),
-                str(conn.quarantined.get("all", 0)) if i == 0 else "",
-                f"{total_s:.1f}" if i == 0 else "",
+                f"  {entity}",
+                f"{conn.extracted.get(entity, 0):,}",
+                f"{conn.published.get(entity, 0):,}",
+                "",
+                "",
             )
-    console = Console(file=stream)
     console.print(table)
-    console.print(access)
-
-
-@contextlib.contextmanager
-def live_progress(stream: Any = sys.stderr) -> Iterator[None]:
-    """A progress line per connection and entity while a sync runs (rows extracted so far)."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    from pipelines.progress import PROGRESS
-
-    PROGRESS.reset()
-    console = Console(file=stream)
-    tasks: dict[tuple[str, str], Any] = {}
-    stop = threading.Event()
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TextColumn("{task.completed:>9,.0f} rows"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=not console.is_terminal,
-    ) as progress:
-
-        def refresh() -> None:
-            while not stop.wait(0.25):
-                for key, n in sorted(PROGRESS.snapshot().items()):
-                    if key not in tasks:
-                        tasks[key] = progress.add_task(f"{key[0]:<22} {key[1]:<13}", total=None)
-                    progress.update(tasks[key], completed=n)
-
-        worker = threading.Thread(target=refresh, daemon=True)
-        worker.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            worker.join()
+    legend = Table.grid(padding=(0, 1))
+    legend.add_column(no_wrap=True)
+    legend.add_column(overflow="fold")
+    for name, meaning in SUMMARY_LEGEND:
+        legend.add_row(f"  {name}", meaning)
+    console.print(legend, highlight=False)
+    lines = [line for line in (_access_line(c) for c in report.connections) if line]
+    if lines:
+        console.print("\npatients and API calls (the quota is shared by every connection):", highlight=False)
+        for line in lines:
+            wrapped = textwrap.wrap(line, 78, initial_indent="  ", subsequent_indent="    ")
+            console.print("\n".join(wrapped), highlight=False, markup=False, soft_wrap=True)
+    for line in failures:
+        wrapped = textwrap.wrap(line, 78, subsequent_indent="  ")
+        console.print("\n".join(wrapped), highlight=False, markup=False, soft_wrap=True)
+    if engine_log is not None:
+        console.print(f"engine log: {engine_log}", highlight=False, markup=False, soft_wrap=True)
 
 
 def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
@@ -219,25 +219,103 @@ def sync_command(args: argparse.Namespace, runner: Any = None) -> int:
         text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"redox-elt sync: {one_line(text)}", file=sys.stderr)
         return 2
+    try:
+        check_warehouse_free(paths)
+    except ValueError as exc:
+        print(f"redox-elt sync: {one_line(exc)}", file=sys.stderr)
+        return 2
     started = time.monotonic()
     lookback_s = args.lookback_hours * 3600.0
     extract = {"full": args.full, "discover_days": args.discover_days}
+    display = sync_display(sys.stdout)
     try:
-        with live_progress():
+        with display.running():
             if runner is None:
-                report = run_sync(settings, paths, windows, lookback_s=lookback_s, caller="cli", **extract)
+                report = run_sync(
+                    settings, paths, windows, lookback_s=lookback_s, caller="cli",
+                    on_connection=display.finished, **extract,
+                )  # fmt: skip
             else:
-                report = runner(settings, paths, windows, lookback_s=lookback_s, **extract)
+                report = runner(settings, paths, windows, lookback_s=lookback_s, display=display, **extract)
     except WarehouseBusy as exc:
-        print(f"redox-elt sync: {exc}", file=sys.stderr)
+        print(f"redox-elt sync: {one_line(exc)}", file=sys.stderr)
         return 3
-    _print_summary(report, time.monotonic() - started)
-    return 0 if report.ok else 1
+    _print_summary(report, time.monotonic() - started, engine_log=getattr(runner, "last_log", None))
+    return sync_exit_code(report)
 
 
-def _demo(args: argparse.Namespace) -> int:
+def sync_exit_code(report: Any) -> int:
+    """0: every connection synced; 2: every failure is the warehouse's (a user error the
+    summary names with its fix); 1: a connection failed otherwise."""
+    if report.ok:
+        return 0
+    return 2 if all(e.startswith(WAREHOUSE_ERROR_PREFIX) for e in report.failures.values()) else 1
+
+
+# Failures the user fixes (the warehouse cannot be written) start with this; see
+# ``redox_elt.sync_job.root_cause``.
+WAREHOUSE_ERROR_PREFIX = "the warehouse "
+
+
+def check_warehouse_free(paths: Any, stream: Any = None) -> None:
+    """Before a sync: say so when another sync holds the warehouse's writer lock (this one
+    then waits for it), and fail with one line when the DuckDB file cannot be opened for
+    writing: another program holds it open, the file system is read-only, or it is not a
+    DuckDB file. Raises ``ValueError`` naming the problem and the fix."""
+    import fcntl
+
+    import duckdb
+
+    paths.lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"redox-elt sync: waiting for the writer lock: another sync is writing {paths.duckdb} "
+                "(this one starts when it ends; Ctrl-C to stop)",
+                file=stream or sys.stderr,
+                flush=True,
+            )
+            return
+        try:
+            with duckdb.connect(str(paths.duckdb)):
+                pass
+        except duckdb.Error as exc:
+            raise ValueError(warehouse_open_error(paths.duckdb, exc)) from None
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def warehouse_open_error(file: Any, exc: BaseException) -> str:
+    """One line for a DuckDB file that cannot be opened for writing (no PHI: DuckDB's text is
+    read only for the holder's process id)."""
+    import re
+
+    text = str(exc)
+    if "lock" in text.lower():
+        pid = re.search(r"PID (\d+)", text)
+        holder = f" (process {pid.group(1)})" if pid else ""
+        return (
+            f"{WAREHOUSE_ERROR_PREFIX}{file} is open in another program{holder}; close it "
+            "(a DuckDB shell, a notebook, a BI tool) or pass another --warehouse"
+        )
+    if "read-only" in text.lower() or "permission" in text.lower():
+        return f"{WAREHOUSE_ERROR_PREFIX}{file} cannot be written (read-only); pass --warehouse in a folder you can write"
+    if "not a valid duckdb" in text.lower() or "database file" in text.lower():
+        return f"{WAREHOUSE_ERROR_PREFIX}{file} is not a DuckDB database; pass another --warehouse"
+    return f"{WAREHOUSE_ERROR_PREFIX}{file} cannot be opened ({type(exc).__name__}); pass another --warehouse"
+
+
+def _demo(args: argparse.Namespace, runner: Any = None) -> int:
+    """``redox-elt demo``: a sandbox in-process, its rosters imported, one sync. With a
+    ``runner`` (the application passes the Dagster job's) the sync is recorded in the
+    Dagster instance, so the UI shows its materializations (``$DAGSTER_HOME``)."""
     from pipelines.panel_cli import import_sandbox_rosters
-    from pipelines.sync import run_sync
+    from pipelines.sync import connection_windows, run_sync
     from pipelines.warehouse import WarehousePaths
     from resources.onboarding import connect_sandbox
     from resources.settings import load_settings
@@ -261,11 +339,15 @@ def _demo(args: argparse.Namespace) -> int:
             rosters = import_sandbox_rosters(server.url, settings, paths.duckdb, Path(tmp))
             added = sum(r.added for r in rosters.values())
             print(f"rosters: {added} patients imported for {len(rosters)} connections", flush=True)
-            with live_progress():
-                report = run_sync(settings, paths, caller="demo")
-    _print_summary(report, time.monotonic() - started)
+            display = sync_display(sys.stdout)
+            with display.running():
+                if runner is None:
+                    report = run_sync(settings, paths, caller="demo", on_connection=display.finished)
+                else:
+                    report = runner(settings, paths, connection_windows(settings), display=display)
+    _print_summary(report, time.monotonic() - started, engine_log=getattr(runner, "last_log", None))
     print(f"warehouse: {paths.duckdb}")
-    return 0 if report.ok else 1
+    return sync_exit_code(report)
 
 
 def _renormalize(args: argparse.Namespace) -> int:
@@ -293,7 +375,7 @@ def register(sub: Any) -> None:
     sync.add_argument("--config", default=None, help="connections file (default: $REDOX_ELT_CONFIG)")
     sync.add_argument("--connection", action="append", help="only this connection (repeatable)")
     sync.add_argument("--since", default=None, help="backfill window start (ISO-8601, inclusive)")
-    sync.add_argument("--until", default=None, help="backfill window end (ISO-8601, exclusive)")
+    sync.add_argument("--until", default=None, help="backfill window end (ISO-8601, exclusive; default: now)")
     sync.add_argument(
         "--lookback-hours",
         type=float,

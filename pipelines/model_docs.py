@@ -693,10 +693,12 @@ def column_comment(doc: ColumnDoc) -> str:
 _OUTBOX_PIPELINE: dict[str, ColumnDoc] = {
     "seq": ColumnDoc("Insertion order; rows are sent in it (pipeline)."),
     "status": ColumnDoc(
-        "pending -> sending (committed before the request leaves) -> sent -> acknowledged, or failed (pipeline)."
+        "pending -> sending (committed before the request leaves) -> sent -> acknowledged | failed (before sending: an invalid or refused request; after: the EHR refused the write) (pipeline)."
     ),
     "attempts": ColumnDoc("Requests sent for the row (pipeline)."),
-    "last_error": ColumnDoc("Why it failed, or why its outcome is still unknown; never PHI (pipeline)."),
+    "last_error": ColumnDoc(
+        "Why it failed, or why its outcome is still unknown; never PHI, except 'refused by the EHR: <reason>', whose reason is the EHR's own text (kept here, never logged) (pipeline)."
+    ),
     "surface": ColumnDoc("fhir or datamodel: the surface the write went through (pipeline)."),
     "external_id": ColumnDoc(
         "The acknowledgement's id: FHIR response MessageHeader id, Data Model Meta.Logs[0].ID (pipeline)."
@@ -704,8 +706,10 @@ _OUTBOX_PIPELINE: dict[str, ColumnDoc] = {
     "created_at": ColumnDoc("When the row was inserted (UTC)."),
     "updated_at": ColumnDoc("When the pipeline last changed the row (UTC)."),
     "sent_at": ColumnDoc("When the request left (UTC)."),
-    "acknowledged_at": ColumnDoc("When the destination acknowledged it (UTC)."),
-    "acknowledgement": ColumnDoc("What acknowledged it (pipeline)."),
+    "acknowledged_at": ColumnDoc("When the EHR's outcome arrived (UTC; refusals too)."),
+    "acknowledgement": ColumnDoc(
+        "What settled it after sending: the pushed event or notification, or the lookup that saw it (pipeline)."
+    ),
 }
 OUTBOX_DOCS: dict[str, dict[str, ColumnDoc]] = {
     "orders": {

@@ -68,6 +68,23 @@ def quarantine_schema() -> pa.Schema:
     )
 
 
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT"}
+
+
+def ensure_quarantine_table(con: duckdb.DuckDBPyConnection) -> None:
+    """Create an empty ``raw.quarantine`` as dlt would (same columns and types), so queries
+    on it work from the first sync on, before anything was ever quarantined. dlt loads into
+    an existing table as into its own."""
+    if table_exists(con, STAGING_SCHEMA, QUARANTINE_TABLE):
+        return
+    columns = []
+    for f in quarantine_schema():
+        sql_type = "TIMESTAMP WITH TIME ZONE" if pa.types.is_timestamp(f.type) else _DUCKDB_TYPES[f.type]
+        columns.append(f"{f.name} {sql_type}{' NOT NULL' if f.name == 'quarantine_id' else ''}")
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {STAGING_SCHEMA}")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {STAGING_SCHEMA}.{QUARANTINE_TABLE} ({', '.join(columns)})")
+
+
 QUARANTINE_HINTS = dlt.mark.make_hints(
     table_name=QUARANTINE_TABLE,
     write_disposition="merge",
@@ -554,3 +571,50 @@ def retry_entries(
             "INSERT OR REPLACE INTO ops.quarantine_decisions VALUES (?, ?, ?, ?, NULL)", [qid, cid, RETRY, at]
         )
     return len(rows)
+
+
+def open_entries_on_pages(con: duckdb.DuckDBPyConnection, connection_id: str, raw_refs: Sequence[str]) -> int:
+    """Unresolved entries quarantined from the landed pages ``raw_refs``."""
+    if not raw_refs or not table_exists(con, STAGING_SCHEMA, QUARANTINE_TABLE):
+        return 0
+    row = con.execute(
+        f"SELECT count(*) FROM {STAGING_SCHEMA}.{QUARANTINE_TABLE} "
+        "WHERE connection_id = ? AND resolved_at IS NULL AND list_contains(?, raw_ref)",
+        [connection_id, list(raw_refs)],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def resolve_unattributed(
+    con: duckdb.DuckDBPyConnection, connection_id: str, surface: str, before: datetime
+) -> int:
+    """Resolve the entries of multi-patient listings (discovery by date, a bulk export file):
+    a record known only by its position, whose patient nobody can name.
+
+    Called when a discovery of the connection and surface that started after them read clean
+    (no error, nothing quarantined): every patient the listing shows is then in the panel, and
+    a patient's own pull fetches all of their records — the defective one included."""
+    if not _has_resolution_column(con):
+        return 0
+    row = con.execute(
+        f"""UPDATE {STAGING_SCHEMA}.{QUARANTINE_TABLE} SET resolved_at = now()
+            WHERE connection_id = ? AND source_surface = ? AND resolved_at IS NULL
+              AND item_kind = '{ITEM_POSITION}' AND patient_ref_value IS NULL AND first_seen_at < ?""",
+        [connection_id, surface, before],
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def quarantined_enterprise_ids(con: duckdb.DuckDBPyConnection, connection_id: str) -> frozenset[str]:
+    """Enterprise ids of a network connection's patients with an unresolved entry (the entry
+    names the patient by the network's MR or by the enterprise id itself)."""
+    patients = staged_table_name("datamodel", "patients")
+    if not table_exists(con, STAGING_SCHEMA, QUARANTINE_TABLE):
+        return frozenset()
+    q = f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}"
+    sql = f"SELECT patient_ref_value FROM {q} WHERE connection_id = $c AND resolved_at IS NULL AND patient_ref_type = 'EPI'"
+    if table_exists(con, STAGING_SCHEMA, patients):
+        sql += f""" UNION SELECT p.enterprise_id FROM {q} q JOIN {STAGING_SCHEMA}.{patients} p
+                   ON p.connection_id = q.connection_id AND q.patient_ref_type = 'MR' AND p.mrn = q.patient_ref_value
+                   WHERE q.connection_id = $c AND q.resolved_at IS NULL"""
+    return frozenset(v for (v,) in con.execute(sql, {"c": connection_id}).fetchall() if v)

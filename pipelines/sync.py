@@ -25,7 +25,7 @@ from pipelines.lake import export_lake
 from pipelines.landing import RawLanding
 from pipelines.panel import mark_identifiers_due
 from pipelines.publish import model_schema, publish_connection
-from pipelines.quarantine import patients_to_refetch
+from pipelines.quarantine import ensure_quarantine_table, patients_to_refetch, quarantined_enterprise_ids
 from pipelines.sync_context import (
     DEFAULT_DISCOVER_DAYS,
     ConnectionWindow,
@@ -153,6 +153,17 @@ def enterprise_ids_known(
     return tuple(r[0] for r in _rows_if_table(paths, None, "patient_identifiers", sql, params))
 
 
+def network_questions(paths: WarehousePaths, connection_id: str, *, everyone: bool) -> tuple[str, ...]:
+    """Whom a clinical network is asked about: new people (everyone for a backfill or
+    ``--full``), plus the people a quarantined record of the network belongs to — asked
+    again until it loads."""
+    known = set(enterprise_ids_known(paths, connection_id, only_new=not everyone))
+    if paths.duckdb.exists():
+        with duckdb.connect(str(paths.duckdb)) as con:
+            known |= quarantined_enterprise_ids(con, connection_id)
+    return tuple(sorted(known))
+
+
 def sync_connection(
     settings: Settings,
     conn: ConnectionSettings,
@@ -175,7 +186,7 @@ def sync_connection(
     report = ConnectionReport(conn.id, window=window)
     landing = RawLanding(paths.landing_root)
     known = (
-        enterprise_ids_known(paths, conn.id, only_new=not window.is_backfill)
+        network_questions(paths, conn.id, everyone=window.is_backfill or full)
         if conn.kind == "network"
         else ()
     )
@@ -285,6 +296,8 @@ def run_sync(
         finally:
             audit.close()
             load_audit_into_duckdb(paths.audit_log, paths.duckdb)
+        with duckdb.connect(str(paths.duckdb)) as con:
+            ensure_quarantine_table(con)  # empty until something is quarantined, but queryable
         if paths.destination == "parquet" and any(c.error is None for c in report.connections):
             export_lake(paths)
         with duckdb.connect(str(paths.duckdb), read_only=True) as con:

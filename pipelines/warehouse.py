@@ -4,6 +4,7 @@ single-writer lock so two syncs never write one DuckDB file at once."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 import duckdb
 
 DEFAULT_WAREHOUSE = Path("warehouse") / "redox.duckdb"
+log = logging.getLogger(__name__)
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> bool:
@@ -91,11 +93,21 @@ class WriterLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + self.wait_s
+        told = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if not told:
+                    # Said once, so two syncs on one warehouse never interleave silently
+                    # (the CLI prints warnings as plain "redox-elt: ..." lines).
+                    log.warning(
+                        "waiting for the writer lock: another sync is writing %s (up to %g s)",
+                        self.path.parent,
+                        self.wait_s,
+                    )
+                    told = True
                 if time.monotonic() > deadline:
                     os.close(fd)
                     raise WarehouseBusy(

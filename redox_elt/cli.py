@@ -4,11 +4,15 @@ only parses arguments and dispatches."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
+import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
@@ -129,7 +133,66 @@ def _sync_through_dagster(args: argparse.Namespace) -> int:
     from redox_elt.definitions import build_definitions
     from redox_elt.sync_job import DagsterSyncRunner
 
-    return sync_command(args, runner=DagsterSyncRunner(args.environment, build_definitions))
+    return sync_command(
+        args, runner=DagsterSyncRunner(args.environment, build_definitions, verbose=args.verbose)
+    )
+
+
+DEMO_DAGSTER_HOME = ".dagster_home"
+
+
+def demo_dagster_home(env: Environment, cwd: Path) -> Environment:
+    """The instance the demo records into: ``$DAGSTER_HOME`` when set, else ``.dagster_home``
+    in the working directory (the README's Dagster section starts ``dagster dev`` on it), with
+    the project's ``dagster.yaml`` copied in when it is there and the folder has none."""
+    if env.dagster_home:
+        return env
+    home = cwd / DEMO_DAGSTER_HOME
+    home.mkdir(exist_ok=True)
+    settings = cwd / "dagster.yaml"
+    if settings.is_file() and not (home / "dagster.yaml").exists():
+        shutil.copyfile(settings, home / "dagster.yaml")
+    return dataclasses.replace(env, dagster_home=str(home.resolve()))
+
+
+@dataclasses.dataclass
+class DemoRunner:
+    """The demo's runner: the Dagster job recorded in a persistent instance
+    (``demo_dagster_home``, made only once the demo's input is valid), so ``dagster dev`` on
+    it shows the demo's runs and materializations."""
+
+    env: Environment
+    verbose: bool
+    last_log: Path | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from redox_elt.definitions import build_definitions
+        from redox_elt.sync_job import DagsterSyncRunner
+
+        try:
+            env = demo_dagster_home(self.env, Path.cwd())
+        except OSError as exc:  # a read-only working directory: the runs are not kept
+            env = self.env
+            print(
+                f"dagster: runs not kept ({DEMO_DAGSTER_HOME}: {exc.strerror}; set $DAGSTER_HOME)", flush=True
+            )
+        else:
+            os.environ["DAGSTER_HOME"] = str(env.dagster_home)  # DagsterInstance.get() reads it
+            print(
+                f"dagster: runs recorded in {env.dagster_home} (the DAGSTER_HOME for dagster dev)", flush=True
+            )
+        inner = DagsterSyncRunner(env, build_definitions, verbose=self.verbose)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            self.last_log = inner.last_log
+
+
+def _demo_through_dagster(args: argparse.Namespace) -> int:
+    """``redox-elt demo`` runs the same Dagster job as ``sync`` (``DemoRunner``)."""
+    from pipelines.cli import _demo
+
+    return _demo(args, runner=DemoRunner(args.environment, args.verbose))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -201,11 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_writeback_verb(sub)
     sub.choices["sync"].set_defaults(func=_sync_through_dagster)
+    sub.choices["demo"].set_defaults(func=_demo_through_dagster)
     from pipelines.panel_cli import register as register_panel_verbs
 
     register_panel_verbs(sub)
+    from redox_elt.status_cli import register as register_status_verbs
+
+    register_status_verbs(sub)
     _register_export(sub)
     return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    """``-v``: INFO with times and logger names, for a person debugging. Otherwise warnings
+    only, as plain ``redox-elt: message`` lines (a warning is meant for the user)."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, format="redox-elt: %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,10 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     try:
         _apply_environment(args, Environment.read())
     except EnvironmentValueError as exc:

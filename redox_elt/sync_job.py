@@ -18,6 +18,7 @@ both).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -26,12 +27,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance, DagsterRunStatus, Definitions, RunsFilter
+from dagster import DagsterInstance, DagsterRunStatus, Definitions, LoggerDefinition, RunsFilter, logger
 from dagster._utils.interrupts import check_captured_interrupt
+from dagster_shared.error import SerializableErrorInfo
 
 from assets.automation import SYNC_JOB
 from assets.partitions import CONNECTIONS_PARTITIONS_NAME, RANGE_END_TAG, RANGE_START_TAG, partition_key
@@ -44,6 +48,7 @@ from assets.sync_assets import (
     REPORTS_METADATA,
     reports_from_metadata,
 )
+from pipelines.cli import warehouse_open_error
 from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, SyncReport
 from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, ConnectionWindow, SyncWindow, networks_last
 from pipelines.warehouse import WarehouseBusy, WarehousePaths
@@ -216,7 +221,9 @@ def run_plan(
     return {"partition_key": key, "tags": tags, "run_config": {"ops": {"redox_sync": {"config": config}}}}
 
 
-def _connection_report(cw: ConnectionWindow, result: Any) -> ConnectionReport:
+def _connection_report(
+    cw: ConnectionWindow, result: Any, paths: WarehousePaths | None = None
+) -> ConnectionReport:
     """The runner's report for the run's connection, read back from the run's events."""
     for event in result.all_events:
         if event.is_step_failure:
@@ -225,15 +232,60 @@ def _connection_report(cw: ConnectionWindow, result: Any) -> ConnectionReport:
             reports = reports_from_metadata(user.metadata[REPORTS_METADATA].value) if user else []
             if reports:
                 return _with_window(reports[0], cw)
-            message = (data.error.message if data.error else "").strip() or "run failed"
-            return ConnectionReport(cw.connection_id, window=cw.window, error=message.splitlines()[-1][:500])
+            return ConnectionReport(cw.connection_id, window=cw.window, error=root_cause(data.error, paths))
     for event in result.get_asset_materialization_events():
         metadata = event.materialization.metadata
         if REPORTS_METADATA in metadata:
             reports = reports_from_metadata(metadata[REPORTS_METADATA].value)
             if reports:
                 return _with_window(reports[0], cw)
+    # No step ran to report: a resource that could not start, a run that failed around the step.
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        if isinstance(error, SerializableErrorInfo):
+            return ConnectionReport(cw.connection_id, window=cw.window, error=root_cause(error, paths))
     return ConnectionReport(cw.connection_id, window=cw.window, error="run failed")
+
+
+# Exceptions whose text is safe and useful to show: classes of ours (written without PHI),
+# Dagster's Failure descriptions (ours too), and the operating system's (a path and a reason).
+_SHOWN_MODULES = ("pipelines", "resources", "sandbox", "assets", "redox_elt")
+_OS_ERRORS = {"OSError", "PermissionError", "FileNotFoundError", "IsADirectoryError", "NotADirectoryError"}
+
+
+def _chain(error: SerializableErrorInfo | None) -> list[SerializableErrorInfo]:
+    chain: list[SerializableErrorInfo] = []
+    while error is not None and len(chain) < 10:
+        chain.append(error)
+        error = error.cause or error.context
+    return chain
+
+
+def root_cause(error: SerializableErrorInfo | None, paths: WarehousePaths | None = None) -> str:
+    """One line for a failed step: the innermost cause, not Dagster's wrapper ("Error occurred
+    while executing op ..."). DuckDB's errors opening the warehouse become the warehouse's
+    user error with its fix; a library's other errors show their type names only (their text
+    can echo payload values)."""
+    chain = _chain(error)
+    if not chain:
+        return "run failed"
+    root = chain[-1]
+    name = root.cls_name or "Error"
+    text = (root.message or "").strip()
+    # The message starts "package.module.Class: text" ("Class: text" for a builtin).
+    head, sep, rest = text.partition(": ")
+    named = sep and head.rsplit(".", 1)[-1] == name
+    body = " ".join((rest if named else text).split())
+    module = head.rsplit(".", 1)[0] if named and "." in head else ""
+    if name in ("IOException", "PermissionException") and paths is not None:
+        return warehouse_open_error(paths.duckdb, RuntimeError(body))
+    if name == "Failure":
+        return body[:400]
+    # Only a class of ours carries text written without PHI: a builtin or a library's
+    # exception raised in our code (a failed int(), a DuckDB conversion) can quote a value.
+    if name in _OS_ERRORS or module.split(".")[0] in _SHOWN_MODULES:
+        return f"{name}: {body[:400]}"
+    return " <- ".join(e.cls_name or "Error" for e in reversed(chain[1:])) or name
 
 
 def _with_window(report: ConnectionReport, cw: ConnectionWindow) -> ConnectionReport:
@@ -241,16 +293,64 @@ def _with_window(report: ConnectionReport, cw: ConnectionWindow) -> ConnectionRe
     return report
 
 
-@dataclass(frozen=True)
+ENGINE_LOG_BYTES, ENGINE_LOG_BACKUPS = 10_000_000, 3
+ENGINE_LOGGER = "redox_cli"
+
+
+def engine_log_path(paths: WarehousePaths) -> Path:
+    """Where a CLI sync writes Dagster's event log: beside the warehouse it syncs."""
+    return paths.root / f"{paths.duckdb.stem}.dagster.log"
+
+
+def engine_logger(handlers: Sequence[logging.Handler]) -> LoggerDefinition:
+    """Dagster's engine log for CLI runs, sent to ``handlers`` (the log file; stderr too
+    with ``-v``) instead of the default console logger that floods the terminal. Its lines
+    hold run ids, step names and our own log lines (connection ids and counts, no PHI)."""
+
+    @logger(description="redox-elt CLI: the engine log, to the warehouse's log file (stderr too with -v).")
+    def redox_cli_logger(init_context: Any) -> logging.Logger:
+        engine = logging.Logger("dagster.redox_cli", level=logging.DEBUG)
+        for handler in handlers:
+            engine.addHandler(handler)
+        return engine
+
+    return redox_cli_logger
+
+
+@contextmanager
+def _engine_handlers(paths: WarehousePaths, verbose: bool) -> Iterator[list[logging.Handler]]:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handlers: list[logging.Handler] = []
+    file_handler = RotatingFileHandler(
+        engine_log_path(paths), maxBytes=ENGINE_LOG_BYTES, backupCount=ENGINE_LOG_BACKUPS, delay=True
+    )
+    file_handler.setFormatter(fmt)
+    handlers.append(file_handler)
+    if verbose:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(fmt)
+        handlers.append(stream)
+    try:
+        yield handlers
+    finally:
+        for handler in handlers:
+            handler.close()
+
+
+@dataclass
 class DagsterSyncRunner:
-    """The CLI's ``runner``: ``runner(settings, paths, windows, lookback_s=, full=, discover_days=)``
-    → ``SyncReport``.
+    """The CLI's ``runner``: ``runner(settings, paths, windows, lookback_s=, full=, discover_days=,
+    display=)`` → ``SyncReport``.
 
     ``build_definitions(env, redox, warehouse)`` is the code location's factory, passed in
-    by the CLI entry point (only the entry point and Dagster's loader import it)."""
+    by the CLI entry point (only the entry point and Dagster's loader import it). The
+    engine's log goes to ``engine_log_path`` (and stderr with ``verbose``); ``last_log``
+    names the file after a call."""
 
     env: Environment
     build_definitions: Callable[..., Definitions]
+    verbose: bool = False
+    last_log: Path | None = field(default=None, init=False)
 
     @property
     def first_day(self) -> date:
@@ -268,6 +368,7 @@ class DagsterSyncRunner:
         lookback_s: float = DEFAULT_LOOKBACK_S,
         full: bool = False,
         discover_days: int = DEFAULT_DISCOVER_DAYS,
+        display: Any = None,
     ) -> SyncReport:
         if settings.source_path is None:
             raise ValueError("the CLI sync needs settings read from a connections file")
@@ -276,12 +377,13 @@ class DagsterSyncRunner:
             ConnectionsFileResource(config_path=str(settings.source_path)),
             WarehouseResource(path=str(paths.duckdb), destination=paths.destination),
         )
-        job = defs.resolve_job_def(SYNC_JOB)
         kinds = {c.id: c.kind for c in settings.connections}
         ordered = networks_last(windows, lambda w: kinds.get(w.connection_id))
         report = SyncReport(run_id="")
         today = datetime.now(UTC)
-        with self._instance() as instance:
+        self.last_log = engine_log_path(paths)
+        with self._instance() as instance, _engine_handlers(paths, self.verbose) as handlers:
+            job = defs.resolve_job_def(SYNC_JOB).with_logger_defs({ENGINE_LOGGER: engine_logger(handlers)})
             instance.add_dynamic_partitions(CONNECTIONS_PARTITIONS_NAME, [w.connection_id for w in ordered])
             for cw in ordered:
                 plan = run_plan(
@@ -289,12 +391,20 @@ class DagsterSyncRunner:
                     full=full, discover_days=discover_days,
                 )  # fmt: skip
                 plan["tags"].update(process_tags())
+                plan["run_config"]["loggers"] = {ENGINE_LOGGER: {}}
                 wait_for_pool(instance, self.env.pool_wait_s)
+                if display is not None:
+                    display.started(cw.connection_id, _describe(cw.window))
+                started = time.monotonic()
                 run_id_box: list[str] = []
                 with _watch_blocked_run(instance, run_id_box, self.env.pool_wait_s):
                     result = self._execute(job, instance, plan, run_id_box)
                 report.run_id = report.run_id or result.run_id
-                report.connections.append(_connection_report(cw, result))
+                conn_report = _connection_report(cw, result, paths)
+                conn_report.seconds["total"] = time.monotonic() - started
+                report.connections.append(conn_report)
+                if display is not None:
+                    display.finished(conn_report)
         return report
 
     @staticmethod
@@ -305,3 +415,10 @@ class DagsterSyncRunner:
         run_id = make_new_run_id()
         run_id_box.append(run_id)
         return job.execute_in_process(instance=instance, raise_on_error=False, run_id=run_id, **plan)
+
+
+def _describe(window: SyncWindow) -> str:
+    if not window.is_backfill:
+        return "live, from the cursor"
+    start = f"{window.start:%Y-%m-%d %H:%M}" if window.start else "the beginning"
+    return f"window {start} .. {window.end:%Y-%m-%d %H:%M} UTC"

@@ -27,6 +27,12 @@ Model query answers, ``mangle`` for every response body, ``damage_ndjson`` for b
   record is damaged on every read while the fault is set and served whole once it is cleared.
 - ``malformed_rate``: the body is cut short (invalid JSON).
 
+**The EHR's verdict on write-backs**: ``write_reject_rate`` makes the EHR refuse that share of
+the orders and appointments written back (Redox accepts the write; the refusal comes back later,
+asynchronously, see ``sandbox.write_acks``). Which writes, and which reason from
+``WRITE_REJECT_REASONS``, is a hash of the seed, the connection, the kind and the business id
+(order id / visit number), so the same write is refused on every run with the same seed.
+
 Every other random decision comes from one ``random.Random(seed)`` behind a lock, so a run with
 the same seed and the same request order sees the same faults.
 """
@@ -34,6 +40,7 @@ the same seed and the same request order sees the same faults.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import math
@@ -65,12 +72,26 @@ PROBABILITY_FAULTS = (
     "webhook_reorder",
     "partial_failure_rate",
     "bad_entry_rate",
+    "write_reject_rate",
 )
 OTHER_FAULTS = ("rate_limit_rps", "latency_ms", "token_lifetime_s", "timeout_s")
 FAULT_NAMES = PROBABILITY_FAULTS + OTHER_FAULTS
 GLOBAL_ONLY = frozenset({"token_lifetime_s"})  # tokens are not tied to one connection
 DEFAULT_TIMEOUT_S = 10.0
 INJECTED_ERROR_STATUSES = (500, 502, 503)
+# What the EHR says when ``write_reject_rate`` refuses a write (the reason the outcome carries).
+WRITE_REJECT_REASONS: dict[str, tuple[str, ...]] = {
+    "orders": (
+        "unknown ordering provider",
+        "procedure not orderable at this facility",
+        "patient not registered at the ordering facility",
+    ),
+    "appointments": (
+        "slot no longer available",
+        "provider not available at this time",
+        "department not accepting appointments",
+    ),
+}
 
 log = logging.getLogger(__name__)
 # Meta.Errors[].ID of injected partial failures (numeric, like Redox's recorded ones).
@@ -306,6 +327,20 @@ class Faults:
             return False  # no draw, so unset faults leave the RNG sequence untouched
         with self._lock:
             return self._rng.random() < probability
+
+    def write_refusal(self, connection_id: str, kind: str, business_id: str) -> str | None:
+        """The EHR's reason for refusing this write under ``write_reject_rate``, else None.
+        A hash, not the RNG: the same write gets the same verdict whatever the request order."""
+        probability = self.rate("write_reject_rate", connection_id)
+        reasons = WRITE_REJECT_REASONS.get(kind)
+        if probability <= 0.0 or not reasons:
+            return None
+        digest = hashlib.sha256(
+            f"{self._seed}|write_reject|{connection_id}|{kind}|{business_id}".encode()
+        ).digest()
+        if int.from_bytes(digest[:8], "big") / 2**64 >= probability:
+            return None
+        return reasons[digest[8] % len(reasons)]
 
     def token_lifetime_s(self) -> float | None:
         with self._lock:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox.config import ConnectionSpec, SandboxConfig
 
+ACCEPTED, REJECTED = "accepted", "rejected"
+
 if TYPE_CHECKING:
     from sandbox.auth import AuthServer
     from sandbox.faults import Faults
@@ -32,6 +34,8 @@ class WriteRecord:
     payload: dict[str, Any]
     received_at: str
     duplicate: bool  # informational: this (connection, id, event) was received before
+    outcome: str = ACCEPTED  # the EHR's verdict: "accepted" | "rejected" (pushed back later)
+    reason: str | None = None  # the EHR's reason for a rejection
 
     def to_json(self) -> dict[str, Any]:
         d = {
@@ -43,6 +47,8 @@ class WriteRecord:
             "payload": self.payload,
             "received_at": self.received_at,
             "duplicate": self.duplicate,
+            "outcome": self.outcome,
+            "reason": self.reason,
         }
         if self.kind == "appointments":
             d["appointment_id"] = self.order_id
@@ -55,6 +61,13 @@ class WriteLog:
 
     Redox has no idempotency mechanism, so nothing here de-duplicates: a client that sends the
     same order twice has placed it twice. ``duplicate`` only marks the repeat for tests.
+
+    Each write also carries the EHR's verdict (``outcome``, ``reason``), decided when it is
+    received and reported back asynchronously (``sandbox.write_acks``): a write the EHR refused
+    leaves the order revoked / the appointment cancelled, and every later write to the same
+    order or appointment is refused with the same reason (there is nothing left to change). A
+    cancel of something the EHR holds is always accepted; any other write is refused when the
+    ``write_reject_rate`` fault says so (``refusal``).
     """
 
     writes: list[WriteRecord] = field(default_factory=list)
@@ -71,14 +84,27 @@ class WriteLog:
         event: str,
         payload: dict[str, Any],
         fingerprint: str,
+        refusal: str | None = None,
     ) -> WriteRecord:
         """Store one received write. ``idempotency_key`` (a header Redox ignores) and
-        ``fingerprint`` are kept for inspection only; neither suppresses anything."""
+        ``fingerprint`` are kept for inspection only; neither suppresses anything. ``refusal``
+        is the fault's reason to refuse it (``Faults.write_refusal``), if any."""
         del fingerprint  # the content hash does not make two writes one
         with self._lock:
             key = (connection_id, kind, order_id, event)
             duplicate = key in self._seen
             self._seen.add(key)
+            reason = next(
+                (
+                    w.reason or ""
+                    for w in reversed(self.writes)
+                    if w.outcome == REJECTED
+                    and (w.connection_id, w.kind, w.order_id) == (connection_id, kind, order_id)
+                ),
+                None,
+            )
+            if reason is None and not event.endswith("-Cancel"):
+                reason = refusal
             w = WriteRecord(
                 kind=kind,
                 order_id=order_id,
@@ -89,9 +115,20 @@ class WriteLog:
                 payload=payload,
                 received_at=datetime.now(UTC).isoformat(),
                 duplicate=duplicate,
+                outcome=ACCEPTED if reason is None else REJECTED,
+                reason=reason,
             )
             self.writes.append(w)
             return w
+
+    def history(self, connection_id: str, kind: str, business_id: str) -> list[WriteRecord]:
+        """Every write to one order / appointment of a connection, oldest first."""
+        with self._lock:
+            return [
+                w
+                for w in self.writes
+                if (w.connection_id, w.kind, w.order_id) == (connection_id, kind, business_id)
+            ]
 
     def to_json(self) -> dict[str, list[dict[str, Any]]]:
         with self._lock:

@@ -212,6 +212,19 @@ class WebhookSender:
             out = self._render(change, conn)
             payloads = out if isinstance(out, list) else [out] if out else []
             rendered.extend((conn.id, p) for p in payloads)
+        return self.enqueue_payloads(rendered)
+
+    def enqueue_payloads(self, payloads: Iterable[tuple[str, dict[str, Any]]]) -> int:
+        """Queue already rendered ``(connection_id, payload)`` pairs for every registered
+        destination (e.g. write-back outcomes, ``sandbox.write_acks``), after whatever is
+        queued; returns the number queued per destination."""
+        if self._stopping.is_set():
+            return 0
+        rendered = list(payloads)
+        with self._lock:
+            destinations = list(self._destinations.values())
+        if not destinations or not rendered:
+            return 0
         for dest in destinations:
             events = []
             for connection_id, payload in rendered:

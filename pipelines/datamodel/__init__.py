@@ -103,8 +103,11 @@ def network_source(
     window: SyncWindow | None = None,
     known_enterprise_ids: tuple[str, ...] = (),
     counter: CallCounter | None = None,
+    full_history_ids: frozenset[str] = frozenset(),
 ) -> Any:
-    """The network's patients and documents for ``known_enterprise_ids`` (a dlt source)."""
+    """The network's patients and documents for ``known_enterprise_ids`` (a dlt source);
+    ``full_history_ids`` are asked for their whole history whatever the window (a record of
+    theirs sits in quarantine: fetched again until it loads)."""
     window = window or SyncWindow()
     wanted = set(entities)
 
@@ -125,7 +128,8 @@ def network_source(
             )
             if not isinstance(found, dict) or not (found.get("Patient") or {}).get("Identifiers"):
                 return [(found_raw, found_ref, "patients", search, [])]
-            span = {"StartDate": _dm_time(window.start or EARLIEST)}
+            start = EARLIEST if epi in full_history_ids else (window.start or EARLIEST)
+            span = {"StartDate": _dm_time(start)}
             if window.end:
                 span["EndDate"] = _dm_time(window.end)
             docs, docs_ref, docs_raw = emitter.query(

@@ -67,6 +67,7 @@ from pipelines.vocabulary import (
     staged_table_name,
 )
 from pipelines.warehouse import WarehousePaths, table_exists
+from pipelines.writeback.inbox_acks import settle_pushed_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -491,6 +492,17 @@ def process_inbox(
                     continue
                 prepared.append(_prepare(message, conn_id))
                 old_refs[message.seq] = raw_ref
+            # Write-back outcomes settle their outbox rows; an order's has nothing else to load.
+            consumed = settle_pushed_outcomes(
+                paths.duckdb,
+                [
+                    (p.connection_id, p.message.family, p.message.body) if p.reason is None else None
+                    for p in prepared
+                ],
+            )
+            for p, is_order_outcome in zip(prepared, consumed, strict=True):
+                if is_order_outcome:
+                    p.page = None
             refs: dict[int, str] = {}
             grouped: dict[str, dict[str, list[tuple[_Prepared, str]]]] = defaultdict(
                 lambda: defaultdict(list)

@@ -1,11 +1,14 @@
-"""Acknowledgements: a ``sent`` outbox row becomes ``acknowledged`` once the write is visible at
-the destination.
+"""Acknowledgements by lookup: a ``sent`` outbox row becomes ``acknowledged`` once the write is
+visible at the destination, or ``failed`` when it is visible in the state an EHR refusal leaves.
 
-Redox answers writes asynchronously (200 = received, REDOX-REFERENCE §12.2); the outcome is
-known when the EHR shows the order or appointment. The writer asks the same questions it asks
-after an unanswered send — FHIR ``_search`` by ``identifier``, Data Model ``Order.Query`` /
-``Scheduling.Booked`` — for rows in ``sent``, and records which one answered. A row whose write
-is not visible yet stays ``sent`` and is asked about again at the next run.
+Redox answers writes asynchronously (200 = received, REDOX-REFERENCE §12.2). The EHR's outcome
+is pushed as an event / notification (``pipelines.writeback.inbox_acks``, the primary path);
+this module is the fallback for a connection whose feed is not registered or lags: the writer
+asks the same questions it asks after an unanswered send — FHIR ``_search`` by ``identifier``,
+Data Model ``Order.Query`` / ``Scheduling.Booked`` — for rows in ``sent``. A revoked order or an
+appointment cancelled without our asking means the EHR refused the write: ``failed`` with the
+reason the destination shows (a note / cancel reason; EHR text, stored in ``last_error`` and
+never logged). A row whose write is not visible yet stays ``sent`` and is asked about next run.
 """
 
 from __future__ import annotations
@@ -45,32 +48,43 @@ def _how(request: P.Request, kind: str) -> str:
 
 
 def acknowledge(writer: Writer, connection_id: str | None = None) -> int:
-    """Move ``sent`` rows whose write the destination shows to ``acknowledged``; how many moved."""
+    """Settle ``sent`` rows the destination shows: ``acknowledged`` (returned: how many), or
+    ``failed`` when it shows them refused (counted in ``writer.report.refused``)."""
+    from pipelines.writeback.sender import cancelled_later
+
     moved = 0
     for kind in KINDS:
         by_conn: dict[str, list[OutboxRow]] = {}
         for row in _sent_rows(writer, kind, connection_id):
             by_conn.setdefault(row.connection_id, []).append(row)
         for conn_id, rows in by_conn.items():
-            built: list[tuple[OutboxRow, P.Request]] = []
+            built: list[tuple[OutboxRow, P.Request, bool]] = []
             with writer.outbox.connect() as con:
                 for row in rows:
                     try:
-                        built.append((row, writer.build(row, con)))
+                        request = writer.build(row, con)
                     except Exception:  # noqa: BLE001 - a row that no longer builds is simply not asked about
                         continue
+                    ours = kind == "appointments" and request.action != "cancel" and cancelled_later(con, row)
+                    built.append((row, request, ours))
             if not built:
                 continue
             destination: Destination = writer.destination_factory(
                 writer.settings, writer.settings.connection(conn_id)
             )
             try:
-                for row, request in built:
+                for row, request, cancelled_by_us in built:
                     try:
-                        visible = destination.find(row, request)
+                        seen = destination.look(row, request)
                     except Exception:  # noqa: BLE001 - a failed lookup is asked again next run
                         continue
-                    if visible and writer.outbox.mark_acknowledged(kind, row.key, _how(request, kind)):
+                    if seen is None:
+                        continue
+                    how = _how(request, kind)
+                    if seen.refused and not cancelled_by_us:
+                        if writer.outbox.mark_refused(kind, row.key, seen.reason, f"refused: {how}"):
+                            writer.report.refused += 1
+                    elif writer.outbox.mark_acknowledged(kind, row.key, how):
                         moved += 1
             finally:
                 destination.close()

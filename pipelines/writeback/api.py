@@ -2,7 +2,10 @@
 
 Each inserts one outbox row (the same row SQL users insert, so the same exactly-once path
 delivers it), runs the writer for that connection, and waits — up to ``timeout_s`` — for the
-row to leave ``pending`` / ``sending``. Calling again with the same id never sends twice: the
+EHR's outcome: ``acknowledged`` or ``failed`` with its reason (a row still ``sent`` when the
+time is up is returned as it is: delivered, not yet confirmed). Each writer run asks the
+destination about rows in ``sent``, so the outcome arrives without a webhook receiver; with one,
+the inbox settles the row as soon as the EHR's event is processed. Calling again with the same id never sends twice: the
 row already exists, and the call just waits for its outcome.
 """
 
@@ -17,13 +20,13 @@ from pipelines.warehouse import WarehousePaths
 from pipelines.writeback.outbox import Outbox
 from pipelines.writeback.sender import Writer
 
-SETTLED = ("sent", "acknowledged", "failed")
+SETTLED = ("acknowledged", "failed")  # the EHR's outcome; ``sent`` only means received
 
 
 @dataclass(frozen=True)
 class Outcome:
     id: str
-    status: str  # sent | acknowledged | failed | pending | sending (timed out)
+    status: str  # acknowledged | failed, or sent | pending | sending when the time ran out
     reason: str | None
 
     @property
@@ -75,7 +78,7 @@ def submit_order(
     notes: str | None = None,
     timeout_s: float = 60.0,
 ) -> Outcome:
-    """Queue one order in ``outbox.orders`` and deliver it; the outcome (``failed`` with a reason)."""
+    """Queue one order in ``outbox.orders``, deliver it and wait for the EHR's outcome."""
     paths = WarehousePaths.at(warehouse)
     values = {
         "order_id": order_id,
@@ -111,7 +114,8 @@ def create_appointment(
     notes: str | None = None,
     timeout_s: float = 60.0,
 ) -> Outcome:
-    """Queue one appointment write (create, or ``action='update'`` / ``'cancel'``) and deliver it."""
+    """Queue one appointment write (create, or ``action='update'`` / ``'cancel'``), deliver it
+    and wait for the EHR's outcome."""
     paths = WarehousePaths.at(warehouse)
     values = {
         "request_id": request_id,

@@ -3,7 +3,12 @@ status lifecycle the writer commits around every send.
 
 Users decide in SQL what goes back to the EHR (``insert into outbox.orders (...) select ...``),
 naming only business columns; the pipeline owns ``status`` and the columns after it. A row
-moves ``pending -> sending -> sent -> acknowledged``, or to ``failed`` with a PHI-free reason.
+moves ``pending -> sending -> sent -> acknowledged | failed``: ``failed`` before sending with a
+PHI-free reason (the row cannot become a valid payload, or the destination refused the request),
+or after it when the EHR refuses the write (its reason, EHR text, is kept in ``last_error`` and
+never logged). The EHR's outcome arrives as a pushed event (``pipelines.writeback.inbox_acks``)
+or is seen by a lookup (``pipelines.writeback.acks``); an outcome also settles a row still in
+``sending`` (it proves the write arrived).
 ``sending`` is committed *before* the request leaves, so a row found in ``sending`` is exactly
 a write whose outcome is unknown: the writer looks for it at the destination before sending
 again (``pipelines.writeback.sender``). Every update runs under the warehouse's WriterLock (one
@@ -75,6 +80,13 @@ CREATE TABLE IF NOT EXISTS outbox.appointments (
 """
 
 KEY_COLUMN = {"orders": "order_id", "appointments": "request_id"}
+REFUSED_PREFIX = "refused by the EHR"
+
+
+def refusal_text(reason: str | None) -> str:
+    """``last_error`` of a write the EHR refused: the prefix, then the EHR's own reason."""
+    reason = (reason or "").strip()
+    return f"{REFUSED_PREFIX}: {reason}"[:500] if reason else f"{REFUSED_PREFIX} (no reason given)"
 
 
 def ensure_outbox_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -180,7 +192,15 @@ class Outbox:
         """The send's outcome is unknown: the row stays ``sending`` with why."""
         return self._update(row, {"last_error": reason[:500]}, expect=("sending",))
 
-    def mark_acknowledged(self, kind: str, key: str, acknowledgement: str) -> bool:
+    def mark_acknowledged(
+        self,
+        kind: str,
+        key: str,
+        acknowledgement: str,
+        *,
+        expect: tuple[str, ...] = ("sent",),
+        con: duckdb.DuckDBPyConnection | None = None,
+    ) -> bool:
         row = OutboxRow(kind, key, "", "sent", 0, {})
         return self._update(
             row,
@@ -189,7 +209,33 @@ class Outbox:
                 "acknowledged_at": datetime.now(UTC),
                 "acknowledgement": acknowledgement,
             },
-            expect=("sent",),
+            expect=expect,
+            con=con,
+        )
+
+    def mark_refused(
+        self,
+        kind: str,
+        key: str,
+        reason: str | None,
+        acknowledgement: str,
+        *,
+        expect: tuple[str, ...] = ("sent",),
+        con: duckdb.DuckDBPyConnection | None = None,
+    ) -> bool:
+        """The EHR refused the delivered write: ``failed`` with its reason (EHR text, stored
+        only here; callers never log it)."""
+        row = OutboxRow(kind, key, "", "sent", 0, {})
+        return self._update(
+            row,
+            {
+                "status": "failed",
+                "last_error": refusal_text(reason),
+                "acknowledged_at": datetime.now(UTC),
+                "acknowledgement": acknowledgement,
+            },
+            expect=expect,
+            con=con,
         )
 
     def status(self, kind: str, key: str) -> tuple[str, str | None] | None:

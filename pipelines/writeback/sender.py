@@ -46,7 +46,8 @@ class WritebackReport:
     found_after_unanswered_send: int = 0
     failed: int = 0
     unknown: int = 0  # still ``sending``: outcome not yet established
-    acknowledged: int = 0  # ``sent`` rows now visible at the destination
+    acknowledged: int = 0  # ``sent`` rows the EHR accepted (seen at the destination)
+    refused: int = 0  # ``sent`` rows the EHR refused: now ``failed`` with its reason
     dry_run: list[dict[str, Any]] = field(default_factory=list)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, key, reason)
 
@@ -54,7 +55,7 @@ class WritebackReport:
         return (
             f"{self.sent} sent, {self.found_after_unanswered_send} found at the destination after an unanswered send, "
             f"{self.failed} failed, {self.unknown} still unknown (re-run to settle), "
-            f"{self.acknowledged} acknowledged"
+            f"{self.acknowledged} acknowledged, {self.refused} refused by the EHR"
         )
 
 
@@ -106,21 +107,35 @@ class Destination:
         )
 
     def find(self, row: OutboxRow, request: P.Request) -> bool:
+        """Is the row's write at the destination (in any state, refused included)?"""
+        return self.look(row, request) is not None
+
+    def look(self, row: OutboxRow, request: P.Request) -> Sighting | None:
+        """The row's write as the destination shows it, or None when it is not there (yet).
+        A refused write stays visible in its refused state (a revoked order, a cancelled
+        appointment the row did not ask to cancel): it arrived and must not be sent again."""
         bid = P.business_id(row)
         if request.surface == "fhir":
             if row.kind == "orders":
                 found = self.reader.fhir_find_written(
                     "ServiceRequest", f"{P.ORDER_ID_SYSTEM}|{bid}", priority="event"
                 )
-                return any(_has_identifier(r, P.ORDER_ID_SYSTEM, bid) for r in found)
+                for r in found:
+                    if _has_identifier(r, P.ORDER_ID_SYSTEM, bid):
+                        if r.get("status") in REFUSED_ORDER_STATUSES:
+                            return Sighting(True, _last_text(r.get("note")))
+                        return Sighting()
+                return None
             found = self.reader.fhir_find_written(
                 "Appointment", f"{P.VISIT_NUMBER_SYSTEM}|{bid}", priority="event"
             )
-            return any(
-                _has_identifier(r, P.VISIT_NUMBER_SYSTEM, bid)
-                and _appointment_applied(request, r.get("status"), r.get("start"))
-                for r in found
-            )
+            for r in found:
+                if _has_identifier(r, P.VISIT_NUMBER_SYSTEM, bid):
+                    reason = (
+                        r.get("cancelationReason") if isinstance(r.get("cancelationReason"), dict) else {}
+                    )
+                    return _appointment_sighting(request, r.get("status"), r.get("start"), reason.get("text"))
+            return None
         patients = [{"Identifiers": request.body["Patient"]["Identifiers"]}]
         meta = {
             "DataModel": "Order" if row.kind == "orders" else "Scheduling",
@@ -132,21 +147,55 @@ class Destination:
             body = self.reader.datamodel(
                 {"Meta": meta, "Patients": patients, "OrderIDs": [bid]}, priority="event"
             )
-            return any(isinstance(o, dict) and str(o.get("ID")) == bid for o in body.get("Orders") or [])
+            for o in body.get("Orders") or []:
+                if isinstance(o, dict) and str(o.get("ID")) == bid:
+                    if str(o.get("Status") or "").lower() in DM_CANCELLED:
+                        return Sighting(True, _last_text(o.get("Notes")))
+                    return Sighting()
+            return None
         query = {
             "Meta": meta,
             "StartDateTime": "2000-01-01T00:00:00.000Z",
             "Visit": {"VisitNumber": bid, "Patients": patients},
         }
         body = self.reader.datamodel(query, priority="event")
-        return any(
-            isinstance(v, dict)
-            and str(v.get("VisitNumber")) == bid
-            and _appointment_applied(
-                request, "cancelled" if v.get("Status") == "Canceled" else "booked", v.get("VisitDateTime")
-            )
-            for v in body.get("Visits") or []
-        )
+        for v in body.get("Visits") or []:
+            if isinstance(v, dict) and str(v.get("VisitNumber")) == bid:
+                status = "cancelled" if str(v.get("Status") or "").lower() in DM_CANCELLED else "booked"
+                reason = v.get("CancelReason") if isinstance(v.get("CancelReason"), str) else None
+                return _appointment_sighting(request, status, v.get("VisitDateTime"), reason)
+        return None
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """A write found at the destination. ``refused``: the EHR refused it (the order is revoked,
+    the appointment cancelled without the row asking); ``reason`` is the EHR's text, stored in
+    the outbox and never logged."""
+
+    refused: bool = False
+    reason: str | None = None
+
+
+REFUSED_ORDER_STATUSES = frozenset({"revoked", "entered-in-error"})
+DM_CANCELLED = frozenset({"canceled", "cancelled", "cancel"})
+
+
+def _last_text(notes: Any) -> str | None:
+    """The last note's text (FHIR ``note[].text`` or Data Model ``Notes[]`` strings)."""
+    for note in reversed(notes if isinstance(notes, list) else []):
+        text = note.get("text") if isinstance(note, dict) else note
+        if isinstance(text, str) and text.strip():
+            return text
+    return None
+
+
+def _appointment_sighting(request: P.Request, status: Any, start: Any, reason: Any) -> Sighting | None:
+    """How an appointment found at the destination answers this request: applied, refused
+    (cancelled though the request did not cancel it), or not (yet) applied (None)."""
+    if status == "cancelled" and request.action != "cancel":
+        return Sighting(True, reason if isinstance(reason, str) else None)
+    return Sighting() if _appointment_applied(request, status, start) else None
 
 
 def _has_identifier(resource: dict[str, Any], system: str, value: str) -> bool:
@@ -189,6 +238,17 @@ def is_refusal(exc: Exception) -> bool:
         return True  # HTTP 200 with errors: received, and the EHR refused it
     status = exc.status_code if isinstance(exc, RedoxAPIError) else None
     return status is not None and 400 <= status < 500 and status not in (408, 429)
+
+
+def cancelled_later(con: duckdb.DuckDBPyConnection, row: OutboxRow) -> bool:
+    """A cancel row for the same appointment, queued after ``row``, that has left ``pending``."""
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM outbox.appointments WHERE appointment_id = ? AND connection_id = ? "
+            "AND action = 'cancel' AND seq > ? AND status IN ('sending', 'sent', 'acknowledged')",
+            [P.business_id(row), row.connection_id, row.values["seq"]],
+        ).fetchone()[0]
+    )
 
 
 class Deferred(Exception):
@@ -445,17 +505,33 @@ class Writer:
     def _settle(self, destination: Destination, row: OutboxRow, request: P.Request) -> bool:
         """A row whose send may have committed: look first, send only if absent."""
         try:
-            present = destination.find(row, request)
+            seen = destination.look(row, request)
         except Exception as exc:  # noqa: BLE001 - lookups are reads: try again next round/run
             self.outbox.note_unknown(
                 row, f"lookup at the destination failed ({type(exc).__name__}); will retry"
             )
             return False
-        if present:
+        if seen is not None and seen.refused and not self._cancelled_by_us(row):
+            # It arrived, and the EHR refused it: never sent again.
+            self.outbox.mark_refused(
+                row.kind, row.key, seen.reason, "refused: seen at the destination", expect=("sending",)
+            )
+            self.report.found_after_unanswered_send += 1
+            self.report.refused += 1
+            return True
+        if seen is not None:
             self.outbox.mark_sent(row, None, "found at the destination after an unanswered send")
             self.report.found_after_unanswered_send += 1
             return True
         return self._send(destination, row, request)
+
+    def _cancelled_by_us(self, row: OutboxRow) -> bool:
+        """Was the appointment cancelled by a later cancel row of ours (so a cancelled
+        appointment is not the EHR refusing this row)?"""
+        if row.kind != "appointments" or P.action_of(row) == "cancel":
+            return False
+        with self.outbox.connect() as con:
+            return cancelled_later(con, row)
 
 
 def run_writeback(

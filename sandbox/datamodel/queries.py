@@ -551,20 +551,23 @@ def _written_appointments(
     a client can find a write whose answer it never heard."""
     if ctx.writes is None:
         return
-    latest: dict[str, tuple[str, dict[str, Any]]] = {}
+    latest: dict[str, tuple[str, dict[str, Any], str | None]] = {}
     for w in ctx.writes.to_json()["appointments"]:
         if w["connection_id"] == ctx.conn.id and w["surface"] == "datamodel":
-            latest[w["order_id"]] = (w["event"], w["payload"])
+            refused = (w["reason"] or "") if w["outcome"] == "rejected" else None
+            latest[w["order_id"]] = (w["event"], w["payload"], refused)
     wanted = set(patient_ids) if patient_ids else None
-    for visit_number, (event, payload) in sorted(latest.items()):
+    for visit_number, (event, payload, refused) in sorted(latest.items()):
         patient = _obj(payload.get("Patient"))
         idents = _identifier_list(patient.get("Identifiers"))
         if wanted is not None and (not idents or not {p.id for p in resolve_patients(ctx, idents)} & wanted):
             continue
         visit = dict(_obj(payload.get("Visit")))
         visit["VisitNumber"] = visit_number
-        if event == "Scheduling-Cancel":
-            visit["Status"] = "Canceled"
+        if event == "Scheduling-Cancel" or refused is not None:
+            visit["Status"] = "Canceled"  # a refused write stays visible, in its refused state
+        if refused:
+            visit["CancelReason"] = refused
         try:
             at = parse_time(visit.get("VisitDateTime"), "Visit.VisitDateTime")
         except QueryError:
@@ -857,11 +860,12 @@ def _written_orders(
     if ctx.writes is None or not patient_ids:
         return
     wanted = set(patient_ids)
-    latest: dict[str, tuple[str, dict[str, Any]]] = {}
+    latest: dict[str, tuple[str, dict[str, Any], str | None]] = {}
     for w in ctx.writes.to_json()["orders"]:
         if w["connection_id"] == ctx.conn.id:
-            latest[w["order_id"]] = (w["event"], w["payload"])
-    for order_id, (event, payload) in sorted(latest.items()):
+            refused = (w["reason"] or "") if w["outcome"] == "rejected" else None
+            latest[w["order_id"]] = (w["event"], w["payload"], refused)
+    for order_id, (event, payload, refused) in sorted(latest.items()):
         idents = _identifier_list(_obj(payload.get("Patient")).get("Identifiers"))
         if not idents or not {p.id for p in resolve_patients(ctx, idents)} & wanted:
             continue
@@ -870,8 +874,10 @@ def _written_orders(
         order["Patient"] = {"Identifiers": _obj(payload.get("Patient")).get("Identifiers") or []}
         if "Visit" in payload:
             order["Visit"] = {"VisitNumber": _obj(payload.get("Visit")).get("VisitNumber")}
-        if event == "Order-Cancel":
-            order["Status"] = "Canceled"
+        if event == "Order-Cancel" or refused is not None:
+            order["Status"] = "Canceled"  # a refused write stays visible, in its refused state
+        if refused:
+            order["Notes"] = [*(order.get("Notes") or []), refused]
         try:
             at = parse_time(order.get("TransactionDateTime"), "Order.TransactionDateTime")
         except QueryError:

@@ -45,6 +45,7 @@ from sandbox.datamodel.conform import conform, strict_check
 from sandbox.datamodel.queries import QUERIES, QueryAnswer, QueryContext, QueryError, clinical_patient_query
 from sandbox.http import redox_response
 from sandbox.state import SandboxState
+from sandbox.write_acks import report_outcome as report_write_outcome
 
 JSON = "application/json; charset=utf-8"
 # Write-back events: (DataModel, EventType) -> (write entity, event name in the write log).
@@ -277,7 +278,7 @@ class DataModelEndpoint:
         business_id = str(payload["Order"]["ID"] if entity == "orders" else payload["Visit"]["VisitNumber"])
         fingerprint = _fingerprint(payload)
         for conn in conns:
-            self.state.writes.record(
+            written = self.state.writes.record(
                 entity,
                 order_id=business_id,
                 connection_id=conn.id,
@@ -286,7 +287,10 @@ class DataModelEndpoint:
                 event=event,
                 payload=payload,
                 fingerprint=fingerprint,
+                refusal=self.state.faults.write_refusal(conn.id, entity, business_id),
             )
+            # The EHR's outcome follows asynchronously through the webhook feed (sandbox.write_acks).
+            report_write_outcome(self.state, conn, written)
         for conn in conns:
             # The write is stored; the client may still never hear so (REDOX-REFERENCE §6).
             if self.state.faults.roll(conn.id, "timeout_after_commit"):

@@ -48,6 +48,7 @@ from sandbox.fhir.writeback import (
 )
 from sandbox.population.records import DocumentRecord, Record
 from sandbox.state import SandboxState
+from sandbox.write_acks import report_outcome as report_write_outcome
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 PAGE_TOKEN = "_page_token"
@@ -428,7 +429,7 @@ class FhirApi:
         for w in self.state.writes.to_json()[write_entity]:
             if w["connection_id"] != conn.id or w["surface"] != "fhir":
                 continue
-            resource = written_resource(w["payload"], rtype, w["event"])
+            resource = written_resource(w["payload"], rtype, w["event"], w["outcome"], w["reason"])
             if resource is not None and any(identifier_matches(resource, v) for v in wanted):
                 latest[w["order_id"]] = resource
         if not latest and write_entity in conn.entities:
@@ -466,7 +467,7 @@ class FhirApi:
         except WriteError as exc:
             raise _Refused(400, exc.code, exc.message) from None
         # Redox has no idempotency mechanism: every write received is recorded, duplicates included.
-        self.state.writes.record(
+        written = self.state.writes.record(
             kind=op.write_entity,
             order_id=parsed.business_id,
             connection_id=conn.id,
@@ -475,7 +476,10 @@ class FhirApi:
             event=parsed.event,
             payload=bundle,
             fingerprint=parsed.fingerprint,
+            refusal=self.state.faults.write_refusal(conn.id, op.write_entity, parsed.business_id),
         )
+        # The EHR's outcome follows asynchronously through the webhook feed (sandbox.write_acks).
+        report_write_outcome(self.state, conn, written)
         if self.state.faults.roll(conn.id, "timeout_after_commit"):
             # Stored, but the client never hears: a blind retry would be a duplicate.
             return await self.state.faults.stall(conn, request)

@@ -209,9 +209,18 @@ def response_bundle(
     }
 
 
-def written_resource(record_payload: dict[str, Any], resource_type: str, event: str) -> dict[str, Any] | None:
-    """The focus resource of a recorded write as a search would return it: with an id derived
-    from its business identifier, and the status a cancel leaves it in."""
+def written_resource(
+    record_payload: dict[str, Any],
+    resource_type: str,
+    event: str,
+    outcome: str | None = None,
+    reason: str | None = None,
+) -> dict[str, Any] | None:
+    """The focus resource of a recorded write as a search (or the outcome notification) shows
+    it: with an id derived from its business identifier, and the status a cancel leaves it in.
+    A write the EHR refused (``outcome`` ``rejected``) shows its refused status — a revoked
+    ServiceRequest with the reason as a note, a cancelled Appointment with the reason as its
+    ``cancelationReason`` — so a client that finds it knows not to send it again."""
     for entry in record_payload.get("entry") or []:
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if isinstance(resource, dict) and resource.get("resourceType") == resource_type:
@@ -221,8 +230,22 @@ def written_resource(record_payload: dict[str, Any], resource_type: str, event: 
             )
             if event == "Scheduling-Cancel":
                 out["status"] = "cancelled"
+            if outcome == "rejected":
+                refused_status(out, reason)
             return out
     return None
+
+
+def refused_status(resource: dict[str, Any], reason: str | None) -> None:
+    """Put a focus resource into the state an EHR refusal leaves it in (in place)."""
+    if resource.get("resourceType") == "ServiceRequest":
+        resource["status"] = "revoked"
+        if reason:
+            resource["note"] = [*(resource.get("note") or []), {"text": reason}]
+    else:
+        resource["status"] = "cancelled"
+        if reason:
+            resource["cancelationReason"] = {"text": reason}
 
 
 def identifier_matches(resource: dict[str, Any], wanted: str) -> bool:

@@ -269,6 +269,14 @@ def cases(world: dict[str, Path]) -> Iterator[tuple[str, list[str]]]:
     for v in missing_warehouses(world, rng):
         yield "quarantine dismiss --warehouse", ["quarantine", "dismiss", "--warehouse", v, "--id", "1"]
 
+    for v in missing_warehouses(world, rng):
+        yield "status --warehouse", ["status", "--warehouse", v]
+        yield "report --warehouse", ["report", "--out", str(root / "report"), "--warehouse", v]
+    for v in bad_paths(world, rng):
+        yield "status --config", ["status", "--config", v, "--warehouse", existing]
+    for v in ["", "/proc/nope/report", "/dev/null/report", f"{world['cfg']}/report", str(root / "a\x00b")]:
+        yield "report --out", ["report", "--out", v, "--warehouse", existing]
+
     roster = root / "roster.csv"
     roster.write_text("system,value\nMR,1\n")
     add = ["panel", "add", "--config", cfg, "--connection", "northwind-fhir", "--file", str(roster)]

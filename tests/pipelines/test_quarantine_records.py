@@ -5,6 +5,7 @@ of the same record in good shape resolves the entry."""
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,13 @@ from pipelines.datamodel.pages import payload_rows
 from pipelines.fhir.pages import bundle_rows
 from pipelines.landing import PageContext, RawLanding, UnsafePath, safe_path
 from pipelines.publish import publish_connection
-from pipelines.quarantine import resolve_quarantine, unresolved_entries, unresolved_quarantine_counts
+from pipelines.quarantine import (
+    open_entries_on_pages,
+    resolve_quarantine,
+    resolve_unattributed,
+    unresolved_entries,
+    unresolved_quarantine_counts,
+)
 from tests.pipelines.page_source import fhir_pages_source
 
 CONN = "test-conn"
@@ -313,3 +320,26 @@ def test_pages_landed_under_the_old_raw_folder_are_still_read(tmp_path: Path) ->
     ]
     assert new.raw_ref.startswith("responses/")
     assert landing.read(refs[0]) == b'{"resourceType": "Bundle"}'
+
+
+def test_a_listing_entry_no_patient_can_claim_is_resolved_by_a_later_clean_discovery(tmp_path: Path) -> None:
+    """A discovery listing (several patients on one page): a record without any readable field
+    names no patient. Its page counts as dirty (the window is asked again); a later clean
+    discovery resolves it, and leaves entries that name a patient to those patients' pulls."""
+    other = observation("z", subject={"reference": "Patient/p2"})
+    listing = {"resourceType": "Bundle", "entry": [{"resource": observation("a")}, 1, {"resource": other}]}
+    run(tmp_path, listing)
+    run(tmp_path, {"resourceType": "Bundle", "entry": [{"resource": observation(None, identifier=[])}]})
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        rows = con.execute(
+            "SELECT raw_ref, patient_ref_value IS NULL FROM raw.quarantine ORDER BY first_seen_at"
+        ).fetchall()
+        assert [anonymous for _, anonymous in rows] == [True, False]
+        listing_ref = rows[0][0]
+        assert open_entries_on_pages(con, CONN, [listing_ref]) == 1
+        assert open_entries_on_pages(con, CONN, ["responses/elsewhere.json.gz"]) == 0
+        # A discovery that started before the entry was seen proves nothing about it.
+        assert resolve_unattributed(con, CONN, "fhir", datetime(2000, 1, 1, tzinfo=UTC)) == 0
+        assert resolve_unattributed(con, CONN, "datamodel", datetime.now(UTC)) == 0
+        assert resolve_unattributed(con, CONN, "fhir", datetime.now(UTC)) == 1
+        assert unresolved_quarantine_counts(con) == {CONN: 1}  # the patient's own entry stays

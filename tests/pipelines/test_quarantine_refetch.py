@@ -46,17 +46,18 @@ def test_quarantined_records_load_on_the_next_plain_sync_and_resolve(home: Path)
         import_rosters(server.url, settings, paths.duckdb, home)
         httpx.post(f"{server.url}/_sandbox/faults", json={"bad_entry_rate": 0.05}).raise_for_status()
 
-        first = run_sync(settings, paths, connection_ids=list(EHR))
+        first = run_sync(settings, paths)  # every connection, the network included
         assert first.ok, first.failures
         with duckdb.connect(str(paths.duckdb), read_only=True) as con:
             open_before = unresolved_quarantine_counts(con)
         assert sum(open_before.values()) > 0, "bad_entry_rate 0.05 quarantined nothing"
+        assert open_before.get("carequality-network"), "the network's records were not hit"
 
         httpx.post(f"{server.url}/_sandbox/faults", json={}).raise_for_status()
         with duckdb.connect(str(paths.duckdb)) as con:
             requeued = {c: len(patients_to_refetch(con, c)) for c in EHR}
         assert sum(requeued.values()) > 0, "no quarantined record named a patient to fetch again"
-        second = run_sync(settings, paths, connection_ids=list(EHR))  # a plain sync, no --full
+        second = run_sync(settings, paths)  # a plain sync, no --full
         assert second.ok, second.failures
 
         assert_equals_truth(server, paths)

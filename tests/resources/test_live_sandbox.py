@@ -454,10 +454,11 @@ def test_two_connections_share_one_request_budget(sandbox_server: Any, tmp_path:
         time.mktime(time.strptime(r["called_at"][:19], "%Y-%m-%dT%H:%M:%S")) + float(r["called_at"][19:26])
         for r in records
     )
-    # Audit times trail the budget's send times by a moment, so look at slightly shorter windows
-    # (the exact rule is pinned on the budget's own send times in test_quota.py).
-    busiest = max(sum(1 for t in times[i:] if t < start + 1.8) for i, start in enumerate(times))
-    print(f"\nshared budget: {len(times)} calls on two connections; busiest 1.8 s: {busiest} (30 per 2 s)")
+    # Audit times trail the budget's send times by a moment that grows on a busy machine, so look
+    # at shorter windows (the exact rule is pinned on the budget's own send times in
+    # test_quota.py). Two budgets of 30 per 2 s would put about 36 calls in any 1.2 s.
+    busiest = max(sum(1 for t in times[i:] if t < start + 1.2) for i, start in enumerate(times))
+    print(f"\nshared budget: {len(times)} calls on two connections; busiest 1.2 s: {busiest} (30 per 2 s)")
     assert not errors, errors[:3]
     assert {r["connection_id"] for r in records} == {FHIR_CONN, "riverbend-both"}
     assert len(times) > 30  # the window rolled: the budget paced, it did not just stop

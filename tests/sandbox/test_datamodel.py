@@ -295,6 +295,7 @@ class FakeFaults:
         self.always: set[str] = set()
         self.mangle_all = False
         self.gated: list[str] = []
+        self.refusals: dict[str, str] = {}  # business id -> the EHR's reason to refuse its writes
 
     async def gate(self, conn: ConnectionSpec, request: Request) -> Response | None:
         self.gated.append(conn.id)
@@ -314,6 +315,9 @@ class FakeFaults:
 
     def shape_query(self, connection_id: str, body: dict[str, Any]) -> dict[str, Any]:
         return body
+
+    def write_refusal(self, connection_id: str, kind: str, business_id: str) -> str | None:
+        return self.refusals.get(business_id)
 
 
 def make_config(**conn_overrides: Any) -> SandboxConfig:
@@ -1173,6 +1177,58 @@ def test_order_query_finds_result_orders_and_written_orders(env):
         )
     )
     assert body["Orders"][0]["Status"] == "Canceled"
+
+
+def test_a_refused_write_stays_visible_to_order_query_and_booked(env):
+    """The EHR refused an order and an appointment: the queries show them cancelled with the
+    reason (the client finds them and never re-sends)."""
+    client, state, _ = env
+    result = records(state, "riverbend-both", "results")[1]
+    patient = patient_of(state, "riverbend-both", result)
+    state.faults.refusals.update(
+        {"ORD-REFUSED": "unknown ordering provider", "S-REFUSED": "slot no longer available"}
+    )
+    assert (
+        ask(
+            client, state, "riverbend-both", "Order", "New", **order_body("ORD-REFUSED", patient.mrn)
+        ).status_code
+        == 200
+    )
+    body = ok(
+        ask(
+            client,
+            state,
+            "riverbend-both",
+            "Order",
+            "Query",
+            Patients=patients_of(patient),
+            OrderIDs=["ORD-REFUSED"],
+        )
+    )
+    [order] = body["Orders"]
+    assert (order["Status"], order["Notes"][-1]) == ("Canceled", "unknown ordering provider")
+    visit = {
+        "VisitNumber": "S-REFUSED",
+        "VisitDateTime": "2026-11-20T15:00:00.000Z",
+        "Duration": 30,
+        "Location": {"Facility": "RES General Hospital", "Department": "3S"},
+    }
+    new = {"Patient": {"Identifiers": [{"ID": patient.mrn, "IDType": "MR"}]}, "Visit": visit}
+    assert ask(client, state, "riverbend-both", "Scheduling", "New", **new).status_code == 200
+    body = ok(
+        ask(
+            client,
+            state,
+            "riverbend-both",
+            "Scheduling",
+            "Booked",
+            StartDateTime="2026-11-01T00:00:00.000Z",
+            Visit={"VisitNumber": "S-REFUSED"},
+        )
+    )
+    [booked] = [v for v in body["Visits"] if v["VisitNumber"] == "S-REFUSED"]
+    assert (booked["Status"], booked["CancelReason"]) == ("Canceled", "slot no longer available")
+    assert [w["outcome"] for w in state.writes.to_json()["appointments"]] == ["rejected"]
 
 
 # ---- write-back --------------------------------------------------------------------------

@@ -180,6 +180,7 @@ class FakeFaults:
     def __init__(self) -> None:
         self.on: set[str] = set()
         self.mangled = 0
+        self.refusals: dict[str, str] = {}  # business id -> the EHR's reason to refuse its writes
 
     async def gate(self, conn: ConnectionSpec, request: Request) -> Response | None:
         return None
@@ -193,6 +194,9 @@ class FakeFaults:
 
     async def stall(self, conn: ConnectionSpec, request: Request) -> Response:
         return Response(b'{"resourceType":"OperationOutcome"}', status_code=504)
+
+    def write_refusal(self, connection_id: str, kind: str, business_id: str) -> str | None:
+        return self.refusals.get(business_id)
 
 
 # --- hand-made records -----------------------------------------------------------------------
@@ -1541,3 +1545,47 @@ def test_elements_subsets_documents_and_tags_them(client: TestClient, store: Lis
         assert "content" not in resource and resource["subject"]["reference"].endswith(doc.patient.patient_id)
         assert resource["meta"]["tag"][-1]["code"] == "SUBSETTED"
     # No validation: a SUBSETTED resource may lack required elements (FHIR R4 §3.1.1.5.9).
+
+
+def test_a_refused_write_stays_visible_in_its_refused_state(client: TestClient, state: SandboxState) -> None:
+    """The EHR refused the order and the appointment (``write_reject_rate``): a search by
+    identifier still finds them, revoked / cancelled with the reason, so nobody re-sends them."""
+    state.faults.refusals.update(
+        {"ORD-NO": "unknown ordering provider", "SCH-NO": "slot no longer available"}
+    )
+    form = {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}
+    for url, bundle in (
+        (f"{BASE}/ServiceRequest/$servicerequest-create", order_bundle("ORD-NO")),
+        (f"{BASE}/ServiceRequest/$servicerequest-create", order_bundle("ORD-YES")),
+        (f"{BASE}/Appointment/$appointment-create", appointment_bundle("SCH-NO")),
+    ):
+        assert client.post(url, json=bundle, headers=AUTH).status_code == 200  # received: 200 either way
+    assert [(w.order_id, w.outcome, w.reason) for w in state.writes.writes] == [
+        ("ORD-NO", "rejected", "unknown ordering provider"),
+        ("ORD-YES", "accepted", None),
+        ("SCH-NO", "rejected", "slot no longer available"),
+    ]
+
+    def found(rtype: str, token: str) -> dict[str, Any]:
+        hit = client.post(f"{BASE}/{rtype}/_search", content=f"identifier={token}", headers=form)
+        assert hit.status_code == 200, hit.text
+        [entry] = hit.json()["entry"]
+        return entry["resource"]
+
+    refused = found("ServiceRequest", "urn:redox:clinic-health:OrderID|ORD-NO")
+    assert refused["status"] == "revoked" and refused["note"][-1] == {"text": "unknown ordering provider"}
+    assert found("ServiceRequest", "urn:redox:clinic-health:OrderID|ORD-YES")["status"] == "active"
+    appointment = found("Appointment", "urn:redox:clinic-health:VN|SCH-NO")
+    assert appointment["status"] == "cancelled"
+    assert appointment["cancelationReason"] == {"text": "slot no longer available"}
+    # A later write to the refused appointment is refused with the same reason.
+    r = client.post(
+        f"{BASE}/Appointment/$appointment-update",
+        json=appointment_bundle("SCH-NO", APPOINTMENT_UPDATE),
+        headers=AUTH,
+    )
+    assert r.status_code == 200
+    assert (state.writes.writes[-1].outcome, state.writes.writes[-1].reason) == (
+        "rejected",
+        "slot no longer available",
+    )
