@@ -420,7 +420,12 @@ def export_deidentified(
         if has_events:
             _copy_events(con, ms, conns)
         ensure_analytics_views(con, "redox")
-        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ExportError(
+                f"--out {out_dir} cannot be created ({exc.strerror or type(exc).__name__}); pass a folder you can write"
+            ) from None
         rows: dict[str, int] = {}
         for view in ANALYTICS_VIEWS:
             table = con.sql(_final_select(con, view, today_s)).to_arrow_table()

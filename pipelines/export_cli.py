@@ -44,17 +44,20 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _out_dir(text: str) -> Path:
-    out = Path(text)
+    """The folder ``--out`` names, checked but not created (the export creates it once the
+    warehouse has been read, so a failed export leaves nothing behind)."""
+    import os
+
     if not text.strip() or "\x00" in text:
         raise ValueError("--out names no folder; pass a folder to write the export into")
+    out = Path(text)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder; pass a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ValueError(
-            f"--out {out} cannot be created ({exc.strerror or type(exc).__name__}); pass a folder you can write"
-        ) from None
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} cannot be created in {existing}; pass a folder you can write")
     return out
 
 
@@ -93,7 +96,7 @@ def export_command(args: argparse.Namespace) -> int:
         file = warehouse_file(args.warehouse)
         connections = _connections(args)
         out = _out_dir(args.out)
-        key = load_key()
+        key = load_key()  # before anything is written: a bad key is a usage error
         paths = WarehousePaths(duckdb=file.resolve())
         with WriterLock(paths, wait_s=LOCK_WAIT_S):
             report = export_deidentified(paths.duckdb, out, key, connections)

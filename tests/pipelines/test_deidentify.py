@@ -385,10 +385,12 @@ def test_export_usage_errors_are_one_line(exported: dict[str, Any], tmp_path: Pa
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+        assert not any(p.name in "abc" for p in tmp_path.iterdir()), "a failed export left a folder"
     os.environ[KEY_ENV] = "short"
     try:
         assert main(["export", "--deidentify", "--out", str(tmp_path / "d"), "--warehouse", wh]) == 2
         assert "shorter than 32" in capsys.readouterr().err
+        assert not (tmp_path / "d").exists()
     finally:
         os.environ.pop(KEY_ENV, None)
 
