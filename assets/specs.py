@@ -5,13 +5,25 @@
   holds, as dlt table variants), so each table has its own spec under its own key.
 * ``normalized``: the common model ``redox.<entity>`` and the crosswalk
   ``redox.patient_identifiers``.
-* ``analytics``: views across connections (``redox.persons``).
+* ``analytics``: views across connections (``redox.persons``) and the analytics views
+  (``analytics.<view>``, pipelines/analytics).
+
+Every spec carries its column schema (``dagster/column_schema``) from the one documentation
+source, pipelines/model_docs.py (assets/column_metadata.py).
 """
 
 from __future__ import annotations
 
-from dagster import AssetKey, AssetSpec
+from dagster import AssetKey, AssetSpec, TableSchema
 
+from assets.column_metadata import (
+    COLUMN_SCHEMA,
+    crosswalk_table_schema,
+    normalized_table_schema,
+    quarantine_table_schema,
+    relation_schema,
+    staged_table_schema,
+)
 from pipelines.model import ENTITIES, ENTITY_KEY
 from pipelines.publish import SURFACES
 from pipelines.sync_runs import CROSSWALK_TABLE
@@ -23,6 +35,12 @@ CROSSWALK = CROSSWALK_TABLE
 QUARANTINE_KEY = AssetKey(["raw", "quarantine"])
 CROSSWALK_KEY = AssetKey(["redox", CROSSWALK])
 PERSONS_KEY = AssetKey(["analytics", "persons"])
+COLUMN_LINEAGE = "dagster/column_lineage"
+
+
+def schema_metadata(schema: TableSchema) -> dict[str, TableSchema]:
+    return {COLUMN_SCHEMA: schema}
+
 
 _SURFACE_TITLE = {"fhir": "FHIR R4", "datamodel": "Data Model"}
 
@@ -47,6 +65,7 @@ def panel_spec() -> AssetSpec:
         group_name=RAW_GROUP,
         owners=OWNERS,
         kinds={"duckdb"},
+        metadata=schema_metadata(relation_schema("patient_panel")),
         description=(
             "The patient panel (ops.patient_panel): one row per connection and patient, how it was "
             "found (roster, discovery windows, census, events, bulk, network match) and when it is due. "
@@ -64,6 +83,7 @@ def raw_spec(surface: str, entity: str) -> AssetSpec:
         group_name=RAW_GROUP,
         owners=OWNERS,
         kinds={"dlt", "duckdb"},
+        metadata=schema_metadata(staged_table_schema(entity)),
         description=(
             f"Staged {_SURFACE_TITLE[surface]} {entity} rows, one per record per connection "
             f"(table raw.{surface}_{entity}, merged on connection_id + business key)."
@@ -80,6 +100,7 @@ def raw_specs() -> list[AssetSpec]:
             group_name=RAW_GROUP,
             owners=OWNERS,
             kinds={"dlt", "duckdb"},
+            metadata=schema_metadata(quarantine_table_schema()),
             description="Payloads that could not be normalized: reason and raw_ref only, never the payload.",
         )
     )
@@ -94,6 +115,7 @@ def normalized_specs() -> list[AssetSpec]:
             owners=OWNERS,
             kinds={"duckdb", "sql"},
             deps=[raw_key(s, "patients") for s in SURFACES],
+            metadata=schema_metadata(crosswalk_table_schema()),
             description=(
                 "The identity crosswalk: every identifier seen (FHIR id, MR, EHRID, NIST, EPI) -> patient_key, "
                 "keyed by (connection_id, id_system, id_value)."
@@ -111,6 +133,7 @@ def normalized_specs() -> list[AssetSpec]:
                 owners=OWNERS,
                 kinds={"duckdb", "sql"},
                 deps=deps,
+                metadata=schema_metadata(normalized_table_schema(entity)),
                 description=(
                     f"The common model's {entity}: one row per (connection_id, "
                     f"{'patient_key' if entity == 'patients' else ENTITY_KEY[entity]}), both surfaces reconciled."

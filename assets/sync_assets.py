@@ -32,10 +32,12 @@ from dagster import (
 )
 from pydantic import Field
 
+from assets.column_metadata import normalized_lineage, relation_schema, with_column_schemas
 from assets.partitions import first_day, windows_for_run
 from assets.resources import RedoxResource, WarehouseResource
 from assets.specs import (
     ANALYTICS_GROUP,
+    COLUMN_LINEAGE,
     CROSSWALK,
     CROSSWALK_KEY,
     OWNERS,
@@ -44,13 +46,16 @@ from assets.specs import (
     normalized_key,
     normalized_specs,
     panel_spec,
+    raw_key,
     raw_specs,
+    schema_metadata,
 )
 from pipelines.access import AccessStats
 from pipelines.model import ENTITIES
 from pipelines.publish import ensure_model_tables, model_schema
 from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, SyncReport, run_sync
 from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, ConnectionWindow, SyncWindow
+from pipelines.vocabulary import SURFACES
 from pipelines.warehouse import WriterLock
 
 DUCKDB_POOL = "duckdb_writer"
@@ -198,8 +203,10 @@ def _materializations(report: SyncReport) -> Iterator[MaterializeResult]:
 
 
 def _extracted(report: SyncReport, entity: str) -> dict[str, MetadataValue]:
+    """This run's extracted counts, and the table's column lineage (staged -> model)."""
     counts = {c.connection_id: c.extracted.get(entity, 0) for c in report.connections}
-    return {"extracted_this_run": MetadataValue.json(counts)}
+    lineage = normalized_lineage(entity, [raw_key(s, entity) for s in SURFACES], CROSSWALK_KEY)
+    return {"extracted_this_run": MetadataValue.json(counts), COLUMN_LINEAGE: lineage}
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,7 @@ def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
 
     @multi_asset(
         name="redox_sync",
-        specs=[panel_spec(), *raw_specs(), *normalized_specs()],
+        specs=with_column_schemas([panel_spec(), *raw_specs(), *normalized_specs()]),
         partitions_def=partitions_def,
         # One run per connection and contiguous day range (see assets/partitions.py).
         backfill_policy=BackfillPolicy.single_run(),
@@ -270,6 +277,7 @@ def build_sync_assets(partitions_def: MultiPartitionsDefinition) -> SyncAssets:
         # Refreshed after the sync, but only once the blocking checks upstream have passed.
         automation_condition=AutomationCondition.eager()
         & AutomationCondition.all_deps_blocking_checks_passed(),
+        metadata=schema_metadata(relation_schema("persons")),
         description="Persons across connections: patient keys linked on the shared enterprise id (view redox.persons).",
     )
     def persons(warehouse: WarehouseResource) -> MaterializeResult:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
+from pipelines.analytics import ensure_analytics_views
+from pipelines.describe import describe_schema
 from pipelines.model import (
     ENTITY_COLUMNS,
     ENTITY_KEY,
@@ -30,6 +32,7 @@ from pipelines.model import (
     identifiers_schema,
     published_schema,
 )
+from pipelines.model_docs import OUTBOX_DOCS, OUTBOX_TABLE_DOCS
 from pipelines.quarantine import resolve_quarantine
 from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES, MODEL_SCHEMA, staged_table_name
 from pipelines.vocabulary import STAGING_SCHEMA as STAGING_SCHEMA  # re-exported for assets/
@@ -61,14 +64,23 @@ def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
     for entity in ENTITIES:
         _create_from_schema(con, f"{ms}.{entity}", published_schema(entity))
     _create_from_schema(con, f"{ms}.{CROSSWALK_TABLE}", identifiers_schema())
-    con.execute(
-        f"""CREATE OR REPLACE VIEW {ms}.persons AS
+    con.execute(persons_view_sql(ms))
+    # The write-back outboxes exist from the first sync, so users can fill them with SQL.
+    ensure_outbox_tables(con)
+    # Self-describing: comments from pipelines/model_docs.py, and the analytics views on top
+    # (both write only what changed, so this is cheap at every publish).
+    describe_schema(con, ms)
+    describe_schema(con, STAGING_SCHEMA, {"quarantine"})
+    describe_schema(con, "outbox", docs=OUTBOX_DOCS, table_docs=OUTBOX_TABLE_DOCS)
+    ensure_analytics_views(con, ms)
+
+
+def persons_view_sql(ms: str) -> str:
+    """``{ms}.persons``: patient keys linked across connections on the enterprise id."""
+    return f"""CREATE OR REPLACE VIEW {ms}.persons AS
         SELECT coalesce('ep_' || enterprise_id, connection_id || ':' || patient_key) AS person_key,
                connection_id, patient_key, enterprise_id
         FROM {ms}.patients"""
-    )
-    # The write-back outboxes exist from the first sync, so users can fill them with SQL.
-    ensure_outbox_tables(con)
 
 
 def _create_from_schema(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) -> None:

@@ -215,6 +215,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {text} (see {self.prog} --help)\n")
 
 
+def _register_export(sub: Any) -> None:
+    """``redox-elt export --deidentify`` (pipelines/export_cli.py)."""
+    from pipelines.export_cli import register
+
+    register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="redox-elt", description="ELT for Redox: FHIR + Data Model into SQL.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (never PHI)")
@@ -264,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     from redox_elt.status_cli import register as register_status_verbs
 
     register_status_verbs(sub)
+    _register_export(sub)
     return parser
 
 

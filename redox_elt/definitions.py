@@ -14,6 +14,7 @@ harden_process()
 
 from dagster import Definitions, EnvVar, in_process_executor  # noqa: E402
 
+from assets.analytics import analytics_views  # noqa: E402
 from assets.automation import SENSORS, ScheduleSettings, build_schedules, build_sync_job  # noqa: E402
 from assets.checks import CHECKS  # noqa: E402
 from assets.partitions import sync_partitions_def  # noqa: E402
@@ -60,7 +61,7 @@ def build_definitions(
         reconcile_days=env.reconcile_days,
     )
     return Definitions(
-        assets=[sync.redox_sync, sync.persons],
+        assets=[sync.redox_sync, sync.persons, analytics_views],
         asset_checks=CHECKS,
         jobs=[job, writeback_job],
         schedules=build_schedules(job, when),

@@ -25,6 +25,7 @@ from assets.partitions import (
 )
 from assets.resources import ConnectionsFileResource, EmbeddedSandboxResource
 from assets.sync_assets import CONNECTION_TAG
+from pipelines.analytics import ANALYTICS_VIEWS
 from pipelines.sync_context import SyncWindow
 from redox_elt.definitions import build_definitions, defs
 from redox_elt.environment import Environment, EnvironmentValueError
@@ -46,14 +47,18 @@ def test_every_expected_asset_exists_with_layer_and_partitions() -> None:
     }
     normalized = {AssetKey(["redox", e]) for e in (*ENTITIES, "patient_identifiers")}
     panel = AssetKey(["ops", "patient_panel"])
-    assert keys == raw | normalized | {AssetKey(["analytics", "persons"]), panel}
+    analytics = {AssetKey(["analytics", v]) for v in ANALYTICS_VIEWS} | {AssetKey(["analytics", "persons"])}
+    assert keys == raw | normalized | analytics | {panel}
     # The panel (who is pulled) is upstream of every staged table, on the same partitions.
     assert panel in graph.get(AssetKey(["raw", "fhir", "results"])).parent_keys
     assert isinstance(graph.get(panel).partitions_def, MultiPartitionsDefinition)
     groups = {k: graph.get(k).group_name for k in keys}
     assert {groups[k] for k in raw} == {"raw"}
     assert {groups[k] for k in normalized} == {"normalized"}
-    assert groups[AssetKey(["analytics", "persons"])] == "analytics"
+    assert {groups[k] for k in analytics} == {"analytics"}
+    # Every asset declares its column schema (from pipelines/model_docs.py).
+    for key in keys:
+        assert graph.get(key).metadata.get("dagster/column_schema") is not None, key
     for key in raw | normalized:
         node = graph.get(key)
         assert isinstance(node.partitions_def, MultiPartitionsDefinition)
