@@ -36,6 +36,22 @@ class CheckOutcome:
     summary: str = ""
 
 
+def judged_only(outcome: CheckOutcome, judged: Collection[str] | None) -> CheckOutcome:
+    """A run judges the connections it synced (``judged``; every connection when None): a
+    failure counted only in other connections passes here, their counts kept for display.
+    Another connection's sync, running or failed, must not fail this one's."""
+    if judged is None or outcome.passed or not outcome.by_connection:
+        return outcome
+    failing = {c for c, n in outcome.by_connection.items() if n}
+    if failing & set(judged):
+        return outcome
+    return CheckOutcome(
+        True,
+        outcome.by_connection,
+        f"{outcome.summary} (in {len(failing)} connection(s) this run did not sync)",
+    )
+
+
 def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {
         f"{s}.{t}"

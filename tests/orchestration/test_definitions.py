@@ -227,3 +227,14 @@ def test_a_run_names_its_connections_by_its_partition_tags() -> None:
     ranged = {RANGE_START_TAG: "a-b|2026-11-01", RANGE_END_TAG: "a-b|2026-11-30"}
     assert run_connections(ranged) == {"a-b"}
     assert run_connections({"dagster/partition": "not a key"}) is None
+
+
+def test_a_failure_counted_in_another_connection_passes_this_run() -> None:
+    from assets.check_queries import CheckOutcome, judged_only
+
+    orphans = CheckOutcome(False, {"riverbend-both": 1}, "1 appointments rows have no patient")
+    assert judged_only(orphans, {"northwind-fhir"}).passed
+    assert judged_only(orphans, {"northwind-fhir"}).by_connection == {"riverbend-both": 1}
+    assert not judged_only(orphans, {"riverbend-both"}).passed
+    assert not judged_only(orphans, None).passed
+    assert not judged_only(CheckOutcome(False, {}, "rows and no crosswalk"), {"x"}).passed
