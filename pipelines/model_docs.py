@@ -23,9 +23,13 @@ class ColumnDoc(NamedTuple):
 # Lineage columns lead every table of the common model (pipelines/model.py LINEAGE).
 LINEAGE_DOCS: dict[str, ColumnDoc] = {
     "connection_id": ColumnDoc("The Redox connection (one EHR or network) the row came from."),
-    "patient_key": ColumnDoc("The patient inside the connection, resolved through redox.patient_identifiers."),
+    "patient_key": ColumnDoc(
+        "The patient inside the connection, resolved through redox.patient_identifiers."
+    ),
     "source_surface": ColumnDoc("Which Redox API the row was seen through: fhir, datamodel or both."),
-    "source_id": ColumnDoc("The record's id on the surface it was first seen through.", "Resource.id", "record id"),
+    "source_id": ColumnDoc(
+        "The record's id on the surface it was first seen through.", "Resource.id", "record id"
+    ),
     "source_updated_at": ColumnDoc(
         "The source's own last-updated or clinical time of this version (never the query time).",
         "Resource.meta.lastUpdated",

@@ -28,7 +28,10 @@ ENTITIES: tuple[str, ...] = (
 )
 # Child tables the publish step derives from a staged column of their parent entity: one row
 # per component of a result (blood pressure, panels) and per result a report groups.
-CHILD_TABLES: dict[str, str] = {"result_components": "results", "diagnostic_report_results": "diagnostic_reports"}
+CHILD_TABLES: dict[str, str] = {
+    "result_components": "results",
+    "diagnostic_report_results": "diagnostic_reports",
+}
 # The two Redox surfaces a connection can speak.
 SURFACES: tuple[str, ...] = ("fhir", "datamodel")
 

@@ -63,6 +63,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.datamodel import normalize_clinical as clinical
 from pipelines.datamodel import normalize_records as records
 from pipelines.datamodel import normalize_summary as summary
 from pipelines.datamodel.normalize_fields import as_dict, as_list, as_str, as_ts, visit_status
@@ -113,6 +114,9 @@ RESPONSE_KEYS = (
     "AvailableSlots",
 )
 
+# Answers to queries (their EventDateTime is the answer's time, not the records').
+RESPONSE_EVENTS = frozenset({*QUERY_RESPONSES.values(), "Response"})
+
 VISIT_EVENTS = frozenset(
     {"PreAdmit", "Registration", "Arrival", "Transfer", "Discharge", "VisitUpdate", "Cancel"}
 )
@@ -129,7 +133,7 @@ SCHEDULING_EVENTS = frozenset({"New", "Reschedule", "Modification", "Cancel", "N
 DOCUMENT_EVENTS = frozenset({"New", "Replace", "Delete"})
 SUMMARY_EVENTS = frozenset({"PatientQueryResponse", "PatientPush", "VisitPush", "VisitQueryResponse"})
 # Parts of a payload that hold records of no common-model entity, reported as skipped.
-NON_MODEL_PARTS = {"Vaccination": ("Vaccinations",), "Order": ("Order", "Orders"), "Referral": ("Referral",)}
+NON_MODEL_PARTS = {"Referral": ("Referral",)}
 
 
 @dataclass(slots=True)
@@ -382,6 +386,11 @@ def _results(payload: dict[str, Any], event: str, ctx: EventContext, out: _Colle
         )
         if rows is not None:
             out.add("results", rows)
+            if rows:
+                report = records.order_report_row(
+                    order, ctx, ref, records.visit_number(visit), rows[0]["order_id"]
+                )
+                out.add("diagnostic_reports", [report])
 
 
 def _flowsheet(payload: dict[str, Any], ctx: EventContext, out: _Collector) -> None:
@@ -524,7 +533,78 @@ def _clinical_summary(
         "medications",
         summary.medication_rows(payload.get("MedicationsAdministered"), ctx, ref, kind="administration"),
     )
+    out.add("diagnostic_reports", clinical.summary_report_rows(payload.get("Results"), ctx, ref))
+    out.add("problems", clinical.problem_rows(payload.get("Problems"), ctx, ref))
+    out.add("problems", clinical.problem_rows(payload.get("ResolvedProblems"), ctx, ref))
+    out.add("allergies", clinical.allergy_rows(payload.get("Allergies"), ctx, ref))
+    out.add("immunizations", clinical.immunization_rows(payload.get("Immunizations"), ctx, ref))
+    out.add("procedures", clinical.procedure_rows(payload.get("Procedures"), ctx, ref))
+    out.add("orders", clinical.plan_of_care_rows(payload.get("PlanOfCare"), ctx, ref))
+    planned = as_dict(payload.get("PlanOfCare")).get("MedicationAdministration")
+    out.add("medications", summary.medication_rows(planned, ctx, ref, kind="request", intent="plan"))
     out.skip(*summary.skipped_sections(payload))
+
+
+ORDER_EVENTS = frozenset({"New", "Update", "Cancel", "GroupedOrders"})
+
+
+def _order(payload: dict[str, Any], event: str, ctx: EventContext, out: _Collector, fallback: Any) -> None:
+    """The Order data model: New / Update / Cancel carry one ``Order``, GroupedOrders and a
+    QueryResponse ``Orders[]`` (each may name its own patient)."""
+    if event not in ORDER_EVENTS and event != "QueryResponse":
+        raise _NotClinical(f"Order {event} is not an entity of the common model")
+    top = payload.get("Patient") if has_identifiers(payload.get("Patient")) else fallback
+    orders = as_list(payload.get("Orders")) if "Orders" in payload else [payload.get("Order")]
+    top_ref = out.patient(top, ctx) if has_identifiers(top) else None
+    for position, order in enumerate(orders):
+        where = f"Orders[{position}]" if "Orders" in payload else "Order"
+        if not isinstance(order, dict):
+            out.not_an_object("orders", where)
+            continue
+        ref = top_ref
+        if has_identifiers(order.get("Patient")):
+            ref = out.record(
+                "orders", as_str(order.get("ID")), where, None, lambda o=order: out.patient(o["Patient"], ctx)
+            )
+        if ref is None:
+            out.quarantined.append(
+                QuarantineEntry(
+                    "orders",
+                    as_str(order.get("ID")) or where,
+                    f"{where} names no patient",
+                    item_kind=ITEM_ID if as_str(order.get("ID")) else ITEM_POSITION,
+                )
+            )
+            continue
+        visit = order.get("Visit") if records.visit_number(order.get("Visit")) else payload.get("Visit")
+        row = out.record(
+            "orders",
+            as_str(order.get("ID")),
+            where,
+            ref,
+            lambda order=order, ref=ref, visit=visit: clinical.order_row(
+                order, ctx, ref, records.visit_number(visit), event
+            ),
+        )
+        if row is not None:
+            out.add("orders", [row])
+
+
+def _vaccination(
+    payload: dict[str, Any], event: str, ctx: EventContext, out: _Collector, fallback: Any
+) -> None:
+    """Vaccination New / Update (and a PatientQueryResponse) ``Vaccinations[]`` → immunizations."""
+    block = _require_patient(payload, fallback)
+    if not has_identifiers(block):
+        raise _NotClinical("Vaccination is not an entity of the common model")
+    ref = out.patient(block, ctx)
+    rows = clinical.vaccination_rows(
+        payload.get("Vaccinations"), ctx, ref, records.visit_number(payload.get("Visit"))
+    )
+    if event == "Cancel":
+        for row in rows:
+            row.update(status="entered-in-error", status_source="Cancel")
+    out.add("immunizations", rows)
 
 
 def _patient_search(payload: dict[str, Any], event: str, ctx: EventContext, out: _Collector) -> None:
@@ -582,6 +662,7 @@ def normalize_datamodel(
             label=label,
             event_time=as_ts(meta.get("EventDateTime")),
             is_test=meta.get("Test") is True,
+            from_query=event in RESPONSE_EVENTS,
         )
         handlers: dict[str, Callable[[], None]] = {
             "PatientAdmin": lambda: _patient_admin(payload, event, ctx, out),
@@ -594,6 +675,8 @@ def normalize_datamodel(
             "Media": lambda: _documents(payload, "Media", event, ctx, out),
             "ClinicalSummary": lambda: _clinical_summary(payload, event, ctx, out, patient),
             "PatientSearch": lambda: _patient_search(payload, event, ctx, out),
+            "Order": lambda: _order(payload, event, ctx, out, patient),
+            "Vaccination": lambda: _vaccination(payload, event, ctx, out, patient),
         }
         handlers.get(model, lambda: _other(payload, model, event, ctx, out))()
     except _NotClinical as outcome:

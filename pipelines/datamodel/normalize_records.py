@@ -12,6 +12,8 @@ import hashlib
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
 from pipelines.datamodel.normalize_fields import (
     LOINC,
     Code,
@@ -34,10 +36,11 @@ from pipelines.datamodel.normalize_fields import (
     npi,
     patient_class,
     provider_id,
+    report_status,
     result_status,
 )
 from pipelines.datamodel.normalize_patient import EventContext
-from pipelines.normalize_common import NormalizationError
+from pipelines.normalize_common import NormalizationError, match_key
 
 Row = dict[str, Any]
 
@@ -138,32 +141,45 @@ def result_row(
     effective_at: datetime | None,
     issued_at: datetime | None,
     performer: str | None,
+    report_id: str | None = None,
+    version_time: datetime | None = None,
 ) -> Row:
     """The fields every result shape shares (Results orders, Flowsheet, Clinical Summary)."""
     code = coded(observation)
     rng = as_dict(observation.get("ReferenceRange"))
     value = observation.get("Value")
-    row = ctx.lineage(result_id, issued_at or effective_at)
+    value_code = coded(observation.get("CodedValue"))
+    units = as_str(observation.get("Units"))
+    row = ctx.lineage(result_id, version_time or issued_at or effective_at)
     row.update(ref)
     row.update(
         result_id=result_id,
         encounter_id=encounter_id,
         order_id=order_id,
+        report_id=report_id,
         category=category,
         code=code.code,
         code_system=code.system,
         display=code.display,
         value_numeric=_value_numeric(value, observation.get("ValueType")),
-        value_text=as_str(value),
-        unit=as_str(observation.get("Units")),
+        value_text=as_str(value) or value_code.display or value_code.code,
+        value_code=value_code.code,
+        value_code_system=value_code.system,
+        unit=units,
+        # Redox writes units as UCUM where the EHR does; the Data Model does not say so.
+        unit_system=None,
         reference_low=as_float(rng.get("Low")),
         reference_high=as_float(rng.get("High")),
         reference_text=as_str(rng.get("Text")),
         abnormal_flag=abnormal_flag(observation.get("AbnormalFlag") or observation.get("Interpretation")),
         status=result_status(status),
+        status_source=as_str(status),
         effective_at=effective_at,
         issued_at=issued_at,
         performer=performer,
+        component_count=None,
+        components=None,
+        match_key=match_key(code.code, effective_at),
     )
     return row
 
@@ -212,9 +228,48 @@ def order_result_rows(
                 effective_at=collected or result_done or completed,
                 issued_at=result_done or completed,
                 performer=performer,
+                report_id=order_id,
+                version_time=as_ts(order.get("LastUpdated")),
             )
         )
     return rows
+
+
+def order_report_row(
+    order: dict[str, Any], ctx: EventContext, ref: dict[str, str], encounter_id: str | None, order_id: str
+) -> Row:
+    """The report a Results order is: the order's procedure (the panel), its status and
+    times, grouping the order's results (``result_refs`` = their result ids)."""
+    panel = coded(order.get("Procedure"))
+    results = [
+        f"{order_id}-{as_str(r.get('Code'))}"
+        for r in as_list(order.get("Results"))
+        if isinstance(r, dict) and as_str(r.get("Code"))
+    ]
+    collected = as_ts(order.get("CollectionDateTime"))
+    completed = as_ts(order.get("CompletionDateTime"))
+    vital = panel.code in VITAL_SIGNS_PANELS and panel.system in (None, LOINC)
+    row = ctx.lineage(order_id, as_ts(order.get("LastUpdated")) or completed or collected)
+    row.update(ref)
+    row.update(
+        report_id=order_id,
+        encounter_id=encounter_id,
+        order_id=order_id,
+        category="vital-signs" if vital else "LAB",
+        code=panel.code,
+        code_system=panel.system,
+        display=panel.display,
+        status=report_status(order.get("ResultsStatus") or order.get("Status")),
+        status_source=as_str(order.get("ResultsStatus")) or as_str(order.get("Status")),
+        effective_at=collected or completed,
+        issued_at=completed,
+        performer=npi(order.get("Provider")),
+        conclusion=None,
+        result_count=len(results) or None,
+        result_refs=orjson.dumps(results).decode() if results else None,
+        match_key=match_key(panel.code, collected or completed),
+    )
+    return row
 
 
 def flowsheet_rows(

@@ -76,7 +76,8 @@ def normalize_condition(
         status=clinical or ("resolved" if abated else None),
         status_source=clinical,
         verification_status=_status_code(resource.get("verificationStatus")),
-        severity=_code(resource.get("severity")).get("display") or _code(resource.get("severity")).get("code"),
+        severity=_code(resource.get("severity")).get("display")
+        or _code(resource.get("severity")).get("code"),
         health_status=None,
         onset_at=onset,
         abated_at=abated,
@@ -181,7 +182,8 @@ def normalize_procedure(
     row.update(
         procedure_id=_require(resource.get("id"), "Procedure.id"),
         encounter_id=_encounter_ref(resource),
-        category=_code(resource.get("category")).get("display") or _code(resource.get("category")).get("code"),
+        category=_code(resource.get("category")).get("display")
+        or _code(resource.get("category")).get("code"),
         code=code.get("code"),
         code_system=code.get("system"),
         display=code.get("display"),
@@ -219,7 +221,9 @@ def normalize_diagnostic_report(
     code = _code(resource.get("code"))
     if not code:
         raise NormalizationError("DiagnosticReport without code")
-    effective = parse_ts(resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start"))
+    effective = parse_ts(
+        resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start")
+    )
     based_on = (resource.get("basedOn") or [{}])[0]
     order_id = (based_on.get("identifier") or {}).get("value")
     if order_id is None and (based_on.get("reference") or "").startswith("ServiceRequest/"):
