@@ -388,9 +388,10 @@ def _results(payload: dict[str, Any], event: str, ctx: EventContext, out: _Colle
             out.add("results", rows)
             if rows:
                 report = records.order_report_row(
-                    order, ctx, ref, records.visit_number(visit), rows[0]["order_id"]
+                    order, ctx, ref, records.visit_number(visit), rows[0]["order_id"], rows
                 )
-                out.add("diagnostic_reports", [report])
+                if report is not None:
+                    out.add("diagnostic_reports", [report])
 
 
 def _flowsheet(payload: dict[str, Any], ctx: EventContext, out: _Collector) -> None:

@@ -374,12 +374,13 @@ def summary_report_rows(section: Any, ctx: EventContext, ref: dict[str, str]) ->
     results (whose ids ``normalize_summary.result_rows`` derives the same way)."""
     import orjson
 
+    from pipelines.datamodel.normalize_records import CATEGORY_BY_PANEL
     from pipelines.datamodel.normalize_summary import summary_result_id
 
     rows = []
     for panel in _entries(section):
         code = coded(panel)
-        if not _has_code(code):
+        if not _has_code(code) or CATEGORY_BY_PANEL.get(code.code or "", "laboratory") != "laboratory":
             continue
         observations = [
             o for o in as_list(panel.get("Observations")) if isinstance(o, dict) and as_str(o.get("Code"))

@@ -9,6 +9,7 @@ the FHIR normalizer's vocabulary (see ``normalize_fields``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,12 +41,19 @@ from pipelines.datamodel.normalize_fields import (
     result_status,
 )
 from pipelines.datamodel.normalize_patient import EventContext
+from pipelines.model import COMPONENT_FIELDS
 from pipelines.normalize_common import NormalizationError, match_key
 
 Row = dict[str, Any]
 
 # LOINC panels whose results are vital signs, not laboratory (Results.New carries no category).
 VITAL_SIGNS_PANELS = frozenset({"85353-1", "8716-3", "34565-2", "29274-8", "85354-9"})
+# The blood-pressure panel: FHIR serves it as one Observation whose components are systolic
+# and diastolic; the Data Model lists the two as separate observations of the same time.
+BP_PANEL = Code("85354-9", LOINC, "Blood pressure panel with all children optional")
+BP_PARTS = ("8480-6", "8462-4")
+# Observation categories the Data Model does not name, read from the panel's code.
+CATEGORY_BY_PANEL = {"72166-2": "social-history", "55758-7": "survey", "10210-3": "exam"}
 # Result value types whose Value is a number (HL7 table 0125 NM/SN, CDA PQ).
 NUMERIC_VALUE_TYPES = frozenset({"numeric", "nm", "sn", "physicalquantity", "pq"})
 
@@ -179,7 +187,7 @@ def result_row(
         performer=performer,
         component_count=None,
         components=None,
-        match_key=match_key(code.code, effective_at),
+        match_key=match_key(code.code, effective_at, instant=True),
     )
     return row
 
@@ -201,8 +209,7 @@ def order_result_rows(
     if not order_id and application_id_fallback:
         order_id = as_str(order.get("ApplicationOrderID"))
     order_id = _require(order_id, ctx, f"Orders[{position}] has no ID")
-    panel = coded(order.get("Procedure"))
-    vital = panel.code in VITAL_SIGNS_PANELS and panel.system in (None, LOINC)
+    category = order_category(order)
     collected = as_ts(order.get("CollectionDateTime"))
     completed = as_ts(order.get("CompletionDateTime"))
     rows = []
@@ -221,7 +228,7 @@ def order_result_rows(
                 result_id=f"{order_id}-{code}",
                 order_id=order_id,
                 encounter_id=encounter_id,
-                category="vital-signs" if vital else "laboratory",
+                category=category,
                 observation=result,
                 status=result.get("Status") or order.get("ResultsStatus"),
                 # Collection is the clinically relevant time; completion is when it was issued.
@@ -232,30 +239,41 @@ def order_result_rows(
                 version_time=as_ts(order.get("LastUpdated")),
             )
         )
-    return rows
+    return fold_blood_pressure(rows, lambda systolic: f"{order_id}-{BP_PANEL.code}")
+
+
+def order_category(order: dict[str, Any]) -> str:
+    """An order's observation category, read from its panel (the Data Model names none)."""
+    panel = coded(order.get("Procedure"))
+    if panel.code in VITAL_SIGNS_PANELS and panel.system in (None, LOINC):
+        return "vital-signs"
+    return CATEGORY_BY_PANEL.get(panel.code or "", "laboratory")
 
 
 def order_report_row(
-    order: dict[str, Any], ctx: EventContext, ref: dict[str, str], encounter_id: str | None, order_id: str
-) -> Row:
-    """The report a Results order is: the order's procedure (the panel), its status and
-    times, grouping the order's results (``result_refs`` = their result ids)."""
+    order: dict[str, Any],
+    ctx: EventContext,
+    ref: dict[str, str],
+    encounter_id: str | None,
+    order_id: str,
+    result_rows_of_order: list[Row],
+) -> Row | None:
+    """The report a laboratory Results order is: the order's procedure (the panel), its
+    status and times, grouping the order's results (``result_refs`` = their result ids).
+    Vital-sign, social-history, survey and exam orders are observations without a report."""
     panel = coded(order.get("Procedure"))
-    results = [
-        f"{order_id}-{as_str(r.get('Code'))}"
-        for r in as_list(order.get("Results"))
-        if isinstance(r, dict) and as_str(r.get("Code"))
-    ]
+    results = [r["result_id"] for r in result_rows_of_order]
+    if order_category(order) != "laboratory":
+        return None
     collected = as_ts(order.get("CollectionDateTime"))
     completed = as_ts(order.get("CompletionDateTime"))
-    vital = panel.code in VITAL_SIGNS_PANELS and panel.system in (None, LOINC)
     row = ctx.lineage(order_id, as_ts(order.get("LastUpdated")) or completed or collected)
     row.update(ref)
     row.update(
         report_id=order_id,
         encounter_id=encounter_id,
         order_id=order_id,
-        category="vital-signs" if vital else "LAB",
+        category="LAB",
         code=panel.code,
         code_system=panel.system,
         display=panel.display,
@@ -272,6 +290,47 @@ def order_report_row(
     return row
 
 
+def fold_blood_pressure(rows: list[Row], panel_id: Callable[[Row], str]) -> list[Row]:
+    """Systolic + diastolic rows of the same time → one blood-pressure panel row (no value
+    of its own; the two in ``components``), as FHIR serves it. ``panel_id`` gives the panel
+    row's result id from the systolic row. Rows without a partner stay as they are."""
+    by_time: dict[Any, dict[str, Row]] = {}
+    for row in rows:
+        if row["code"] in BP_PARTS:
+            by_time.setdefault(row["effective_at"], {}).setdefault(row["code"], row)
+    folded: dict[int, Row] = {}
+    drop: set[int] = set()
+    for parts in by_time.values():
+        if len(parts) != len(BP_PARTS):
+            continue
+        systolic = parts[BP_PARTS[0]]
+        components = [{name: parts[code].get(name) for name in COMPONENT_FIELDS} for code in BP_PARTS]
+        panel = dict(systolic)
+        panel.update(
+            result_id=panel_id(systolic),
+            source_id=panel_id(systolic),
+            code=BP_PANEL.code,
+            code_system=BP_PANEL.system,
+            display=BP_PANEL.display,
+            value_numeric=None,
+            value_text=None,
+            value_code=None,
+            value_code_system=None,
+            unit=None,
+            unit_system=None,
+            reference_low=None,
+            reference_high=None,
+            reference_text=None,
+            abnormal_flag=None,
+            component_count=len(components),
+            components=orjson.dumps(components).decode(),
+            match_key=match_key(BP_PANEL.code, systolic["effective_at"], instant=True),
+        )
+        folded[id(systolic)] = panel
+        drop.add(id(parts[BP_PARTS[1]]))
+    return [folded.get(id(r), r) for r in rows if id(r) not in drop]
+
+
 def flowsheet_rows(
     observations: Any, ctx: EventContext, ref: dict[str, str], encounter_id: str | None
 ) -> list[Row]:
@@ -286,7 +345,16 @@ def flowsheet_rows(
         rows.append(
             vital_sign_row(ctx, ref, obs, result_id, when, encounter_id, provider_id(obs.get("Observer")))
         )
-    return rows
+    return fold_blood_pressure(
+        rows,
+        lambda systolic: derived_id(
+            "flowsheet",
+            ref["patient_ref_type"],
+            ref["patient_ref_value"],
+            BP_PANEL.code,
+            systolic["effective_at"],
+        ),
+    )
 
 
 def vital_sign_row(

@@ -29,7 +29,15 @@ from pipelines.datamodel.normalize_fields import (
     visit_status,
 )
 from pipelines.datamodel.normalize_patient import EventContext
-from pipelines.datamodel.normalize_records import Row, medication_fields, result_row, vital_sign_row
+from pipelines.datamodel.normalize_records import (
+    BP_PANEL,
+    CATEGORY_BY_PANEL,
+    Row,
+    fold_blood_pressure,
+    medication_fields,
+    result_row,
+    vital_sign_row,
+)
 
 # Encounter identifier types that are the visit number the other events use, compared
 # upper-case without spaces. Epic's contact serial number (CSN) is its visit number.
@@ -156,9 +164,10 @@ def result_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Ro
             o for o in as_list(panel.get("Observations")) if isinstance(o, dict) and as_str(o.get("Code"))
         ]
         times = [t for t in (as_ts(o.get("DateTime")) for o in observations) if t is not None]
+        is_lab = CATEGORY_BY_PANEL.get(panel_code.code or "", "laboratory") == "laboratory"
         report_id = (
             summary_report_id(ref, panel_code, min(times) if times else None)
-            if panel_code.code or panel_code.display
+            if is_lab and (panel_code.code or panel_code.display)
             else None
         )
         for obs in observations:
@@ -171,7 +180,7 @@ def result_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Ro
                     result_id=result_id,
                     order_id=None,
                     encounter_id=None,
-                    category="laboratory",
+                    category=CATEGORY_BY_PANEL.get(panel_code.code or "", "laboratory"),
                     observation=obs,
                     status=obs.get("Status") or panel.get("Status"),
                     effective_at=when,
@@ -197,7 +206,16 @@ def vital_sign_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> lis
                 "summary-vital", ref["patient_ref_type"], ref["patient_ref_value"], obs.get("Code"), when
             )
             rows.append(vital_sign_row(ctx, ref, obs, result_id, when, None, None))
-    return rows
+    return fold_blood_pressure(
+        rows,
+        lambda systolic: derived_id(
+            "summary-vital",
+            ref["patient_ref_type"],
+            ref["patient_ref_value"],
+            BP_PANEL.code,
+            systolic["effective_at"],
+        ),
+    )
 
 
 def medication_rows(

@@ -302,7 +302,7 @@ def normalize_observation(
         performer=R.provider(resource, (resource.get("performer") or [None])[0], refs),
         component_count=len(components) or None,
         components=components_json(components),
-        match_key=match_key(code.get("code"), effective),
+        match_key=match_key(code.get("code"), effective, instant=True),
     )
     return row
 

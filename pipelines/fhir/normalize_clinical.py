@@ -3,8 +3,8 @@ procedures, diagnostic_reports and orders (pure functions, no I/O).
 
 Same contract as ``pipelines.fhir.normalize``: one resource in, one staged row out, a
 ``NormalizationError`` (never PHI) for a resource that cannot be a row. The business key
-is the resource's logical id (these resources carry no identifier type both surfaces
-share); ``match_key`` (code + clinical day) lets publish pair a Clinical Summary entry,
+is the resource's business identifier (``ProblemID``, ``AllergyID``, ``ImmunizationID``,
+``ProcedureID``; a report or request by its ``OrderID``), else its logical id; ``match_key`` (code + clinical day) lets publish pair a Clinical Summary entry,
 which has no id at all, with the resource for the same record. Codes keep system, code and
 display; statuses keep the source's value in ``status_source`` beside the normalized one.
 """
@@ -66,7 +66,7 @@ def normalize_condition(
     abated = _onset(resource, "abatement")
     row = _row(resource, connection_id, raw_ref)
     row.update(
-        problem_id=_require(resource.get("id"), "Condition.id"),
+        problem_id=_identifiers(resource).get("ProblemID") or _require(resource.get("id"), "Condition.id"),
         encounter_id=_encounter_ref(resource),
         category=_code((resource.get("category") or [None])[0]).get("code"),
         code=code.get("code"),
@@ -106,7 +106,8 @@ def normalize_allergy(
     categories = [c for c in resource.get("category") or [] if isinstance(c, str)]
     row = _row(resource, connection_id, raw_ref, "patient")
     row.update(
-        allergy_id=_require(resource.get("id"), "AllergyIntolerance.id"),
+        allergy_id=_identifiers(resource).get("AllergyID")
+        or _require(resource.get("id"), "AllergyIntolerance.id"),
         category=",".join(categories) or None,
         allergy_type=resource.get("type"),
         substance_code=substance.get("code"),
@@ -144,7 +145,8 @@ def normalize_immunization(
     manufacturer = resource.get("manufacturer")
     row = _row(resource, connection_id, raw_ref, "patient")
     row.update(
-        immunization_id=_require(resource.get("id"), "Immunization.id"),
+        immunization_id=_identifiers(resource).get("ImmunizationID")
+        or _require(resource.get("id"), "Immunization.id"),
         encounter_id=_encounter_ref(resource),
         status=resource.get("status"),
         status_source=resource.get("status"),
@@ -180,7 +182,8 @@ def normalize_procedure(
     performer = (resource.get("performer") or [{}])[0]
     row = _row(resource, connection_id, raw_ref)
     row.update(
-        procedure_id=_require(resource.get("id"), "Procedure.id"),
+        procedure_id=_identifiers(resource).get("ProcedureID")
+        or _require(resource.get("id"), "Procedure.id"),
         encounter_id=_encounter_ref(resource),
         category=_code(resource.get("category")).get("display")
         or _code(resource.get("category")).get("code"),
@@ -231,7 +234,10 @@ def normalize_diagnostic_report(
     results = report_result_refs(resource)
     row = _row(resource, connection_id, raw_ref)
     row.update(
-        report_id=_require(resource.get("id"), "DiagnosticReport.id"),
+        # A lab report is keyed by its order (the Data Model's Results order ID) when it names one.
+        report_id=_identifiers(resource).get("OrderID")
+        or order_id
+        or _require(resource.get("id"), "DiagnosticReport.id"),
         encounter_id=_encounter_ref(resource),
         order_id=order_id,
         category=_code((resource.get("category") or [None])[0]).get("code"),

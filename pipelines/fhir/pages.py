@@ -29,6 +29,11 @@ BUSINESS_IDENTIFIER = {
     "appointments": "VN",
     "documents": "DocumentID",
     "orders": "OrderID",
+    "diagnostic_reports": "OrderID",
+    "problems": "ProblemID",
+    "allergies": "AllergyID",
+    "immunizations": "ImmunizationID",
+    "procedures": "ProcedureID",
 }
 
 
