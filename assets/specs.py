@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dagster import AssetKey, AssetSpec
 
-from pipelines.model import ENTITIES, ENTITY_KEY
+from pipelines.model import CHILD_KEY, ENTITIES, ENTITY_KEY
 from pipelines.publish import SURFACES
 from pipelines.sync_runs import CROSSWALK_TABLE
+from pipelines.vocabulary import CHILD_TABLES
 
 OWNERS = ["team:data-platform"]
 RAW_GROUP, NORMALIZED_GROUP, ANALYTICS_GROUP = "raw", "normalized", "analytics"
@@ -117,8 +118,22 @@ def normalized_specs() -> list[AssetSpec]:
                 ),
             )
         )
+    for child, parent in CHILD_TABLES.items():
+        specs.append(
+            AssetSpec(
+                key=normalized_key(child),
+                group_name=NORMALIZED_GROUP,
+                owners=OWNERS,
+                kinds={"duckdb", "sql"},
+                deps=[normalized_key(parent)],
+                description=(
+                    f"Child table of redox.{parent}: one row per ({', '.join(CHILD_KEY[child])}), "
+                    f"rebuilt with its parent's rows on every publish."
+                ),
+            )
+        )
     return specs
 
 
 RAW_KEYS = [raw_key(s, e) for s in SURFACES for e in ENTITIES]
-NORMALIZED_KEYS = [normalized_key(e) for e in ENTITIES]
+NORMALIZED_KEYS = [normalized_key(e) for e in (*ENTITIES, *CHILD_TABLES)]
