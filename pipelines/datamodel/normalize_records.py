@@ -53,7 +53,12 @@ VITAL_SIGNS_PANELS = frozenset({"85353-1", "8716-3", "34565-2", "29274-8", "8535
 BP_PANEL = Code("85354-9", LOINC, "Blood pressure panel with all children optional")
 BP_PARTS = ("8480-6", "8462-4")
 # Observation categories the Data Model does not name, read from the panel's code.
-CATEGORY_BY_PANEL = {"72166-2": "social-history", "55758-7": "survey", "10210-3": "exam"}
+CATEGORY_BY_PANEL = {
+    "72166-2": "social-history",
+    "55757-9": "survey",  # PHQ-2 panel
+    "55758-7": "survey",  # PHQ-2 total score
+    "10210-3": "exam",
+}
 # Result value types whose Value is a number (HL7 table 0125 NM/SN, CDA PQ).
 NUMERIC_VALUE_TYPES = frozenset({"numeric", "nm", "sn", "physicalquantity", "pq"})
 
