@@ -166,17 +166,22 @@ def test_no_reconciled_column_is_null_where_a_surface_has_a_value(env: dict, syn
                                         and k."{key}" = s."{key}")
                         and exists (select 1 from raw.fhir_{entity} f where f.connection_id = p.connection_id
                                     and f."{key}" = p."{key}" and f.match_key = s.match_key)))"""
-                for column in published_schema(entity).names:
-                    if column in skip:
-                        continue
-                    n = con.execute(
-                        f"""with s as ({resolved})
-                        select count(*) from s where s."{column}" is not null and not exists (
-                            select 1 from {ms}.{entity} p
-                            where p.connection_id = s.connection_id and {link} and p."{column}" is not null)"""
-                    ).fetchone()[0]
-                    if n:
-                        problems[(f"{surface}:{entity}", column)] = n
+                columns = [c for c in published_schema(entity).names if c not in skip]
+                per_row = ", ".join(
+                    f'any_value(s."{c}") is not null and not bool_or(p."{c}" is not null) as "{c}"'
+                    for c in columns
+                )
+                totals = ", ".join(f'count(*) filter (where "{c}")' for c in columns)
+                counts = con.execute(
+                    f"""with s as (select *, row_number() over () as sid from ({resolved})),
+                    per_row as (select {per_row} from s
+                        left join {ms}.{entity} p on p.connection_id = s.connection_id and {link}
+                        group by s.sid)
+                    select {totals} from per_row"""
+                ).fetchone()
+                problems.update(
+                    {(f"{surface}:{entity}", c): n for c, n in zip(columns, counts, strict=True) if n}
+                )
     assert not problems, f"published nulls where a surface had a value: {problems}"
     # The connection really is reconciled across surfaces, the clinical record included.
     for entity in ("patients", "encounters", "results", "appointments", "problems", "allergies",
