@@ -433,3 +433,15 @@ def test_a_newer_surface_wins_a_field_but_never_with_a_null(tmp_path: Path) -> N
             "FROM redox.encounters"
         ).fetchone()
     assert row == ("both", "e1", "cancelled", T0, "AMB", "1", "Main", True)
+
+
+def test_per_type_searches_use_the_documented_patient_parameter() -> None:
+    from pipelines.fhir.patient_pull import FhirPatientResult, type_search_params
+
+    known = FhirPatientResult(fhir_id="p1", mr_token="urn:redox:rb:MR|MR1")
+    for rtype in ("AllergyIntolerance", "Condition", "Immunization"):
+        assert type_search_params(rtype, known, 50)[0] == ("patient.identifier", "urn:redox:rb:MR|MR1")
+    for rtype in ("Procedure", "DiagnosticReport", "ServiceRequest", "Observation", "MedicationRequest"):
+        assert type_search_params(rtype, known, 50)[0] == ("patient", "p1")
+    # Without an MR identifier, `patient` (also documented for the three).
+    assert type_search_params("Condition", FhirPatientResult(fhir_id="p1"), 50)[0] == ("patient", "p1")
