@@ -22,7 +22,9 @@ What each payload becomes
   CensusQueryResponse → patients + their visits (``Visit.Status``; census visits are
   in-progress). VisitMerge → patient only (skipped: the merged visit).
 - Results New / NewUnsolicited / QueryResponse → patient + one result per
-  ``Orders[].Results[]``. Flowsheet New → patient + vital-sign results.
+  ``Orders[].Results[]`` (systolic + diastolic of one time folded into one blood-pressure panel
+  result with components), and a diagnostic report per laboratory order. Flowsheet New →
+  patient + vital-sign results.
 - Medications New / Update / Cancel → patient + a ``request``; Administration → patient +
   one ``administration`` per ``Administrations[]``.
 - Scheduling (and SurgicalScheduling) New / Reschedule / Modification / Cancel / NoShow and
@@ -30,13 +32,21 @@ What each payload becomes
 - Notes / Media New / Replace / Delete / QueryResponse → patient + document.
 - Clinical Summary PatientQueryResponse / PatientPush / VisitPush / VisitQueryResponse →
   patient (``Header.Patient``) + encounters (entries with a visit-number identifier, and a
-  VisitPush's ``Header.Document.Visit``), results (``Results``), vital signs
-  (``VitalSigns``), medication statements (``Medications``) and administrations
-  (``MedicationsAdministered``). DocumentQueryResponse → documents (metadata);
-  DocumentGetResponse → the document's content.
+  VisitPush's ``Header.Document.Visit``), results (``Results``; lab panels also as diagnostic
+  reports), vital signs (``VitalSigns``), medication statements (``Medications``),
+  administrations (``MedicationsAdministered``), problems (``Problems``, ``ResolvedProblems``),
+  allergies, immunizations, procedures (``Procedures.*``) and orders (``PlanOfCare``; planned
+  medications are medication requests with intent ``plan``). DocumentQueryResponse → documents
+  (metadata); DocumentGetResponse → the document's content.
+- Order New / Update / Cancel / GroupedOrders / QueryResponse → patient + orders.
+- Vaccination New / Update / Cancel → patient + immunizations.
 - PatientSearch Response → the matched patient (``PotentialMatches`` skipped: unconfirmed).
-- Vaccination and every other data model holding a patient → patient only; the rest of
-  the payload is named in ``skipped``.
+- Every other data model holding a patient → patient only; the rest of the payload is named
+  in ``skipped``.
+
+Version time: an event's rows take ``Meta.EventDateTime`` as ``source_updated_at``; a query
+response's rows take the record's own last-updated or clinical time (the response time says
+nothing about when the record changed). ``is_test`` stays null: ``Meta.Test`` marks the message.
 
 Outcome ``not-clinical`` (no rows; ``reason`` says why):
 - "a query request carries no records" — Query, PatientQuery, VisitQuery, DocumentQuery,
@@ -48,8 +58,7 @@ Outcome ``not-clinical`` (no rows; ``reason`` says why):
 - "available slots are not appointments" — Scheduling AvailableSlotsResponse / PushSlots.
 - "a scheduling block without a patient is not an appointment".
 - "<DataModel> is not an entity of the common model" — a payload of another data model
-  (Vaccination, Referral, Financial, Claim, Provider, Organization, Device …) with no
-  patient identifiers.
+  (Referral, Financial, Claim, Provider, Organization, Device …) with no patient identifiers.
 
 ``NormalizationError`` (message names the event and the field, never a value): a payload
 that claims records but cannot give them an identity — no ``Meta.DataModel``, a Patient
