@@ -21,7 +21,7 @@ import dlt
 import pyarrow as pa
 
 from pipelines.landing import PageContext, RawLanding
-from pipelines.model import ENTITY_KEY, ROW_EXTRAS, SchemaMismatch, rows_to_table, staged_schema
+from pipelines.model import ENTITY_KEY, ROW_EXTRAS, SchemaMismatch, rows_to_table, staged_schema, version_key
 from pipelines.pages import PageRows
 from pipelines.progress import PROGRESS
 from pipelines.quarantine import (
@@ -91,6 +91,7 @@ class EntityBatcher:
         if self.entity == "documents" and self.landing is not None:
             self._attach_content(row, content, content_url)
         row["ingested_at"] = self.ingested_at
+        row["version_key"] = version_key(row.get("source_updated_at"), row.get("raw_ref"))
         self.rows.append(row)
         PROGRESS.add(self.connection_id, self.entity)
 

@@ -12,6 +12,7 @@ explodes them, so both surfaces' parent rows reconcile field by field first.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -352,9 +353,29 @@ IDENTIFIER_COLUMNS: list[tuple[str, pa.DataType]] = [
 ]
 
 
+# Every staged row's version order: its source time, then the landed page it came from (page
+# names start with their fetch time). The staged tables de-duplicate on it, so when a record
+# arrives twice in one load with the same source time (a Data Model query answered twice: its
+# rows carry the record's own time, not the response time) the later fetch wins — in a live
+# sync and in a replay of the landing alike.
+VERSION_KEY: tuple[str, pa.DataType] = ("version_key", STR)
+
+
+def version_key(source_updated_at: Any, raw_ref: Any) -> str:
+    stamp = (
+        source_updated_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%f")
+        if isinstance(source_updated_at, datetime)
+        else "0" * 21
+    )
+    page = str(raw_ref).rsplit("/", 1)[-1] if raw_ref else ""
+    return f"{stamp}|{page}"
+
+
 def staged_schema(entity: str) -> pa.Schema:
     """Schema of a normalized row before the crosswalk resolves its patient."""
-    return pa.schema(LINEAGE + PATIENT_REF + ENTITY_COLUMNS[entity] + STAGED_ONLY_COLUMNS.get(entity, []))
+    return pa.schema(
+        LINEAGE + PATIENT_REF + ENTITY_COLUMNS[entity] + STAGED_ONLY_COLUMNS.get(entity, []) + [VERSION_KEY]
+    )
 
 
 def child_schema(table: str) -> pa.Schema:

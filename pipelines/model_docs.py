@@ -584,3 +584,28 @@ COLUMN_DOCS.setdefault("results", {}).update(
         ),
     }
 )
+
+# Columns only the staged tables ``raw.<surface>_<entity>`` carry (pipelines/model.py
+# STAGED_ONLY_COLUMNS and VERSION_KEY): publish reads them, redox.<entity> does not show them.
+STAGED_ONLY_DOCS: dict[str, ColumnDoc] = {
+    "match_key": ColumnDoc(
+        "Digest of the record's code and clinical day (results: instant); pairs a Data Model record "
+        "without a shared id with the FHIR record of the same patient.",
+        "code.coding[0].code + onset/effective/occurrence/performed time",
+        "Code + StartDate/DateTime",
+    ),
+    "components": ColumnDoc(
+        "The result's components as a JSON array (exploded into redox.result_components).",
+        "Observation.component[]",
+        "systolic + diastolic folded",
+    ),
+    "result_refs": ColumnDoc(
+        "The results a report groups, as a JSON array (exploded into redox.diagnostic_report_results).",
+        "DiagnosticReport.result[].reference",
+        "Orders[].Results[] / Results[].Observations[]",
+    ),
+    "version_key": ColumnDoc(
+        "Version order of a staged row: source time, then the landed page's name (fetch time); the "
+        "staged tables keep the highest per key."
+    ),
+}

@@ -359,6 +359,7 @@ def _publish_report_results(con: duckdb.DuckDBPyConnection, ms: str, connection_
         else ""
     )
     result_id = "coalesce(o.result_id, c.value ->> '$')" if has_fhir else "c.value ->> '$'"
+    params = {"conn": connection_id} if has_fhir else {}
     con.execute(
         f"""INSERT INTO {ms}.diagnostic_report_results
         SELECT DISTINCT ON (r.connection_id, r.report_id, position) r.connection_id, r.patient_key,
@@ -366,7 +367,7 @@ def _publish_report_results(con: duckdb.DuckDBPyConnection, ms: str, connection_
         FROM _publish_merged r, json_each(r.result_refs) c
         {resolve}
         WHERE r.result_refs IS NOT NULL""",
-        {"conn": connection_id},
+        params,
     )
 
 
