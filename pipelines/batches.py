@@ -41,6 +41,14 @@ BATCH_ROWS = 20_000
 QUARANTINE_BATCH = 1000
 
 
+# Demographics a patient row carries when it is more than a reference to its patient.
+_DEMOGRAPHICS = ("family_name", "given_names", "birth_date", "sex", "address_line", "phone")
+
+
+def _complete(entity: str, row: dict[str, Any]) -> bool:
+    return entity != "patients" or any(row.get(c) is not None for c in _DEMOGRAPHICS)
+
+
 class EntityBatcher:
     """Collects one entity's normalized rows and yields Arrow tables for dlt."""
 
@@ -91,7 +99,9 @@ class EntityBatcher:
         if self.entity == "documents" and self.landing is not None:
             self._attach_content(row, content, content_url)
         row["ingested_at"] = self.ingested_at
-        row["version_key"] = version_key(row.get("source_updated_at"), row.get("raw_ref"))
+        row["version_key"] = version_key(
+            row.get("source_updated_at"), row.get("raw_ref"), complete=_complete(self.entity, row)
+        )
         self.rows.append(row)
         PROGRESS.add(self.connection_id, self.entity)
 

@@ -361,14 +361,16 @@ IDENTIFIER_COLUMNS: list[tuple[str, pa.DataType]] = [
 VERSION_KEY: tuple[str, pa.DataType] = ("version_key", STR)
 
 
-def version_key(source_updated_at: Any, raw_ref: Any) -> str:
+def version_key(source_updated_at: Any, raw_ref: Any, *, complete: bool = True) -> str:
+    """``complete`` False: a row that only names its record (a Data Model patient block with
+    identifiers and no demographics) — any complete version outranks it."""
     stamp = (
         source_updated_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%f")
         if isinstance(source_updated_at, datetime)
         else "0" * 21
     )
     page = str(raw_ref).rsplit("/", 1)[-1] if raw_ref else ""
-    return f"{stamp}|{page}"
+    return f"{int(complete)}|{stamp}|{page}"
 
 
 def staged_schema(entity: str) -> pa.Schema:

@@ -605,7 +605,8 @@ STAGED_ONLY_DOCS: dict[str, ColumnDoc] = {
         "Orders[].Results[] / Results[].Observations[]",
     ),
     "version_key": ColumnDoc(
-        "Version order of a staged row: source time, then the landed page's name (fetch time); the "
+        "Version order of a staged row: complete before reference-only (a patient block without "
+        "demographics), then source time, then the landed page's name (fetch time); the "
         "staged tables keep the highest per key."
     ),
 }
