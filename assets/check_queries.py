@@ -14,18 +14,21 @@ import duckdb
 import orjson
 
 from pipelines.fhir.settings import ENTITY_RESOURCE_TYPES, fhir_instant
-from pipelines.model import ENTITIES, ENTITY_KEY
+from pipelines.model import CHILD_KEY, ENTITIES, ENTITY_KEY
 from pipelines.publish import STAGING_SCHEMA, model_schema
 from pipelines.quarantine import unresolved_quarantine_counts
 from pipelines.resource_hints import QUARANTINE_TABLE, staged_table_name
 from pipelines.sync_runs import CROSSWALK_TABLE, MODE_LIVE, STATUS_SUCCESS, SYNC_RUNS_TABLE
+from pipelines.vocabulary import CHILD_TABLES
 from pipelines.warehouse import table_columns
 from resources.client import RedoxAPIError
 
 CROSSWALK = CROSSWALK_TABLE
 CROSSWALK_KEY_COLUMNS = ("connection_id", "id_system", "id_value")
 # Entities whose rows must name a patient the crosswalk knows.
-PATIENT_LINKED = ("encounters", "results", "medications", "appointments")
+PATIENT_LINKED = tuple(e for e in ENTITIES if e != "patients") + tuple(CHILD_TABLES)
+# Child tables and the parent key each row must name (the parent row must exist).
+CHILD_PARENT = {child: (parent, ENTITY_KEY[parent]) for child, parent in CHILD_TABLES.items()}
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ def _model_table(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
 def key_columns(entity: str) -> tuple[str, ...]:
     if entity == CROSSWALK:
         return CROSSWALK_KEY_COLUMNS
+    if entity in CHILD_KEY:
+        return CHILD_KEY[entity]
     return ("connection_id", ENTITY_KEY[entity])
 
 
@@ -109,6 +114,32 @@ def orphan_rows(con: duckdb.DuckDBPyConnection, entity: str) -> CheckOutcome:
     bad = {str(c): int(n) for c, n in rows}
     total = sum(bad.values())
     return CheckOutcome(total == 0, bad, f"{total} {entity} rows have no patient in the crosswalk")
+
+
+def rows_without_parent(con: duckdb.DuckDBPyConnection, child: str) -> CheckOutcome:
+    """Child rows (a result's component, a report's result) whose parent row is missing, per
+    connection. A report's result that is not in redox.results counts too: the report groups
+    a result the warehouse does not hold."""
+    table = _model_table(con, child)
+    if table is None:
+        return CheckOutcome(True, {}, f"redox.{child} does not exist yet")
+    checks = [CHILD_PARENT[child]]
+    if child == "diagnostic_report_results":
+        checks.append(("results", "result_id"))
+    bad: dict[str, int] = {}
+    for parent, key in checks:
+        parent_table = _model_table(con, parent)
+        if parent_table is None:
+            continue
+        for cid, n in con.execute(
+            f"""SELECT c.connection_id, count(*) FROM {table} c
+                WHERE NOT EXISTS (SELECT 1 FROM {parent_table} p
+                                  WHERE p.connection_id = c.connection_id AND p."{key}" = c."{key}")
+                GROUP BY 1"""
+        ).fetchall():
+            bad[str(cid)] = bad.get(str(cid), 0) + int(n)
+    total = sum(bad.values())
+    return CheckOutcome(total == 0, bad, f"{total} {child} rows name a parent the warehouse does not hold")
 
 
 def fully_synced_connections(con: duckdb.DuckDBPyConnection) -> set[str]:

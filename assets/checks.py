@@ -26,6 +26,7 @@ from assets.resources import CheckThresholds, RedoxResource, WarehouseResource
 from assets.specs import CROSSWALK, CROSSWALK_KEY, QUARANTINE_KEY, normalized_key, raw_key
 from assets.sync_assets import DUCKDB_POOL
 from pipelines.model import ENTITIES
+from pipelines.vocabulary import CHILD_TABLES
 from pipelines.warehouse import WriterLock
 from resources.audit import AuditLog
 from resources.client import RedoxClient
@@ -61,7 +62,8 @@ def _result(key, name: str, outcome: q.CheckOutcome, severity: AssetCheckSeverit
     )
 
 
-_PK_TARGETS = [*ENTITIES, CROSSWALK]
+_PK_TARGETS = [*ENTITIES, *CHILD_TABLES, CROSSWALK]
+PARENT_CHECK = "parent_row_exists"
 
 
 def _selected(context: AssetCheckExecutionContext, entities: Iterable[str], check: str) -> list[str]:
@@ -128,6 +130,28 @@ def patients_in_crosswalk(
                     False, outcome.by_connection, outcome.summary + " (only backfill windows loaded so far)"
                 )
             yield _result(normalized_key(entity), RI_CHECK, outcome, severity)
+
+
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec(
+            PARENT_CHECK,
+            asset=normalized_key(child),
+            blocking=True,
+            additional_deps=[normalized_key(parent)],
+            description=f"Every row names a row of redox.{parent} (and, for a report's results, of redox.results).",
+        )
+        for child, parent in CHILD_TABLES.items()
+    ],
+    pool=DUCKDB_POOL,
+)
+def child_rows_have_parents(warehouse: WarehouseResource) -> Iterator[AssetCheckResult]:
+    with read_warehouse(warehouse) as con:
+        for child in CHILD_TABLES:
+            outcome = (
+                q.rows_without_parent(con, child) if con else q.CheckOutcome(True, {}, "no warehouse yet")
+            )
+            yield _result(normalized_key(child), PARENT_CHECK, outcome, AssetCheckSeverity.ERROR)
 
 
 @asset_check(
@@ -235,6 +259,7 @@ def fhir_counts_match_source(
 CHECKS = [
     primary_keys_unique,
     patients_in_crosswalk,
+    child_rows_have_parents,
     quarantine_rate,
     connections_fresh,
     fhir_counts_match_source,

@@ -24,9 +24,10 @@ from assets.column_metadata import (
     relation_schema,
     staged_table_schema,
 )
-from pipelines.model import ENTITIES, ENTITY_KEY
+from pipelines.model import CHILD_KEY, ENTITIES, ENTITY_KEY
 from pipelines.publish import SURFACES
 from pipelines.sync_runs import CROSSWALK_TABLE
+from pipelines.vocabulary import CHILD_TABLES
 
 OWNERS = ["team:data-platform"]
 RAW_GROUP, NORMALIZED_GROUP, ANALYTICS_GROUP = "raw", "normalized", "analytics"
@@ -140,8 +141,22 @@ def normalized_specs() -> list[AssetSpec]:
                 ),
             )
         )
+    for child, parent in CHILD_TABLES.items():
+        specs.append(
+            AssetSpec(
+                key=normalized_key(child),
+                group_name=NORMALIZED_GROUP,
+                owners=OWNERS,
+                kinds={"duckdb", "sql"},
+                deps=[normalized_key(parent)],
+                description=(
+                    f"Child table of redox.{parent}: one row per ({', '.join(CHILD_KEY[child])}), "
+                    f"rebuilt with its parent's rows on every publish."
+                ),
+            )
+        )
     return specs
 
 
 RAW_KEYS = [raw_key(s, e) for s in SURFACES for e in ENTITIES]
-NORMALIZED_KEYS = [normalized_key(e) for e in ENTITIES]
+NORMALIZED_KEYS = [normalized_key(e) for e in (*ENTITIES, *CHILD_TABLES)]

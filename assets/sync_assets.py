@@ -55,7 +55,7 @@ from pipelines.model import ENTITIES
 from pipelines.publish import ensure_model_tables, model_schema
 from pipelines.sync import DEFAULT_LOOKBACK_S, ConnectionReport, SyncReport, run_sync
 from pipelines.sync_context import DEFAULT_DISCOVER_DAYS, ConnectionWindow, SyncWindow
-from pipelines.vocabulary import SURFACES
+from pipelines.vocabulary import CHILD_TABLES, SURFACES
 from pipelines.warehouse import WriterLock
 
 DUCKDB_POOL = "duckdb_writer"
@@ -200,6 +200,8 @@ def _materializations(report: SyncReport) -> Iterator[MaterializeResult]:
     for entity in ENTITIES:
         if entity != "patients":
             yield result(normalized_key(entity), f"redox.{entity}", _extracted(report, entity))
+    for child in CHILD_TABLES:
+        yield result(normalized_key(child), f"redox.{child}")
 
 
 def _extracted(report: SyncReport, entity: str) -> dict[str, MetadataValue]:

@@ -10,8 +10,11 @@ runner calls **after** ``pipeline.run`` loaded the rows: only then do the pulled
 
 Surfaces. A FHIR-only or Data-Model-only connection pulls everything through its surface. A
 connection with both pulls every entitled entity through FHIR and, through the Data Model,
-``patients``, ``encounters``, ``results`` and ``appointments`` (publish reconciles each into one
-row, ``source_surface = both``, and the Data Model's MR/visit numbers anchor the crosswalk);
+``patients``, ``encounters``, ``results``, ``appointments`` and the clinical record (problems,
+allergies, immunizations, procedures, diagnostic reports, orders); publish reconciles each
+into one row, ``source_surface = both``, merged field by field (Clinical Summary entries, which
+carry no ids, are paired on patient + match key), and the Data Model's MR/visit numbers anchor
+the crosswalk;
 medications and documents come from FHIR only: the Clinical Summary has no medication order ids
 to reconcile on, and Notes/Media for documents FHIR already returns would double their cost
 (content included) for rows that reconcile into the same ones. Discovery on such a connection
@@ -55,7 +58,18 @@ from pipelines.warehouse import table_exists
 
 log = logging.getLogger(__name__)
 
-BOTH_SURFACE_DATAMODEL_ENTITIES = ("patients", "encounters", "results", "appointments")
+BOTH_SURFACE_DATAMODEL_ENTITIES = (
+    "patients",
+    "encounters",
+    "results",
+    "appointments",
+    "problems",
+    "allergies",
+    "immunizations",
+    "procedures",
+    "diagnostic_reports",
+    "orders",
+)
 DEFAULT_WORKERS = 4
 FHIR_PAGE_SIZE = 500
 # Requests one patient's pull costs, at least (the budget check before starting a patient).

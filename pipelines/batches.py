@@ -21,7 +21,7 @@ import dlt
 import pyarrow as pa
 
 from pipelines.landing import PageContext, RawLanding
-from pipelines.model import ENTITY_KEY, ROW_EXTRAS, SchemaMismatch, rows_to_table, staged_schema
+from pipelines.model import ENTITY_KEY, ROW_EXTRAS, SchemaMismatch, rows_to_table, staged_schema, version_key
 from pipelines.pages import PageRows
 from pipelines.progress import PROGRESS
 from pipelines.quarantine import (
@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 20_000
 QUARANTINE_BATCH = 1000
+
+
+# Demographics a patient row carries when it is more than a reference to its patient.
+_DEMOGRAPHICS = ("family_name", "given_names", "birth_date", "sex", "address_line", "phone")
+
+
+def _complete(entity: str, row: dict[str, Any]) -> bool:
+    return entity != "patients" or any(row.get(c) is not None for c in _DEMOGRAPHICS)
 
 
 class EntityBatcher:
@@ -91,6 +99,9 @@ class EntityBatcher:
         if self.entity == "documents" and self.landing is not None:
             self._attach_content(row, content, content_url)
         row["ingested_at"] = self.ingested_at
+        row["version_key"] = version_key(
+            row.get("source_updated_at"), row.get("raw_ref"), complete=_complete(self.entity, row)
+        )
         self.rows.append(row)
         PROGRESS.add(self.connection_id, self.entity)
 

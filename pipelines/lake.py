@@ -18,6 +18,7 @@ import duckdb
 from pipelines.landing import DIR_MODE, FILE_MODE, UnsafePath, private_dirs, safe_path
 from pipelines.publish import model_schema
 from pipelines.vocabulary import (
+    CHILD_TABLES,
     CROSSWALK_TABLE,
     ENTITIES,
     MODEL_SCHEMA,
@@ -27,7 +28,7 @@ from pipelines.vocabulary import (
 )
 from pipelines.warehouse import WarehousePaths
 
-LAKE_TABLES = tuple(f"{MODEL_SCHEMA}.{t}" for t in (*ENTITIES, CROSSWALK_TABLE)) + (
+LAKE_TABLES = tuple(f"{MODEL_SCHEMA}.{t}" for t in (*ENTITIES, *CHILD_TABLES, CROSSWALK_TABLE)) + (
     f"{STAGING_SCHEMA}.{QUARANTINE_TABLE}",
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -30,6 +31,10 @@ _CANONICAL = {
     "ORDERID": "OrderID",
     "RESULTID": "ResultID",
     "DOCUMENTID": "DocumentID",
+    "PROBLEMID": "ProblemID",
+    "ALLERGYID": "AllergyID",
+    "IMMUNIZATIONID": "ImmunizationID",
+    "PROCEDUREID": "ProcedureID",
     "SSN": "SSN",
     "NPI": "NPI",
 }
@@ -100,3 +105,20 @@ def provider_label(ref: dict[str, Any] | None) -> str | None:
         return None
     ident = ref.get("identifier") or {}
     return ident.get("value") or ref.get("display")
+
+
+def match_key(code: Any, when: Any, *, instant: bool = False) -> str | None:
+    """What identifies a clinical entry when a surface gives it no id: its code and the UTC
+    day of its clinical time, as a short digest. Both surfaces compute it the same way, so
+    publish can pair a Clinical Summary entry with the FHIR resource for the same record;
+    the day (not the instant) because a summary often carries dates only — except for
+    results (``instant``), measured several times a day. None without a code."""
+    if code in (None, ""):
+        return None
+    day = ""
+    if isinstance(when, datetime):
+        utc = when.astimezone(UTC)
+        day = utc.isoformat(timespec="seconds") if instant else utc.date().isoformat()
+    elif isinstance(when, date):
+        day = when.isoformat()
+    return "mk_" + hashlib.sha256(f"{code}|{day}".encode()).hexdigest()[:24]

@@ -10,8 +10,16 @@ Reconciliation rules (documented in warehouse/README.md):
 * Every identifier seen (FHIR logical id, MR, EHRID, NIST, EPI) maps to that key in
   ``redox.patient_identifiers``; rows of other entities resolve their patient through it.
 * A record exposed through both surfaces is one row, keyed by its business id (visit
-  number, result id, order id, document id); the most recently updated version wins
-  (FHIR on ties) and ``source_surface`` becomes ``both``.
+  number, result id, order id, document id), ``source_surface = both``. Records one surface
+  gives no shared id (Clinical Summary entries) are paired with the other surface's record
+  of the same patient and ``match_key`` (code + clinical day). Each surface's latest version
+  of a record is taken whole; across surfaces the row is merged field by field: every
+  column takes the value of the surface row with the newest source-own time
+  (``source_updated_at``, FHIR on ties) among those where it is not null. A value is never
+  replaced by a null, so every field either surface knows is kept.
+* Child tables follow their parents: ``result_components`` from the merged results'
+  components, ``diagnostic_report_results`` from the merged reports' result references
+  (FHIR Observation ids resolved to result ids through the staged FHIR results).
 * ``redox.persons`` links patient keys across connections on the shared enterprise id.
 
 Each connection is rebuilt inside one transaction, so a killed publish leaves the
@@ -26,17 +34,25 @@ import pyarrow as pa
 from pipelines.analytics import ensure_analytics_views
 from pipelines.describe import describe_schema
 from pipelines.model import (
+    CHILD_COLUMNS,
     ENTITY_COLUMNS,
     ENTITY_KEY,
+    F64,
     LINEAGE,
+    PATIENT_REF,
+    STAGED_ONLY_COLUMNS,
+    STR,
+    TS,
+    child_schema,
     identifiers_schema,
     published_schema,
 )
 from pipelines.model_docs import OUTBOX_DOCS, OUTBOX_TABLE_DOCS
 from pipelines.quarantine import resolve_quarantine
-from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES, MODEL_SCHEMA, staged_table_name
+from pipelines.vocabulary import CHILD_TABLES, CROSSWALK_TABLE, ENTITIES, MODEL_SCHEMA, staged_table_name
 from pipelines.vocabulary import STAGING_SCHEMA as STAGING_SCHEMA  # re-exported for assets/
 from pipelines.vocabulary import SURFACES as SURFACES  # re-exported for assets/
+from pipelines.warehouse import table_columns
 from pipelines.writeback.outbox import ensure_outbox_tables
 
 
@@ -63,6 +79,8 @@ def ensure_model_tables(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {ms}")
     for entity in ENTITIES:
         _create_from_schema(con, f"{ms}.{entity}", published_schema(entity))
+    for child in CHILD_TABLES:
+        _create_from_schema(con, f"{ms}.{child}", child_schema(child))
     _create_from_schema(con, f"{ms}.{CROSSWALK_TABLE}", identifiers_schema())
     con.execute(persons_view_sql(ms))
     # The write-back outboxes exist from the first sync, so users can fill them with SQL.
@@ -102,18 +120,29 @@ def _staged_union(con: duckdb.DuckDBPyConnection, entity: str, columns: list[str
     surfaces = _existing_staged(con, entity)
     if not surfaces:
         return None
-    cols = ", ".join(f'"{c}"' for c in columns)
     # One surface record (its source id) is one row: a version staged under another key — it
     # arrived without its business identifier, or with a damaged one — is superseded by the
     # record's latest fetch. Landed page names start with their fetch time, so the newest
     # page wins in a live sync and in a replay alike.
     parts = [
-        f"SELECT {cols} FROM {STAGING_SCHEMA}.{staged_table_name(s, entity)} WHERE connection_id = $conn "
+        f"SELECT {_select_columns(con, staged_table_name(s, entity), columns)} "
+        f"FROM {STAGING_SCHEMA}.{staged_table_name(s, entity)} WHERE connection_id = $conn "
         "QUALIFY source_id IS NULL OR row_number() OVER (PARTITION BY source_id "
         "ORDER BY regexp_extract(raw_ref, '[^/]*$') DESC NULLS LAST, ingested_at DESC) = 1"
         for s in surfaces
     ]
     return " UNION ALL ".join(parts)
+
+
+def _select_columns(con: duckdb.DuckDBPyConnection, table: str, columns: list[str]) -> str:
+    """The columns of a staged table in model order; one the table does not have yet (a
+    column added to the model after the table was last loaded) reads as null."""
+    present = set(table_columns(con, STAGING_SCHEMA, table))
+    types = {f.name: f.type for f in pa.schema(LINEAGE + _ALL_STAGED_FIELDS)}
+    return ", ".join(
+        f'"{c}"' if c in present else f'CAST(NULL AS {_SQL_TYPE.get(types.get(c), "VARCHAR")}) AS "{c}"'
+        for c in columns
+    )
 
 
 def publish_connection(con: duckdb.DuckDBPyConnection, connection_id: str) -> dict[str, int]:
@@ -146,19 +175,8 @@ def _stage_columns(entity: str) -> list[str]:
         [c for c, _ in LINEAGE if c != "patient_key"]
         + ["patient_ref_type", "patient_ref_value"]
         + [c for c, _ in ENTITY_COLUMNS[entity]]
+        + [c for c, _ in STAGED_ONLY_COLUMNS.get(entity, [])]
     )
-
-
-def _latest_per_key(source: str, key: str) -> str:
-    """Staged rows ranked per business key: ``rn = 1`` is the version that wins (most recent,
-    FHIR on ties), ``n_surfaces`` how many surfaces showed it, ``first_source_id`` the id
-    on the surface it was first seen through."""
-    return f"""SELECT *, row_number() OVER (PARTITION BY connection_id, {key}
-                         ORDER BY source_updated_at DESC NULLS LAST, source_surface = 'fhir' DESC, ingested_at DESC) AS rn,
-                      count(DISTINCT source_surface) OVER (PARTITION BY connection_id, {key}) AS n_surfaces,
-                      first_value(source_id) OVER (PARTITION BY connection_id, {key} ORDER BY ingested_at,
-                         source_surface = 'fhir' DESC) AS first_source_id
-            FROM {source}"""
 
 
 def _count(con: duckdb.DuckDBPyConnection, table: str, connection_id: str) -> int:
@@ -206,48 +224,176 @@ def _publish_patients(con: duckdb.DuckDBPyConnection, connection_id: str) -> int
     rows = _patient_rows_sql(con)
     if rows is None:
         return 0
-    out_cols = [f.name for f in published_schema("patients")]
-    select = ", ".join(_pick("latest", c) for c in out_cols)
+    merged = _field_merge(
+        "p", "patient_key", [c for c in _stage_columns("patients") if c not in _REF_COLUMNS]
+    )
+    out_cols = ", ".join(f'"{f.name}"' for f in published_schema("patients"))
     con.execute(
         f"""INSERT INTO {ms}.patients
-        WITH p AS ({rows}), ranked AS ({_latest_per_key("p", "patient_key")})
-        SELECT {select} FROM ranked latest WHERE rn = 1""",
+        WITH p AS ({rows}), merged AS ({merged})
+        SELECT {out_cols} FROM merged""",
         {"conn": connection_id},
     )
     return _count(con, f"{ms}.patients", connection_id)
 
 
-def _pick(alias: str, column: str) -> str:
-    if column == "source_surface":
-        return (
-            f"CASE WHEN {alias}.n_surfaces > 1 THEN 'both' ELSE {alias}.source_surface END AS source_surface"
-        )
-    if column == "source_id":
-        return f"{alias}.first_source_id AS source_id"
-    return f'{alias}."{column}"'
+_REF_COLUMNS = ("patient_ref_type", "patient_ref_value")
+_EPOCH = "TIMESTAMPTZ '1970-01-01 00:00:00+00'"
+
+
+def _field_merge(source: str, key: str, columns: list[str]) -> str:
+    """One row per ``(connection_id, key)`` of ``source``, every column merged field by field:
+    the value of the surface row with the newest source-own time (``source_updated_at``; FHIR
+    on ties, then the later staging) among the rows where that column is not null — so a
+    value is never replaced by a null, and every field either surface knows is kept.
+    ``source_surface`` is ``both`` when more than one surface holds the record; ``source_id``
+    is the id on the surface it was first seen through."""
+    order = f"{{'t': coalesce(source_updated_at, {_EPOCH}), 'f': source_surface = 'fhir', 'i': ingested_at}}"
+    picks = []
+    for c in columns:
+        if c in ("connection_id", key):
+            continue
+        if c == "source_surface":
+            picks.append(
+                "CASE WHEN count(DISTINCT source_surface) > 1 THEN 'both' ELSE min(source_surface) END AS source_surface"
+            )
+        elif c == "source_id":
+            picks.append("arg_min(source_id, {'i': ingested_at, 'f': source_surface <> 'fhir'}) AS source_id")
+        else:
+            picks.append(f'arg_max("{c}", {order}) FILTER (WHERE "{c}" IS NOT NULL) AS "{c}"')
+    return f"""SELECT connection_id, {key}, {", ".join(picks)}
+            FROM {source} GROUP BY connection_id, {key}"""
+
+
+def _staged_with_patient(con: duckdb.DuckDBPyConnection, entity: str, union: str) -> str:
+    """Staged rows with their patient resolved through the crosswalk, reduced to each
+    surface's latest version of each record (a surface's newer version replaces its older one
+    whole; only across surfaces are fields merged)."""
+    ms = model_schema(con)
+    key = ENTITY_KEY[entity]
+    return f"""SELECT s.* EXCLUDE (patient_ref_type, patient_ref_value), x.patient_key AS patient_key
+        FROM ({union}) s
+        LEFT JOIN {ms}.{CROSSWALK_TABLE} x
+          ON x.connection_id = s.connection_id
+         AND x.id_system = s.patient_ref_type
+         AND x.id_value = s.patient_ref_value
+        QUALIFY row_number() OVER (PARTITION BY s.connection_id, s.source_surface, s."{key}"
+                                   ORDER BY s.source_updated_at DESC NULLS LAST, s.ingested_at DESC) = 1"""
+
+
+def _paired_keys(latest: str, key: str) -> str:
+    """Records that carry no business id both surfaces share (a Clinical Summary entry has
+    no id at all) are paired on (patient, ``match_key``): among the records of a patient
+    seen on one surface only, the n-th Data Model record with a match key takes the key of
+    the n-th FHIR record with the same match key. Everything else keeps its own key."""
+    return f"""WITH k AS (
+            SELECT connection_id, "{key}" AS bk, count(DISTINCT source_surface) AS n
+            FROM {latest} GROUP BY ALL),
+        lone AS (
+            SELECT l.connection_id, l.source_surface, l."{key}" AS bk, l.patient_key, l.match_key,
+                   row_number() OVER (PARTITION BY l.connection_id, l.source_surface, l.patient_key, l.match_key
+                                      ORDER BY coalesce(l.source_updated_at, {_EPOCH}), l."{key}") AS nth
+            FROM {latest} l JOIN k ON k.connection_id = l.connection_id AND k.bk = l."{key}"
+            WHERE k.n = 1 AND l.match_key IS NOT NULL AND l.patient_key IS NOT NULL)
+        SELECT d.connection_id, d.bk AS dm_key, f.bk AS fhir_key
+        FROM lone d JOIN lone f
+          ON f.connection_id = d.connection_id AND f.patient_key = d.patient_key
+         AND f.match_key = d.match_key AND f.nth = d.nth
+        WHERE d.source_surface = 'datamodel' AND f.source_surface = 'fhir'"""
+
+
+def _merged_entity_sql(con: duckdb.DuckDBPyConnection, entity: str) -> str | None:
+    """Every staged column of ``entity`` (staged-only ones included), one row per record."""
+    columns = _stage_columns(entity)
+    union = _staged_union(con, entity, columns)
+    if union is None:
+        return None
+    key = ENTITY_KEY[entity]
+    latest = _staged_with_patient(con, entity, union)
+    merge_columns = [c for c in columns if c not in _REF_COLUMNS] + ["patient_key"]
+    if "match_key" in columns:
+        keyed = f"""SELECT l.* REPLACE (coalesce(p.fhir_key, l."{key}") AS "{key}")
+            FROM latest l LEFT JOIN pairs p
+              ON l.source_surface = 'datamodel' AND p.connection_id = l.connection_id AND p.dm_key = l."{key}" """
+        return f"""WITH latest AS ({latest}), pairs AS ({_paired_keys("latest", key)}), keyed AS ({keyed})
+            {_field_merge("keyed", f'"{key}"', merge_columns)}"""
+    return f"WITH latest AS ({latest}) {_field_merge('latest', f'{chr(34)}{key}{chr(34)}', merge_columns)}"
 
 
 def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: str) -> int:
     ms = model_schema(con)
     con.execute(f"DELETE FROM {ms}.{entity} WHERE connection_id = $conn", {"conn": connection_id})
-    union = _staged_union(con, entity, _stage_columns(entity))
-    if union is None:
+    for child, parent in CHILD_TABLES.items():
+        if parent == entity:
+            con.execute(f"DELETE FROM {ms}.{child} WHERE connection_id = $conn", {"conn": connection_id})
+    merged = _merged_entity_sql(con, entity)
+    if merged is None:
         return 0
-    key = ENTITY_KEY[entity]
-    out_cols = [f.name for f in published_schema(entity)]
-    select = ", ".join(
-        "x.patient_key AS patient_key" if c == "patient_key" else _pick("latest", c) for c in out_cols
+    out_cols = ", ".join(f'"{f.name}"' for f in published_schema(entity))
+    con.execute("DROP TABLE IF EXISTS _publish_merged")
+    con.execute(f"CREATE TEMP TABLE _publish_merged AS {merged}", {"conn": connection_id})
+    try:
+        con.execute(f"INSERT INTO {ms}.{entity} SELECT {out_cols} FROM _publish_merged")
+        if entity == "results":
+            _publish_components(con, ms)
+        elif entity == "diagnostic_reports":
+            _publish_report_results(con, ms, connection_id)
+    finally:
+        con.execute("DROP TABLE IF EXISTS _publish_merged")
+    return _count(con, f"{ms}.{entity}", connection_id)
+
+
+def _publish_components(con: duckdb.DuckDBPyConnection, ms: str) -> None:
+    """``redox.result_components``: the merged results' ``components`` JSON, one row each."""
+    fields = ", ".join(
+        f"CAST(c.value ->> '{f}' AS {_SQL_TYPE[t]}) AS \"{f}\""
+        for f, t in CHILD_COLUMNS["result_components"][4:]
     )
     con.execute(
-        f"""INSERT INTO {ms}.{entity}
-        WITH s AS ({union}), ranked AS ({_latest_per_key("s", f'"{key}"')})
-        SELECT {select}
-        FROM ranked latest
-        LEFT JOIN {ms}.{CROSSWALK_TABLE} x
-          ON x.connection_id = latest.connection_id
-         AND x.id_system = latest.patient_ref_type
-         AND x.id_value = latest.patient_ref_value
-        WHERE latest.rn = 1""",
-        {"conn": connection_id},
+        f"""INSERT INTO {ms}.result_components
+        SELECT r.connection_id, r.patient_key, r.result_id, CAST(c.key AS INTEGER) AS position, {fields}
+        FROM _publish_merged r, json_each(r.components) c
+        WHERE r.components IS NOT NULL"""
     )
-    return _count(con, f"{ms}.{entity}", connection_id)
+
+
+def _publish_report_results(con: duckdb.DuckDBPyConnection, ms: str, connection_id: str) -> None:
+    """``redox.diagnostic_report_results``: the results each merged report groups. A FHIR
+    report names Observations by logical id, resolved to their result ids through the staged
+    FHIR results; a Data Model report names result ids already."""
+    fhir_results = f"{STAGING_SCHEMA}.{staged_table_name('fhir', 'results')}"
+    has_fhir = "fhir" in _existing_staged(con, "results")
+    resolve = (
+        f"""LEFT JOIN (SELECT DISTINCT source_id, arg_max(result_id, ingested_at) AS result_id
+                       FROM {fhir_results} WHERE connection_id = $conn GROUP BY source_id) o
+              ON o.source_id = (c.value ->> '$')"""
+        if has_fhir
+        else ""
+    )
+    result_id = "coalesce(o.result_id, c.value ->> '$')" if has_fhir else "c.value ->> '$'"
+    params = {"conn": connection_id} if has_fhir else {}
+    con.execute(
+        f"""INSERT INTO {ms}.diagnostic_report_results
+        SELECT DISTINCT ON (r.connection_id, r.report_id, position) r.connection_id, r.patient_key,
+               r.report_id, CAST(c.key AS INTEGER) AS position, {result_id} AS result_id
+        FROM _publish_merged r, json_each(r.result_refs) c
+        {resolve}
+        WHERE r.result_refs IS NOT NULL""",
+        params,
+    )
+
+
+_SQL_TYPE = {
+    STR: "VARCHAR",
+    F64: "DOUBLE",
+    TS: "TIMESTAMPTZ",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.bool_(): "BOOLEAN",
+    pa.date32(): "DATE",
+}
+_ALL_STAGED_FIELDS = [
+    *PATIENT_REF,
+    *(f for cols in ENTITY_COLUMNS.values() for f in cols),
+    *(f for cols in STAGED_ONLY_COLUMNS.values() for f in cols),
+]

@@ -23,7 +23,8 @@ def staged_resource_hints(surface: str, entity: str) -> dict[str, Any]:
         "write_disposition": "merge",
         "primary_key": staged_key(entity),
         # The same record can arrive twice in one load (window boundaries, a query and an
-        # event): keep its most recent version.
-        "columns": {"source_updated_at": {"dedup_sort": "desc"}},
+        # event, a replay of two fetches): keep its most recent version — by source time, then
+        # by the page fetched last (pipelines.model.version_key).
+        "columns": {"version_key": {"dedup_sort": "desc"}},
         "parallelized": True,
     }

@@ -17,6 +17,7 @@ from pipelines.model import ENTITIES
 from pipelines.publish import STAGING_SCHEMA, SURFACES, model_schema
 from pipelines.resource_hints import QUARANTINE_TABLE, staged_table_name
 from pipelines.sync_context import SyncWindow
+from pipelines.vocabulary import CHILD_TABLES
 
 SYNC_RUNS_TABLE = "ops.sync_runs"
 CROSSWALK_TABLE = "patient_identifiers"
@@ -127,7 +128,7 @@ def table_row_counts(
     existing = _existing_tables(con)
     ms = model_schema(con)
     physical = {f"{STAGING_SCHEMA}.{t}": f"{STAGING_SCHEMA}.{t}" for t in staged}
-    physical.update({f"redox.{t}": f"{ms}.{t}" for t in (*ENTITIES, CROSSWALK_TABLE)})
+    physical.update({f"redox.{t}": f"{ms}.{t}" for t in (*ENTITIES, *CHILD_TABLES, CROSSWALK_TABLE)})
     out: dict[str, dict[str, int]] = {}
     for logical, table in physical.items():
         counts = dict.fromkeys(connection_ids, 0)

@@ -11,7 +11,27 @@ from __future__ import annotations
 from resources.settings import CONNECTION_ID_PATTERN as _CONFIG_CONNECTION_ID_PATTERN
 
 # The common model's entities, in publish order (patients first: the crosswalk).
-ENTITIES: tuple[str, ...] = ("patients", "encounters", "results", "medications", "appointments", "documents")
+ENTITIES: tuple[str, ...] = (
+    "patients",
+    "encounters",
+    "results",
+    "medications",
+    "appointments",
+    "documents",
+    # The rest of the clinical record (issue 12).
+    "problems",
+    "allergies",
+    "immunizations",
+    "procedures",
+    "diagnostic_reports",
+    "orders",
+)
+# Child tables the publish step derives from a staged column of their parent entity: one row
+# per component of a result (blood pressure, panels) and per result a report groups.
+CHILD_TABLES: dict[str, str] = {
+    "result_components": "results",
+    "diagnostic_report_results": "diagnostic_reports",
+}
 # The two Redox surfaces a connection can speak.
 SURFACES: tuple[str, ...] = ("fhir", "datamodel")
 
@@ -35,7 +55,18 @@ FHIR_RESOURCE_ENTITIES: dict[str, str] = {
     "MedicationStatement": "medications",
     "Appointment": "appointments",
     "DocumentReference": "documents",
+    "Condition": "problems",
+    "AllergyIntolerance": "allergies",
+    "Immunization": "immunizations",
+    "Procedure": "procedures",
+    "DiagnosticReport": "diagnostic_reports",
+    "ServiceRequest": "orders",
 }
+# Resource types a Bundle may carry only as the target of a reference (``_include``, a
+# transaction, a notification): read to resolve the references, never rows of their own.
+FHIR_SUPPORTING_TYPES: frozenset[str] = frozenset(
+    {"Location", "Practitioner", "PractitionerRole", "Organization", "Medication", "Specimen", "Device"}
+)
 # The inverse: which resource types are searched to fetch an entity.
 ENTITY_RESOURCE_TYPES: dict[str, tuple[str, ...]] = {
     entity: tuple(t for t, e in FHIR_RESOURCE_ENTITIES.items() if e == entity) for entity in ENTITIES

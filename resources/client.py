@@ -83,13 +83,18 @@ FHIR_RESOURCE_ENTITIES: dict[str, str] = {
     "Patient": "patients",
     "Encounter": "encounters",
     "Observation": "results",
-    "DiagnosticReport": "results",
+    "DiagnosticReport": "diagnostic_reports",
     "MedicationRequest": "medications",
     "MedicationStatement": "medications",
     "MedicationAdministration": "medications",
     "Appointment": "appointments",
     "DocumentReference": "documents",
     "Binary": "documents",
+    "Condition": "problems",
+    "AllergyIntolerance": "allergies",
+    "Immunization": "immunizations",
+    "Procedure": "procedures",
+    "ServiceRequest": "orders",
 }
 # Directory data with no patient content, readable by any FHIR connection.
 FHIR_REFERENCE_TYPES = frozenset({"Practitioner", "PractitionerRole", "Location", "Organization"})
@@ -99,10 +104,25 @@ FHIR_WRITE_ENTITIES: dict[str, str] = {"ServiceRequest": "orders", "Appointment"
 DATAMODEL_READ_ENTITIES: dict[str, frozenset[str]] = {
     "PatientSearch": frozenset({"patients"}),
     "PatientAdmin": frozenset({"patients", "encounters"}),
-    "Clinical Summary": frozenset({"patients", "encounters", "results", "medications", "documents"}),
-    "Results": frozenset({"results"}),
+    "Clinical Summary": frozenset(
+        {
+            "patients",
+            "encounters",
+            "results",
+            "medications",
+            "documents",
+            "problems",
+            "allergies",
+            "immunizations",
+            "procedures",
+            "diagnostic_reports",
+            "orders",
+        }
+    ),
+    "Results": frozenset({"results", "diagnostic_reports"}),
+    "Order": frozenset({"orders"}),
     "Medications": frozenset({"medications"}),
-    "Vaccination": frozenset({"medications"}),
+    "Vaccination": frozenset({"immunizations", "medications"}),
     "Scheduling": frozenset({"appointments"}),
     "Notes": frozenset({"documents"}),
     "Media": frozenset({"documents"}),

@@ -61,7 +61,20 @@ HOME_ENV = "REDOX_ELT_HOME"
 SURFACES = ("fhir", "datamodel")
 CONNECTION_KINDS = ("ehr", "network")
 # The entities of the common model (shared/MODEL.md) and the ones that can be written back.
-ENTITIES = ("patients", "encounters", "results", "medications", "appointments", "documents")
+ENTITIES = (
+    "patients",
+    "encounters",
+    "results",
+    "medications",
+    "appointments",
+    "documents",
+    "problems",
+    "allergies",
+    "immunizations",
+    "procedures",
+    "diagnostic_reports",
+    "orders",
+)
 WRITE_ENTITIES = ("orders", "appointments")
 
 DEFAULT_KEY_RING = "signing-keys"

@@ -22,7 +22,9 @@ What each payload becomes
   CensusQueryResponse → patients + their visits (``Visit.Status``; census visits are
   in-progress). VisitMerge → patient only (skipped: the merged visit).
 - Results New / NewUnsolicited / QueryResponse → patient + one result per
-  ``Orders[].Results[]``. Flowsheet New → patient + vital-sign results.
+  ``Orders[].Results[]`` (systolic + diastolic of one time folded into one blood-pressure panel
+  result with components), and a diagnostic report per laboratory order. Flowsheet New →
+  patient + vital-sign results.
 - Medications New / Update / Cancel → patient + a ``request``; Administration → patient +
   one ``administration`` per ``Administrations[]``.
 - Scheduling (and SurgicalScheduling) New / Reschedule / Modification / Cancel / NoShow and
@@ -30,13 +32,21 @@ What each payload becomes
 - Notes / Media New / Replace / Delete / QueryResponse → patient + document.
 - Clinical Summary PatientQueryResponse / PatientPush / VisitPush / VisitQueryResponse →
   patient (``Header.Patient``) + encounters (entries with a visit-number identifier, and a
-  VisitPush's ``Header.Document.Visit``), results (``Results``), vital signs
-  (``VitalSigns``), medication statements (``Medications``) and administrations
-  (``MedicationsAdministered``). DocumentQueryResponse → documents (metadata);
-  DocumentGetResponse → the document's content.
+  VisitPush's ``Header.Document.Visit``), results (``Results``; lab panels also as diagnostic
+  reports), vital signs (``VitalSigns``), medication statements (``Medications``),
+  administrations (``MedicationsAdministered``), problems (``Problems``, ``ResolvedProblems``),
+  allergies, immunizations, procedures (``Procedures.*``) and orders (``PlanOfCare``; planned
+  medications are medication requests with intent ``plan``). DocumentQueryResponse → documents
+  (metadata); DocumentGetResponse → the document's content.
+- Order New / Update / Cancel / GroupedOrders / QueryResponse → patient + orders.
+- Vaccination New / Update / Cancel → patient + immunizations.
 - PatientSearch Response → the matched patient (``PotentialMatches`` skipped: unconfirmed).
-- Vaccination and every other data model holding a patient → patient only; the rest of
-  the payload is named in ``skipped``.
+- Every other data model holding a patient → patient only; the rest of the payload is named
+  in ``skipped``.
+
+Version time: an event's rows take ``Meta.EventDateTime`` as ``source_updated_at``; a query
+response's rows take the record's own last-updated or clinical time (the response time says
+nothing about when the record changed). ``is_test`` stays null: ``Meta.Test`` marks the message.
 
 Outcome ``not-clinical`` (no rows; ``reason`` says why):
 - "a query request carries no records" — Query, PatientQuery, VisitQuery, DocumentQuery,
@@ -48,8 +58,7 @@ Outcome ``not-clinical`` (no rows; ``reason`` says why):
 - "available slots are not appointments" — Scheduling AvailableSlotsResponse / PushSlots.
 - "a scheduling block without a patient is not an appointment".
 - "<DataModel> is not an entity of the common model" — a payload of another data model
-  (Vaccination, Referral, Financial, Claim, Provider, Organization, Device …) with no
-  patient identifiers.
+  (Referral, Financial, Claim, Provider, Organization, Device …) with no patient identifiers.
 
 ``NormalizationError`` (message names the event and the field, never a value): a payload
 that claims records but cannot give them an identity — no ``Meta.DataModel``, a Patient
@@ -63,6 +72,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.datamodel import normalize_clinical as clinical
 from pipelines.datamodel import normalize_records as records
 from pipelines.datamodel import normalize_summary as summary
 from pipelines.datamodel.normalize_fields import as_dict, as_list, as_str, as_ts, visit_status
@@ -113,6 +123,9 @@ RESPONSE_KEYS = (
     "AvailableSlots",
 )
 
+# Answers to queries (their EventDateTime is the answer's time, not the records').
+RESPONSE_EVENTS = frozenset({*QUERY_RESPONSES.values(), "Response"})
+
 VISIT_EVENTS = frozenset(
     {"PreAdmit", "Registration", "Arrival", "Transfer", "Discharge", "VisitUpdate", "Cancel"}
 )
@@ -129,7 +142,7 @@ SCHEDULING_EVENTS = frozenset({"New", "Reschedule", "Modification", "Cancel", "N
 DOCUMENT_EVENTS = frozenset({"New", "Replace", "Delete"})
 SUMMARY_EVENTS = frozenset({"PatientQueryResponse", "PatientPush", "VisitPush", "VisitQueryResponse"})
 # Parts of a payload that hold records of no common-model entity, reported as skipped.
-NON_MODEL_PARTS = {"Vaccination": ("Vaccinations",), "Order": ("Order", "Orders"), "Referral": ("Referral",)}
+NON_MODEL_PARTS = {"Referral": ("Referral",)}
 
 
 @dataclass(slots=True)
@@ -382,6 +395,12 @@ def _results(payload: dict[str, Any], event: str, ctx: EventContext, out: _Colle
         )
         if rows is not None:
             out.add("results", rows)
+            if rows:
+                report = records.order_report_row(
+                    order, ctx, ref, records.visit_number(visit), rows[0]["order_id"], rows
+                )
+                if report is not None:
+                    out.add("diagnostic_reports", [report])
 
 
 def _flowsheet(payload: dict[str, Any], ctx: EventContext, out: _Collector) -> None:
@@ -524,7 +543,78 @@ def _clinical_summary(
         "medications",
         summary.medication_rows(payload.get("MedicationsAdministered"), ctx, ref, kind="administration"),
     )
+    out.add("diagnostic_reports", clinical.summary_report_rows(payload.get("Results"), ctx, ref))
+    out.add("problems", clinical.problem_rows(payload.get("Problems"), ctx, ref))
+    out.add("problems", clinical.problem_rows(payload.get("ResolvedProblems"), ctx, ref))
+    out.add("allergies", clinical.allergy_rows(payload.get("Allergies"), ctx, ref))
+    out.add("immunizations", clinical.immunization_rows(payload.get("Immunizations"), ctx, ref))
+    out.add("procedures", clinical.procedure_rows(payload.get("Procedures"), ctx, ref))
+    out.add("orders", clinical.plan_of_care_rows(payload.get("PlanOfCare"), ctx, ref))
+    planned = as_dict(payload.get("PlanOfCare")).get("MedicationAdministration")
+    out.add("medications", summary.medication_rows(planned, ctx, ref, kind="request", intent="plan"))
     out.skip(*summary.skipped_sections(payload))
+
+
+ORDER_EVENTS = frozenset({"New", "Update", "Cancel", "GroupedOrders"})
+
+
+def _order(payload: dict[str, Any], event: str, ctx: EventContext, out: _Collector, fallback: Any) -> None:
+    """The Order data model: New / Update / Cancel carry one ``Order``, GroupedOrders and a
+    QueryResponse ``Orders[]`` (each may name its own patient)."""
+    if event not in ORDER_EVENTS and event != "QueryResponse":
+        raise _NotClinical(f"Order {event} is not an entity of the common model")
+    top = payload.get("Patient") if has_identifiers(payload.get("Patient")) else fallback
+    orders = as_list(payload.get("Orders")) if "Orders" in payload else [payload.get("Order")]
+    top_ref = out.patient(top, ctx) if has_identifiers(top) else None
+    for position, order in enumerate(orders):
+        where = f"Orders[{position}]" if "Orders" in payload else "Order"
+        if not isinstance(order, dict):
+            out.not_an_object("orders", where)
+            continue
+        ref = top_ref
+        if has_identifiers(order.get("Patient")):
+            ref = out.record(
+                "orders", as_str(order.get("ID")), where, None, lambda o=order: out.patient(o["Patient"], ctx)
+            )
+        if ref is None:
+            out.quarantined.append(
+                QuarantineEntry(
+                    "orders",
+                    as_str(order.get("ID")) or where,
+                    f"{where} names no patient",
+                    item_kind=ITEM_ID if as_str(order.get("ID")) else ITEM_POSITION,
+                )
+            )
+            continue
+        visit = order.get("Visit") if records.visit_number(order.get("Visit")) else payload.get("Visit")
+        row = out.record(
+            "orders",
+            as_str(order.get("ID")),
+            where,
+            ref,
+            lambda order=order, ref=ref, visit=visit: clinical.order_row(
+                order, ctx, ref, records.visit_number(visit), event
+            ),
+        )
+        if row is not None:
+            out.add("orders", [row])
+
+
+def _vaccination(
+    payload: dict[str, Any], event: str, ctx: EventContext, out: _Collector, fallback: Any
+) -> None:
+    """Vaccination New / Update (and a PatientQueryResponse) ``Vaccinations[]`` → immunizations."""
+    block = _require_patient(payload, fallback)
+    if not has_identifiers(block):
+        raise _NotClinical("Vaccination is not an entity of the common model")
+    ref = out.patient(block, ctx)
+    rows = clinical.vaccination_rows(
+        payload.get("Vaccinations"), ctx, ref, records.visit_number(payload.get("Visit"))
+    )
+    if event == "Cancel":
+        for row in rows:
+            row.update(status="entered-in-error", status_source="Cancel")
+    out.add("immunizations", rows)
 
 
 def _patient_search(payload: dict[str, Any], event: str, ctx: EventContext, out: _Collector) -> None:
@@ -582,6 +672,7 @@ def normalize_datamodel(
             label=label,
             event_time=as_ts(meta.get("EventDateTime")),
             is_test=meta.get("Test") is True,
+            from_query=event in RESPONSE_EVENTS,
         )
         handlers: dict[str, Callable[[], None]] = {
             "PatientAdmin": lambda: _patient_admin(payload, event, ctx, out),
@@ -594,6 +685,8 @@ def normalize_datamodel(
             "Media": lambda: _documents(payload, "Media", event, ctx, out),
             "ClinicalSummary": lambda: _clinical_summary(payload, event, ctx, out, patient),
             "PatientSearch": lambda: _patient_search(payload, event, ctx, out),
+            "Order": lambda: _order(payload, event, ctx, out, patient),
+            "Vaccination": lambda: _vaccination(payload, event, ctx, out, patient),
         }
         handlers.get(model, lambda: _other(payload, model, event, ctx, out))()
     except _NotClinical as outcome:

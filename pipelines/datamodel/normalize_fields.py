@@ -15,9 +15,10 @@ import base64
 import binascii
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pipelines.normalize_common import parse_ts
@@ -27,6 +28,8 @@ SNOMED = "http://snomed.info/sct"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 CPT = "http://www.ama-assn.org/go/cpt"
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
+CVX = "http://hl7.org/fhir/sid/cvx"
+UCUM = "http://unitsofmeasure.org"
 
 # Code system names as Redox writes them, compared without spaces, dashes or case.
 _SYSTEM_BY_NAME = {
@@ -39,6 +42,7 @@ _SYSTEM_BY_NAME = {
     "CPT4": CPT,
     "ICD10": ICD10,
     "ICD10CM": ICD10,
+    "CVX": CVX,
 }
 _SYSTEM_BY_OID = {
     "2.16.840.1.113883.6.1": LOINC,
@@ -46,6 +50,8 @@ _SYSTEM_BY_OID = {
     "2.16.840.1.113883.6.88": RXNORM,
     "2.16.840.1.113883.6.12": CPT,
     "2.16.840.1.113883.6.90": ICD10,
+    "2.16.840.1.113883.12.292": CVX,
+    "2.16.840.1.113883.6.59": CVX,
 }
 _KNOWN_URIS = frozenset(_SYSTEM_BY_OID.values())
 
@@ -95,11 +101,23 @@ def as_int(value: Any) -> int | None:
     return None if number is None else int(round(number))
 
 
+_COMPACT = re.compile(r"^(\d{4})(\d{2})(\d{2})(?:(\d{2})(\d{2})(\d{2})?)?$")
+
+
 def as_ts(value: Any) -> datetime | None:
     """Like ``parse_ts`` but an unparseable time is treated as absent, not as an error:
-    the times Redox sends beside the record are descriptive, never its identity."""
+    the times Redox sends beside the record are descriptive, never its identity. The
+    compact HL7 forms CCD sections carry (``20120807``, ``201208071430``) are read too."""
+    text = as_str(value)
+    compact = _COMPACT.match(text or "")
+    if compact:
+        y, mo, d, h, mi, sec = (int(g) if g else 0 for g in compact.groups())
+        try:
+            return datetime(y, mo, d, h, mi, sec, tzinfo=UTC)
+        except ValueError:
+            return None
     try:
-        return parse_ts(as_str(value))
+        return parse_ts(text)
     except ValueError:
         return None
 
@@ -373,6 +391,180 @@ DOCUMENT_STATUSES = {
 
 def document_status(value: Any) -> str | None:
     return _lookup(value, DOCUMENT_STATUSES)
+
+
+PROBLEM_STATUSES = {
+    "active": "active",
+    "55561003": "active",
+    "recurrence": "recurrence",
+    "relapse": "relapse",
+    "inactive": "inactive",
+    "73425007": "inactive",
+    "remission": "remission",
+    "resolved": "resolved",
+    "413322009": "resolved",
+    "completed": "resolved",
+}
+
+
+def problem_status(status: Any) -> str | None:
+    """A problem or allergy ``Status`` object (SNOMED code / name) or word → FHIR clinical status."""
+    block = as_dict(status)
+    if block:
+        return _lookup(block.get("Code"), PROBLEM_STATUSES) or _lookup(block.get("Name"), PROBLEM_STATUSES)
+    return _lookup(status, PROBLEM_STATUSES)
+
+
+def source_word(status: Any) -> str | None:
+    """The source's own status value: a code object's name (else its code), or the word."""
+    block = as_dict(status)
+    if block:
+        return as_str(block.get("Name")) or as_str(block.get("Code"))
+    return as_str(status)
+
+
+CRITICALITIES = {
+    "crith": "high",
+    "high": "high",
+    "high criticality": "high",
+    "critl": "low",
+    "low": "low",
+    "low criticality": "low",
+    "critu": "unable-to-assess",
+    "unable to assess": "unable-to-assess",
+    "unable to assess criticality": "unable-to-assess",
+}
+
+
+def criticality(block: Any) -> str | None:
+    b = as_dict(block)
+    return _lookup(b.get("Code"), CRITICALITIES) or _lookup(b.get("Name"), CRITICALITIES)
+
+
+SEVERITIES = {
+    "mild": "mild",
+    "255604002": "mild",
+    "moderate": "moderate",
+    "6736007": "moderate",
+    "mild to moderate": "moderate",
+    "371923003": "moderate",
+    "severe": "severe",
+    "24484000": "severe",
+    "moderate to severe": "severe",
+    "371924009": "severe",
+    "fatal": "severe",
+    "399166001": "severe",
+}
+
+
+def severity(block: Any) -> str | None:
+    """A severity code object → FHIR reaction severity (mild | moderate | severe)."""
+    b = as_dict(block)
+    return _lookup(b.get("Code"), SEVERITIES) or _lookup(b.get("Name"), SEVERITIES)
+
+
+IMMUNIZATION_STATUSES = {
+    "completed": "completed",
+    "complete": "completed",
+    "given": "completed",
+    "administered": "completed",
+    "not done": "not-done",
+    "not given": "not-done",
+    "refused": "not-done",
+    "entered in error": "entered-in-error",
+}
+
+
+def immunization_status(value: Any) -> str | None:
+    return _lookup(value, IMMUNIZATION_STATUSES)
+
+
+PROCEDURE_STATUSES = {
+    "completed": "completed",
+    "complete": "completed",
+    "active": "in-progress",
+    "in progress": "in-progress",
+    "aborted": "stopped",
+    "stopped": "stopped",
+    "cancelled": "not-done",
+    "canceled": "not-done",
+    "not done": "not-done",
+    "held": "on-hold",
+    "suspended": "on-hold",
+    "on hold": "on-hold",
+    "new": "preparation",
+    "preparation": "preparation",
+    "entered in error": "entered-in-error",
+}
+
+
+def procedure_status(value: Any) -> str | None:
+    """A CCD procedure status (act status codes) → FHIR event status; else slugged."""
+    return _lookup(value, PROCEDURE_STATUSES) or _slug(value)
+
+
+REPORT_STATUSES = {
+    "final": "final",
+    "completed": "final",
+    "complete": "final",
+    "resulted": "final",
+    "preliminary": "preliminary",
+    "incomplete": "partial",
+    "in process": "registered",
+    "in progress": "partial",
+    "pending": "registered",
+    "corrected": "corrected",
+    "amended": "amended",
+    "canceled": "cancelled",
+    "cancelled": "cancelled",
+    "entered in error": "entered-in-error",
+}
+
+
+def report_status(value: Any) -> str | None:
+    """``ResultsStatus`` / a panel's ``Status`` → FHIR DiagnosticReport status."""
+    return _lookup(value, REPORT_STATUSES) or _slug(value)
+
+
+ORDER_STATUSES = {
+    "new": "active",
+    "active": "active",
+    "scheduled": "active",
+    "in process": "active",
+    "in progress": "active",
+    "pending": "active",
+    "resulted": "completed",
+    "completed": "completed",
+    "complete": "completed",
+    "final": "completed",
+    "on hold": "on-hold",
+    "held": "on-hold",
+    "canceled": "revoked",
+    "cancelled": "revoked",
+    "discontinued": "revoked",
+    "entered in error": "entered-in-error",
+}
+
+
+def order_status(value: Any) -> str | None:
+    """An order's ``Status`` → FHIR request status (None for a word outside the vocabulary)."""
+    return _lookup(value, ORDER_STATUSES)
+
+
+# CCD mood codes of PlanOfCare entries → FHIR request intent.
+MOOD_INTENTS = {
+    "intent": "plan",
+    "request": "order",
+    "appointment": "order",
+    "appointment request": "order",
+    "proposal": "proposal",
+    "promise": "directive",
+    "definition": "plan",
+}
+
+
+def mood_intent(value: Any) -> str | None:
+    return _lookup(value, MOOD_INTENTS)
 
 
 # ---- document content ----------------------------------------------------------------------

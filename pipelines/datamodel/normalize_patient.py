@@ -30,15 +30,21 @@ class EventContext:
     raw_ref: str | None
     label: str  # "Results.New": names the payload in errors without any of its values
     event_time: datetime | None  # Meta.EventDateTime
-    is_test: bool
+    is_test: bool  # Meta.Test: the message is a test message (not a property of the patient)
+    # A response to a query: its EventDateTime is when the query was answered, which says
+    # nothing about when the records changed.
+    from_query: bool = False
 
     def lineage(self, source_id: str | None, own_time: datetime | None = None) -> dict[str, Any]:
-        """Lineage columns; the cursor is the event time, else the record's own time."""
+        """Lineage columns. ``source_updated_at`` is the source's own time of this version: an
+        event's time (the change it announces), else the record's own last-updated or
+        clinical time — never a query's response time, which would outrank every other
+        surface's version of the record whatever its age."""
         return {
             "connection_id": self.connection_id,
             "source_surface": "datamodel",
             "source_id": source_id,
-            "source_updated_at": self.event_time or own_time,
+            "source_updated_at": own_time if self.from_query else (self.event_time or own_time),
             "raw_ref": self.raw_ref,
         }
 
@@ -136,7 +142,10 @@ def patient_row(patient: Any, ctx: EventContext) -> dict[str, Any]:
         postal_code=as_str(address.get("ZIP")),
         phone=as_str(phones.get("Home")) or as_str(phones.get("Mobile")),
         email=_email(demo),
-        is_test=ctx.is_test,
+        # Meta.Test flags the message (every message of a test environment), not the person:
+        # the Data Model carries no per-patient test flag, so the column stays unknown here
+        # and the FHIR surface's (HTEST tag) fills it where both are seen.
+        is_test=None,
         active=True,
         identifiers=ids,
     )

@@ -9,8 +9,11 @@ the FHIR normalizer's vocabulary (see ``normalize_fields``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
+
+import orjson
 
 from pipelines.datamodel.normalize_fields import (
     LOINC,
@@ -34,15 +37,28 @@ from pipelines.datamodel.normalize_fields import (
     npi,
     patient_class,
     provider_id,
+    report_status,
     result_status,
 )
 from pipelines.datamodel.normalize_patient import EventContext
-from pipelines.normalize_common import NormalizationError
+from pipelines.model import COMPONENT_FIELDS
+from pipelines.normalize_common import NormalizationError, match_key
 
 Row = dict[str, Any]
 
 # LOINC panels whose results are vital signs, not laboratory (Results.New carries no category).
 VITAL_SIGNS_PANELS = frozenset({"85353-1", "8716-3", "34565-2", "29274-8", "85354-9"})
+# The blood-pressure panel: FHIR serves it as one Observation whose components are systolic
+# and diastolic; the Data Model lists the two as separate observations of the same time.
+BP_PANEL = Code("85354-9", LOINC, "Blood pressure panel with all children optional")
+BP_PARTS = ("8480-6", "8462-4")
+# Observation categories the Data Model does not name, read from the panel's code.
+CATEGORY_BY_PANEL = {
+    "72166-2": "social-history",
+    "55757-9": "survey",  # PHQ-2 panel
+    "55758-7": "survey",  # PHQ-2 total score
+    "10210-3": "exam",
+}
 # Result value types whose Value is a number (HL7 table 0125 NM/SN, CDA PQ).
 NUMERIC_VALUE_TYPES = frozenset({"numeric", "nm", "sn", "physicalquantity", "pq"})
 
@@ -138,32 +154,45 @@ def result_row(
     effective_at: datetime | None,
     issued_at: datetime | None,
     performer: str | None,
+    report_id: str | None = None,
+    version_time: datetime | None = None,
 ) -> Row:
     """The fields every result shape shares (Results orders, Flowsheet, Clinical Summary)."""
     code = coded(observation)
     rng = as_dict(observation.get("ReferenceRange"))
     value = observation.get("Value")
-    row = ctx.lineage(result_id, issued_at or effective_at)
+    value_code = coded(observation.get("CodedValue"))
+    units = as_str(observation.get("Units"))
+    row = ctx.lineage(result_id, version_time or issued_at or effective_at)
     row.update(ref)
     row.update(
         result_id=result_id,
         encounter_id=encounter_id,
         order_id=order_id,
+        report_id=report_id,
         category=category,
         code=code.code,
         code_system=code.system,
         display=code.display,
         value_numeric=_value_numeric(value, observation.get("ValueType")),
-        value_text=as_str(value),
-        unit=as_str(observation.get("Units")),
+        value_text=as_str(value) or value_code.display or value_code.code,
+        value_code=value_code.code,
+        value_code_system=value_code.system,
+        unit=units,
+        # Redox writes units as UCUM where the EHR does; the Data Model does not say so.
+        unit_system=None,
         reference_low=as_float(rng.get("Low")),
         reference_high=as_float(rng.get("High")),
         reference_text=as_str(rng.get("Text")),
         abnormal_flag=abnormal_flag(observation.get("AbnormalFlag") or observation.get("Interpretation")),
         status=result_status(status),
+        status_source=as_str(status),
         effective_at=effective_at,
         issued_at=issued_at,
         performer=performer,
+        component_count=None,
+        components=None,
+        match_key=match_key(code.code, effective_at, instant=True),
     )
     return row
 
@@ -185,8 +214,7 @@ def order_result_rows(
     if not order_id and application_id_fallback:
         order_id = as_str(order.get("ApplicationOrderID"))
     order_id = _require(order_id, ctx, f"Orders[{position}] has no ID")
-    panel = coded(order.get("Procedure"))
-    vital = panel.code in VITAL_SIGNS_PANELS and panel.system in (None, LOINC)
+    category = order_category(order)
     collected = as_ts(order.get("CollectionDateTime"))
     completed = as_ts(order.get("CompletionDateTime"))
     rows = []
@@ -205,16 +233,107 @@ def order_result_rows(
                 result_id=f"{order_id}-{code}",
                 order_id=order_id,
                 encounter_id=encounter_id,
-                category="vital-signs" if vital else "laboratory",
+                category=category,
                 observation=result,
                 status=result.get("Status") or order.get("ResultsStatus"),
                 # Collection is the clinically relevant time; completion is when it was issued.
                 effective_at=collected or result_done or completed,
                 issued_at=result_done or completed,
                 performer=performer,
+                report_id=order_id,
+                version_time=as_ts(order.get("LastUpdated")),
             )
         )
-    return rows
+    return fold_blood_pressure(rows, lambda systolic: f"{order_id}-{BP_PANEL.code}")
+
+
+def order_category(order: dict[str, Any]) -> str:
+    """An order's observation category, read from its panel (the Data Model names none)."""
+    panel = coded(order.get("Procedure"))
+    if panel.code in VITAL_SIGNS_PANELS and panel.system in (None, LOINC):
+        return "vital-signs"
+    return CATEGORY_BY_PANEL.get(panel.code or "", "laboratory")
+
+
+def order_report_row(
+    order: dict[str, Any],
+    ctx: EventContext,
+    ref: dict[str, str],
+    encounter_id: str | None,
+    order_id: str,
+    result_rows_of_order: list[Row],
+) -> Row | None:
+    """The report a laboratory Results order is: the order's procedure (the panel), its
+    status and times, grouping the order's results (``result_refs`` = their result ids).
+    Vital-sign, social-history, survey and exam orders are observations without a report."""
+    panel = coded(order.get("Procedure"))
+    results = [r["result_id"] for r in result_rows_of_order]
+    if order_category(order) != "laboratory":
+        return None
+    collected = as_ts(order.get("CollectionDateTime"))
+    completed = as_ts(order.get("CompletionDateTime"))
+    row = ctx.lineage(order_id, as_ts(order.get("LastUpdated")) or completed or collected)
+    row.update(ref)
+    row.update(
+        report_id=order_id,
+        encounter_id=encounter_id,
+        order_id=order_id,
+        category="LAB",
+        code=panel.code,
+        code_system=panel.system,
+        display=panel.display,
+        status=report_status(order.get("ResultsStatus") or order.get("Status")),
+        status_source=as_str(order.get("ResultsStatus")) or as_str(order.get("Status")),
+        effective_at=collected or completed,
+        issued_at=completed,
+        performer=npi(order.get("Provider")),
+        conclusion=None,
+        result_count=len(results) or None,
+        result_refs=orjson.dumps(results).decode() if results else None,
+        match_key=match_key(panel.code, collected or completed),
+    )
+    return row
+
+
+def fold_blood_pressure(rows: list[Row], panel_id: Callable[[Row], str]) -> list[Row]:
+    """Systolic + diastolic rows of the same time → one blood-pressure panel row (no value
+    of its own; the two in ``components``), as FHIR serves it. ``panel_id`` gives the panel
+    row's result id from the systolic row. Rows without a partner stay as they are."""
+    by_time: dict[Any, dict[str, Row]] = {}
+    for row in rows:
+        if row["code"] in BP_PARTS:
+            by_time.setdefault(row["effective_at"], {}).setdefault(row["code"], row)
+    folded: dict[int, Row] = {}
+    drop: set[int] = set()
+    for parts in by_time.values():
+        if len(parts) != len(BP_PARTS):
+            continue
+        systolic = parts[BP_PARTS[0]]
+        components = [{name: parts[code].get(name) for name in COMPONENT_FIELDS} for code in BP_PARTS]
+        panel = dict(systolic)
+        panel.update(
+            result_id=panel_id(systolic),
+            source_id=panel_id(systolic),
+            code=BP_PANEL.code,
+            code_system=BP_PANEL.system,
+            display=BP_PANEL.display,
+            value_numeric=None,
+            value_text=None,
+            value_code=None,
+            value_code_system=None,
+            unit=None,
+            unit_system=None,
+            reference_low=None,
+            reference_high=None,
+            reference_text=None,
+            abnormal_flag=None,
+            component_count=len(components),
+            components=orjson.dumps(components).decode(),
+            match_key=match_key(BP_PANEL.code, systolic["effective_at"], instant=True),
+        )
+        folded[id(systolic)] = panel
+        drop.add(id(parts[BP_PARTS[1]]))
+    return [folded.get(id(r), r) for r in rows if id(r) not in drop]
 
 
 def flowsheet_rows(
@@ -231,7 +350,16 @@ def flowsheet_rows(
         rows.append(
             vital_sign_row(ctx, ref, obs, result_id, when, encounter_id, provider_id(obs.get("Observer")))
         )
-    return rows
+    return fold_blood_pressure(
+        rows,
+        lambda systolic: derived_id(
+            "flowsheet",
+            ref["patient_ref_type"],
+            ref["patient_ref_value"],
+            BP_PANEL.code,
+            systolic["effective_at"],
+        ),
+    )
 
 
 def vital_sign_row(

@@ -1,9 +1,11 @@
 """Clinical Summary sections (a CCD as JSON) → common-model rows.
 
-Sections a summary carries that the common model has no table for (Allergies, Problems,
-Immunizations, Procedures, PlanOfCare, SocialHistory, FamilyHistory, MedicalEquipment,
-AdvanceDirectives, Insurances, Assessment, and the narrative ``*Text`` blocks) are
-reported as skipped by the caller, not dropped silently.
+Encounters, Results (results, and the panels as diagnostic reports), VitalSigns,
+Medications, MedicationsAdministered here; Problems, Allergies, Immunizations, Procedures
+and PlanOfCare in ``normalize_clinical``. Sections the common model has no table for
+(SocialHistory, FamilyHistory, MedicalEquipment, AdvanceDirectives, Insurances, Goals,
+CareTeams, HealthConcerns, FunctionalStatus, Assessment, and the narrative ``*Text``
+blocks) are reported as skipped by the caller, not dropped silently.
 
 Summary entries carry no order or record ids, so results and medication statements get
 derived ids (``normalize_fields.derived_id``): a digest of the patient reference and the
@@ -27,14 +29,36 @@ from pipelines.datamodel.normalize_fields import (
     visit_status,
 )
 from pipelines.datamodel.normalize_patient import EventContext
-from pipelines.datamodel.normalize_records import Row, medication_fields, result_row, vital_sign_row
+from pipelines.datamodel.normalize_records import (
+    BP_PANEL,
+    CATEGORY_BY_PANEL,
+    Row,
+    fold_blood_pressure,
+    medication_fields,
+    result_row,
+    vital_sign_row,
+)
 
 # Encounter identifier types that are the visit number the other events use, compared
 # upper-case without spaces. Epic's contact serial number (CSN) is its visit number.
 VISIT_ID_TYPES = frozenset({"VN", "VISITNUMBER", "VISIT", "VISITID", "ENCOUNTERNUMBER", "CSN"})
 
 # Sections the normalizer maps; every other list-valued top-level key is reported skipped.
-MAPPED_SECTIONS = frozenset({"Encounters", "Results", "VitalSigns", "Medications", "MedicationsAdministered"})
+MAPPED_SECTIONS = frozenset(
+    {
+        "Encounters",
+        "Results",
+        "VitalSigns",
+        "Medications",
+        "MedicationsAdministered",
+        "Problems",
+        "ResolvedProblems",
+        "Allergies",
+        "Immunizations",
+        "Procedures",
+        "PlanOfCare",
+    }
+)
 
 
 def _visit_id(identifiers: Any) -> str | None:
@@ -113,26 +137,42 @@ def header_visit_row(visit: Any, ctx: EventContext, ref: dict[str, str]) -> Row 
     return row
 
 
+def summary_result_id(ref: dict[str, str], panel_code: str | None, obs: dict[str, Any]) -> str:
+    """The derived id of a summary panel's observation (the panel's report lists it)."""
+    return derived_id(
+        "summary-result",
+        ref["patient_ref_type"],
+        ref["patient_ref_value"],
+        panel_code,
+        obs.get("Code"),
+        as_ts(obs.get("DateTime")),
+    )
+
+
 def result_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Row]:
-    """``Results[]`` panels with their ``Observations[]`` (laboratory)."""
+    """``Results[]`` panels with their ``Observations[]`` (laboratory); each result names the
+    panel's report (``normalize_clinical.summary_report_rows``)."""
+    from pipelines.datamodel.normalize_clinical import summary_report_id
+
     rows = []
     for panel in as_list(section):
         if not isinstance(panel, dict):
             continue
         panel_code = coded(panel)
         producer = as_str(as_dict(panel.get("Producer")).get("Name"))
-        for obs in as_list(panel.get("Observations")):
-            if not isinstance(obs, dict) or as_str(obs.get("Code")) is None:
-                continue
+        observations = [
+            o for o in as_list(panel.get("Observations")) if isinstance(o, dict) and as_str(o.get("Code"))
+        ]
+        times = [t for t in (as_ts(o.get("DateTime")) for o in observations) if t is not None]
+        is_lab = CATEGORY_BY_PANEL.get(panel_code.code or "", "laboratory") == "laboratory"
+        report_id = (
+            summary_report_id(ref, panel_code, min(times) if times else None)
+            if is_lab and (panel_code.code or panel_code.display)
+            else None
+        )
+        for obs in observations:
             when = as_ts(obs.get("DateTime"))
-            result_id = derived_id(
-                "summary-result",
-                ref["patient_ref_type"],
-                ref["patient_ref_value"],
-                panel_code.code,
-                obs.get("Code"),
-                when,
-            )
+            result_id = summary_result_id(ref, panel_code.code, obs)
             rows.append(
                 result_row(
                     ctx,
@@ -140,12 +180,13 @@ def result_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Ro
                     result_id=result_id,
                     order_id=None,
                     encounter_id=None,
-                    category="laboratory",
+                    category=CATEGORY_BY_PANEL.get(panel_code.code or "", "laboratory"),
                     observation=obs,
                     status=obs.get("Status") or panel.get("Status"),
                     effective_at=when,
                     issued_at=None,
                     performer=producer,
+                    report_id=report_id,
                 )
             )
     return rows
@@ -165,10 +206,21 @@ def vital_sign_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> lis
                 "summary-vital", ref["patient_ref_type"], ref["patient_ref_value"], obs.get("Code"), when
             )
             rows.append(vital_sign_row(ctx, ref, obs, result_id, when, None, None))
-    return rows
+    return fold_blood_pressure(
+        rows,
+        lambda systolic: derived_id(
+            "summary-vital",
+            ref["patient_ref_type"],
+            ref["patient_ref_value"],
+            BP_PANEL.code,
+            systolic["effective_at"],
+        ),
+    )
 
 
-def medication_rows(section: Any, ctx: EventContext, ref: dict[str, str], *, kind: str) -> list[Row]:
+def medication_rows(
+    section: Any, ctx: EventContext, ref: dict[str, str], *, kind: str, intent: str | None = None
+) -> list[Row]:
     """``Medications[]`` (kind ``statement``) or ``MedicationsAdministered[]`` (kind
     ``administration``): ``medication_id`` = ``<kind>-`` + digest of the patient
     reference, product code system and code, and the start time (to the second: the same
@@ -204,7 +256,7 @@ def medication_rows(section: Any, ctx: EventContext, ref: dict[str, str], *, kin
             encounter_id=None,
             kind=kind,
             status=status,
-            intent=None,
+            intent=intent,
             prescriber_npi=None,
             **fields,
         )

@@ -1,7 +1,9 @@
 """One patient's records through Redox's Data Model API, every query naming the patient.
 
 The queries (REDOX-REFERENCE §2.11-2.13, §12.5): ``PatientSearch.Query`` by identifier (the
-patient), ``Clinical Summary.PatientQuery`` (medications), ``Results.Query`` with ``Patients``,
+patient), ``Clinical Summary.PatientQuery`` (medications, problems, allergies, immunizations,
+procedures), ``Order.Query`` with ``Patients`` (orders), ``Results.Query`` with ``Patients``
+(results, and the lab orders' reports),
 ``Notes.Query`` / ``Media.Query`` with ``Patients`` (documents), ``PatientAdmin.VisitQuery``
 with ``Patients`` (encounters) and ``Scheduling.Booked`` with the patient filter
 (appointments). A response that may be capped (``page_size`` items, or ``Meta.IsIncomplete``)
@@ -31,6 +33,10 @@ from pipelines.pull_pages import (
 )
 
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+# Entities taken from the patient's Clinical Summary. Its encounters, results and panels are
+# left to VisitQuery and Results.Query (they carry the visit numbers and order ids both
+# surfaces share), and its plan-of-care orders (active ones only, no ids) to Order.Query.
+SUMMARY_ENTITIES = frozenset({"medications", "problems", "allergies", "immunizations", "procedures"})
 FUTURE = timedelta(days=3650)
 MAX_WALK = 200  # continuation queries per patient and query: a guard against a stuck cursor
 
@@ -191,7 +197,7 @@ def pull_patient(patient: DuePatient, ctx: DataModelPullContext) -> DataModelPat
                 "results",
                 priority,
                 "QueryResponse",
-                frozenset({"patients", "results"}),
+                frozenset({"patients", "results", "diagnostic_reports"}),
             )
         )
     if "appointments" in ctx.entities:
@@ -214,15 +220,27 @@ def pull_patient(patient: DuePatient, ctx: DataModelPullContext) -> DataModelPat
                 frozenset({"patients", "appointments"}),
             )
         )
-    if "medications" in ctx.entities:
+    from_summary = SUMMARY_ENTITIES.intersection(ctx.entities)
+    if from_summary:
         result.pages.append(
             _ask(
                 ctx,
                 {**_meta("Clinical Summary", "PatientQuery"), "Patient": who},
-                "medications",
+                next(e for e in ctx.entities if e in from_summary),
                 priority,
                 "PatientQueryResponse",
-                frozenset({"medications"}),
+                frozenset(from_summary),
+            )
+        )
+    if "orders" in ctx.entities:
+        result.pages.append(
+            _ask(
+                ctx,
+                {**_meta("Order", "Query"), "Patients": [who]},
+                "orders",
+                priority,
+                "QueryResponse",
+                frozenset({"patients", "orders"}),
             )
         )
     if "documents" in ctx.entities:

@@ -3,25 +3,34 @@
 Each ``normalize_*`` takes one resource and the connection id and returns a dict
 whose keys are the staged schema of ``pipelines.model``. A resource that cannot be
 normalized raises ``NormalizationError`` naming the problem (never PHI); the
-caller quarantines it.
+caller quarantines it. ``refs`` resolves contained (``#id``) and bundled references
+(``pipelines.fhir.references``), so a Location or Practitioner given by reference only
+still fills its column. The clinical-record types (Condition, AllergyIntolerance,
+Immunization, Procedure, DiagnosticReport, ServiceRequest) are in ``normalize_clinical``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
+from pipelines.fhir import references as R
+from pipelines.fhir.references import NO_REFS, Refs
 from pipelines.normalize_common import (
     NormalizationError,
     coding_text,
     first_coding,
     identifier_type,
+    match_key,
     parse_date,
     parse_ts,
-    provider_label,
 )
 from pipelines.vocabulary import FHIR_RESOURCE_ENTITIES
 
 INTERPRETATION_FLAGS = {"H", "L", "HH", "LL", "A", "N", "AA"}
+TEST_TAGS = frozenset({"HTEST", "TEST", "test"})
+UCUM = "http://unitsofmeasure.org"
 
 
 def _lineage(resource: dict[str, Any], connection_id: str, raw_ref: str | None) -> dict[str, Any]:
@@ -95,7 +104,7 @@ def _require(value: Any, what: str) -> Any:
 
 
 def normalize_patient(
-    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None, refs: Refs = NO_REFS
 ) -> dict[str, Any]:
     ids = _identifiers(resource)
     logical_id = _require(resource.get("id"), "Patient.id")
@@ -120,7 +129,7 @@ def normalize_patient(
     comm = (resource.get("communication") or [{}])[0]
     language = first_coding(comm.get("language"))
     deceased = resource.get("deceasedDateTime")
-    tags = {t.get("code") for t in (resource.get("meta") or {}).get("tag") or []}
+    tags = {t.get("code") for t in (resource.get("meta") or {}).get("tag") or [] if isinstance(t, dict)}
     row = _lineage(resource, connection_id, raw_ref)
     row.update(
         patient_ref_type="fhir",
@@ -143,7 +152,8 @@ def normalize_patient(
         postal_code=address.get("postalCode"),
         phone=(next((p for p in phones if p.get("use") == "home"), phones[0]) if phones else {}).get("value"),
         email=emails[0].get("value") if emails else None,
-        is_test=bool(tags & {"TEST", "test"}),
+        # HTEST (v3 ActReason "test health data") is the standard tag; TEST an older habit.
+        is_test=bool(tags & TEST_TAGS),
         active=resource.get("active", True) is not False,
         identifiers=ids,
     )
@@ -151,13 +161,13 @@ def normalize_patient(
 
 
 def normalize_encounter(
-    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None, refs: Refs = NO_REFS
 ) -> dict[str, Any]:
     ids = _identifiers(resource)
     period = resource.get("period") or {}
     enc_type = first_coding((resource.get("type") or [None])[0])
     reason = first_coding((resource.get("reasonCode") or [None])[0])
-    location = ((resource.get("location") or [{}])[0].get("location") or {}).get("display")
+    location = R.display(resource, (resource.get("location") or [{}])[0].get("location"), refs)
     attending = next(
         (
             p
@@ -170,9 +180,9 @@ def normalize_encounter(
         ),
         (resource.get("participant") or [{}])[0] if resource.get("participant") else {},
     )
-    attending_ident = ((attending.get("individual") or {}).get("identifier")) or {}
+    attending_npi = R.npi(resource, attending.get("individual"), refs)
     disposition = first_coding((resource.get("hospitalization") or {}).get("dischargeDisposition"))
-    service = resource.get("serviceProvider") or {}
+    service_name = R.display(resource, resource.get("serviceProvider"), refs)
     row = _lineage(resource, connection_id, raw_ref)
     row.update(_patient_ref(resource))
     row.update(
@@ -184,9 +194,9 @@ def normalize_encounter(
         type_display=enc_type.get("display") if enc_type else None,
         start_at=parse_ts(period.get("start")),
         end_at=parse_ts(period.get("end")),
-        location=service.get("display") or location,
-        department=location if service.get("display") else None,
-        attending_npi=attending_ident.get("value"),
+        location=service_name or location,
+        department=location if service_name else None,
+        attending_npi=attending_npi,
         reason_code=reason.get("code") if reason else None,
         reason_system=reason.get("system") if reason else None,
         reason_display=reason.get("display") if reason else None,
@@ -195,29 +205,83 @@ def normalize_encounter(
     return row
 
 
+def _value_fields(holder: dict[str, Any]) -> dict[str, Any]:
+    """``value[x]`` of an Observation or of one of its components: the number, its text, the
+    coded value and the unit (UCUM code and system when the quantity gives them)."""
+    quantity = holder.get("valueQuantity") or {}
+    numeric = quantity.get("value")
+    text = holder.get("valueString")
+    concept = holder.get("valueCodeableConcept")
+    coded = first_coding(concept) if concept else None
+    if text is None and concept:
+        text = coding_text(coded) or concept.get("text")
+    for key in ("valueBoolean", "valueInteger", "valueDateTime", "valueTime"):
+        if text is None and holder.get(key) is not None:
+            text = str(holder[key]).lower() if key == "valueBoolean" else str(holder[key])
+            if key == "valueInteger":
+                numeric = holder[key]
+    if numeric is not None and text is None:
+        text = str(numeric)
+    rng = (holder.get("referenceRange") or [{}])[0]
+    interp = first_coding((holder.get("interpretation") or [None])[0])
+    flag = interp.get("code") if interp else None
+    return {
+        "value_numeric": float(numeric) if numeric is not None else None,
+        "value_text": text,
+        "value_code": (coded or {}).get("code"),
+        "value_code_system": (coded or {}).get("system"),
+        "unit": quantity.get("code") or quantity.get("unit"),
+        "unit_system": quantity.get("system") or (UCUM if quantity.get("code") else None),
+        "reference_low": (rng.get("low") or {}).get("value"),
+        "reference_high": (rng.get("high") or {}).get("value"),
+        "reference_text": rng.get("text"),
+        "abnormal_flag": ("HH" if flag == "AA" else flag) if flag in INTERPRETATION_FLAGS else None,
+    }
+
+
+def observation_components(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """``component[]`` (blood pressure's systolic and diastolic, a panel's parts) as rows of
+    ``result_components`` without their lineage (publish adds it)."""
+    out = []
+    for component in resource.get("component") or []:
+        if not isinstance(component, dict):
+            continue
+        code = first_coding(component.get("code")) or {}
+        out.append(
+            {
+                "code": code.get("code"),
+                "code_system": code.get("system"),
+                "display": code.get("display"),
+                **_value_fields(component),
+            }
+        )
+    return out
+
+
+def components_json(components: list[dict[str, Any]]) -> str | None:
+    return orjson.dumps(components).decode() if components else None
+
+
 def normalize_observation(
-    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None, refs: Refs = NO_REFS
 ) -> dict[str, Any]:
+    """One row per Observation of every category; components go to ``result_components``
+    (a component-only blood pressure is one row with no value of its own)."""
     ids = _identifiers(resource)
     code = first_coding(resource.get("code"))
     if not code:
         raise NormalizationError("Observation without code")
     category = first_coding((resource.get("category") or [None])[0])
-    quantity = resource.get("valueQuantity") or {}
-    value_numeric = quantity.get("value")
-    value_text = resource.get("valueString")
-    if value_text is None and resource.get("valueCodeableConcept"):
-        value_text = coding_text(first_coding(resource["valueCodeableConcept"])) or resource[
-            "valueCodeableConcept"
-        ].get("text")
-    if value_numeric is not None and value_text is None:
-        value_text = str(value_numeric)
-    rng = (resource.get("referenceRange") or [{}])[0]
-    interp = first_coding((resource.get("interpretation") or [None])[0])
-    flag = interp.get("code") if interp else None
-    based_on = (resource.get("basedOn") or [{}])[0].get("identifier") or {}
-    order_id = based_on.get("value") or ids.get("OrderID")
-    performer = (resource.get("performer") or [{}])[0]
+    based_on = (resource.get("basedOn") or [{}])[0]
+    order_id = ((based_on.get("identifier") or {}).get("value")) or ids.get("OrderID")
+    if order_id is None and (based_on.get("reference") or "").startswith("ServiceRequest/"):
+        order_id = based_on["reference"].split("/", 1)[1]
+    components = observation_components(resource)
+    effective = parse_ts(
+        resource.get("effectiveDateTime")
+        or (resource.get("effectivePeriod") or {}).get("start")
+        or resource.get("effectiveInstant")
+    )
     row = _lineage(resource, connection_id, raw_ref)
     row.update(_patient_ref(resource))
     row.update(
@@ -225,33 +289,33 @@ def normalize_observation(
         or (f"{order_id}-{code.get('code')}" if order_id else _require(resource.get("id"), "Observation.id")),
         encounter_id=_encounter_ref(resource),
         order_id=order_id,
+        report_id=None,
         category=category.get("code") if category else None,
         code=code.get("code"),
         code_system=code.get("system"),
         display=code.get("display"),
-        value_numeric=float(value_numeric) if value_numeric is not None else None,
-        value_text=value_text,
-        unit=quantity.get("code") or quantity.get("unit"),
-        reference_low=(rng.get("low") or {}).get("value"),
-        reference_high=(rng.get("high") or {}).get("value"),
-        reference_text=rng.get("text"),
-        abnormal_flag=("HH" if flag == "AA" else flag) if flag in INTERPRETATION_FLAGS else None,
+        **_value_fields(resource),
         status=resource.get("status"),
-        effective_at=parse_ts(
-            resource.get("effectiveDateTime") or (resource.get("effectivePeriod") or {}).get("start")
-        ),
+        status_source=resource.get("status"),
+        effective_at=effective,
         issued_at=parse_ts(resource.get("issued")),
-        performer=performer.get("display") or (performer.get("identifier") or {}).get("value"),
+        performer=R.provider(resource, (resource.get("performer") or [None])[0], refs),
+        component_count=len(components) or None,
+        components=components_json(components),
+        match_key=match_key(code.get("code"), effective, instant=True),
     )
     return row
 
 
 def normalize_medication(
-    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None, refs: Refs = NO_REFS
 ) -> dict[str, Any]:
     ids = _identifiers(resource)
     is_request = resource.get("resourceType") == "MedicationRequest"
     code = first_coding(resource.get("medicationCodeableConcept"))
+    if not code:  # a medicationReference to a contained or bundled Medication
+        medication = refs.resolve(resource, resource.get("medicationReference")) or {}
+        code = first_coding(medication.get("code"))
     if not code:
         raise NormalizationError(f"{resource.get('resourceType')} without medicationCodeableConcept")
     dosage = ((resource.get("dosageInstruction") if is_request else resource.get("dosage")) or [{}])[0]
@@ -267,12 +331,12 @@ def normalize_medication(
         period = (resource.get("dispenseRequest") or {}).get("validityPeriod") or {}
         start = resource.get("authoredOn") or period.get("start")
         end = period.get("end")
-        requester = (resource.get("requester") or {}).get("identifier") or {}
+        requester = R.npi(resource, resource.get("requester"), refs)
     else:
         period = resource.get("effectivePeriod") or {}
         start = period.get("start") or resource.get("effectiveDateTime")
         end = period.get("end")
-        requester = {}
+        requester = None
     row = _lineage(resource, connection_id, raw_ref)
     row.update(_patient_ref(resource))
     row.update(
@@ -291,24 +355,27 @@ def normalize_medication(
         frequency=frequency,
         start_at=parse_ts(start),
         end_at=parse_ts(end),
-        prescriber_npi=requester.get("value"),
+        prescriber_npi=requester,
     )
     return row
 
 
 def normalize_appointment(
-    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None, refs: Refs = NO_REFS
 ) -> dict[str, Any]:
     ids = _identifiers(resource)
     patient = practitioner = location = None
     for p in resource.get("participant") or []:
-        ref = (p.get("actor") or {}).get("reference") or ""
-        if ref.startswith("Patient/"):
-            patient = p["actor"]
-        elif ref.startswith("Practitioner/") or (p.get("actor") or {}).get("identifier"):
-            practitioner = practitioner or p["actor"]
-        if ref.startswith("Location/"):
-            location = p["actor"]
+        actor = p.get("actor") if isinstance(p, dict) else None
+        if not isinstance(actor, dict):
+            continue
+        kind = R.reference_type(resource, actor, refs)
+        if kind == "Patient":
+            patient = patient or actor
+        elif kind == "Location":
+            location = location or actor
+        elif kind in ("Practitioner", "PractitionerRole") or (kind is None and actor.get("identifier")):
+            practitioner = practitioner or actor
     if patient is None:
         raise NormalizationError("Appointment without a Patient participant")
     appt_type = first_coding(resource.get("appointmentType")) or first_coding(
@@ -331,8 +398,8 @@ def normalize_appointment(
         type_code=appt_type.get("code") if appt_type else None,
         type_display=appt_type.get("display") if appt_type else None,
         reason=((resource.get("reasonCode") or [{}])[0]).get("text") or resource.get("description"),
-        provider_npi=((practitioner or {}).get("identifier") or {}).get("value"),
-        location=(location or {}).get("display"),
+        provider_npi=R.npi(resource, practitioner, refs),
+        location=R.display(resource, location, refs),
         department=None,
         cancel_reason=coding_text(first_coding(resource.get("cancelationReason")))
         or (resource.get("cancelationReason") or {}).get("text"),
@@ -342,7 +409,7 @@ def normalize_appointment(
 
 
 def normalize_document_reference(
-    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None
+    resource: dict[str, Any], connection_id: str, raw_ref: str | None = None, refs: Refs = NO_REFS
 ) -> dict[str, Any]:
     ids = _identifiers(resource)
     doc_type = first_coding(resource.get("type"))
@@ -364,7 +431,7 @@ def normalize_document_reference(
         title=attachment.get("title") or resource.get("description"),
         status=resource.get("status"),
         authored_at=parse_ts(resource.get("date") or attachment.get("creation")),
-        author=provider_label(author),
+        author=R.provider(resource, author, refs),
         content_type=content_type,
         content_sha256=None,
         content_bytes=attachment.get("size"),
@@ -373,7 +440,15 @@ def normalize_document_reference(
     return row
 
 
+from pipelines.fhir import normalize_clinical as C  # noqa: E402 - it builds on the helpers above
+
 _BY_TYPE = {
+    "Condition": C.normalize_condition,
+    "AllergyIntolerance": C.normalize_allergy,
+    "Immunization": C.normalize_immunization,
+    "Procedure": C.normalize_procedure,
+    "DiagnosticReport": C.normalize_diagnostic_report,
+    "ServiceRequest": C.normalize_service_request,
     "Patient": normalize_patient,
     "Encounter": normalize_encounter,
     "Observation": normalize_observation,

@@ -12,13 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.fhir.normalize import NORMALIZERS, identifier_values, patient_reference
+from pipelines.fhir.references import Refs
 from pipelines.normalize_common import NormalizationError, safe_reason
 from pipelines.pages import PageRows
 from pipelines.quarantine import ITEM_ID, ITEM_POSITION, QuarantineEntry
-from pipelines.vocabulary import FHIR_RESOURCE_ENTITIES
+from pipelines.vocabulary import FHIR_RESOURCE_ENTITIES, FHIR_SUPPORTING_TYPES
 
-# Entries a search Bundle may carry that are not records (search.mode "outcome").
-INFORMATIONAL_TYPES = frozenset({"OperationOutcome"})
+# Entries a search Bundle may carry that are not records (search.mode "outcome"), and the
+# targets of references (``_include``d Locations, Practitioners ...): read, never rows.
+INFORMATIONAL_TYPES = frozenset({"OperationOutcome"}) | FHIR_SUPPORTING_TYPES
 # The identifier type that carries each entity's business id (the staged key).
 BUSINESS_IDENTIFIER = {
     "encounters": "VN",
@@ -26,6 +28,12 @@ BUSINESS_IDENTIFIER = {
     "medications": "OrderID",
     "appointments": "VN",
     "documents": "DocumentID",
+    "orders": "OrderID",
+    "diagnostic_reports": "OrderID",
+    "problems": "ProblemID",
+    "allergies": "AllergyID",
+    "immunizations": "ImmunizationID",
+    "procedures": "ProcedureID",
 }
 
 
@@ -38,6 +46,7 @@ def bundle_rows(bundle: Any, connection_id: str, raw_ref: str | None, fetched_en
     if not isinstance(entries, list):
         raise NormalizationError("Bundle.entry is not a list")
     out = PageRows()
+    refs = Refs(entries)
     for position, entry in enumerate(entries):
         where = f"entry[{position}]"
         resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -67,7 +76,7 @@ def bundle_rows(bundle: Any, connection_id: str, raw_ref: str | None, fetched_en
             out.quarantined.append(_entry(entity, business, where, reason, ref_type, ref_value))
             continue
         try:
-            row = NORMALIZERS[rtype][1](resource, connection_id, raw_ref)
+            row = NORMALIZERS[rtype][1](resource, connection_id, raw_ref, refs)
         except (NormalizationError, KeyError, TypeError, ValueError, AttributeError) as exc:
             out.quarantined.append(
                 QuarantineEntry(entity, rid, f"{rtype}: {safe_reason(exc)}", ref_type, ref_value)
@@ -108,7 +117,8 @@ def _business_id(resource: dict[str, Any], entity: str) -> str | None:
         ids = identifier_values(resource)
     except (TypeError, AttributeError):
         return None
-    return ids.get(BUSINESS_IDENTIFIER[entity])
+    kind = BUSINESS_IDENTIFIER.get(entity)  # the clinical-record types are keyed by logical id
+    return ids.get(kind) if kind else None
 
 
 def _patient_of(resource: dict[str, Any], rtype: str | None) -> tuple[str | None, str | None]:

@@ -4,7 +4,9 @@ Where the connection honours ``_revinclude`` on Patient search, one ``Patient/_s
 ``identifier=system|value`` (or ``_id``) and ``_revinclude=*`` returns the patient and every
 resource that points at it. Where it does not (a 400 OperationOutcome naming ``_revinclude``,
 learned once per connection and remembered in ``ops.connection_capabilities``), the patient is
-found by identifier and each entitled type is searched with ``patient=<logical id>``.
+found by identifier and each entitled type is searched with the documented parameter:
+``patient.identifier=<MR system>|<MR>`` for AllergyIntolerance, Condition and Immunization
+(Redox's task guides require it), ``patient=<logical id>`` for the others.
 
 Documents: ``DocumentReference`` with ``_elements`` first (no ``content``), then the full
 resources by ``_id`` only for documents that are new or changed since they were staged, and
@@ -37,6 +39,12 @@ from pipelines.pull_pages import (
     with_priority,
 )
 
+# How each type's search names the patient (REDOX-REFERENCE §3.3, §12.1): Redox's task guides
+# require ``patient.identifier`` for allergies, problems (diagnoses) and immunizations
+# (vaccinations); the other types list ``patient`` (Procedure, MedicationRequest and
+# MedicationStatement must send it). A patient without an MR identifier is searched by
+# ``patient`` everywhere (also documented for the three).
+BY_PATIENT_IDENTIFIER = frozenset({"AllergyIntolerance", "Condition", "Immunization"})
 DOCUMENT_ELEMENTS = "subject,masterIdentifier,date,type,context,status,category,identifier"
 ID_CHUNK = 50  # documents per ``_id=a,b,c`` search
 MR_SYSTEM_SUFFIX = ":MR"
@@ -82,6 +90,7 @@ class FhirPatientResult:
     pages: list[PulledPage] = field(default_factory=list)
     fhir_id: str | None = None
     mrn: str | None = None
+    mr_token: str | None = None  # system|value of the patient's MR identifier
     not_found: bool = False
     revinclude: bool | None = None  # learned on this pull (None: not probed)
     elements: bool | None = None
@@ -146,15 +155,34 @@ def _resources(pages: list[PulledPage], rtype: str) -> list[dict[str, Any]]:
     ]
 
 
-def _mrn_of(patient: dict[str, Any]) -> str | None:
+def _mr_identifier(patient: dict[str, Any]) -> dict[str, Any] | None:
     for ident in patient.get("identifier") or []:
         if (
             isinstance(ident, dict)
             and str(ident.get("system", "")).endswith(MR_SYSTEM_SUFFIX)
             and ident.get("value")
         ):
-            return str(ident["value"])
+            return ident
     return None
+
+
+def _mrn_of(patient: dict[str, Any]) -> str | None:
+    ident = _mr_identifier(patient)
+    return str(ident["value"]) if ident else None
+
+
+def _mr_token_of(patient: dict[str, Any]) -> str | None:
+    ident = _mr_identifier(patient)
+    return f"{ident['system']}|{ident['value']}" if ident else None
+
+
+def type_search_params(rtype: str, result: FhirPatientResult, page_size: int) -> list[tuple[str, str]]:
+    """The parameters of one type's per-patient search (see BY_PATIENT_IDENTIFIER)."""
+    if rtype in BY_PATIENT_IDENTIFIER and result.mr_token:
+        by = ("patient.identifier", result.mr_token)
+    else:
+        by = ("patient", str(result.fhir_id))
+    return [by, ("_count", str(page_size))]
 
 
 def pull_patient(patient: DuePatient, ctx: FhirPullContext) -> FhirPatientResult:
@@ -193,6 +221,7 @@ def pull_patient(patient: DuePatient, ctx: FhirPullContext) -> FhirPatientResult
         raise PartialFailure("search Patient", ("patient-without-id",))
     result.fhir_id = logical_id
     result.mrn = _mrn_of(patients[0])
+    result.mr_token = _mr_token_of(patients[0])
     result.pages.extend(found)
     if result.revinclude:
         return result
@@ -201,13 +230,7 @@ def pull_patient(patient: DuePatient, ctx: FhirPullContext) -> FhirPatientResult
             continue
         for rtype in ENTITY_RESOURCE_TYPES[entity]:
             result.pages.extend(
-                _search(
-                    ctx,
-                    rtype,
-                    [("patient", result.fhir_id), ("_count", str(ctx.page_size))],
-                    entity,
-                    priority,
-                )
+                _search(ctx, rtype, type_search_params(rtype, result, ctx.page_size), entity, priority)
             )
     if "documents" in ctx.entities:
         result.pages.extend(_documents(ctx, result, priority))

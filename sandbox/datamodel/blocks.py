@@ -22,6 +22,7 @@ from sandbox.config import ConnectionSpec
 from sandbox.population.records import (
     CODESET_NAMES,
     CPT,
+    CVX,
     ICD10,
     LOINC,
     RXNORM,
@@ -41,6 +42,7 @@ CODE_SYSTEM_OIDS = {
     RXNORM: "2.16.840.1.113883.6.88",
     CPT: "2.16.840.1.113883.6.12",
     ICD10: "2.16.840.1.113883.6.90",
+    CVX: "2.16.840.1.113883.12.292",
 }
 
 SEXES = {"male": "Male", "female": "Female", "other": "Other", "unknown": "Unknown"}
@@ -94,6 +96,50 @@ MEDICATION_STATUSES = {
     "on-hold": "On Hold",
     "cancelled": "Canceled",
     "entered-in-error": "Entered in Error",
+}
+# Clinical Summary statuses of the new sections (SNOMED CT status concepts for problems and
+# allergies, words elsewhere): the ELT's normalizer maps them back.
+CLINICAL_STATUS_CODES = {
+    "active": ("55561003", "Active"),
+    "inactive": ("73425007", "Inactive"),
+    "resolved": ("413322009", "Resolved"),
+    "entered-in-error": (None, "Entered in Error"),
+}
+IMMUNIZATION_STATUSES = {
+    "completed": "Completed",
+    "not-done": "Not Done",
+    "entered-in-error": "Entered in Error",
+}
+PROCEDURE_STATUSES = {
+    "completed": "completed",
+    "in-progress": "active",
+    "not-done": "cancelled",
+    "entered-in-error": "nullified",
+}
+ORDER_STATUSES = {
+    "active": "Active",
+    "completed": "Completed",
+    "revoked": "Canceled",
+    "entered-in-error": "Entered in Error",
+}
+ORDER_PRIORITIES = {"routine": "Routine", "urgent": "Urgent", "stat": "Stat"}
+ALLERGY_TYPES = {
+    ("medication", "allergy"): ("416098002", "Drug allergy"),
+    ("medication", "intolerance"): ("59037007", "Drug intolerance"),
+    ("food", "allergy"): ("414285001", "Food allergy"),
+    ("food", "intolerance"): ("235719002", "Food intolerance"),
+    ("environment", "allergy"): ("426232007", "Environmental allergy"),
+    ("environment", "intolerance"): ("419199007", "Allergy to substance"),
+}
+SEVERITY_CODES = {
+    "mild": ("255604002", "Mild"),
+    "moderate": ("6736007", "Moderate"),
+    "severe": ("24484000", "Severe"),
+}
+CRITICALITY_CODES = {
+    "low": ("CRITL", "Low criticality"),
+    "high": ("CRITH", "High criticality"),
+    "unable-to-assess": ("CRITU", "Unable to assess criticality"),
 }
 DOCUMENT_STATUSES = {"current": "Signed", "superseded": "Replaced", "entered-in-error": "Entered in Error"}
 DOCUMENT_FILE_TYPES = {"note": "TXT", "cda": "XML"}

@@ -8,7 +8,7 @@ Supported (request -> response ``Meta.EventType``):
 | PatientAdmin.VisitQuery         | encounters   | VisitQueryResponse     | VisitStartDateTime; start   |
 | PatientAdmin.CensusQuery        | encounters   | CensusQueryResponse    | start                       |
 | Results.Query                   | results      | QueryResponse          | LastUpdated; per order      |
-| Order.Query (Beta)              | results [1]  | QueryResponse          | Start/EndDateTime; order    |
+| Order.Query (Beta)              | orders [1]   | QueryResponse          | Start/EndDateTime; order    |
 | Scheduling.Booked               | appointments | BookedResponse         | Start/EndDateTime; start    |
 | Scheduling.AvailableSlots (Beta)| appointments | AvailableSlotsResponse | Start/EndDateTime; slot     |
 | Clinical Summary.PatientQuery   | documents    | PatientQueryResponse   | (per patient)               |
@@ -16,8 +16,10 @@ Supported (request -> response ``Meta.EventType``):
 | Clinical Summary.DocumentGet    | documents    | DocumentGetResponse    | (one document)              |
 | Notes.Query / Media.Query       | documents    | QueryResponse          | (last_updated, id)          |
 
-[1] or the connection takes ``orders`` write-back: Order.Query also lists the orders written
-back to the connection (latest state), so a client can check before re-sending one.
+[1] the connection's inbound lab orders in every status (the records FHIR serves as
+ServiceRequest; a connection without the ``orders`` entity lists the orders behind its results),
+or the connection takes ``orders`` write-back: Order.Query also lists the orders written back to
+the connection (latest state), so a client can check before re-sending one.
 
 What a query must carry (``search_policy: "redox"``, the default; REDOX-REFERENCE §12.5): only
 ``Scheduling.Booked``, ``Scheduling.AvailableSlots`` (``StartDateTime``) and
@@ -90,6 +92,7 @@ from sandbox.datamodel.render import (
     document_summary,
     encounter_visit,
     file_name,
+    lab_order,
     result_order,
 )
 from sandbox.population.records import (
@@ -501,7 +504,7 @@ def results_query(ctx: QueryContext) -> QueryAnswer:
             order["Patient"] = cache.identifiers(r.patient)
             order["Visit"] = {"VisitNumber": r.visit_number}
         else:
-            order["Results"].append(result_order(r)["Results"][0])
+            order["Results"].extend(result_order(r)["Results"])
             order["LastUpdated"] = dm_datetime(r.last_updated)
     return QueryAnswer({"Orders": list(orders.values())}, incomplete=more)
 
@@ -594,6 +597,9 @@ def clinical_patient_query(ctx: QueryContext, meta: dict[str, Any]) -> dict[str,
         rows, _ = collect(ctx, entity, [patient.id], order=order, limit=10**9)
         return rows[-ctx.limit :]
 
+    def section(entity: str, order: str) -> list[Any] | None:
+        return latest(entity, order) if entity in ctx.conn.entities else None
+
     return clinical_summary(
         meta,
         ctx.conn,
@@ -602,6 +608,11 @@ def clinical_patient_query(ctx: QueryContext, meta: dict[str, Any]) -> dict[str,
         encounters=latest("encounters", "start_at"),
         results=latest("results", "effective_at"),
         medications=[m for m in latest("medications", "last_updated") if isinstance(m, MedicationRecord)],
+        problems=section("problems", "onset_at"),
+        allergies=section("allergies", "recorded_at"),
+        immunizations=section("immunizations", "occurred_at"),
+        procedures=section("procedures", "performed_start"),
+        orders=section("orders", "authored_at"),
     )
 
 
@@ -827,7 +838,18 @@ def order_query(ctx: QueryContext) -> QueryAnswer:
             return False
         return at is None or ((start is None or at >= start) and (stop is None or at < stop))
 
-    if "results" in ctx.conn.entities:
+    if "orders" in ctx.conn.entities:
+        # The EHR's inbound lab orders, in every status (the same records as FHIR ServiceRequest).
+        cache = PatientCache(ctx)
+        for o in matches(ctx, "orders", patient_ids):
+            if o.order_id in orders or not wanted(o.order_id, o.visit_number, o.code.code, o.authored_at):
+                continue
+            order = lab_order(o)
+            order["Patient"] = cache.identifiers(o.patient)
+            order["Visit"] = {"VisitNumber": o.visit_number}
+            orders[o.order_id] = order
+            when[o.order_id] = o.authored_at
+    elif "results" in ctx.conn.entities:
         cache = PatientCache(ctx)
         for r in matches(ctx, "results", patient_ids):
             at = r.issued_at or r.effective_at

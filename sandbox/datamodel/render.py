@@ -25,13 +25,23 @@ the deprecated numeric ``Meta.Message`` / ``Meta.Transmission`` ids real traffic
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
 from sandbox.config import ConnectionSpec
 from sandbox.datamodel.blocks import (
     ABNORMAL_FLAGS,
+    ALLERGY_TYPES,
     APPOINTMENT_STATUSES,
+    CLINICAL_STATUS_CODES,
+    CODE_SYSTEM_OIDS,
+    CRITICALITY_CODES,
+    IMMUNIZATION_STATUSES,
+    ORDER_PRIORITIES,
+    ORDER_STATUSES,
+    PROCEDURE_STATUSES,
+    SEVERITY_CODES,
     DOCUMENT_FILE_TYPES,
     DOCUMENT_STATUSES,
     MEDICATION_STATUSES,
@@ -62,13 +72,19 @@ from sandbox.datamodel.blocks import (
 from sandbox.datamodel.conform import conform
 from sandbox.population.records import (
     LOINC,
+    SNOMED,
+    AllergyRecord,
     AppointmentRecord,
     Change,
     Coding,
     DocumentRecord,
     EncounterRecord,
+    ImmunizationRecord,
     MedicationRecord,
+    OrderRecord,
     PatientRecord,
+    ProblemRecord,
+    ProcedureRecord,
     ResultRecord,
 )
 from sandbox.population.store import RecordStore
@@ -76,6 +92,7 @@ from sandbox.population.store import RecordStore
 _R = TypeVar("_R")
 INPATIENT_CLASSES = frozenset({"IMP", "EMER", "OBSENC"})
 SUMMARY_TYPE = Coding(LOINC, "34133-9", "Summarization of Episode Note")
+PROBLEM_CATEGORY = Coding(SNOMED, "55607006", "Problem")
 
 # ---- record blocks -----------------------------------------------------------------------
 
@@ -122,13 +139,38 @@ def encounter_visit(enc: EncounterRecord) -> dict[str, Any]:
     }
 
 
-def result_entry(r: ResultRecord) -> dict[str, Any]:
+def result_entries(r: ResultRecord) -> list[dict[str, Any]]:
+    """The ``Results[]`` entries of one result: one, or one per component of a component-only
+    Observation (a blood pressure panel's systolic and diastolic values), each carrying the
+    panel's result id in ``RelatedGroupID`` so a receiver can fold them back together."""
+    if not r.components:
+        return [result_entry(r)]
+    out = []
+    for c in r.components:
+        part = replace(
+            r,
+            code=c.code,
+            value_type="Numeric" if c.value_numeric is not None else "String",
+            value_numeric=c.value_numeric,
+            value_text=c.value_text,
+            unit=c.unit,
+            reference_low=c.reference_low,
+            reference_high=c.reference_high,
+            reference_text=None,
+            abnormal_flag=c.abnormal_flag,  # type: ignore[arg-type]
+            components=(),
+        )
+        out.append(result_entry(part, related_group=r.result_id))
+    return out
+
+
+def result_entry(r: ResultRecord, related_group: str | None = None) -> dict[str, Any]:
     value = r.value_text if r.value_text is not None else number_text(r.value_numeric)
     return {
         "Code": r.code.code,
         "Codeset": codeset(r.code),
         "Description": r.code.display,
-        "RelatedGroupID": None,
+        "RelatedGroupID": related_group,
         "Specimen": {"Source": None, "BodySite": None, "ID": None},
         "Value": value if value is not None else "",
         "ValueType": r.value_type,
@@ -168,7 +210,7 @@ def result_order(r: ResultRecord) -> dict[str, Any]:
         "Status": "Canceled" if dead else "Resulted",
         "ResponseFlag": "Associated Segments",
         "Priority": None,
-        "Results": [result_entry(r)],
+        "Results": result_entries(r),
     }
 
 
@@ -436,6 +478,51 @@ def _document_events(change: Change, conn: ConnectionSpec, patient: PatientRecor
     return [_event("Media", event, conn, d.last_updated, Media=media_block(d), **common)]
 
 
+def lab_order(o: OrderRecord) -> dict[str, Any]:
+    """The ``Order`` of an inbound lab order (``Order.New`` / ``Update`` / ``Cancel``, and each
+    ``Orders[]`` entry of ``Order.QueryResponse``)."""
+    return {
+        "ID": o.order_id,
+        "ApplicationOrderID": None,
+        "TransactionDateTime": dm_datetime(o.authored_at),
+        "CollectionDateTime": dm_datetime(o.occurrence_at),
+        "Status": ORDER_STATUSES[o.status],
+        "Priority": ORDER_PRIORITIES[o.priority],
+        "Expiration": None,
+        "Comments": None,
+        "Notes": [],
+        "Procedure": code_description(o.code),
+        "Provider": provider_block(o.requester),
+        "OrderingFacility": {"Name": None, "Address": empty_address(), "PhoneNumber": None},
+        "ResultCopyProviders": [],
+        "Specimen": {"Source": None, "BodySite": None, "ID": None},
+        "Diagnoses": [diagnosis(o.reason, o.authored_at)] if o.reason else [],
+        "ClinicalInfo": [],
+    }
+
+
+def _order_events(change: Change, conn: ConnectionSpec, patient: PatientRecord | None) -> list[dict]:
+    o = _record(change, OrderRecord)
+    event = {"new": "New", "update": "Update", "cancel": "Cancel"}[change.kind]
+    if change.kind != "cancel" and o.status in ("revoked", "entered-in-error"):
+        event = "Cancel"
+    return [
+        _event(
+            "Order",
+            event,
+            conn,
+            o.last_updated,
+            Patient=patient_block(conn, o.patient, patient),
+            Visit=visit_reference(o.visit_number),
+            Order=lab_order(o),
+        )
+    ]
+
+
+# Entities the Data Model pushes no event for: clients read them with Clinical Summary queries.
+PULL_ONLY_ENTITIES = frozenset({"problems", "allergies", "immunizations", "procedures", "diagnostic_reports"})
+
+
 def render_event(change: Change, conn: ConnectionSpec, patient: PatientRecord | None = None) -> list[dict]:
     """The Data Model event(s) Redox would push for one population change.
 
@@ -448,12 +535,15 @@ def render_event(change: Change, conn: ConnectionSpec, patient: PatientRecord | 
         return []
     if change.entity == "patients":
         return _patient_events(change, conn)
+    if change.entity in PULL_ONLY_ENTITIES:
+        return []
     handlers: dict[str, Callable[[Change, ConnectionSpec, PatientRecord | None], list[dict]]] = {
         "encounters": _encounter_events,
         "results": _result_events,
         "medications": _medication_events,
         "appointments": _appointment_events,
         "documents": _document_events,
+        "orders": _order_events,
     }
     handler = handlers.get(change.entity)
     if handler is None:
@@ -553,6 +643,31 @@ def _cs_medication(m: MedicationRecord) -> dict[str, Any]:
     }
 
 
+def _cs_observations(r: ResultRecord) -> list[dict[str, Any]]:
+    """One Clinical Summary observation, or one per component of a component-only result
+    (same DateTime and status; the panel's code is not repeated)."""
+    if not r.components:
+        return [_cs_observation(r)]
+    return [
+        _cs_observation(
+            replace(
+                r,
+                code=c.code,
+                value_type="Numeric" if c.value_numeric is not None else "String",
+                value_numeric=c.value_numeric,
+                value_text=c.value_text,
+                unit=c.unit,
+                reference_low=c.reference_low,
+                reference_high=c.reference_high,
+                reference_text=None,
+                abnormal_flag=c.abnormal_flag,  # type: ignore[arg-type]
+                components=(),
+            )
+        )
+        for c in r.components
+    ]
+
+
 def _cs_observation(r: ResultRecord) -> dict[str, Any]:
     value = r.value_text if r.value_text is not None else number_text(r.value_numeric)
     return {
@@ -560,7 +675,7 @@ def _cs_observation(r: ResultRecord) -> dict[str, Any]:
         "Status": RESULT_STATUSES[r.status],
         "Interpretation": ABNORMAL_FLAGS.get(r.abnormal_flag) if r.abnormal_flag else None,
         "DateTime": dm_datetime(r.effective_at),
-        "CodedValue": code_system(None),
+        "CodedValue": code_system(r.value_code),
         "Value": value,
         "ValueType": "PhysicalQuantity" if r.value_type == "Numeric" else r.value_type,
         "Units": r.unit,
@@ -584,7 +699,7 @@ def _cs_results(results: Iterable[ResultRecord]) -> list[dict[str, Any]]:
                 "Producer": {"ID": None, "Name": r.producer, "IDType": None, "Address": empty_address()},
                 "Observations": [],
             }
-        entry["Observations"].append(_cs_observation(r))
+        entry["Observations"].extend(_cs_observations(r))
     return list(orders.values())
 
 
@@ -594,11 +709,97 @@ def _cs_vital_signs(results: Iterable[ResultRecord]) -> list[dict[str, Any]]:
     for r in results:
         when = dm_datetime(r.effective_at) or ""
         group = groups.setdefault(when, {"DateTime": when, "Observations": []})
-        obs = _cs_observation(r)
-        for key in ("CodedValue", "ValueType", "ReferenceRange"):
-            obs.pop(key)
-        group["Observations"].append(obs)
+        for obs in _cs_observations(r):
+            for key in ("CodedValue", "ValueType", "ReferenceRange"):
+                obs.pop(key)
+            group["Observations"].append(obs)
     return list(groups.values())
+
+
+def _snomed_status(code: str | None, name: str) -> dict[str, Any]:
+    return {
+        "Code": code,
+        "CodeSystem": CODE_SYSTEM_OIDS[SNOMED] if code else None,
+        "CodeSystemName": "SNOMED CT" if code else None,
+        "Name": name,
+    }
+
+
+def _cs_problem(p: ProblemRecord) -> dict[str, Any]:
+    return {
+        **code_system(p.code),
+        "AltCodes": [code_system(p.alt_code)] if p.alt_code else [],
+        "StartDate": dm_datetime(p.onset_at),
+        "EndDate": dm_datetime(p.abated_at),
+        "Category": code_system(PROBLEM_CATEGORY),
+        "HealthStatus": code_system(None),
+        "Status": _snomed_status(*CLINICAL_STATUS_CODES[p.status]),
+        "Comment": None,
+    }
+
+
+def _cs_allergy(a: AllergyRecord) -> dict[str, Any]:
+    type_code, type_name = ALLERGY_TYPES[(a.category, a.kind)]
+    severity = _snomed_status(*SEVERITY_CODES[a.severity]) if a.severity else _snomed_status(None, None)  # type: ignore[arg-type]
+    reactions = []
+    if a.reaction:
+        reactions.append({**code_system(a.reaction), "Severity": severity, "Text": None})
+    criticality = {"Code": None, "CodeSystem": None, "CodeSystemName": None, "Name": None}
+    if a.criticality:
+        code, name = CRITICALITY_CODES[a.criticality]
+        criticality = {
+            "Code": code,
+            "CodeSystem": "2.16.840.1.113883.5.1063",
+            "CodeSystemName": "ObservationValue",
+            "Name": name,
+        }
+    return {
+        "Type": code_system(Coding(SNOMED, type_code, type_name)),
+        "Substance": code_system(a.substance),
+        "Reaction": reactions,
+        "Severity": severity,
+        "Criticality": criticality,
+        "Status": _snomed_status(*CLINICAL_STATUS_CODES[a.status]),
+        "StartDate": dm_datetime(a.onset_at),
+        "EndDate": None,
+        "Comment": None,
+    }
+
+
+def _cs_immunization(i: ImmunizationRecord) -> dict[str, Any]:
+    return {
+        "DateTime": dm_datetime(i.occurred_at),
+        "Status": IMMUNIZATION_STATUSES[i.status],
+        "Route": code_system(i.route),
+        "Product": {**code_system(i.vaccine), "Manufacturer": i.manufacturer, "LotNumber": i.lot_number},
+        "Dose": {"Quantity": number_text(i.dose_quantity), "Units": i.dose_unit},
+        "ReasonNotGiven": i.status_reason.display if i.status_reason else None,
+    }
+
+
+def _cs_procedure(p: ProcedureRecord) -> dict[str, Any]:
+    return {
+        **code_system(p.code),
+        "DateTime": dm_datetime(p.performed_start),
+        "Status": PROCEDURE_STATUSES[p.status],
+        "TargetSite": code_system(p.body_site),
+    }
+
+
+def _cs_plan_of_care(orders: Iterable[OrderRecord]) -> dict[str, Any]:
+    """Planned care: the lab orders still open (active), with their collection time."""
+    return {
+        "Orders": [
+            {**code_system(o.code), "Status": "Request", "DateTime": dm_datetime(o.occurrence_at)}
+            for o in orders
+            if o.status == "active"
+        ],
+        "Procedures": [],
+        "Encounters": [],
+        "MedicationAdministration": [],
+        "Supplies": [],
+        "Services": [],
+    }
 
 
 def _cs_problems(encounters: Iterable[EncounterRecord]) -> list[dict[str, Any]]:
@@ -634,8 +835,16 @@ def clinical_summary(
     encounters: list[EncounterRecord],
     results: list[ResultRecord],
     medications: list[MedicationRecord],
+    problems: list[ProblemRecord] | None = None,
+    allergies: list[AllergyRecord] | None = None,
+    immunizations: list[ImmunizationRecord] | None = None,
+    procedures: list[ProcedureRecord] | None = None,
+    orders: list[OrderRecord] | None = None,
 ) -> dict[str, Any]:
-    """A ``Clinical Summary`` PatientQueryResponse (a CCD as JSON) for one patient."""
+    """A ``Clinical Summary`` PatientQueryResponse (a CCD as JSON) for one patient.
+
+    ``problems`` None (a population without a problem list) derives the problem list from the
+    encounters' reasons, as before; a list (even empty) is the problem list."""
     labs = [r for r in results if r.category != "vital-signs"]
     vitals = [r for r in results if r.category == "vital-signs"]
     header = {
@@ -651,14 +860,20 @@ def clinical_summary(
         "Patient": _cs_patient(patient, conn),
     }
     payload: dict[str, Any] = {"Meta": meta, "Header": header}
-    sections: dict[str, list[dict[str, Any]]] = {
-        "AllergyText": [],
+    sections: dict[str, Any] = {
+        "AllergyText": [_cs_allergy(a) for a in allergies or []],
         "EncountersText": [_cs_encounter(e) for e in encounters],
-        "ImmunizationText": [],
+        "ImmunizationText": [_cs_immunization(i) for i in immunizations or []],
         "MedicationsText": [_cs_medication(m) for m in medications],
-        "ProblemsText": _cs_problems(encounters),
+        "ProblemsText": _cs_problems(encounters) if problems is None else [_cs_problem(p) for p in problems],
         "ResultText": _cs_results(labs),
         "VitalSignsText": _cs_vital_signs(vitals),
+        "ProceduresText": {
+            "Procedures": [_cs_procedure(p) for p in procedures or []],
+            "Observations": [],
+            "Services": [],
+        },
+        "PlanOfCareText": _cs_plan_of_care(orders or []),
     }
     list_keys = {
         "AllergyText": "Allergies",
@@ -668,6 +883,8 @@ def clinical_summary(
         "ProblemsText": "Problems",
         "ResultText": "Results",
         "VitalSignsText": "VitalSigns",
+        "ProceduresText": "Procedures",
+        "PlanOfCareText": "PlanOfCare",
     }
     for text_key, items in sections.items():
         payload[text_key] = None

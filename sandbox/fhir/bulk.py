@@ -48,6 +48,12 @@ EXPORT_TYPES = (
     "MedicationStatement",
     "Appointment",
     "DocumentReference",
+    "Condition",
+    "AllergyIntolerance",
+    "Immunization",
+    "Procedure",
+    "DiagnosticReport",
+    "ServiceRequest",
 )
 KICKOFF_PARAMS = frozenset({"_since", "_type", "_outputFormat"})
 # Polls after the first wait this long for a running export before answering 202 again, so a

@@ -29,6 +29,13 @@ LOCATION_PHYSICAL_TYPE = "http://terminology.hl7.org/CodeSystem/location-physica
 DOCUMENT_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category"
 DOCUMENT_KIND = "urn:redox:document_kind"  # Redox's DocumentReference category (REDOX-REFERENCE §3.3)
 DISCHARGE_DISPOSITION = "http://terminology.hl7.org/CodeSystem/discharge-disposition"
+CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
+ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
+ALLERGY_VERIFICATION = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
+DIAGNOSTIC_SERVICE_SECTION = "http://terminology.hl7.org/CodeSystem/v2-0074"
+DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 BCP47 = "urn:ietf:bcp:47"
 CDC_RACE_ETHNICITY = "urn:oid:2.16.840.1.113883.6.238"
 
@@ -65,6 +72,22 @@ def result_system(slug: str) -> str:
 
 def document_system(slug: str) -> str:
     return f"urn:redox:{slug}:DocumentID"
+
+
+def problem_system(slug: str) -> str:
+    return f"urn:redox:{slug}:ProblemID"
+
+
+def allergy_system(slug: str) -> str:
+    return f"urn:redox:{slug}:AllergyID"
+
+
+def immunization_system(slug: str) -> str:
+    return f"urn:redox:{slug}:ImmunizationID"
+
+
+def procedure_system(slug: str) -> str:
+    return f"urn:redox:{slug}:ProcedureID"
 
 
 def id_type_of_system(system: str, slug: str | None = None) -> str | None:

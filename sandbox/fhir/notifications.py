@@ -37,6 +37,10 @@ _NAMESPACE = uuid.UUID("3d0c6f7e-5b1a-4f58-9d59-1b8f5c2e7a10")
 _ARRIVING_CLASSES = frozenset({"IMP", "EMER", "OBSENC"})
 
 
+# Entities Redox pushes no notification family for (REDOX-REFERENCE §12.3): clients pull them.
+PULL_ONLY_ENTITIES = frozenset({"problems", "allergies", "immunizations", "procedures", "diagnostic_reports"})
+
+
 def notification_event_name(change: Change) -> str:
     """The ``eventUri`` event of one population change."""
     record, kind = change.record, change.kind
@@ -76,6 +80,8 @@ def notification_event_name(change: Change) -> str:
         return "SchedulingAppointmentNoShow" if record.status == "noshow" else "SchedulingAppointmentUpdated"
     if entity == "documents":
         return "DocumentReference" + {"new": "Created", "update": "Replaced", "cancel": "Deleted"}[kind]
+    if entity == "orders":  # the Order family: service requests created, updated, cancelled
+        return "ServiceRequest" + {"new": "Created", "update": "Updated", "cancel": "Cancelled"}[kind]
     raise ValueError(f"notification: unknown entity '{entity}'")
 
 

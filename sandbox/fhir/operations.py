@@ -106,6 +106,9 @@ NOTIFICATION_EVENTS: dict[tuple[str, str], str] = {
     ("documents", "new"): "Notes-document-created",
     ("documents", "update"): "Notes-document-updated",
     ("documents", "cancel"): "Notes-document-cancelled",
+    ("orders", "new"): "Order-service-request-created",
+    ("orders", "update"): "Order-service-request-updated",
+    ("orders", "cancel"): "Order-service-request-cancelled",
 }
 # More specific events chosen from the record's state after an update.
 ENCOUNTER_PLANNED_EVENT = "PatientAdmin-patient-preadmitted"

@@ -22,14 +22,22 @@ from sandbox.config import ConnectionSpec
 from sandbox.fhir import identifiers as ids
 from sandbox.fhir import operations
 from sandbox.population.records import (
+    SNOMED,
+    AllergyRecord,
     AppointmentRecord,
     Change,
     Coding,
+    Component,
+    DiagnosticReportRecord,
     DocumentRecord,
     EncounterRecord,
+    ImmunizationRecord,
     Location,
     MedicationRecord,
+    OrderRecord,
     PatientRecord,
+    ProblemRecord,
+    ProcedureRecord,
     Provider,
     Record,
     ResultRecord,
@@ -45,6 +53,12 @@ RESOURCE_ENTITIES: dict[str, str] = {
     "Appointment": "appointments",
     "DocumentReference": "documents",
     "Binary": "documents",
+    "Condition": "problems",
+    "AllergyIntolerance": "allergies",
+    "Immunization": "immunizations",
+    "Procedure": "procedures",
+    "DiagnosticReport": "diagnostic_reports",
+    "ServiceRequest": "orders",
 }
 # Medications are one entity rendered as two resource types (Query.category picks one).
 MEDICATION_KINDS: dict[str, str] = {"MedicationRequest": "request", "MedicationStatement": "statement"}
@@ -58,6 +72,13 @@ INTERPRETATION_DISPLAY = {
     "LL": "Critical low",
     "A": "Abnormal",
     "N": "Normal",
+}
+OBSERVATION_CATEGORY_DISPLAY = {
+    "laboratory": "Laboratory",
+    "vital-signs": "Vital Signs",
+    "social-history": "Social History",
+    "survey": "Survey",
+    "exam": "Exam",
 }
 ENCOUNTER_CLASS_DISPLAY = {
     "AMB": "ambulatory",
@@ -181,24 +202,30 @@ def _patient_reference(patient_id: str) -> dict[str, str]:
 
 
 def practitioner(provider: Provider, local_id: str) -> dict[str, Any]:
-    name: dict[str, Any] = {"family": provider.last_name, "given": [provider.first_name]}
+    """A contained Practitioner; one known without an NPI (outside data) carries no identifier."""
+    name: dict[str, Any] = {}
+    if provider.last_name:
+        name["family"] = provider.last_name
+    if provider.first_name:
+        name["given"] = [provider.first_name]
     if provider.credentials:
         name["suffix"] = list(provider.credentials)
-    return {
-        "resourceType": "Practitioner",
-        "id": local_id,
-        "identifier": [{"system": ids.NPI, "value": provider.npi}],
-        "name": [name],
-    }
+    out: dict[str, Any] = {"resourceType": "Practitioner", "id": local_id}
+    if provider.npi:
+        out["identifier"] = [{"system": ids.NPI, "value": provider.npi}]
+    if name:
+        out["name"] = [name]
+    return out
 
 
 def practitioner_reference(provider: Provider, local_id: str) -> dict[str, Any]:
-    return {
-        "reference": f"#{local_id}",
-        "type": "Practitioner",
-        "identifier": {"system": ids.NPI, "value": provider.npi},
-        "display": f"{provider.first_name} {provider.last_name}",
-    }
+    out: dict[str, Any] = {"reference": f"#{local_id}", "type": "Practitioner"}
+    if provider.npi:
+        out["identifier"] = {"system": ids.NPI, "value": provider.npi}
+    display = " ".join(p for p in (provider.first_name, provider.last_name) if p)
+    if display:
+        out["display"] = display
+    return out
 
 
 def locations(location: Location) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -409,7 +436,7 @@ def render_observation(r: ResultRecord, conn: ConnectionSpec) -> dict[str, Any]:
             {
                 "system": ids.OBSERVATION_CATEGORY,
                 "code": r.category,
-                "display": "Laboratory" if r.category == "laboratory" else "Vital Signs",
+                "display": OBSERVATION_CATEGORY_DISPLAY[r.category],
             }
         ]
     }
@@ -438,39 +465,248 @@ def render_observation(r: ResultRecord, conn: ConnectionSpec) -> dict[str, Any]:
         out["issued"] = instant(r.issued_at)
     if performer:
         out["performer"] = performer
-    if r.value_type == "Numeric" and r.value_numeric is not None:
+    if r.components:
+        pass  # a component-only Observation (blood pressure panel): the values are in component[]
+    elif r.value_type == "Numeric" and r.value_numeric is not None:
         out["valueQuantity"] = _quantity(r.value_numeric, r.unit, ucum=True)
-    elif r.value_type == "Coded Entry" and r.value_text:
-        out["valueCodeableConcept"] = _text_concept(r.value_text)
+    elif r.value_type == "Coded Entry" and (r.value_text or r.value_code):
+        if r.value_code is not None:
+            out["valueCodeableConcept"] = concept(r.value_code)
+        else:
+            out["valueCodeableConcept"] = _text_concept(r.value_text or "")
     elif r.value_text:
         out["valueString"] = r.value_text
     else:
-        out["dataAbsentReason"] = {
-            "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "unknown"}
-            ]
-        }
+        out["dataAbsentReason"] = {"coding": [{"system": ids.DATA_ABSENT_REASON, "code": "unknown"}]}
     if r.abnormal_flag:
-        out["interpretation"] = [
-            {
-                "coding": [
-                    {
-                        "system": ids.V3_INTERPRETATION,
-                        "code": r.abnormal_flag,
-                        "display": INTERPRETATION_DISPLAY[r.abnormal_flag],
-                    }
-                ]
-            }
-        ]
-    reference_range: dict[str, Any] = {}
-    if r.reference_low is not None:
-        reference_range["low"] = _quantity(r.reference_low, r.unit, ucum=True)
-    if r.reference_high is not None:
-        reference_range["high"] = _quantity(r.reference_high, r.unit, ucum=True)
-    if r.reference_text:
-        reference_range["text"] = r.reference_text
+        out["interpretation"] = [_interpretation(r.abnormal_flag)]
+    reference_range = _reference_range(r.reference_low, r.reference_high, r.reference_text, r.unit)
     if reference_range:
         out["referenceRange"] = [reference_range]
+    if r.components:
+        out["component"] = [_component(c) for c in r.components]
+    return out
+
+
+def _interpretation(flag: str) -> dict[str, Any]:
+    display = INTERPRETATION_DISPLAY.get(flag)
+    coded = {"system": ids.V3_INTERPRETATION, "code": flag}
+    if display:
+        coded["display"] = display
+    return {"coding": [coded]}
+
+
+def _reference_range(low: float | None, high: float | None, text: str | None, unit: str | None) -> dict:
+    out: dict[str, Any] = {}
+    if low is not None:
+        out["low"] = _quantity(low, unit, ucum=True)
+    if high is not None:
+        out["high"] = _quantity(high, unit, ucum=True)
+    if text:
+        out["text"] = text
+    return out
+
+
+def _component(c: Component) -> dict[str, Any]:
+    out: dict[str, Any] = {"code": concept(c.code)}
+    if c.value_numeric is not None:
+        out["valueQuantity"] = _quantity(c.value_numeric, c.unit, ucum=True)
+    elif c.value_text:
+        out["valueString"] = c.value_text
+    else:
+        out["dataAbsentReason"] = {"coding": [{"system": ids.DATA_ABSENT_REASON, "code": "unknown"}]}
+    if c.abnormal_flag:
+        out["interpretation"] = [_interpretation(c.abnormal_flag)]
+    reference_range = _reference_range(c.reference_low, c.reference_high, None, c.unit)
+    if reference_range:
+        out["referenceRange"] = [reference_range]
+    return out
+
+
+def _status_concept(system: str, code: str) -> dict[str, Any]:
+    return {"coding": [{"system": system, "code": code}]}
+
+
+def _with_provider(out: dict[str, Any], provider: Provider | None, local_id: str) -> dict[str, Any] | None:
+    """Adds the contained Practitioner; returns the reference to it (None without a provider)."""
+    if provider is None:
+        return None
+    out.setdefault("contained", []).append(practitioner(provider, local_id))
+    return practitioner_reference(provider, local_id)
+
+
+def render_condition(r: ProblemRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"resourceType": "Condition", "id": r.id, "meta": meta(r)}
+    recorder = _with_provider(out, r.recorder, "recorder")
+    out["identifier"] = [{"system": ids.problem_system(conn.slug), "value": r.problem_id}]
+    error = r.status == "entered-in-error"
+    if not error:  # con-5: no clinicalStatus on an entered-in-error Condition
+        out["clinicalStatus"] = _status_concept(ids.CONDITION_CLINICAL, r.status)
+    out["verificationStatus"] = _status_concept(
+        ids.CONDITION_VERIFICATION, "entered-in-error" if error else "confirmed"
+    )
+    out["category"] = [
+        {
+            "coding": [
+                {
+                    "system": ids.CONDITION_CATEGORY,
+                    "code": "problem-list-item",
+                    "display": "Problem List Item",
+                }
+            ]
+        }
+    ]
+    codings = [coding(r.code)] + ([coding(r.alt_code)] if r.alt_code else [])
+    out["code"] = {"coding": codings, "text": r.code.display or (r.alt_code.display if r.alt_code else "")}
+    if not out["code"]["text"]:
+        del out["code"]["text"]
+    out["subject"] = _patient_reference(r.patient.patient_id)
+    if r.visit_number:
+        out["encounter"] = _visit_reference(conn, r.visit_number)
+    out["onsetDateTime"] = instant(r.onset_at)
+    if r.abated_at and not error:
+        out["abatementDateTime"] = instant(r.abated_at)
+    out["recordedDate"] = instant(r.recorded_at)
+    if recorder:
+        out["recorder"] = recorder
+    return out
+
+
+def render_allergy(r: AllergyRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"resourceType": "AllergyIntolerance", "id": r.id, "meta": meta(r)}
+    recorder = _with_provider(out, r.recorder, "recorder")
+    out["identifier"] = [{"system": ids.allergy_system(conn.slug), "value": r.allergy_id}]
+    error = r.status == "entered-in-error"
+    if not error:  # ait-2: no clinicalStatus on an entered-in-error AllergyIntolerance
+        out["clinicalStatus"] = _status_concept(ids.ALLERGY_CLINICAL, r.status)
+    out["verificationStatus"] = _status_concept(
+        ids.ALLERGY_VERIFICATION, "entered-in-error" if error else "confirmed"
+    )
+    out["type"] = r.kind
+    out["category"] = [r.category]
+    if r.criticality:
+        out["criticality"] = r.criticality
+    out["code"] = concept(r.substance)
+    out["patient"] = _patient_reference(r.patient.patient_id)
+    if r.onset_at:
+        out["onsetDateTime"] = instant(r.onset_at)
+    out["recordedDate"] = instant(r.recorded_at)
+    if recorder:
+        out["recorder"] = recorder
+    if r.reaction:
+        reaction: dict[str, Any] = {"manifestation": [concept(r.reaction)]}
+        if r.severity:
+            reaction["severity"] = r.severity
+        out["reaction"] = [reaction]
+    return out
+
+
+def render_immunization(r: ImmunizationRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"resourceType": "Immunization", "id": r.id, "meta": meta(r)}
+    performer = _with_provider(out, r.performer, "performer")
+    out["identifier"] = [{"system": ids.immunization_system(conn.slug), "value": r.immunization_id}]
+    out["status"] = r.status
+    if r.status_reason:
+        out["statusReason"] = concept(r.status_reason)
+    out["vaccineCode"] = concept(r.vaccine)
+    out["patient"] = _patient_reference(r.patient.patient_id)
+    if r.visit_number:
+        out["encounter"] = _visit_reference(conn, r.visit_number)
+    out["occurrenceDateTime"] = instant(r.occurred_at)
+    out["recorded"] = instant(r.recorded_at)
+    out["primarySource"] = True
+    if r.manufacturer:
+        out["manufacturer"] = {"display": r.manufacturer}
+    if r.lot_number:
+        out["lotNumber"] = r.lot_number
+    if r.route:
+        out["route"] = concept(r.route)
+    if r.dose_quantity is not None:
+        out["doseQuantity"] = _quantity(r.dose_quantity, r.dose_unit, ucum=True)
+    if performer:
+        out["performer"] = [{"actor": performer}]
+    return out
+
+
+def render_procedure(r: ProcedureRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"resourceType": "Procedure", "id": r.id, "meta": meta(r)}
+    performer = _with_provider(out, r.performer, "performer")
+    out["identifier"] = [{"system": ids.procedure_system(conn.slug), "value": r.procedure_id}]
+    out["status"] = r.status
+    out["code"] = concept(r.code)
+    out["subject"] = _patient_reference(r.patient.patient_id)
+    if r.visit_number:
+        out["encounter"] = _visit_reference(conn, r.visit_number)
+    period = {"start": instant(r.performed_start)}
+    if r.performed_end:
+        period["end"] = instant(r.performed_end)
+    out["performedPeriod"] = period
+    if performer:
+        out["performer"] = [{"actor": performer}]
+    if r.reason:
+        out["reasonCode"] = [concept(r.reason)]
+    if r.body_site:
+        out["bodySite"] = [concept(r.body_site)]
+    return out
+
+
+def render_diagnostic_report(r: DiagnosticReportRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"resourceType": "DiagnosticReport", "id": r.id, "meta": meta(r)}
+    performer = _with_provider(out, r.performer, "performer")
+    order_identifier = {"system": ids.order_system(conn.slug), "value": r.order_id}
+    out["identifier"] = [order_identifier]
+    out["basedOn"] = [{"type": "ServiceRequest", "identifier": order_identifier}]
+    out["status"] = r.status
+    out["category"] = [
+        {"coding": [{"system": ids.DIAGNOSTIC_SERVICE_SECTION, "code": "LAB", "display": "Laboratory"}]}
+    ]
+    out["code"] = concept(r.code)
+    out["subject"] = _patient_reference(r.patient.patient_id)
+    if r.visit_number:
+        out["encounter"] = _visit_reference(conn, r.visit_number)
+    out["effectiveDateTime"] = instant(r.effective_at)
+    if r.issued_at:
+        out["issued"] = instant(r.issued_at)
+    performers = [performer] if performer else []
+    if r.producer:
+        performers.append({"type": "Organization", "display": r.producer})
+    if performers:
+        out["performer"] = performers
+    if r.result_ids:
+        out["result"] = [
+            {
+                "reference": f"Observation/{rid}",
+                "type": "Observation",
+                **({"identifier": {"system": ids.result_system(conn.slug), "value": bid}} if bid else {}),
+            }
+            for rid, bid in zip(
+                r.result_ids, r.result_business_ids or (None,) * len(r.result_ids), strict=True
+            )
+        ]
+    return out
+
+
+LAB_PROCEDURE = Coding(SNOMED, "108252007", "Laboratory procedure")
+
+
+def render_service_request(r: OrderRecord, conn: ConnectionSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"resourceType": "ServiceRequest", "id": r.id, "meta": meta(r)}
+    requester = _with_provider(out, r.requester, "requester")
+    out["identifier"] = [{"system": ids.order_system(conn.slug), "value": r.order_id}]
+    out["status"] = r.status
+    out["intent"] = r.intent
+    out["category"] = [concept(LAB_PROCEDURE)]
+    out["priority"] = r.priority
+    out["code"] = concept(r.code)
+    out["subject"] = _patient_reference(r.patient.patient_id)
+    if r.visit_number:
+        out["encounter"] = _visit_reference(conn, r.visit_number)
+    out["occurrenceDateTime"] = instant(r.occurrence_at)
+    out["authoredOn"] = instant(r.authored_at)
+    if requester:
+        out["requester"] = requester
+    if r.reason:
+        out["reasonCode"] = [concept(r.reason)]
     return out
 
 
@@ -656,6 +892,12 @@ _RENDERERS = {
     MedicationRecord: render_medication,
     AppointmentRecord: render_appointment,
     DocumentRecord: render_document,
+    ProblemRecord: render_condition,
+    AllergyRecord: render_allergy,
+    ImmunizationRecord: render_immunization,
+    ProcedureRecord: render_procedure,
+    DiagnosticReportRecord: render_diagnostic_report,
+    OrderRecord: render_service_request,
 }
 
 
@@ -669,6 +911,12 @@ def resource_type(record: Record) -> str:
         ResultRecord: "Observation",
         AppointmentRecord: "Appointment",
         DocumentRecord: "DocumentReference",
+        ProblemRecord: "Condition",
+        AllergyRecord: "AllergyIntolerance",
+        ImmunizationRecord: "Immunization",
+        ProcedureRecord: "Procedure",
+        DiagnosticReportRecord: "DiagnosticReport",
+        OrderRecord: "ServiceRequest",
     }[type(record)]
 
 

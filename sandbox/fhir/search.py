@@ -53,12 +53,38 @@ SEARCH_PARAMS: dict[str, frozenset[str]] = {
     "MedicationStatement": PATIENT_SCOPED | {"effective", "code"},
     "Appointment": PATIENT_SCOPED,
     "DocumentReference": PATIENT_SCOPED | {"category", "type", "_elements"},
+    # The new clinical types: exactly the parameters their Redox pages list (REDOX-REFERENCE §3.3),
+    # plus `identifier` (every resource has its business identifier).
+    "Condition": frozenset(
+        {"patient", "patient.identifier", "subject", "identifier", "category", "clinical-status", "encounter"}
+        | {"recorded-date"}
+    ),
+    "AllergyIntolerance": frozenset({"patient", "patient.identifier", "identifier", "clinical-status"}),
+    "Immunization": frozenset({"patient", "patient.identifier", "identifier", "date", "status"}),
+    "Procedure": frozenset({"patient", "patient.identifier", "identifier", "date", "status", "code"}),
+    "DiagnosticReport": frozenset(
+        {"patient", "patient.identifier", "subject", "subject.identifier", "identifier", "date", "issued"}
+        | {"status", "code", "category", "context", "context.identifier", "result", "result.identifier"}
+    ),
+    "ServiceRequest": frozenset(
+        {"patient", "patient.identifier", "identifier", "occurrence", "occurrenceDateTime", "authored"}
+        | {"status", "code"}
+    ),
 }
 SEARCH_PARAMS["Patient"] = SEARCH_PARAMS["Patient"] | {"_revinclude"}
 # Parameters that name the patient a search is about (``subject`` is Observation's own name).
-PATIENT_PARAMS = frozenset({"patient", "patient.identifier", "subject"})
-# Parameters that all mean the resource's clinical date (Query.date_*).
-DATE_ALIASES = frozenset({"date", "effective", "authoredon"})
+PATIENT_PARAMS = frozenset({"patient", "patient.identifier", "subject", "subject.identifier"})
+# Parameters that all mean the resource's clinical date (Query.date_*): an Observation's,
+# DiagnosticReport's and Immunization's effective time, a Procedure's start, a ServiceRequest's
+# authoredOn.
+DATE_ALIASES = frozenset({"date", "effective", "authoredon", "authored"})
+# Date parameters on another field than the clinical date: (resource type, param) -> attribute.
+DATE_FIELDS: dict[tuple[str, str], str] = {
+    ("Condition", "recorded-date"): "recorded_at",
+    ("DiagnosticReport", "issued"): "issued_at",
+    ("ServiceRequest", "occurrence"): "occurrence_at",
+    ("ServiceRequest", "occurrenceDateTime"): "occurrence_at",
+}
 
 
 def _sets(*options: str) -> tuple[frozenset[str], ...]:
@@ -67,6 +93,7 @@ def _sets(*options: str) -> tuple[frozenset[str], ...]:
 
 
 _PATIENT_OR = ("patient", "patient.identifier", "subject")
+_SUBJECT_OR = (*_PATIENT_OR, "subject.identifier")
 # One of these sets must be present in every search (REDOX-REFERENCE §3.3). "patient" always also
 # means ``patient.identifier`` and, where FHIR names it so, ``subject``. Types the sandbox does not
 # serve are listed too so the table reads as the reference does; they answer 404 before this.
@@ -79,9 +106,9 @@ REQUIRED: dict[str, tuple[frozenset[str], ...]] = {
     "DocumentReference": _sets("_id", "identifier", "patient", "patient.identifier"),
     "Observation": _sets(*_PATIENT_OR, "_id", "identifier"),
     "Condition": _sets(*_PATIENT_OR, "_id", "identifier"),
-    "AllergyIntolerance": _sets(*_PATIENT_OR, "_id", "identifier"),
-    "Immunization": _sets(*_PATIENT_OR, "_id", "identifier"),
-    "DiagnosticReport": _sets(*_PATIENT_OR, "_id", "identifier"),
+    "AllergyIntolerance": _sets("patient", "patient.identifier", "_id", "identifier"),
+    "Immunization": _sets("patient", "patient.identifier", "_id", "identifier"),
+    "DiagnosticReport": _sets(*_SUBJECT_OR, "_id", "identifier"),
     "Appointment": _sets("patient", "patient.identifier", "date", "identifier", "_id"),
     "ServiceRequest": _sets("patient", "patient.identifier", "identifier", "_id"),
 }
@@ -102,6 +129,12 @@ REVINCLUDE_TYPES = (
     "MedicationStatement",
     "Appointment",
     "DocumentReference",
+    "Condition",
+    "AllergyIntolerance",
+    "Immunization",
+    "Procedure",
+    "DiagnosticReport",
+    "ServiceRequest",
 )
 REVINCLUDE_PARAMS = frozenset({"patient", "subject"})
 # DocumentReference's top-level elements (FHIR R4): what `_elements` may name.
@@ -181,6 +214,41 @@ STATUS_VALUES: dict[str, frozenset[str]] = {
         }
     ),
     "DocumentReference": frozenset({"current", "superseded", "entered-in-error"}),
+    "Immunization": frozenset({"completed", "entered-in-error", "not-done"}),
+    "Procedure": frozenset(
+        {
+            "preparation",
+            "in-progress",
+            "not-done",
+            "on-hold",
+            "stopped",
+            "completed",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
+    "DiagnosticReport": frozenset(
+        {
+            "registered",
+            "partial",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "appended",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
+    ),
+    "ServiceRequest": frozenset(
+        {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
+    ),
+}
+# `clinical-status` codes (condition-clinical, allergyintolerance-clinical).
+CLINICAL_STATUS_VALUES: dict[str, frozenset[str]] = {
+    "Condition": frozenset({"active", "recurrence", "relapse", "inactive", "remission", "resolved"}),
+    "AllergyIntolerance": frozenset({"active", "inactive", "resolved"}),
 }
 _STATEMENT_STATUS_BACK = {fhir: canonical for canonical, fhir in STATEMENT_STATUS.items()}
 _BUSINESS_SYSTEMS: dict[str, Callable[[str], str]] = {
@@ -190,6 +258,12 @@ _BUSINESS_SYSTEMS: dict[str, Callable[[str], str]] = {
     "MedicationRequest": ids.order_system,
     "MedicationStatement": ids.order_system,
     "DocumentReference": ids.document_system,
+    "Condition": ids.problem_system,
+    "AllergyIntolerance": ids.allergy_system,
+    "Immunization": ids.immunization_system,
+    "Procedure": ids.procedure_system,
+    "DiagnosticReport": ids.order_system,
+    "ServiceRequest": ids.order_system,
 }
 _PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)(?=\d)")
 _DATE_VALUE = re.compile(
@@ -404,9 +478,18 @@ def parse_search(
         elif name == "_lastUpdated":
             for v in values:
                 updated.add(name, v)
+        elif (resource_type, name) in DATE_FIELDS:
+            filters.extend(_date_filter(name, v, DATE_FIELDS[(resource_type, name)]) for v in values)
         elif name in DATE_ALIASES:
             for v in values:
                 dated.add(name, v)
+        elif name == "clinical-status":
+            wanted_status = _clinical_statuses(resource_type, values)
+            statuses = wanted_status if statuses is None else [s for s in statuses if s in wanted_status]
+        elif name in ("encounter", "context", "context.identifier"):
+            filters.extend(_visit_filter(store, conn, name, v) for v in values)
+        elif name in ("result", "result.identifier"):
+            filters.extend(_result_filter(store, conn, name, v) for v in values)
         elif name == "identifier":
             for v in values:
                 if resource_type == "Patient":
@@ -440,8 +523,17 @@ def parse_search(
             if len(flags) > 1:
                 empty = True
             statuses = ["active" if flags.pop() else "inactive"]
+        elif name == "category" and resource_type in _FIXED_CATEGORY:
+            # Every Condition served is a problem-list item, every DiagnosticReport a LAB report.
+            fixed_system, fixed_code = _FIXED_CATEGORY[resource_type]
+            for v in values:
+                tokens = [_token(item) for item in _split(v)]
+                if not any(
+                    code == fixed_code and system in (None, "", fixed_system) for system, code in tokens
+                ):
+                    empty = True
         elif name == "category":
-            # Observation: laboratory | vital-signs; DocumentReference: note | cda (Query.category).
+            # Observation: the five categories; DocumentReference: note | cda (Query.category).
             wanted_categories = set(_CATEGORY_CODES[resource_type])
             for v in values:
                 wanted_categories &= _categories(resource_type, v)
@@ -449,6 +541,8 @@ def parse_search(
                 empty = True
             elif len(wanted_categories) == 1:
                 category = next(iter(wanted_categories))
+            else:
+                filters.append(lambda r, w=frozenset(wanted_categories): r.category in w)
         elif name in ("code", "type"):
             filters.extend(_coding_filter(v, name) for v in values)
         elif name == "intent":
@@ -600,8 +694,12 @@ def _coding_filter(raw: str, attribute: str) -> Predicate:
 
 
 _CATEGORY_CODES: dict[str, tuple[str, ...]] = {
-    "Observation": ("laboratory", "vital-signs"),
+    "Observation": ("laboratory", "vital-signs", "social-history", "survey", "exam"),
     "DocumentReference": ("note", "cda"),
+}
+_FIXED_CATEGORY: dict[str, tuple[str, str]] = {
+    "Condition": (ids.CONDITION_CATEGORY, "problem-list-item"),
+    "DiagnosticReport": (ids.DIAGNOSTIC_SERVICE_SECTION, "LAB"),
 }
 
 
@@ -618,6 +716,70 @@ def _categories(resource_type: str, raw: str) -> set[str]:
         elif system in (None, "", ids.DOCUMENT_CATEGORY) and code == "clinical-note":
             out |= {"cda", "note"}
     return out
+
+
+def _clinical_statuses(resource_type: str, values: list[str]) -> list[str]:
+    known = CLINICAL_STATUS_VALUES[resource_type]
+    out: list[str] = []
+    for v in values:
+        for item in _split(v):
+            _, code = _token(item)
+            if code not in known:
+                raise SearchError(f"parameter 'clinical-status': not a {resource_type} clinical status code")
+            out.append(code)
+    return out
+
+
+def _date_filter(name: str, raw: str, attribute: str) -> Predicate:
+    """A date parameter on a field other than the clinical date (``recorded-date``, ``issued``,
+    ``occurrence``): records without the field never match."""
+    bounds = _Bounds()
+    bounds.add(name, raw)
+
+    def matches(record: Record) -> bool:
+        value = getattr(record, attribute, None)
+        if value is None:
+            return False
+        return (
+            (bounds.ge is None or value >= bounds.ge)
+            and (bounds.gt is None or value > bounds.gt)
+            and (bounds.le is None or value <= bounds.le)
+            and (bounds.lt is None or value < bounds.lt)
+        )
+
+    return matches
+
+
+def _visit_filter(store: RecordStore, conn: ConnectionSpec, name: str, raw: str) -> Predicate:
+    """``encounter`` / ``context`` (Encounter/<id>) or ``context.identifier`` (visit number token):
+    records of those visits."""
+    visits: set[str] = set()
+    for item in _split(raw):
+        if name == "context.identifier":
+            system, value = _token(item)
+            if value and system in (None, "", ids.visit_system(conn.slug)):
+                visits.add(value)
+            continue
+        encounter = store.get(conn.id, "encounters", item.removeprefix("Encounter/"))
+        if encounter is not None:
+            visits.add(encounter.visit_number)  # type: ignore[attr-defined]
+    return lambda r: getattr(r, "visit_number", None) in visits
+
+
+def _result_filter(store: RecordStore, conn: ConnectionSpec, name: str, raw: str) -> Predicate:
+    """``result`` (Observation/<id>) or ``result.identifier`` (ResultID token): reports that
+    group one of those Observations."""
+    wanted: set[str] = set()
+    for item in _split(raw):
+        if name == "result":
+            wanted.add(item.removeprefix("Observation/"))
+            continue
+        system, value = _token(item)
+        if value and system in (None, "", ids.result_system(conn.slug)):
+            found = store.find_by_business_id(conn.id, "results", value)
+            if found is not None:
+                wanted.add(found.id)
+    return lambda r: bool(wanted.intersection(getattr(r, "result_ids", ())))
 
 
 def _digits(value: str | None) -> str:

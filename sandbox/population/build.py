@@ -21,13 +21,21 @@ from sandbox.population.generate import ENC_CLASS_CODE, S
 from sandbox.population.ids import M48, DecimalCode, HexCode, encode_uuid, mix64, record_key, salt
 from sandbox.population.query import CATEGORY_VALUES, STATUS_VALUES
 from sandbox.population.records import (
+    AllergyRecord,
     AppointmentRecord,
+    Coding,
+    Component,
+    DiagnosticReportRecord,
     DocumentRecord,
     EncounterRecord,
+    ImmunizationRecord,
     Location,
     MedicationRecord,
+    OrderRecord,
     PatientRecord,
     PatientRef,
+    ProblemRecord,
+    ProcedureRecord,
     Provider,
     Record,
     ResultRecord,
@@ -78,6 +86,10 @@ class ConnCodes:
     lab_order: DecimalCode
     med_order: DecimalCode
     document: DecimalCode
+    problem: DecimalCode
+    allergy: DecimalCode
+    immunization: DecimalCode
+    procedure: DecimalCode
     ehr_salt: int
     ehr_mask: int
     nist: HexCode
@@ -153,6 +165,10 @@ class RecordBuilder:
             lab_order=DecimalCode("3", 8, s("lab-order")),
             med_order=DecimalCode("4", 8, s("med-order")),
             document=DecimalCode("DOC", 9, s("document")),
+            problem=DecimalCode("PRB", 9, s("problem")),
+            allergy=DecimalCode("ALG", 9, s("allergy")),
+            immunization=DecimalCode("IMM", 9, s("immunization")),
+            procedure=DecimalCode("PRC", 9, s("procedure")),
             ehr_salt=s("ehr"),
             ehr_mask=s("ehr", "mask") & M48,
             nist=HexCode(s("nist")),
@@ -411,9 +427,12 @@ class RecordBuilder:
         # Order-level details are drawn from the order, so all of its observations agree.
         order_rng = random.Random(mix64(self.codes[cs.spec.id].table_salt["results"] ^ (order_no + 1)))
         performer = self._provider(order_rng, clinician=panel.category != "vital-signs")
-        producer = None if panel.category == "vital-signs" else order_rng.choice(vocab.LAB_PERFORMING)
+        producer = order_rng.choice(vocab.LAB_PERFORMING) if panel.category == "laboratory" else None
         value_numeric = value_text = flag = None
-        if analyte.text_values:
+        components: tuple[Component, ...] = ()
+        if analyte.components:
+            components = tuple(self._component(part, rng) for part in analyte.components)
+        elif analyte.text_values:
             value_text = clinical.draw_text(analyte, rng)
             flag = clinical.text_flag(analyte, value_text)
         else:
@@ -425,7 +444,9 @@ class RecordBuilder:
                 value_numeric = clinical.draw_numeric(analyte, rng)
             value_text = clinical.format_numeric(value_numeric, analyte.decimals)
             flag = clinical.numeric_flag(analyte, value_numeric)
-        if analyte.text_values:
+        if analyte.components:
+            reference_text = None
+        elif analyte.text_values:
             reference_text = analyte.text_values[0]
         elif analyte.low is not None and analyte.high is not None:
             reference_text = f"{analyte.low:g}-{analyte.high:g}"
@@ -462,6 +483,21 @@ class RecordBuilder:
             issued_at=issued,
             performer=performer,
             producer=producer,
+            components=components,
+            value_code=_value_code(analyte, value_text),
+        )
+
+    @staticmethod
+    def _component(analyte: vocab.Analyte, rng: random.Random) -> Component:
+        value = clinical.draw_numeric(analyte, rng)
+        return Component(
+            code=analyte.code,
+            value_numeric=value,
+            value_text=clinical.format_numeric(value, analyte.decimals),
+            unit=analyte.unit,
+            reference_low=analyte.low,
+            reference_high=analyte.high,
+            abnormal_flag=clinical.numeric_flag(analyte, value),
         )
 
     def _build_medications(self, snap: Snapshot, cs: ConnState, row: int) -> MedicationRecord:
@@ -574,6 +610,161 @@ class RecordBuilder:
             content=content,
         )
 
+    def _build_problems(self, snap: Snapshot, cs: ConnState, row: int) -> ProblemRecord:
+        common, rng = self._common(cs, "problems", row)
+        base = cs.tables["problems"].base
+        problem = vocab.PROBLEMS[int(base.item[row])]
+        status = STATUS_VALUES["problems"][int(base.status[row])]
+        onset = self.at(int(base.clin[row]))
+        abated = None
+        if status == "resolved":
+            abated = onset + timedelta(seconds=int(base.aux[row]))
+        elif status == "inactive":
+            abated = common["last_updated"]
+        return ProblemRecord(
+            **common,
+            patient=self.patient_ref(cs, int(base.patient[row])),
+            visit_number=self.visit_number(cs, int(base.link[row])),
+            problem_id=self.codes[cs.spec.id].problem.encode(row),
+            code=problem.code,
+            alt_code=problem.snomed,
+            status=status,  # type: ignore[arg-type]
+            onset_at=onset,
+            abated_at=abated,
+            recorded_at=onset + timedelta(minutes=rng.randrange(1, 90)),
+            recorder=self._provider(rng),
+        )
+
+    def _build_allergies(self, snap: Snapshot, cs: ConnState, row: int) -> AllergyRecord:
+        common, rng = self._common(cs, "allergies", row)
+        base = cs.tables["allergies"].base
+        allergen = vocab.ALLERGENS[int(base.item[row])]
+        recorded = self.at(int(base.clin[row]))
+        reaction = rng.choice(vocab.REACTIONS) if rng.random() < 0.8 else None
+        severity = None
+        if reaction is not None:
+            severity = "severe" if reaction.code == "39579001" else rng.choice(("mild", "mild", "moderate"))
+        onset = None
+        if rng.random() < 0.6:
+            onset = recorded - timedelta(days=rng.randrange(30, 3650))
+        return AllergyRecord(
+            **common,
+            patient=self.patient_ref(cs, int(base.patient[row])),
+            allergy_id=self.codes[cs.spec.id].allergy.encode(row),
+            substance=allergen.substance,
+            kind=allergen.kind,  # type: ignore[arg-type]
+            category=allergen.category,  # type: ignore[arg-type]
+            criticality="high" if severity == "severe" else rng.choice(("low", "low", "unable-to-assess")),
+            status=STATUS_VALUES["allergies"][int(base.status[row])],  # type: ignore[arg-type]
+            reaction=reaction,
+            severity=severity,  # type: ignore[arg-type]
+            onset_at=onset,
+            recorded_at=recorded,
+            recorder=self._provider(rng),
+        )
+
+    def _build_immunizations(self, snap: Snapshot, cs: ConnState, row: int) -> ImmunizationRecord:
+        common, rng = self._common(cs, "immunizations", row)
+        base = cs.tables["immunizations"].base
+        vaccine = vocab.VACCINES[int(base.item[row])]
+        status = STATUS_VALUES["immunizations"][int(base.status[row])]
+        given = self.at(int(base.clin[row]))
+        done = status != "not-done"
+        return ImmunizationRecord(
+            **common,
+            patient=self.patient_ref(cs, int(base.patient[row])),
+            visit_number=self.visit_number(cs, int(base.link[row])),
+            immunization_id=self.codes[cs.spec.id].immunization.encode(row),
+            vaccine=vaccine.code,
+            status=status,  # type: ignore[arg-type]
+            status_reason=None if done else rng.choice(vocab.NOT_DONE_REASONS),
+            occurred_at=given,
+            recorded_at=given + timedelta(minutes=rng.randrange(1, 120)),
+            lot_number=f"{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{rng.randrange(10000, 99999)}"
+            if done
+            else None,
+            manufacturer=vaccine.manufacturer if done else None,
+            route=vaccine.route if done else None,
+            dose_quantity=vaccine.dose_ml if done else None,
+            dose_unit="mL" if done else None,
+            performer=self._provider(rng) if done else None,
+        )
+
+    def _build_procedures(self, snap: Snapshot, cs: ConnState, row: int) -> ProcedureRecord:
+        common, rng = self._common(cs, "procedures", row)
+        base = cs.tables["procedures"].base
+        kind = vocab.PROCEDURES[int(base.item[row])]
+        status = STATUS_VALUES["procedures"][int(base.status[row])]
+        start = self.at(int(base.clin[row]))
+        end = start + timedelta(seconds=int(base.aux[row])) if status == "completed" else None
+        return ProcedureRecord(
+            **common,
+            patient=self.patient_ref(cs, int(base.patient[row])),
+            visit_number=self.visit_number(cs, int(base.link[row])),
+            procedure_id=self.codes[cs.spec.id].procedure.encode(row),
+            code=kind.code,
+            status=status,  # type: ignore[arg-type]
+            performed_start=start,
+            performed_end=end,
+            body_site=kind.body_site,
+            reason=rng.choice(vocab.REASONS) if rng.random() < 0.6 else None,
+            performer=self._provider(rng),
+        )
+
+    def _order_details(self, cs: ConnState, order_no: int) -> tuple[Provider, str | None]:
+        """The ordering provider and performing lab of a lab order (as its results draw them)."""
+        order_rng = random.Random(mix64(self.codes[cs.spec.id].table_salt["results"] ^ (order_no + 1)))
+        return self._provider(order_rng, clinician=True), order_rng.choice(vocab.LAB_PERFORMING)
+
+    def _build_diagnostic_reports(self, snap: Snapshot, cs: ConnState, row: int) -> DiagnosticReportRecord:
+        common, _ = self._common(cs, "diagnostic_reports", row)
+        base = cs.tables["diagnostic_reports"].base
+        first, n = int(base.link[row]), int(base.aux[row])
+        order_no = int(base.order_no[row])
+        results = cs.tables["results"].base
+        status = STATUS_VALUES["diagnostic_reports"][int(base.status[row])]
+        effective = self.at(int(base.clin[row]))
+        issued = None
+        if status in ("final", "corrected"):
+            issued = effective + timedelta(seconds=int(results.aux[first]))
+        performer, producer = self._order_details(cs, order_no)
+        rows = range(first, first + n)
+        return DiagnosticReportRecord(
+            **common,
+            patient=self.patient_ref(cs, int(base.patient[row])),
+            visit_number=self.visit_number(cs, int(results.link[first])),
+            order_id=self.codes[cs.spec.id].lab_order.encode(order_no),
+            code=vocab.PANELS[int(base.item[row])].code,
+            status=status,  # type: ignore[arg-type]
+            effective_at=effective,
+            issued_at=issued,
+            performer=performer,
+            producer=producer,
+            result_ids=tuple(self.record_id(cs, "results", r) for r in rows),
+            result_business_ids=tuple(self.result_id(cs, r) for r in rows),
+        )
+
+    def _build_orders(self, snap: Snapshot, cs: ConnState, row: int) -> OrderRecord:
+        common, rng = self._common(cs, "orders", row)
+        base = cs.tables["orders"].base
+        order_no = int(base.order_no[row])
+        authored = self.at(int(base.clin[row]))
+        requester, _ = self._order_details(cs, order_no)
+        return OrderRecord(
+            **common,
+            patient=self.patient_ref(cs, int(base.patient[row])),
+            visit_number=self.visit_number(cs, int(base.link[row])),
+            order_id=self.codes[cs.spec.id].lab_order.encode(order_no),
+            code=vocab.PANELS[int(base.item[row])].code,
+            status=STATUS_VALUES["orders"][int(base.status[row])],  # type: ignore[arg-type]
+            intent="order",
+            priority=_weighted(vocab.ORDER_PRIORITIES, rng),
+            authored_at=authored,
+            occurrence_at=authored + timedelta(seconds=int(base.aux[row])),
+            requester=requester,
+            reason=rng.choice(vocab.REASONS) if rng.random() < 0.7 else None,
+        )
+
     def _history(self, snap: Snapshot, cs: ConnState, entity: str, prow: int, until: int, limit: int) -> list:
         """The patient's records of ``entity`` as they were when a summary was written: created
         (and clinically dated) no later than ``until``, most recent ``limit``, as created."""
@@ -585,6 +776,14 @@ class RecordBuilder:
         rows = rows[(base.lu[rows] <= until) & (base.clin[rows] <= until)]
         rows = rows[np.lexsort((rows, base.clin[rows]))][-limit:]
         return [getattr(self, f"_build_{entity}")(snap, cs, int(r)) for r in rows]
+
+
+def _value_code(analyte: vocab.Analyte, value_text: str | None) -> Coding | None:
+    """The coding of a coded value (smoking status), when the analyte has codes."""
+    for c in analyte.value_codes:
+        if c.display == value_text:
+            return c
+    return None
 
 
 def record_diff(base: Record, new: Record) -> dict:

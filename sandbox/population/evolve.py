@@ -16,11 +16,18 @@ from datetime import datetime, timedelta
 from sandbox.population import clinical, vocab
 from sandbox.population.query import record_status
 from sandbox.population.records import (
+    AllergyRecord,
     AppointmentRecord,
+    Component,
+    DiagnosticReportRecord,
     DocumentRecord,
     EncounterRecord,
+    ImmunizationRecord,
     MedicationRecord,
+    OrderRecord,
     PatientRecord,
+    ProblemRecord,
+    ProcedureRecord,
     Record,
     ResultRecord,
 )
@@ -33,7 +40,15 @@ TRANSITIONAL: dict[str, frozenset[str]] = {
     "medications": frozenset({"active", "on-hold"}),
     "appointments": frozenset({"proposed", "pending", "booked", "arrived"}),
     "documents": frozenset(),
+    "problems": frozenset({"active"}),
+    "allergies": frozenset({"active"}),
+    "immunizations": frozenset(),
+    "procedures": frozenset({"in-progress"}),
+    "diagnostic_reports": frozenset({"registered", "preliminary"}),
+    "orders": frozenset({"active"}),
 }
+# Entities with no "cancelled" status: a cancel is an entered-in-error correction.
+_ERROR_ONLY = (ProblemRecord, AllergyRecord, ImmunizationRecord, ProcedureRecord)
 
 
 def update_record(record: Record, rng: random.Random, at: datetime) -> Record:
@@ -51,6 +66,18 @@ def update_record(record: Record, rng: random.Random, at: datetime) -> Record:
         return replace(record, **bumped, **_appointment_change(record, rng, at))
     if isinstance(record, DocumentRecord):
         return replace(record, **bumped, **_document_change(record, rng, at))
+    if isinstance(record, ProblemRecord):
+        return replace(record, **bumped, **_problem_change(record, rng, at))
+    if isinstance(record, AllergyRecord):
+        return replace(record, **bumped, **_allergy_change(record, rng, at))
+    if isinstance(record, ImmunizationRecord):
+        return replace(record, **bumped, **_immunization_change(record, rng, at))
+    if isinstance(record, ProcedureRecord):
+        return replace(record, **bumped, **_procedure_change(record, rng, at))
+    if isinstance(record, DiagnosticReportRecord):
+        return replace(record, **bumped, **_report_change(record, rng, at))
+    if isinstance(record, OrderRecord):
+        return replace(record, **bumped, **_order_change(record, rng, at))
     raise TypeError(f"unknown record type {type(record).__name__}")
 
 
@@ -59,7 +86,7 @@ def cancel_record(record: Record, rng: random.Random, at: datetime) -> Record:
     bumped = {"version": record.version + 1, "last_updated": at}
     if isinstance(record, PatientRecord):
         return replace(record, active=False, **bumped)
-    if isinstance(record, DocumentRecord):
+    if isinstance(record, (DocumentRecord, *_ERROR_ONLY)):
         return replace(record, status="entered-in-error", **bumped)
     status = record_status(record)
     early = status in {
@@ -73,6 +100,8 @@ def cancel_record(record: Record, rng: random.Random, at: datetime) -> Record:
         "on-hold",
     }
     new_status = "cancelled" if early and rng.random() < 0.8 else "entered-in-error"
+    if isinstance(record, OrderRecord) and new_status == "cancelled":
+        new_status = "revoked"  # a ServiceRequest has no "cancelled"
     if isinstance(record, AppointmentRecord) and new_status == "cancelled":
         return replace(record, status="cancelled", cancel_reason=rng.choice(vocab.CANCEL_REASONS), **bumped)
     return replace(record, status=new_status, **bumped)
@@ -114,6 +143,18 @@ def _result_change(record: ResultRecord, rng: random.Random, at: datetime) -> di
     change: dict = {"status": status, "issued_at": at}
     if analyte is None:
         return change
+    if analyte.components:
+        parts = []
+        for part, old in zip(analyte.components, record.components, strict=False):
+            base = old.value_numeric if old.value_numeric is not None else part.mean
+            value = round(
+                max(base + rng.choice((-1, 1)) * part.sd * 0.3 * (0.5 + rng.random()), 1.0), part.decimals
+            )
+            parts.append(
+                Component(part.code, value, clinical.format_numeric(value, part.decimals), part.unit,
+                          part.low, part.high, clinical.numeric_flag(part, value))
+            )  # fmt: skip
+        return change | {"components": tuple(parts)}
     if analyte.text_values:
         value = clinical.draw_text(analyte, rng)
         return change | {"value_text": value, "abnormal_flag": clinical.text_flag(analyte, value)}
@@ -168,6 +209,44 @@ def _document_change(record: DocumentRecord, rng: random.Random, at: datetime) -
         return {"content": record.content + addendum, "title": _amended(record.title)}
     marker = f"<!-- amended {stamp} -->\n".encode()
     return {"content": record.content + marker, "title": _amended(record.title)}
+
+
+def _problem_change(record: ProblemRecord, rng: random.Random, at: datetime) -> dict:
+    if record.status == "active":
+        return {"status": "resolved", "abated_at": max(at, record.onset_at)}
+    return {"status": "active", "abated_at": None}  # a recurrence
+
+
+def _allergy_change(record: AllergyRecord, rng: random.Random, at: datetime) -> dict:
+    if record.status == "active":
+        return {"status": rng.choice(("inactive", "resolved"))}
+    severity = rng.choice(("mild", "moderate", "severe"))
+    return {"severity": severity, "criticality": "high" if severity == "severe" else record.criticality}
+
+
+def _immunization_change(record: ImmunizationRecord, rng: random.Random, at: datetime) -> dict:
+    # A documentation correction: the lot number is re-keyed from the vial.
+    if record.lot_number is None:
+        return {"recorded_at": at}
+    return {"lot_number": f"{record.lot_number[0]}{rng.randrange(10000, 99999)}"}
+
+
+def _procedure_change(record: ProcedureRecord, rng: random.Random, at: datetime) -> dict:
+    if record.status == "in-progress":
+        return {"status": "completed", "performed_end": max(at, record.performed_start)}
+    return {"reason": rng.choice(vocab.REASONS)}
+
+
+def _report_change(record: DiagnosticReportRecord, rng: random.Random, at: datetime) -> dict:
+    if record.status in ("registered", "preliminary"):
+        return {"status": "final", "issued_at": at}
+    return {"status": "corrected", "issued_at": at}
+
+
+def _order_change(record: OrderRecord, rng: random.Random, at: datetime) -> dict:
+    if record.status == "active":
+        return {"status": "completed"}
+    return {"priority": "urgent" if record.priority == "routine" else "routine"}
 
 
 def _amended(title: str) -> str:

@@ -154,24 +154,39 @@ def pick_patient_encounters(
 
 
 def gen_results(
-    rng: np.random.Generator, lab: Anchors, vitals: Anchors, now: int, first_order_no: int, allow_dead: bool
+    rng: np.random.Generator,
+    lab: Anchors,
+    vitals: Anchors,
+    now: int,
+    first_order_no: int,
+    allow_dead: bool,
+    other: Anchors | None = None,
 ) -> Rows:
-    """One lab order per ``lab`` anchor and one vital-signs set per ``vitals`` anchor, exploded
-    into one row per observation."""
+    """One lab order per ``lab`` anchor, one vital-signs set per ``vitals`` anchor and one
+    social-history, survey or exam observation per ``other`` anchor, exploded into one row per
+    observation (a blood pressure panel is one row: its components live in the record)."""
     st = S["results"]
-    n_lab, n_vit = len(lab.patient), len(vitals.patient)
+    if other is None:
+        other = Anchors(*(np.empty(0, np.int64) for _ in fields(Anchors)))
+    n_lab, n_vit, n_oth = len(lab.patient), len(vitals.patient), len(other.patient)
     lab_weights = np.array([p.weight for p in vocab.LAB_PANELS])
+    other_weights = np.array([p.weight for p in vocab.OTHER_PANELS])
     panel = np.concatenate(
         [
             rng.choice(len(vocab.LAB_PANELS), size=n_lab, p=lab_weights / lab_weights.sum()),
             np.full(n_vit, vocab.VITALS_PANEL_INDEX),
+            vocab.OTHER_PANEL_FIRST
+            + rng.choice(len(vocab.OTHER_PANELS), size=n_oth, p=other_weights / other_weights.sum()),
         ]
     ).astype(np.int64)
     anchors = Anchors(
-        *(np.concatenate([getattr(lab, f.name), getattr(vitals, f.name)]) for f in fields(Anchors))
+        *(
+            np.concatenate([getattr(lab, f.name), getattr(vitals, f.name), getattr(other, f.name)])
+            for f in fields(Anchors)
+        )
     )
-    n_orders = n_lab + n_vit
-    is_vitals = panel == vocab.VITALS_PANEL_INDEX
+    n_orders = n_lab + n_vit + n_oth
+    is_vitals = panel >= vocab.VITALS_PANEL_INDEX  # taken during the visit, not sent to a lab
     window = np.where(is_vitals, np.minimum(anchors.dur, 30 * 60), np.minimum(anchors.dur, 4 * HOUR))
     effective = anchors.start + (window * rng.random(n_orders)).astype(np.int64)
     effective = np.minimum(effective, now - 60)
@@ -203,7 +218,8 @@ def gen_results(
         dead = _dead(rng, n, 0.007, 0.003)
         status = np.where(dead == 1, st["cancelled"], np.where(dead == 2, st["entered-in-error"], status))
         version = np.where(dead > 0, version + 1, version)
-    category = np.where(is_vitals[rep], 1, 0)
+    panel_category = np.array([vocab.RESULT_CATEGORIES.index(p.category) for p in vocab.PANELS])
+    category = panel_category[panel[rep]]
     return _rows(
         n,
         patient=anchors.patient[rep],
@@ -313,4 +329,179 @@ def gen_documents(
     return _rows(
         n, patient=anchors.patient, clin=authored, lu=lu, status=status, category=kind, version=version,
         link=anchors.enc_row, aux=np.zeros(n), item=item,
+    )  # fmt: skip
+
+
+def _distinct_items(rng: np.random.Generator, counts: np.ndarray, n_items: int) -> np.ndarray:
+    """For patients with ``counts`` records each, item numbers that never repeat within one
+    patient (so a patient's problems, allergies ... have distinct codes: a natural key that
+    both surfaces share). ``counts`` must not exceed ``n_items``."""
+    offset = np.repeat(rng.integers(0, n_items, size=len(counts)), counts)
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return (offset + within) % n_items
+
+
+def gen_problems(
+    rng: np.random.Generator, anchors: Anchors, items: np.ndarray, now: int, allow_dead: bool
+) -> Rows:
+    """Problems diagnosed at ``anchors`` (one per anchor, ``items`` index vocab.PROBLEMS).
+    Chronic problems stay active; acute ones resolve after days to weeks."""
+    st = S["problems"]
+    n = len(anchors.patient)
+    chronic = np.array([p.chronic for p in vocab.PROBLEMS], dtype=bool)[items]
+    onset = np.minimum(anchors.start + _uniform_int(rng, 0, HOUR, n), now - 60)
+    course = np.where(chronic, 0, _uniform_int(rng, 5 * DAY, 45 * DAY, n))
+    resolved = ~chronic & (onset + course <= now)
+    u = rng.random(n)
+    status = np.where(
+        resolved,
+        st["resolved"],
+        np.where(chronic & (u < 0.06), st["inactive"], st["active"]),
+    )
+    recorded_lag = _uniform_int(rng, 0, 2 * HOUR, n)
+    lu = np.where(
+        resolved, np.minimum(onset + course + recorded_lag, now), np.minimum(onset + recorded_lag, now)
+    )
+    version = np.where(status == st["active"], 1, 2)
+    if allow_dead:
+        error = rng.random(n) < 0.006
+        status = np.where(error, st["entered-in-error"], status)
+        version = np.where(error, version + 1, version)
+    return _rows(
+        n, patient=anchors.patient, clin=onset, lu=lu, status=status, category=np.zeros(n),
+        version=version, link=anchors.enc_row, aux=course, item=items,
+    )  # fmt: skip
+
+
+def gen_allergies(
+    rng: np.random.Generator, patients: np.ndarray, items: np.ndarray, lo, hi: int, now: int, allow_dead: bool
+) -> Rows:
+    """Allergies recorded at some moment in [lo, hi] (``items`` index vocab.ALLERGENS)."""
+    st = S["allergies"]
+    n = len(patients)
+    recorded = _uniform_int(rng, lo, hi - 60, n)
+    u = rng.random(n)
+    status = np.where(u < 0.9, st["active"], np.where(u < 0.96, st["inactive"], st["resolved"]))
+    lu = np.where(
+        status == st["active"], recorded, recorded + ((now - recorded) * rng.random(n)).astype(np.int64)
+    )
+    version = np.where(status == st["active"], 1, 2)
+    if allow_dead:
+        error = rng.random(n) < 0.006
+        status = np.where(error, st["entered-in-error"], status)
+        version = np.where(error, version + 1, version)
+    category_names = ("medication", "food", "environment")
+    category = np.array([category_names.index(a.category) for a in vocab.ALLERGENS])[items]
+    return _rows(
+        n, patient=patients, clin=recorded, lu=np.minimum(lu, now), status=status, category=category,
+        version=version, item=items,
+    )  # fmt: skip
+
+
+def gen_immunizations(rng: np.random.Generator, anchors: Anchors, now: int, allow_dead: bool) -> Rows:
+    st = S["immunizations"]
+    n = len(anchors.patient)
+    given = np.minimum(anchors.start + _uniform_int(rng, 5 * 60, 45 * 60, n), now - 60)
+    u = rng.random(n)
+    status = np.where(u < 0.96, st["completed"], st["not-done"])
+    lu = np.minimum(given + _uniform_int(rng, 0, 4 * HOUR, n), now)
+    version = np.ones(n, dtype=np.int64)
+    if allow_dead:
+        error = rng.random(n) < 0.005
+        status = np.where(error, st["entered-in-error"], status)
+        version = np.where(error, 2, version)
+    item = rng.integers(0, len(vocab.VACCINES), size=n)
+    return _rows(
+        n, patient=anchors.patient, clin=given, lu=lu, status=status, version=version,
+        link=anchors.enc_row, item=item,
+    )  # fmt: skip
+
+
+def gen_procedures(rng: np.random.Generator, anchors: Anchors, now: int, allow_dead: bool) -> Rows:
+    st = S["procedures"]
+    n = len(anchors.patient)
+    item = rng.integers(0, len(vocab.PROCEDURES), size=n)
+    minutes = np.array([p.minutes for p in vocab.PROCEDURES])[item]
+    start = np.minimum(
+        anchors.start + (np.maximum(anchors.dur - minutes * 60, 0) * rng.random(n)).astype(np.int64), now - 60
+    )
+    end = start + minutes * 60
+    status = np.where(end <= now, st["completed"], st["in-progress"])
+    status = np.where(rng.random(n) < 0.02, st["not-done"], status)
+    lu = np.where(status == st["completed"], np.minimum(end + _uniform_int(rng, 0, 2 * HOUR, n), now), start)
+    version = np.where(status == st["completed"], 2, 1)
+    if allow_dead:
+        error = rng.random(n) < 0.005
+        status = np.where(error, st["entered-in-error"], status)
+        version = np.where(error, version + 1, version)
+    return _rows(
+        n, patient=anchors.patient, clin=start, lu=lu, status=status, version=version,
+        link=anchors.enc_row, aux=minutes * 60, item=item,
+    )  # fmt: skip
+
+
+def lab_order_groups(results: Rows, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(first row, row count) of every laboratory order in a batch of result rows, whose first
+    row is table row ``offset``. ``gen_results`` writes each order's rows contiguously."""
+    if not len(results):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    order_no = np.asarray(results.order_no, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], order_no[1:] != order_no[:-1]]))
+    counts = np.diff(np.concatenate([starts, [len(order_no)]]))
+    lab = np.asarray(results.category)[starts] == 0
+    return starts[lab] + offset, counts[lab]
+
+
+def gen_reports(
+    rng: np.random.Generator,
+    results: Rows,
+    first: np.ndarray,
+    count: np.ndarray,
+    offset: int,
+    allow_dead: bool,
+) -> Rows:
+    """One DiagnosticReport per lab order (``first``/``count`` from :func:`lab_order_groups`;
+    ``results`` holds the batch whose first row is table row ``offset``)."""
+    st, rs = S["diagnostic_reports"], S["results"]
+    n = len(first)
+    local = first - offset
+    order_status = np.asarray(results.status)[local]
+    status = np.where(order_status == rs["preliminary"], st["preliminary"], st["final"])
+    lu_all = np.asarray(results.lu)
+    last = np.maximum.reduceat(lu_all, local) if n else np.empty(0, np.int64)
+    version = np.where(status == st["final"], 2, 1)
+    if allow_dead:
+        dead = _dead(rng, n, 0.004, 0.002)
+        status = np.where(dead == 1, st["cancelled"], np.where(dead == 2, st["entered-in-error"], status))
+        version = np.where(dead > 0, version + 1, version)
+    return _rows(
+        n, patient=np.asarray(results.patient)[local], clin=np.asarray(results.clin)[local], lu=last,
+        status=status, version=version, link=first, aux=count, item=np.asarray(results.item)[local] >> 4,
+        order_no=np.asarray(results.order_no)[local],
+    )  # fmt: skip
+
+
+def gen_orders(
+    rng: np.random.Generator, results: Rows, first: np.ndarray, offset: int, now: int, allow_dead: bool
+) -> Rows:
+    """One inbound lab order (ServiceRequest) per lab order; placed before its collection."""
+    st, rs = S["orders"], S["results"]
+    n = len(first)
+    local = first - offset
+    collected = np.asarray(results.clin)[local]
+    lead = _uniform_int(rng, 10 * 60, 3 * DAY, n)
+    authored = collected - lead
+    order_status = np.asarray(results.status)[local]
+    status = np.where(order_status == rs["preliminary"], st["active"], st["completed"])
+    lu = np.where(status == st["completed"], np.minimum(np.asarray(results.lu)[local], now), authored)
+    version = np.where(status == st["completed"], 2, 1)
+    if allow_dead:
+        dead = _dead(rng, n, 0.006, 0.002)
+        status = np.where(dead == 1, st["revoked"], np.where(dead == 2, st["entered-in-error"], status))
+        version = np.where(dead > 0, version + 1, version)
+    enc = np.asarray(results.link)[local]
+    return _rows(
+        n, patient=np.asarray(results.patient)[local], clin=authored, lu=np.maximum(lu, authored),
+        status=status, version=version, link=enc, aux=lead, item=np.asarray(results.item)[local] >> 4,
+        order_no=np.asarray(results.order_no)[local],
     )  # fmt: skip

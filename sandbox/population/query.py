@@ -23,11 +23,17 @@ import numpy as np
 
 from sandbox.population.records import (
     DEAD_STATUSES,
+    AllergyRecord,
     AppointmentRecord,
+    DiagnosticReportRecord,
     DocumentRecord,
     EncounterRecord,
+    ImmunizationRecord,
     MedicationRecord,
+    OrderRecord,
     PatientRecord,
+    ProblemRecord,
+    ProcedureRecord,
     Record,
     ResultRecord,
 )
@@ -49,15 +55,34 @@ STATUS_VALUES: dict[str, tuple[str, ...]] = {
         "entered-in-error",
     ),
     "documents": ("current", "superseded", "entered-in-error"),
+    "problems": ("active", "inactive", "resolved", "entered-in-error"),
+    "allergies": ("active", "inactive", "resolved", "entered-in-error"),
+    "immunizations": ("completed", "not-done", "entered-in-error"),
+    "procedures": ("in-progress", "completed", "not-done", "entered-in-error"),
+    "diagnostic_reports": (
+        "registered",
+        "preliminary",
+        "final",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+    ),
+    "orders": ("active", "completed", "revoked", "entered-in-error"),
 }
 # What ``Query.category`` selects per entity; entities without one match no category.
 CATEGORY_VALUES: dict[str, tuple[str, ...]] = {
-    "results": ("laboratory", "vital-signs"),
+    "results": ("laboratory", "vital-signs", "social-history", "survey", "exam"),
     "medications": ("request", "statement"),
     "encounters": ("AMB", "IMP", "EMER", "OBSENC", "VR", "HH"),
     "documents": ("note", "cda"),
     "patients": (),
     "appointments": (),
+    "problems": (),
+    "allergies": ("medication", "food", "environment"),
+    "immunizations": (),
+    "procedures": (),
+    "diagnostic_reports": (),
+    "orders": (),
 }
 NO_CATEGORY = -1
 
@@ -95,6 +120,8 @@ def record_category(record: Record) -> str | None:
         return record.class_code
     if isinstance(record, DocumentRecord):
         return record.kind
+    if isinstance(record, AllergyRecord):
+        return record.category
     return None
 
 
@@ -104,6 +131,18 @@ def record_clinical_date(record: Record) -> datetime | None:
     if isinstance(record, ResultRecord):
         return record.effective_at
     if isinstance(record, DocumentRecord):
+        return record.authored_at
+    if isinstance(record, ProblemRecord):
+        return record.onset_at
+    if isinstance(record, AllergyRecord):
+        return record.recorded_at
+    if isinstance(record, ImmunizationRecord):
+        return record.occurred_at
+    if isinstance(record, ProcedureRecord):
+        return record.performed_start
+    if isinstance(record, DiagnosticReportRecord):
+        return record.effective_at
+    if isinstance(record, OrderRecord):
         return record.authored_at
     return None
 
@@ -122,6 +161,16 @@ def record_business_id(record: Record) -> str | None:
         return record.order_id
     if isinstance(record, DocumentRecord):
         return record.document_id
+    if isinstance(record, ProblemRecord):
+        return record.problem_id
+    if isinstance(record, AllergyRecord):
+        return record.allergy_id
+    if isinstance(record, ImmunizationRecord):
+        return record.immunization_id
+    if isinstance(record, ProcedureRecord):
+        return record.procedure_id
+    if isinstance(record, DiagnosticReportRecord | OrderRecord):
+        return record.order_id
     return None
 
 

@@ -14,7 +14,20 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
 
-ENTITIES: tuple[str, ...] = ("patients", "encounters", "results", "medications", "appointments", "documents")
+ENTITIES: tuple[str, ...] = (
+    "patients",
+    "encounters",
+    "results",
+    "medications",
+    "appointments",
+    "documents",
+    "problems",
+    "allergies",
+    "immunizations",
+    "procedures",
+    "diagnostic_reports",
+    "orders",
+)
 WRITE_ENTITIES: tuple[str, ...] = ("orders", "appointments")
 
 # Code systems, as FHIR URIs, with the Redox Data Model ``Codeset`` name beside each.
@@ -23,8 +36,16 @@ SNOMED = "http://snomed.info/sct"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 CPT = "http://www.ama-assn.org/go/cpt"
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
+CVX = "http://hl7.org/fhir/sid/cvx"
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
-CODESET_NAMES = {LOINC: "LOINC", SNOMED: "SNOMED CT", RXNORM: "RxNorm", CPT: "CPT", ICD10: "ICD-10"}
+CODESET_NAMES = {
+    LOINC: "LOINC",
+    SNOMED: "SNOMED CT",
+    RXNORM: "RxNorm",
+    CPT: "CPT",
+    ICD10: "ICD-10",
+    CVX: "CVX",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +133,26 @@ class EncounterRecord(RecordBase):
     discharge_disposition: Coding | None
 
 
+@dataclass(frozen=True, slots=True)
+class Component:
+    """One ``Observation.component`` (a blood pressure's systolic or diastolic value)."""
+
+    code: Coding
+    value_numeric: float | None
+    value_text: str | None
+    unit: str | None  # UCUM
+    reference_low: float | None = None
+    reference_high: float | None = None
+    abnormal_flag: str | None = None  # H/L/HH/LL/A/N
+
+
 @dataclass(slots=True)
 class ResultRecord(RecordBase):
     patient: PatientRef
     visit_number: str | None
     order_id: str  # accession / order number (Data Model Orders[].ID)
     result_id: str  # business id "<order_id>-<code>" (FHIR Observation.identifier)
-    category: Literal["laboratory", "vital-signs"]
+    category: Literal["laboratory", "vital-signs", "social-history", "survey", "exam"]
     panel: Coding  # ordered procedure (Data Model Orders[].Procedure), LOINC
     code: Coding  # LOINC of this observation
     value_type: Literal["Numeric", "String", "Coded Entry"]
@@ -134,6 +168,9 @@ class ResultRecord(RecordBase):
     issued_at: datetime | None
     performer: Provider | None
     producer: str | None  # performing lab name
+    # Component-only Observations (blood pressure panel): no value of their own, the values here.
+    components: tuple[Component, ...] = ()
+    value_code: Coding | None = None  # coded value's coding (SNOMED smoking status), when known
 
 
 @dataclass(slots=True)
@@ -187,8 +224,123 @@ class DocumentRecord(RecordBase):
     content: bytes = field(repr=False, default=b"")  # note text or C-CDA-like XML (deterministic)
 
 
+@dataclass(slots=True)
+class ProblemRecord(RecordBase):
+    """A problem-list entry (FHIR Condition, Data Model Clinical Summary ``Problems``)."""
+
+    patient: PatientRef
+    visit_number: str | None
+    problem_id: str  # business id (FHIR identifier urn:redox:<slug>:ProblemID)
+    code: Coding  # ICD-10-CM
+    alt_code: Coding | None  # SNOMED CT equivalent
+    status: Literal["active", "inactive", "resolved", "entered-in-error"]  # clinical status
+    onset_at: datetime
+    abated_at: datetime | None
+    recorded_at: datetime
+    recorder: Provider | None
+
+
+@dataclass(slots=True)
+class AllergyRecord(RecordBase):
+    """An allergy or intolerance (FHIR AllergyIntolerance, Clinical Summary ``Allergies``)."""
+
+    patient: PatientRef
+    allergy_id: str  # business id (urn:redox:<slug>:AllergyID)
+    substance: Coding  # RxNorm (medication) or SNOMED CT (food, environment)
+    kind: Literal["allergy", "intolerance"]
+    category: Literal["medication", "food", "environment"]
+    criticality: Literal["low", "high", "unable-to-assess"] | None
+    status: Literal["active", "inactive", "resolved", "entered-in-error"]  # clinical status
+    reaction: Coding | None  # SNOMED manifestation
+    severity: Literal["mild", "moderate", "severe"] | None
+    onset_at: datetime | None
+    recorded_at: datetime
+    recorder: Provider | None
+
+
+@dataclass(slots=True)
+class ImmunizationRecord(RecordBase):
+    """A vaccine given or not given (FHIR Immunization, Clinical Summary ``Immunizations``)."""
+
+    patient: PatientRef
+    visit_number: str | None
+    immunization_id: str  # business id (urn:redox:<slug>:ImmunizationID)
+    vaccine: Coding  # CVX
+    status: Literal["completed", "not-done", "entered-in-error"]
+    status_reason: Coding | None  # not-done only (v3 ActReason)
+    occurred_at: datetime
+    recorded_at: datetime
+    lot_number: str | None
+    manufacturer: str | None
+    route: Coding | None  # v3 RouteOfAdministration
+    dose_quantity: float | None
+    dose_unit: str | None  # UCUM
+    performer: Provider | None
+
+
+@dataclass(slots=True)
+class ProcedureRecord(RecordBase):
+    """A procedure performed (FHIR Procedure, Clinical Summary ``Procedures.Procedures``)."""
+
+    patient: PatientRef
+    visit_number: str | None
+    procedure_id: str  # business id (urn:redox:<slug>:ProcedureID)
+    code: Coding  # CPT or SNOMED CT
+    status: Literal["in-progress", "completed", "not-done", "entered-in-error"]
+    performed_start: datetime
+    performed_end: datetime | None
+    body_site: Coding | None  # SNOMED CT
+    reason: Coding | None  # ICD-10
+    performer: Provider | None
+
+
+@dataclass(slots=True)
+class DiagnosticReportRecord(RecordBase):
+    """A lab report grouping the results of one lab order (FHIR DiagnosticReport)."""
+
+    patient: PatientRef
+    visit_number: str | None
+    order_id: str  # business id: the lab order (accession) number, as on its results
+    code: Coding  # the panel (LOINC)
+    status: Literal["registered", "preliminary", "final", "corrected", "cancelled", "entered-in-error"]
+    effective_at: datetime
+    issued_at: datetime | None
+    performer: Provider | None
+    producer: str | None
+    result_ids: tuple[str, ...]  # FHIR logical ids of the grouped Observations
+    result_business_ids: tuple[str, ...]  # their ResultIDs, same order
+
+
+@dataclass(slots=True)
+class OrderRecord(RecordBase):
+    """An inbound lab order (FHIR ServiceRequest, Data Model ``Order``)."""
+
+    patient: PatientRef
+    visit_number: str | None
+    order_id: str  # business id (urn:redox:<slug>:OrderID), the same number its results carry
+    code: Coding  # ordered panel (LOINC)
+    status: Literal["active", "completed", "revoked", "entered-in-error"]
+    intent: str  # "order"
+    priority: Literal["routine", "urgent", "stat"]
+    authored_at: datetime
+    occurrence_at: datetime  # collection time
+    requester: Provider | None
+    reason: Coding | None  # ICD-10
+
+
 Record = (
-    PatientRecord | EncounterRecord | ResultRecord | MedicationRecord | AppointmentRecord | DocumentRecord
+    PatientRecord
+    | EncounterRecord
+    | ResultRecord
+    | MedicationRecord
+    | AppointmentRecord
+    | DocumentRecord
+    | ProblemRecord
+    | AllergyRecord
+    | ImmunizationRecord
+    | ProcedureRecord
+    | DiagnosticReportRecord
+    | OrderRecord
 )
 
 ENTITY_RECORD_TYPES: dict[str, type] = {
@@ -198,10 +350,17 @@ ENTITY_RECORD_TYPES: dict[str, type] = {
     "medications": MedicationRecord,
     "appointments": AppointmentRecord,
     "documents": DocumentRecord,
+    "problems": ProblemRecord,
+    "allergies": AllergyRecord,
+    "immunizations": ImmunizationRecord,
+    "procedures": ProcedureRecord,
+    "diagnostic_reports": DiagnosticReportRecord,
+    "orders": OrderRecord,
 }
 
-# Statuses that a complete sync still holds but that `live` leaves out.
-DEAD_STATUSES = frozenset({"cancelled", "entered-in-error"})
+# Statuses that a complete sync still holds but that `live` leaves out (``revoked`` is a
+# ServiceRequest's cancelled).
+DEAD_STATUSES = frozenset({"cancelled", "entered-in-error", "revoked"})
 
 
 def is_live(record: Record) -> bool:

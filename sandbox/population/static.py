@@ -42,12 +42,18 @@ from sandbox.population.query import (
 from sandbox.population.records import (
     ENTITIES,
     ENTITY_RECORD_TYPES,
+    AllergyRecord,
     AppointmentRecord,
     Change,
+    DiagnosticReportRecord,
     DocumentRecord,
     EncounterRecord,
+    ImmunizationRecord,
     MedicationRecord,
+    OrderRecord,
     PatientRecord,
+    ProblemRecord,
+    ProcedureRecord,
     Record,
     ResultRecord,
     is_live,
@@ -94,6 +100,8 @@ def _used_numbers(records: Sequence[Record]) -> set[str]:
             used.add(r.visit_number)
         elif isinstance(r, DocumentRecord):
             used.add(r.document_id)
+        elif (b := record_business_id(r)) is not None:
+            used.add(b)
     return used
 
 
@@ -457,4 +465,34 @@ class StaticPopulation(RecordStore):
             return replace(
                 source, **common, document_id=self._fresh_number(used), status="current", authored_at=at
             )
+        if isinstance(source, ProblemRecord):
+            return replace(
+                source, **common, problem_id=self._fresh_number(used), status="active", onset_at=at,
+                abated_at=None, recorded_at=at,
+            )  # fmt: skip
+        if isinstance(source, AllergyRecord):
+            return replace(
+                source, **common, allergy_id=self._fresh_number(used), status="active", recorded_at=at
+            )
+        if isinstance(source, ImmunizationRecord):
+            return replace(
+                source, **common, immunization_id=self._fresh_number(used), status="completed", occurred_at=at,
+                recorded_at=at, status_reason=None,
+            )  # fmt: skip
+        if isinstance(source, ProcedureRecord):
+            return replace(
+                source, **common, procedure_id=self._fresh_number(used), status="in-progress",
+                performed_start=at, performed_end=None,
+            )  # fmt: skip
+        if isinstance(source, DiagnosticReportRecord):
+            # A new report ordered but not yet resulted: it groups no Observation yet.
+            return replace(
+                source, **common, order_id=self._fresh_number(used), status="registered", effective_at=at,
+                issued_at=None, result_ids=(), result_business_ids=(),
+            )  # fmt: skip
+        if isinstance(source, OrderRecord):
+            return replace(
+                source, **common, order_id=self._fresh_number(used), status="active", authored_at=at,
+                occurrence_at=at + timedelta(hours=rng.randint(1, 48)),
+            )  # fmt: skip
         raise TypeError(f"unknown record type {type(source).__name__}")

@@ -56,6 +56,8 @@ _LAB_ORDERS, _VITAL_SETS = 1.5, 0.9
 _MED_REQUESTS, _MED_STATEMENTS = 2.25, 0.75
 _APPOINTMENTS = 2.0
 _NOTE_PER_ENCOUNTER, _CDA_PER_PATIENT = 0.4, 0.4
+_OTHER_OBSERVATIONS = 1.0  # social history, survey and exam observations per patient
+_PROBLEMS, _ALLERGIES, _IMMUNIZATIONS, _PROCEDURES = 1.5, 0.7, 2.0, 0.6
 _TWIN_FRACTION = 0.03
 _CHANGE_SPLIT = (0.45, 0.45, 0.10)  # new, updated, cancelled
 
@@ -175,8 +177,13 @@ class SyntheticPopulation(RecordStore):
 
         if "results" in spec.entities:
             rows["results"] = generate.gen_results(
-                rng, anchors(_LAB_ORDERS), anchors(_VITAL_SETS), now, 0, True
+                rng, anchors(_LAB_ORDERS), anchors(_VITAL_SETS), now, 0, True, anchors(_OTHER_OBSERVATIONS)
             )
+            first, count = generate.lab_order_groups(rows["results"])
+            if "diagnostic_reports" in spec.entities:
+                rows["diagnostic_reports"] = generate.gen_reports(rng, rows["results"], first, count, 0, True)
+            if "orders" in spec.entities:
+                rows["orders"] = generate.gen_orders(rng, rows["results"], first, 0, now, True)
         if "medications" in spec.entities:
             requests = anchors(_MED_REQUESTS)
             statements = anchors(_MED_STATEMENTS, use_encounters=False)
@@ -197,6 +204,28 @@ class SyntheticPopulation(RecordStore):
                 who = np.repeat(patients, 1 + rng.poisson(1.0, m))
                 cdas = generate.anchors_without_encounters(rng, who, hist, now)
             rows["documents"] = generate.gen_documents(rng, notes, cdas, now, True)
+        if "problems" in spec.entities:
+            cnt = np.minimum(rng.poisson(_PROBLEMS, m), len(vocab.PROBLEMS))
+            who = np.repeat(patients, cnt)
+            items = generate._distinct_items(rng, cnt, len(vocab.PROBLEMS))
+            if has_enc:
+                assert enc is not None
+                at = generate.anchors_from_encounters(
+                    generate.pick_patient_encounters(rng, who, enc_first, enc_count), enc
+                )
+            else:
+                at = generate.anchors_without_encounters(rng, who, hist, now)
+            rows["problems"] = generate.gen_problems(rng, at, items, now, True)
+        if "allergies" in spec.entities:
+            cnt = np.minimum(rng.poisson(_ALLERGIES, m), len(vocab.ALLERGENS))
+            items = generate._distinct_items(rng, cnt, len(vocab.ALLERGENS))
+            rows["allergies"] = generate.gen_allergies(
+                rng, np.repeat(patients, cnt), items, hist, now, now, True
+            )
+        if "immunizations" in spec.entities:
+            rows["immunizations"] = generate.gen_immunizations(rng, anchors(_IMMUNIZATIONS), now, True)
+        if "procedures" in spec.entities:
+            rows["procedures"] = generate.gen_procedures(rng, anchors(_PROCEDURES), now, True)
         tables = {
             e: new_table(e, self._epoch, rows[e], codes.table_salt[e], members)
             for e in ENTITIES
@@ -549,12 +578,47 @@ class SyntheticPopulation(RecordStore):
         if "results" in cs.tables:
             n_orders = int(round(budget["results"][0] / 6.5))
             n_vitals = int(rng.binomial(n_orders, 0.4))
+            n_other = int(rng.binomial(n_orders, 0.25))
             res = generate.gen_results(
-                rng, anchors(n_orders - n_vitals), anchors(n_vitals), t1, cs.next_order_no, False
+                rng,
+                anchors(n_orders - n_vitals),
+                anchors(n_vitals),
+                t1,
+                cs.next_order_no,
+                False,
+                anchors(n_other),
             )
             new_rows["results"] = res
             if len(res):
                 cs_new.next_order_no = int(res.order_no.max()) + 1
+            res_offset = len(cs.tables["results"])
+            first, count = generate.lab_order_groups(res, res_offset)
+            if "diagnostic_reports" in cs.tables:
+                new_rows["diagnostic_reports"] = generate.gen_reports(
+                    rng, res, first, count, res_offset, False
+                )
+            if "orders" in cs.tables:
+                new_rows["orders"] = generate.gen_orders(rng, res, first, res_offset, t1, False)
+        if "problems" in cs.tables:
+            # New diagnoses for people seen this period, codes the patient does not have yet.
+            at = anchors(budget["problems"][0])
+            taken = cs.tables["problems"].base
+            items = _new_items(rng, at.patient, taken.patient, taken.item, len(vocab.PROBLEMS))
+            keep = items >= 0
+            at = Anchors(*(getattr(at, f)[keep] for f in ("patient", "enc_row", "start", "dur", "enc_class")))
+            new_rows["problems"] = generate.gen_problems(rng, at, items[keep], t1, False)
+        if "allergies" in cs.tables:
+            who = some_patients(budget["allergies"][0])
+            taken = cs.tables["allergies"].base
+            items = _new_items(rng, who, taken.patient, taken.item, len(vocab.ALLERGENS))
+            keep = items >= 0
+            new_rows["allergies"] = generate.gen_allergies(rng, who[keep], items[keep], t0 + 1, t1, t1, False)
+        if "immunizations" in cs.tables:
+            new_rows["immunizations"] = generate.gen_immunizations(
+                rng, anchors(budget["immunizations"][0]), t1, False
+            )
+        if "procedures" in cs.tables:
+            new_rows["procedures"] = generate.gen_procedures(rng, anchors(budget["procedures"][0]), t1, False)
         if "medications" in cs.tables:
             n = budget["medications"][0]
             n_stmt = int(rng.binomial(n, 0.25))
@@ -666,6 +730,24 @@ class SyntheticPopulation(RecordStore):
             kind = "update" if i < len(updated) else "cancel"
             pending.append(_Pending(at, cs.spec.id, entity, row, kind, record_status(before), after))
         return moved, cur
+
+
+def _new_items(
+    rng: np.random.Generator, who: np.ndarray, have_patient: np.ndarray, have_item: np.ndarray, n_items: int
+) -> np.ndarray:
+    """An item (problem, allergen) per entry of ``who`` that the patient does not have yet and
+    that no earlier entry of ``who`` took; -1 when the patient already has every item."""
+    taken = set(zip(have_patient.tolist(), have_item.tolist(), strict=True))
+    out = np.full(len(who), -1, dtype=np.int64)
+    starts = rng.integers(0, n_items, size=len(who))
+    for i, (p, start) in enumerate(zip(who.tolist(), starts.tolist(), strict=True)):
+        for k in range(n_items):
+            item = (start + k) % n_items
+            if (p, item) not in taken:
+                taken.add((p, item))
+                out[i] = item
+                break
+    return out
 
 
 def _keep_near_duplicates_together(member: np.ndarray, persons: Persons) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 
-from sandbox.population.records import CPT, ICD10, LOINC, RXNORM, SNOMED, Coding, Provider
+from sandbox.population.records import CPT, CVX, ICD10, LOINC, RXNORM, SNOMED, Coding, Provider
 
 DISCHARGE_DISPOSITION_SYSTEM = "http://terminology.hl7.org/CodeSystem/discharge-disposition"
 APPOINTMENT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0276"
@@ -360,12 +360,16 @@ class Analyte:
     critical_high: float | None = None
     text_values: tuple[str, ...] = ()  # non-numeric analyte: normal value first
     value_type: str = "Numeric"
+    # Component-only analyte (blood pressure panel): no value of its own, these components.
+    components: tuple[Analyte, ...] = ()
+    # Coded values as SNOMED codings (social history), parallel to text_values.
+    value_codes: tuple[Coding, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Panel:
     code: Coding
-    category: str  # "laboratory" | "vital-signs"
+    category: str  # "laboratory" | "vital-signs" | "social-history" | "survey" | "exam"
     analytes: tuple[Analyte, ...]
     weight: float
     turnaround_s: tuple[int, int]  # collection to result
@@ -424,6 +428,14 @@ LAB_PANELS: tuple[Panel, ...] = (
     ), 0.12, (3600, 12 * 3600)),
 )  # fmt: skip
 
+SYSTOLIC = _a("8480-6", "Systolic blood pressure", "mm[Hg]", 90.0, 130.0, 124.0, 15.0, 0, 70.0, 190.0)
+DIASTOLIC = _a("8462-4", "Diastolic blood pressure", "mm[Hg]", 60.0, 85.0, 78.0, 10.0, 0, 40.0, 120.0)
+# A component-only Observation (FHIR vital-signs profile): no value, systolic and diastolic parts.
+BLOOD_PRESSURE = Analyte(
+    Coding(LOINC, "85354-9", "Blood pressure panel with all children optional"),
+    None, None, None, 0.0, 0.0, 0, components=(SYSTOLIC, DIASTOLIC),
+)  # fmt: skip
+
 VITALS_PANEL = Panel(
     Coding(
         LOINC, "85353-1", "Vital signs, weight, height, head circumference, oxygen saturation and BMI panel"
@@ -431,8 +443,7 @@ VITALS_PANEL = Panel(
     "vital-signs",
     (
         _a("8867-4", "Heart rate", "/min", 60.0, 100.0, 76.0, 12.0, 0, 40.0, 150.0),
-        _a("8480-6", "Systolic blood pressure", "mm[Hg]", 90.0, 130.0, 124.0, 15.0, 0, 70.0, 190.0),
-        _a("8462-4", "Diastolic blood pressure", "mm[Hg]", 60.0, 85.0, 78.0, 10.0, 0, 40.0, 120.0),
+        BLOOD_PRESSURE,
         _a("8310-5", "Body temperature", "Cel", 36.1, 37.5, 36.8, 0.4, 1, 35.0, 40.0),
         _a("29463-7", "Body weight", "kg", None, None, 78.0, 18.0, 1),
         _a("8302-2", "Body height", "cm", None, None, 170.0, 10.0, 1),
@@ -453,9 +464,35 @@ VITALS_PANEL = Panel(
     0.0,
     (0, 15 * 60),
 )
-# Index 0..n-1 are lab panels, n is vitals; the results index stores this number per row.
-PANELS: tuple[Panel, ...] = LAB_PANELS + (VITALS_PANEL,)
+SMOKING_VALUES = (
+    Coding(SNOMED, "266919005", "Never smoker"),
+    Coding(SNOMED, "8517006", "Former smoker"),
+    Coding(SNOMED, "449868002", "Current every day smoker"),
+    Coding(SNOMED, "428041000124106", "Current some day smoker"),
+)
+# One observation per "order" of these categories, taken at a visit like vital signs.
+OTHER_PANELS: tuple[Panel, ...] = (
+    Panel(Coding(LOINC, "72166-2", "Tobacco smoking status"), "social-history", (
+        Analyte(Coding(LOINC, "72166-2", "Tobacco smoking status"), None, None, None, 0.0, 0.0, 0,
+                text_values=tuple(c.display for c in SMOKING_VALUES), value_type="Coded Entry",
+                value_codes=SMOKING_VALUES),
+    ), 0.45, (0, 10 * 60)),
+    Panel(Coding(LOINC, "55757-9", "Patient Health Questionnaire 2 item (PHQ-2) [Reported]"), "survey", (
+        _a("55758-7", "Patient Health Questionnaire 2 item (PHQ-2) total score [Reported]", "{score}",
+           0.0, 2.0, 0.9, 1.2, 0, None, None),
+    ), 0.35, (0, 20 * 60)),
+    Panel(Coding(LOINC, "10210-3", "Physical findings of General status Narrative"), "exam", (
+        _t("10210-3", "Physical findings of General status Narrative",
+           ("Well appearing, no acute distress", "Mild distress", "Appears fatigued", "Moderate distress"),
+           "String"),
+    ), 0.20, (0, 30 * 60)),
+)  # fmt: skip
+# Index 0..n-1 are lab panels, n is vitals, then the other categories; the results index stores
+# this number per row (panel * 16 + analyte).
+PANELS: tuple[Panel, ...] = LAB_PANELS + (VITALS_PANEL,) + OTHER_PANELS
 VITALS_PANEL_INDEX = len(LAB_PANELS)
+OTHER_PANEL_FIRST = VITALS_PANEL_INDEX + 1
+RESULT_CATEGORIES: tuple[str, ...] = ("laboratory", "vital-signs", "social-history", "survey", "exam")
 LAB_PERFORMING = ("Redox Lab WI", "Quest Diagnostics", "Labcorp", "Hospital Core Laboratory")
 
 # ---------------------------------------------------------------- medications
@@ -553,3 +590,106 @@ PLANS = (
     "Refer to specialist for further evaluation.",
     "Lifestyle counseling provided. Follow up as needed.",
 )
+
+# ---------------------------------------------------------------- problems, allergies, immunizations
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    code: Coding  # ICD-10-CM
+    snomed: Coding
+    chronic: bool  # chronic problems stay active; the rest resolve
+
+
+PROBLEMS: tuple[Problem, ...] = (
+    Problem(Coding(ICD10, "I10", "Essential (primary) hypertension"), Coding(SNOMED, "59621000", "Essential hypertension"), True),
+    Problem(Coding(ICD10, "E11.9", "Type 2 diabetes mellitus without complications"), Coding(SNOMED, "44054006", "Diabetes mellitus type 2"), True),
+    Problem(Coding(ICD10, "E78.5", "Hyperlipidemia, unspecified"), Coding(SNOMED, "55822004", "Hyperlipidemia"), True),
+    Problem(Coding(ICD10, "J45.909", "Unspecified asthma, uncomplicated"), Coding(SNOMED, "195967001", "Asthma"), True),
+    Problem(Coding(ICD10, "E66.9", "Obesity, unspecified"), Coding(SNOMED, "414916001", "Obesity"), True),
+    Problem(Coding(ICD10, "F32.A", "Depression, unspecified"), Coding(SNOMED, "35489007", "Depressive disorder"), True),
+    Problem(Coding(ICD10, "M54.50", "Low back pain, unspecified"), Coding(SNOMED, "279039007", "Low back pain"), False),
+    Problem(Coding(ICD10, "J06.9", "Acute upper respiratory infection, unspecified"), Coding(SNOMED, "54150009", "Upper respiratory infection"), False),
+    Problem(Coding(ICD10, "N39.0", "Urinary tract infection, site not specified"), Coding(SNOMED, "68566005", "Urinary tract infectious disease"), False),
+    Problem(Coding(ICD10, "K21.9", "Gastro-esophageal reflux disease without esophagitis"), Coding(SNOMED, "235595009", "Gastroesophageal reflux disease"), True),
+    Problem(Coding(ICD10, "J18.9", "Pneumonia, unspecified organism"), Coding(SNOMED, "233604007", "Pneumonia"), False),
+    Problem(Coding(ICD10, "S93.401A", "Sprain of unspecified ligament of right ankle, initial encounter"), Coding(SNOMED, "44465007", "Sprain of ankle"), False),
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Allergen:
+    substance: Coding
+    category: str  # medication | food | environment
+    kind: str  # allergy | intolerance
+
+
+ALLERGENS: tuple[Allergen, ...] = (
+    Allergen(Coding(RXNORM, "7980", "Penicillin G"), "medication", "allergy"),
+    Allergen(Coding(RXNORM, "10831", "Sulfamethoxazole / Trimethoprim"), "medication", "allergy"),
+    Allergen(Coding(RXNORM, "2670", "Codeine"), "medication", "intolerance"),
+    Allergen(Coding(RXNORM, "1191", "Aspirin"), "medication", "intolerance"),
+    Allergen(Coding(SNOMED, "762952008", "Peanut"), "food", "allergy"),
+    Allergen(Coding(SNOMED, "102263004", "Eggs (edible)"), "food", "allergy"),
+    Allergen(Coding(SNOMED, "3718001", "Cow's milk"), "food", "intolerance"),
+    Allergen(Coding(SNOMED, "256259004", "Pollen"), "environment", "allergy"),
+    Allergen(Coding(SNOMED, "111088007", "Latex"), "environment", "allergy"),
+    Allergen(Coding(SNOMED, "288328004", "Bee venom"), "environment", "allergy"),
+)
+REACTIONS: tuple[Coding, ...] = (
+    Coding(SNOMED, "271807003", "Eruption of skin"),
+    Coding(SNOMED, "247472004", "Hives"),
+    Coding(SNOMED, "422587007", "Nausea"),
+    Coding(SNOMED, "39579001", "Anaphylaxis"),
+    Coding(SNOMED, "267036007", "Dyspnea"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Vaccine:
+    code: Coding  # CVX
+    manufacturer: str
+    route: Coding  # v3 RouteOfAdministration
+    dose_ml: float
+
+
+ROUTE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-RouteOfAdministration"
+IM = Coding(ROUTE_SYSTEM, "IM", "Injection, intramuscular")
+SC = Coding(ROUTE_SYSTEM, "SQ", "Injection, subcutaneous")
+NASAL = Coding(ROUTE_SYSTEM, "NASINHLC", "Inhalation, nasal")
+VACCINES: tuple[Vaccine, ...] = (
+    Vaccine(Coding(CVX, "140", "Influenza, seasonal, injectable, preservative free"), "Sanofi Pasteur", IM, 0.5),
+    Vaccine(Coding(CVX, "208", "COVID-19, mRNA, LNP-S, PF, 30 mcg/0.3 mL dose"), "Pfizer, Inc", IM, 0.3),
+    Vaccine(Coding(CVX, "115", "Tdap"), "GlaxoSmithKline", IM, 0.5),
+    Vaccine(Coding(CVX, "133", "Pneumococcal conjugate PCV 13"), "Pfizer, Inc", IM, 0.5),
+    Vaccine(Coding(CVX, "43", "Hepatitis B vaccine, adult dosage"), "Merck and Co., Inc.", IM, 1.0),
+    Vaccine(Coding(CVX, "03", "MMR"), "Merck and Co., Inc.", SC, 0.5),
+    Vaccine(Coding(CVX, "187", "Zoster vaccine recombinant"), "GlaxoSmithKline", IM, 0.5),
+    Vaccine(Coding(CVX, "111", "Influenza, live, intranasal"), "MedImmune, Inc.", NASAL, 0.2),
+)  # fmt: skip
+NOT_DONE_REASONS: tuple[Coding, ...] = (
+    Coding("http://terminology.hl7.org/CodeSystem/v3-ActReason", "PATOBJ", "patient objection"),
+    Coding("http://terminology.hl7.org/CodeSystem/v3-ActReason", "MEDPREC", "medical precaution"),
+)
+
+# ---------------------------------------------------------------- procedures
+
+
+@dataclass(frozen=True, slots=True)
+class ProcedureKind:
+    code: Coding
+    body_site: Coding | None
+    minutes: int
+
+
+PROCEDURES: tuple[ProcedureKind, ...] = (
+    ProcedureKind(Coding(CPT, "36415", "Collection of venous blood by venipuncture"), Coding(SNOMED, "368208006", "Left upper arm structure"), 5),
+    ProcedureKind(Coding(CPT, "93000", "Electrocardiogram, routine ECG with at least 12 leads"), Coding(SNOMED, "51185008", "Thoracic structure"), 15),
+    ProcedureKind(Coding(CPT, "71046", "Radiologic examination, chest; 2 views"), Coding(SNOMED, "51185008", "Thoracic structure"), 20),
+    ProcedureKind(Coding(CPT, "90471", "Immunization administration"), Coding(SNOMED, "368208006", "Left upper arm structure"), 5),
+    ProcedureKind(Coding(SNOMED, "73761001", "Colonoscopy"), Coding(SNOMED, "71854001", "Colon structure"), 45),
+    ProcedureKind(Coding(SNOMED, "274031008", "Rapid streptococcus antigen test"), None, 10),
+    ProcedureKind(Coding(CPT, "12001", "Simple repair of superficial wounds, 2.5 cm or less"), Coding(SNOMED, "85562004", "Hand structure"), 30),
+    ProcedureKind(Coding(SNOMED, "18286008", "Catheter ablation of tissue of heart"), Coding(SNOMED, "80891009", "Heart structure"), 180),
+)  # fmt: skip
+ORDER_PRIORITIES: tuple[tuple[str, float], ...] = (("routine", 0.82), ("urgent", 0.13), ("stat", 0.05))

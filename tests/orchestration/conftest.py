@@ -17,6 +17,7 @@ from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 from assets.partitions import CONNECTIONS_PARTITIONS_NAME, sync_partitions_def
 from assets.resources import CheckThresholds, ConnectionsFileResource, WarehouseResource
 from assets.sync_assets import build_sync_assets
+from pipelines.model import ENTITIES as MODEL_ENTITIES
 from pipelines.warehouse import WarehousePaths
 from redox_elt.environment import Environment
 from resources.client import SHARED
@@ -29,7 +30,7 @@ ORCHESTRATION_PATIENTS = 120
 DEFAULTS = Environment()
 SYNC_ASSETS = build_sync_assets(sync_partitions_def(DEFAULTS.partitions_start))
 redox_sync = SYNC_ASSETS.redox_sync
-ENTITIES = ("patients", "encounters", "results", "medications", "appointments", "documents")
+ENTITIES = MODEL_ENTITIES  # every entity of the common model, the clinical record included
 
 
 @pytest.fixture(autouse=True, scope="module")

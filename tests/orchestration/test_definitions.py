@@ -31,7 +31,21 @@ from redox_elt.definitions import build_definitions, defs
 from redox_elt.environment import Environment, EnvironmentValueError
 from sandbox.config import default_connections
 
-ENTITIES = ("patients", "encounters", "results", "medications", "appointments", "documents")
+ENTITIES = (
+    "patients",
+    "encounters",
+    "results",
+    "medications",
+    "appointments",
+    "documents",
+    "problems",
+    "allergies",
+    "immunizations",
+    "procedures",
+    "diagnostic_reports",
+    "orders",
+)
+CHILD_TABLES = ("result_components", "diagnostic_report_results")
 SANDBOX_CONNECTIONS = [c.id for c in default_connections()]
 
 
@@ -45,7 +59,7 @@ def test_every_expected_asset_exists_with_layer_and_partitions() -> None:
     raw = {AssetKey(["raw", s, e]) for s in ("fhir", "datamodel") for e in ENTITIES} | {
         AssetKey(["raw", "quarantine"])
     }
-    normalized = {AssetKey(["redox", e]) for e in (*ENTITIES, "patient_identifiers")}
+    normalized = {AssetKey(["redox", e]) for e in (*ENTITIES, *CHILD_TABLES, "patient_identifiers")}
     panel = AssetKey(["ops", "patient_panel"])
     analytics = {AssetKey(["analytics", v]) for v in ANALYTICS_VIEWS} | {AssetKey(["analytics", "persons"])}
     assert keys == raw | normalized | analytics | {panel}
@@ -68,16 +82,18 @@ def test_every_expected_asset_exists_with_layer_and_partitions() -> None:
     assert "dlt" in graph.get(AssetKey(["raw", "fhir", "patients"])).kinds
     # The crosswalk sits between the staged patients and the entities resolving through it.
     assert AssetKey(["redox", "patient_identifiers"]) in graph.get(AssetKey(["redox", "results"])).parent_keys
+    # Child tables hang off their parents.
+    assert AssetKey(["redox", "results"]) in graph.get(AssetKey(["redox", "result_components"])).parent_keys
 
 
 def test_every_expected_check_schedule_and_sensor_exists() -> None:
     graph = defs.resolve_asset_graph()
     checks = {("/".join(k.asset_key.path), k.name) for k in graph.asset_check_keys}
-    expected = {(f"redox/{e}", "primary_key_unique") for e in (*ENTITIES, "patient_identifiers")}
-    expected |= {
-        (f"redox/{e}", "patient_in_crosswalk")
-        for e in ("encounters", "results", "medications", "appointments")
+    expected = {
+        (f"redox/{e}", "primary_key_unique") for e in (*ENTITIES, *CHILD_TABLES, "patient_identifiers")
     }
+    expected |= {(f"redox/{e}", "patient_in_crosswalk") for e in (*ENTITIES[1:], *CHILD_TABLES)}
+    expected |= {(f"redox/{c}", "parent_row_exists") for c in CHILD_TABLES}
     expected |= {
         ("redox/patient_identifiers", "connections_fresh"),
         ("raw/quarantine", "quarantine_rate_under_threshold"),
@@ -92,7 +108,13 @@ def test_every_expected_check_schedule_and_sensor_exists() -> None:
     assert blocking == {
         c
         for c in expected
-        if c[1] in ("primary_key_unique", "patient_in_crosswalk", "quarantine_rate_under_threshold")
+        if c[1]
+        in (
+            "primary_key_unique",
+            "patient_in_crosswalk",
+            "parent_row_exists",
+            "quarantine_rate_under_threshold",
+        )
     }
     repo = defs.get_repository_def()
     assert {s.name for s in repo.schedule_defs} == {

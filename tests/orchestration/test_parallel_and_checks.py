@@ -16,12 +16,14 @@ import pytest
 from assets.check_queries import PATIENT_LINKED
 from assets.checks import (
     FRESHNESS_CHECK,
+    PARENT_CHECK,
     PK_CHECK,
     QUARANTINE_CHECK,
     RI_CHECK,
     SOURCE_TOTALS_CHECK,
 )
 from assets.partitions import partition_key
+from pipelines.vocabulary import CHILD_TABLES
 from sandbox.population.store import Query
 from sandbox.server import SandboxServer
 from tests.conftest import sandbox_config
@@ -103,8 +105,9 @@ def test_checks_pass_on_clean_data(synced: dict[str, Any]) -> None:
     evaluations = run_checks(synced["config"], synced["root"] / "parallel")
     failed = sorted(k for k, e in evaluations.items() if not e.passed)
     assert failed == []
-    expected = {(f"redox/{e}", PK_CHECK) for e in (*ENTITIES, "patient_identifiers")}
+    expected = {(f"redox/{e}", PK_CHECK) for e in (*ENTITIES, *CHILD_TABLES, "patient_identifiers")}
     expected |= {(f"redox/{e}", RI_CHECK) for e in PATIENT_LINKED}
+    expected |= {(f"redox/{c}", PARENT_CHECK) for c in CHILD_TABLES}
     expected |= {("raw/quarantine", QUARANTINE_CHECK), ("redox/patient_identifiers", FRESHNESS_CHECK)}
     expected |= {(f"raw/fhir/{e}", SOURCE_TOTALS_CHECK) for e in ENTITIES}
     assert set(evaluations) == expected

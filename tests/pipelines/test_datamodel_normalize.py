@@ -126,7 +126,8 @@ def test_results_new_timothy() -> None:
         "53566",
     )
     assert patient["phone"] == "+18088675301" and patient["email"] is None
-    assert patient["is_test"] is True and patient["active"] is True and patient["deceased_at"] is None
+    # Meta.Test flags the message, not the patient: the Data Model has no per-patient test flag.
+    assert patient["is_test"] is None and patient["active"] is True and patient["deceased_at"] is None
     assert patient["source_updated_at"] == ts("2020-11-20T15:32:26.580Z")
 
     first, second = result.rows["results"]
@@ -300,7 +301,8 @@ def test_clinical_summary() -> None:
     assert meds["104894"]["kind"] == "statement" and meds["104894"]["dose_quantity"] == 4.0
     assert meds["104894"]["frequency"] == "every 8 h" and meds["104894"]["status"] == "active"
     assert meds["573621"]["status"] == "completed"  # ended before the summary was sent
-    assert "Allergies" in result.skipped and "Problems" in result.skipped
+    assert "Allergies" not in result.skipped and "Problems" not in result.skipped
+    assert "FamilyHistory" in result.skipped and "Insurances" in result.skipped
     # Derived ids are stable across runs and differ between patients.
     again = run("clinicalsummary/patient_query_response/redox-example-patientqueryresponse-timothy.json")
     assert [r["result_id"] for r in again.rows["results"]] == [r["result_id"] for r in result.rows["results"]]
@@ -315,13 +317,20 @@ def test_visit_push_adds_the_documented_visit() -> None:
     result = run("clinicalsummary/visit_push/redox-example-visitpush-timothy.json")
     visit = next(e for e in result.rows["encounters"] if e["encounter_id"] == "30311442")
     assert visit["status"] == "finished" and visit["location"] == "RES General Hospital"
-    assert {m["kind"] for m in result.rows["medications"]} == {"statement", "administration"}
+    # Statements, administrations, and the plan of care's planned medication (a request).
+    assert {m["kind"] for m in result.rows["medications"]} == {"statement", "administration", "request"}
+    assert {m["intent"] for m in result.rows["medications"] if m["kind"] == "request"} == {"plan"}
 
 
-def test_vaccination_yields_the_patient_and_names_what_it_skipped() -> None:
+def test_vaccination_fills_immunizations() -> None:
     result = run("vaccination/newVaccination/timothy.json")
-    assert result.outcome == ROWS and result.skipped == ("Vaccinations",)
-    assert [e for e in ENTITIES if result.rows[e]] == ["patients"]
+    assert result.outcome == ROWS and result.skipped == ()
+    assert [e for e in ENTITIES if result.rows[e]] == ["patients", "immunizations"]
+    shot = only(result, "immunizations")
+    assert shot["immunization_id"] == "123"  # the vaccination's order id
+    assert (shot["vaccine_code"], shot["vaccine_system"]) == ("20", "http://hl7.org/fhir/sid/cvx")
+    assert (shot["lot_number"], shot["dose_quantity"], shot["status"]) == ("123456789", 0.5, "completed")
+    assert shot["site"] == "Left arm" and shot["performer"] == "4356789876"
 
 
 def test_non_clinical_outcomes() -> None:

@@ -99,6 +99,96 @@ def test_full_sync_equals_truth_for_every_ehr_connection(env: dict, synced: Ware
     assert_equals_truth(env["server"], synced)
 
 
+def test_components_and_report_results_equal_truth(env: dict, synced: WarehousePaths) -> None:
+    """Blood-pressure panels keep their components in redox.result_components (neither dropped
+    nor multiplied into results rows), on every surface; every report's results are held."""
+    served = truth(env["server"])
+    if "components" in served:
+        want = served["components"]
+    else:  # the count from the store itself, until /_sandbox/truth reports components
+        store = env["server"].state.store
+        want = {
+            c: {"result_components": sum(len(r.components) for r in store.iter(Query(c, "results")))}
+            for c in EHR
+        }
+    with duckdb.connect(str(synced.duckdb), read_only=True) as con:
+        ms = model_schema(con)
+        got = dict(
+            con.execute(f"select connection_id, count(*) from {ms}.result_components group by 1").fetchall()
+        )
+        for conn in EHR:
+            assert got.get(conn, 0) == want[conn]["result_components"], conn
+        missing = con.execute(
+            f"""select count(*) from {ms}.diagnostic_report_results d
+                where not exists (select 1 from {ms}.results r
+                                  where r.connection_id = d.connection_id and r.result_id = d.result_id)"""
+        ).fetchone()[0]
+        grouped = con.execute(f"select count(*) from {ms}.diagnostic_report_results").fetchone()[0]
+    assert grouped > 0 and missing == 0
+
+
+def test_no_reconciled_column_is_null_where_a_surface_has_a_value(env: dict, synced: WarehousePaths) -> None:
+    """On the connection served through both surfaces, every column of every entity: a
+    published row is never null where either surface's staged row of that record has a value."""
+    from pipelines.model import published_schema, staged_schema
+
+    conn = "riverbend-both"
+    skip = {"connection_id", "patient_key", "source_surface", "source_id"}
+    problems: dict[tuple[str, str], int] = {}
+    both: dict[str, int] = {}
+    with duckdb.connect(str(synced.duckdb), read_only=True) as con:
+        ms = model_schema(con)
+        for entity in ENTITIES:
+            key = "patient_key" if entity == "patients" else ENTITY_KEY[entity]
+            both[entity] = con.execute(
+                f"select count(*) from {ms}.{entity} where connection_id = ? and source_surface = 'both'",
+                [conn],
+            ).fetchone()[0]
+            has_match = "match_key" in staged_schema(entity).names
+            for surface in ("fhir", "datamodel"):
+                staged = f"raw.{surface}_{entity}"
+                exists = con.execute(
+                    "select count(*) from information_schema.tables where table_schema = 'raw' and table_name = ?",
+                    [f"{surface}_{entity}"],
+                ).fetchone()[0]
+                if not exists:
+                    continue
+                resolved = f"""select s.*, x.patient_key as pk from {staged} s
+                    join {ms}.patient_identifiers x on x.connection_id = s.connection_id
+                     and x.id_system = s.patient_ref_type and x.id_value = s.patient_ref_value
+                    where s.connection_id = '{conn}'"""
+                # The published rows a staged row became: same business key; else (a record with
+                # no shared id) the rows of the same patient whose staged twin has its match key.
+                link = f'p."{key}" = s."{key}"' if entity != "patients" else "p.patient_key = s.pk"
+                if has_match:
+                    link = f"""({link} or (p.patient_key = s.pk and s.match_key is not null
+                        and not exists (select 1 from {ms}.{entity} k where k.connection_id = s.connection_id
+                                        and k."{key}" = s."{key}")
+                        and exists (select 1 from raw.fhir_{entity} f where f.connection_id = p.connection_id
+                                    and f."{key}" = p."{key}" and f.match_key = s.match_key)))"""
+                columns = [c for c in published_schema(entity).names if c not in skip]
+                per_row = ", ".join(
+                    f'any_value(s."{c}") is not null and not bool_or(p."{c}" is not null) as "{c}"'
+                    for c in columns
+                )
+                totals = ", ".join(f'count(*) filter (where "{c}")' for c in columns)
+                counts = con.execute(
+                    f"""with s as (select *, row_number() over () as sid from ({resolved})),
+                    per_row as (select {per_row} from s
+                        left join {ms}.{entity} p on p.connection_id = s.connection_id and {link}
+                        group by s.sid)
+                    select {totals} from per_row"""
+                ).fetchone()
+                problems.update(
+                    {(f"{surface}:{entity}", c): n for c, n in zip(columns, counts, strict=True) if n}
+                )
+    assert not problems, f"published nulls where a surface had a value: {problems}"
+    # The connection really is reconciled across surfaces, the clinical record included.
+    for entity in ("patients", "encounters", "results", "appointments", "problems", "allergies",
+                   "immunizations", "procedures", "diagnostic_reports", "orders"):  # fmt: skip
+        assert both[entity] > 0, entity
+
+
 def test_primary_keys_are_unique_per_connection(synced: WarehousePaths) -> None:
     with duckdb.connect(str(synced.duckdb), read_only=True) as con:
         for e in ENTITIES:

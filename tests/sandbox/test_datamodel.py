@@ -62,6 +62,12 @@ NOW = datetime(2026, 11, 1, tzinfo=UTC)
 GOOD_TOKEN = "Bearer good-token"
 
 
+def result_ids(orders: list[dict]) -> set[str]:
+    """The result ids a Results answer holds: a blood pressure panel's component entries carry
+    the panel's result id in RelatedGroupID (one result, two entries)."""
+    return {r["RelatedGroupID"] or f"{o['ID']}-{r['Code']}" for o in orders for r in o["Results"]}
+
+
 def strict(payload: dict[str, Any]) -> None:
     candidate = copy.deepcopy(payload)
     candidate["Meta"].pop("Message", None)
@@ -366,7 +372,7 @@ def store(request, population) -> RecordStore:
     config = make_config(**ROUTE_CONFIG)
     if request.param == "synthetic":
         return SyntheticPopulation(replace(config, seed=7, patients=200))
-    shared = {c.id: {e: population[c.id][e] for e in c.entities} for c in config.connections}
+    shared = {c.id: {e: population[c.id].get(e, []) for e in c.entities} for c in config.connections}
     return StaticPopulation(config.connections, shared, NOW)
 
 
@@ -819,7 +825,7 @@ def test_results_query_last_updated_windows_enumerate_every_result_under_the_ope
         body = ok(ask(client, state, conn.id, "Results", "Query", LastUpdated={"StartDateTime": cursor}))
         orders = body["Orders"]
         assert len({o["ID"] for o in orders}) == len(orders)  # one entry per order
-        seen |= {f"{o['ID']}-{r['Code']}" for o in orders for r in o["Results"]}
+        seen |= result_ids(orders)
         if len(orders) < conn.page_size:
             break
         # Every result up to the latest returned LastUpdated was returned: restart from there.
@@ -835,8 +841,8 @@ def test_results_query_filters(env):
     body = ok(ask(client, state, "lakeside-dm", "Results", "Query", OrderIDs=[target.order_id]))
     [order] = body["Orders"]
     assert order["ID"] == target.order_id
-    siblings = {r.code.code for r in rows if r.order_id == target.order_id}
-    assert {r["Code"] for r in order["Results"]} == siblings
+    siblings = {r.result_id for r in rows if r.order_id == target.order_id}
+    assert result_ids([order]) == siblings
     body = ok(ask(client, state, "lakeside-dm", "Results", "Query", ResultStatuses=["Corrected"]))
     assert body["Orders"] and {r["Status"] for o in body["Orders"] for r in o["Results"]} == {"Corrected"}
     lo, hi = rows[10].last_updated, rows[20].last_updated
@@ -851,7 +857,7 @@ def test_results_query_filters(env):
             LastUpdated={"StartDateTime": dm_time(lo), "EndDateTime": dm_time(hi)},
         )
     )
-    assert {f"{o['ID']}-{r['Code']}" for o in body["Orders"] for r in o["Results"]} == in_window
+    assert result_ids(body["Orders"]) == in_window
     resp = ask(client, state, "lakeside-dm", "Results", "Query", LastUpdated={"StartDateTime": "yesterday"})
     assert resp.status_code == 400 and "LastUpdated.StartDateTime" in error_text(resp)
 
@@ -1065,7 +1071,7 @@ def test_per_patient_queries_answer_under_the_strict_policy(env):
     truth = {
         r.result_id for r in records(state, "lakeside-dm", "results") if r.patient.patient_id == patient.id
     }
-    assert {f"{o['ID']}-{r['Code']}" for o in body["Orders"] for r in o["Results"]} == truth
+    assert result_ids(body["Orders"]) == truth
 
 
 def test_booked_takes_an_optional_patient_filter(env):
@@ -1136,14 +1142,16 @@ def test_available_slots_are_open_clinic_times_that_avoid_booked_appointments(en
     assert resp.status_code == 400 and "StartDateTime" in error_text(resp)
 
 
-def test_order_query_finds_result_orders_and_written_orders(env):
+def test_order_query_finds_lab_orders_and_written_orders(env):
     client, state, _ = env
-    result = records(state, "riverbend-both", "results")[1]
-    patient = patient_of(state, "riverbend-both", result)
+    # The hand-made population has no inbound orders: its patients' answers hold written ones only.
+    source = records(state, "riverbend-both", "orders") or records(state, "riverbend-both", "results")
+    patient = patient_of(state, "riverbend-both", source[1])
     body = ok(ask(client, state, "riverbend-both", "Order", "Query", Patients=patients_of(patient)))
     assert body["Meta"]["EventType"] == "QueryResponse"
+    # The EHR's inbound lab orders (the orders entity, every status), as FHIR serves them.
     truth = {
-        r.order_id for r in records(state, "riverbend-both", "results") if r.patient.patient_id == patient.id
+        o.order_id for o in records(state, "riverbend-both", "orders") if o.patient.patient_id == patient.id
     }
     got = {o["ID"] for o in body["Orders"]}
     assert got <= truth and len(got) == len(body["Orders"]) == min(len(truth), 7)

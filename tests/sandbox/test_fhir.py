@@ -1478,6 +1478,12 @@ def test_the_synthetic_population_renders_valid_fhir() -> None:
         "MedicationStatement",
         "Appointment",
         "DocumentReference",
+        "Condition",
+        "AllergyIntolerance",
+        "Immunization",
+        "Procedure",
+        "DiagnosticReport",
+        "ServiceRequest",
     }
 
 

@@ -32,6 +32,12 @@ REVINCLUDE_TYPES = (
     "MedicationStatement",
     "Appointment",
     "DocumentReference",
+    "Condition",
+    "AllergyIntolerance",
+    "Immunization",
+    "Procedure",
+    "DiagnosticReport",
+    "ServiceRequest",
 )
 SUBSETTED = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 
@@ -92,7 +98,7 @@ def patient_reference(resource: dict[str, Any]) -> str:
     if resource["resourceType"] == "Appointment":
         refs = [p["actor"]["reference"] for p in resource["participant"] if "actor" in p]
         return next(r for r in refs if r.startswith("Patient/")).split("/", 1)[1]
-    return resource["subject"]["reference"].split("/", 1)[1]
+    return (resource.get("subject") or resource["patient"])["reference"].split("/", 1)[1]
 
 
 # ---- refusals ---------------------------------------------------------------------------------
