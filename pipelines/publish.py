@@ -317,7 +317,29 @@ def _merged_entity_sql(con: duckdb.DuckDBPyConnection, entity: str) -> str | Non
               ON l.source_surface = 'datamodel' AND p.connection_id = l.connection_id AND p.dm_key = l."{key}" """
         return f"""WITH latest AS ({latest}), pairs AS ({_paired_keys("latest", key)}), keyed AS ({keyed})
             {_field_merge("keyed", f'"{key}"', merge_columns)}"""
+    if entity == "medications":
+        keyed = f"""SELECT l.* REPLACE (coalesce(p.order_key, l."{key}") AS "{key}")
+            FROM latest l LEFT JOIN pairs p
+              ON l.source_surface = 'datamodel' AND l.kind = 'statement'
+             AND p.connection_id = l.connection_id AND p.summary_key = l."{key}" """
+        return f"""WITH latest AS ({latest}), pairs AS ({_summary_medication_orders("latest", key)}),
+            keyed AS ({keyed}) {_field_merge("keyed", f'"{key}"', merge_columns)}"""
     return f"WITH latest AS ({latest}) {_field_merge('latest', f'{chr(34)}{key}{chr(34)}', merge_columns)}"
+
+
+def _summary_medication_orders(latest: str, key: str) -> str:
+    """A Clinical Summary medication (the Data Model's ``Medications[]`` carry no id: staged as a
+    ``statement`` with a derived id) is the same medication as a record with an id — a
+    Medications event's ``Order.ID``, a FHIR MedicationRequest / MedicationStatement — of the
+    same patient, drug code and start time (to the second): it takes that record's key, so the
+    drug a patient was ordered once is one row, whichever surfaces and events showed it."""
+    return f"""SELECT s.connection_id, s."{key}" AS summary_key, min(o."{key}") AS order_key
+        FROM {latest} s JOIN {latest} o
+          ON o.connection_id = s.connection_id AND o.patient_key = s.patient_key
+         AND o.code = s.code AND o.start_at = s.start_at
+         AND NOT (o.source_surface = 'datamodel' AND o.kind = 'statement')
+        WHERE s.source_surface = 'datamodel' AND s.kind = 'statement'
+        GROUP BY ALL"""
 
 
 def _publish_entity(con: duckdb.DuckDBPyConnection, connection_id: str, entity: str) -> int:
