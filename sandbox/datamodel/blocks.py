@@ -104,21 +104,35 @@ CLINICAL_STATUS_CODES = {
     "inactive": ("73425007", "Inactive"),
     "resolved": ("413322009", "Resolved"),
     "entered-in-error": (None, "Entered in Error"),
+    "recurrence": ("246455001", "Recurrence"),
+    "relapse": ("263855007", "Relapse phase"),
+    "remission": ("277022003", "Remission phase"),
 }
-IMMUNIZATION_STATUSES = {"completed": "Completed", "not-done": "Not Done", "entered-in-error": "Entered in Error"}
+IMMUNIZATION_STATUSES = {
+    "completed": "Completed",
+    "not-done": "Not Done",
+    "entered-in-error": "Entered in Error",
+}
 PROCEDURE_STATUSES = {
     "completed": "completed",
     "in-progress": "active",
     "not-done": "cancelled",
     "entered-in-error": "nullified",
+    "preparation": "new",
+    "on-hold": "held",
+    "stopped": "aborted",
+    "unknown": None,
 }
 ORDER_STATUSES = {
     "active": "Active",
     "completed": "Completed",
     "revoked": "Canceled",
     "entered-in-error": "Entered in Error",
+    "draft": "Draft",
+    "on-hold": "On Hold",
+    "unknown": None,
 }
-ORDER_PRIORITIES = {"routine": "Routine", "urgent": "Urgent", "stat": "Stat"}
+ORDER_PRIORITIES = {"routine": "Routine", "urgent": "Urgent", "asap": "ASAP", "stat": "Stat"}
 ALLERGY_TYPES = {
     ("medication", "allergy"): ("416098002", "Drug allergy"),
     ("medication", "intolerance"): ("59037007", "Drug intolerance"),
@@ -127,7 +141,11 @@ ALLERGY_TYPES = {
     ("environment", "allergy"): ("426232007", "Environmental allergy"),
     ("environment", "intolerance"): ("419199007", "Allergy to substance"),
 }
-SEVERITY_CODES = {"mild": ("255604002", "Mild"), "moderate": ("6736007", "Moderate"), "severe": ("24484000", "Severe")}
+SEVERITY_CODES = {
+    "mild": ("255604002", "Mild"),
+    "moderate": ("6736007", "Moderate"),
+    "severe": ("24484000", "Severe"),
+}
 CRITICALITY_CODES = {
     "low": ("CRITL", "Low criticality"),
     "high": ("CRITH", "High criticality"),
@@ -232,10 +250,11 @@ def location_block(loc: Location | None) -> dict[str, Any]:
 
 
 def provider_block(p: Provider | None) -> dict[str, Any]:
+    npi = p.npi if p and p.npi else None  # a provider known without an NPI (outside data)
     return {
-        "NPI": p.npi if p else None,
-        "ID": p.npi if p else None,
-        "IDType": "NPI" if p else None,
+        "NPI": npi,
+        "ID": npi,
+        "IDType": "NPI" if npi else None,
         "FirstName": p.first_name if p else None,
         "LastName": p.last_name if p else None,
         "Credentials": list(p.credentials) if p else [],
@@ -318,13 +337,17 @@ def codeset(c: Coding | None) -> str | None:
 
 def code_description(c: Coding | None) -> dict[str, Any]:
     """``{Code, Codeset, Description}`` (Results, Order, Scheduling)."""
-    return {"Code": c.code if c else None, "Codeset": codeset(c), "Description": c.display if c else None}
+    return {
+        "Code": c.code if c and c.code else None,
+        "Codeset": codeset(c),
+        "Description": c.display if c else None,
+    }
 
 
 def code_system(c: Coding | None) -> dict[str, Any]:
     """``{Code, CodeSystem, CodeSystemName, Name, AltCodes}`` (Medications, Clinical Summary)."""
     return {
-        "Code": c.code if c else None,
+        "Code": c.code if c and c.code else None,
         "CodeSystem": CODE_SYSTEM_OIDS.get(c.system) if c else None,
         "CodeSystemName": codeset(c),
         "Name": c.display if c else None,

@@ -216,7 +216,16 @@ STATUS_VALUES: dict[str, frozenset[str]] = {
     "DocumentReference": frozenset({"current", "superseded", "entered-in-error"}),
     "Immunization": frozenset({"completed", "entered-in-error", "not-done"}),
     "Procedure": frozenset(
-        {"preparation", "in-progress", "not-done", "on-hold", "stopped", "completed", "entered-in-error", "unknown"}
+        {
+            "preparation",
+            "in-progress",
+            "not-done",
+            "on-hold",
+            "stopped",
+            "completed",
+            "entered-in-error",
+            "unknown",
+        }
     ),
     "DiagnosticReport": frozenset(
         {
@@ -519,7 +528,9 @@ def parse_search(
             fixed_system, fixed_code = _FIXED_CATEGORY[resource_type]
             for v in values:
                 tokens = [_token(item) for item in _split(v)]
-                if not any(code == fixed_code and system in (None, "", fixed_system) for system, code in tokens):
+                if not any(
+                    code == fixed_code and system in (None, "", fixed_system) for system, code in tokens
+                ):
                     empty = True
         elif name == "category":
             # Observation: the five categories; DocumentReference: note | cda (Query.category).

@@ -680,7 +680,9 @@ class RecordBuilder:
             status_reason=None if done else rng.choice(vocab.NOT_DONE_REASONS),
             occurred_at=given,
             recorded_at=given + timedelta(minutes=rng.randrange(1, 120)),
-            lot_number=f"{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{rng.randrange(10000, 99999)}" if done else None,
+            lot_number=f"{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{rng.randrange(10000, 99999)}"
+            if done
+            else None,
             manufacturer=vaccine.manufacturer if done else None,
             route=vaccine.route if done else None,
             dose_quantity=vaccine.dose_ml if done else None,

@@ -147,7 +147,9 @@ def _result_change(record: ResultRecord, rng: random.Random, at: datetime) -> di
         parts = []
         for part, old in zip(analyte.components, record.components, strict=False):
             base = old.value_numeric if old.value_numeric is not None else part.mean
-            value = round(max(base + rng.choice((-1, 1)) * part.sd * 0.3 * (0.5 + rng.random()), 1.0), part.decimals)
+            value = round(
+                max(base + rng.choice((-1, 1)) * part.sd * 0.3 * (0.5 + rng.random()), 1.0), part.decimals
+            )
             parts.append(
                 Component(part.code, value, clinical.format_numeric(value, part.decimals), part.unit,
                           part.low, part.high, clinical.numeric_flag(part, value))

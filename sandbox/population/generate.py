@@ -359,7 +359,9 @@ def gen_problems(
         np.where(chronic & (u < 0.06), st["inactive"], st["active"]),
     )
     recorded_lag = _uniform_int(rng, 0, 2 * HOUR, n)
-    lu = np.where(resolved, np.minimum(onset + course + recorded_lag, now), np.minimum(onset + recorded_lag, now))
+    lu = np.where(
+        resolved, np.minimum(onset + course + recorded_lag, now), np.minimum(onset + recorded_lag, now)
+    )
     version = np.where(status == st["active"], 1, 2)
     if allow_dead:
         error = rng.random(n) < 0.006
@@ -420,7 +422,9 @@ def gen_procedures(rng: np.random.Generator, anchors: Anchors, now: int, allow_d
     n = len(anchors.patient)
     item = rng.integers(0, len(vocab.PROCEDURES), size=n)
     minutes = np.array([p.minutes for p in vocab.PROCEDURES])[item]
-    start = np.minimum(anchors.start + (np.maximum(anchors.dur - minutes * 60, 0) * rng.random(n)).astype(np.int64), now - 60)
+    start = np.minimum(
+        anchors.start + (np.maximum(anchors.dur - minutes * 60, 0) * rng.random(n)).astype(np.int64), now - 60
+    )
     end = start + minutes * 60
     status = np.where(end <= now, st["completed"], st["in-progress"])
     status = np.where(rng.random(n) < 0.02, st["not-done"], status)
@@ -449,7 +453,12 @@ def lab_order_groups(results: Rows, offset: int = 0) -> tuple[np.ndarray, np.nda
 
 
 def gen_reports(
-    rng: np.random.Generator, results: Rows, first: np.ndarray, count: np.ndarray, offset: int, allow_dead: bool
+    rng: np.random.Generator,
+    results: Rows,
+    first: np.ndarray,
+    count: np.ndarray,
+    offset: int,
+    allow_dead: bool,
 ) -> Rows:
     """One DiagnosticReport per lab order (``first``/``count`` from :func:`lab_order_groups`;
     ``results`` holds the batch whose first row is table row ``offset``)."""

@@ -471,7 +471,9 @@ class StaticPopulation(RecordStore):
                 abated_at=None, recorded_at=at,
             )  # fmt: skip
         if isinstance(source, AllergyRecord):
-            return replace(source, **common, allergy_id=self._fresh_number(used), status="active", recorded_at=at)
+            return replace(
+                source, **common, allergy_id=self._fresh_number(used), status="active", recorded_at=at
+            )
         if isinstance(source, ImmunizationRecord):
             return replace(
                 source, **common, immunization_id=self._fresh_number(used), status="completed", occurred_at=at,
