@@ -72,6 +72,7 @@ from sandbox.datamodel.blocks import (
 from sandbox.datamodel.conform import conform
 from sandbox.population.records import (
     LOINC,
+    PULL_ONLY_ENTITIES,
     SNOMED,
     AllergyRecord,
     AppointmentRecord,
@@ -517,10 +518,6 @@ def _order_events(change: Change, conn: ConnectionSpec, patient: PatientRecord |
             Order=lab_order(o),
         )
     ]
-
-
-# Entities the Data Model pushes no event for: clients read them with Clinical Summary queries.
-PULL_ONLY_ENTITIES = frozenset({"problems", "allergies", "immunizations", "procedures", "diagnostic_reports"})
 
 
 def render_event(change: Change, conn: ConnectionSpec, patient: PatientRecord | None = None) -> list[dict]:

@@ -218,8 +218,10 @@ def load_seed_dir(
     """The seeded connection and its records by entity. ``updated_at`` stands in for a missing
     ``meta.lastUpdated`` (default: the sandbox's default clock start)."""
     loaded = read_seed_dir(path, updated_at)
-    for line in startup_report(loaded):
-        log.warning(line) if line.startswith("seed-from: not served") else log.info(line)
+    lines = startup_report(loaded)
+    log.info(lines[0])
+    for line in lines[1:]:  # what is lost is worth a warning: shown at the default log level
+        log.warning(line)
     return loaded.connection, loaded.records
 
 

@@ -29,6 +29,9 @@ ENTITIES: tuple[str, ...] = (
     "orders",
 )
 WRITE_ENTITIES: tuple[str, ...] = ("orders", "appointments")
+# Entities Redox pushes no event family for, on either surface (REDOX-REFERENCE §3.5, §12.3):
+# clients pull them (FHIR searches per patient, Clinical Summary queries).
+PULL_ONLY_ENTITIES = frozenset({"problems", "allergies", "immunizations", "procedures", "diagnostic_reports"})
 
 # Code systems, as FHIR URIs, with the Redox Data Model ``Codeset`` name beside each.
 LOINC = "http://loinc.org"
