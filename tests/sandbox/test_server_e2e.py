@@ -41,6 +41,12 @@ FHIR_TYPES = (
     "MedicationStatement",
     "Appointment",
     "DocumentReference",
+    "Condition",
+    "AllergyIntolerance",
+    "Immunization",
+    "Procedure",
+    "DiagnosticReport",
+    "ServiceRequest",
 )
 # Which FHIR resource types together hold one truth entity.
 ENTITY_TYPES = {
@@ -50,6 +56,12 @@ ENTITY_TYPES = {
     "medications": ("MedicationRequest", "MedicationStatement"),
     "appointments": ("Appointment",),
     "documents": ("DocumentReference",),
+    "problems": ("Condition",),
+    "allergies": ("AllergyIntolerance",),
+    "immunizations": ("Immunization",),
+    "procedures": ("Procedure",),
+    "diagnostic_reports": ("DiagnosticReport",),
+    "orders": ("ServiceRequest",),
 }
 
 # Key generation is the slow part of a client; every Live client shares these.
