@@ -22,7 +22,9 @@ class Query:
     Time bounds are UTC datetimes; ``None`` means unbounded. ``updated_*`` filter on
     ``last_updated``; ``date_*`` filter on the entity's clinical date (encounter
     start, result effective time, medication start, appointment start, document
-    authored time; patients have none). Results are ordered by ``(last_updated, id)``,
+    authored time, problem onset, allergy recorded time, immunization occurrence, procedure
+    start, report effective time, order authored time; patients have none). Results are
+    ordered by ``(last_updated, id)``,
     which stays stable while pages are read.
     """
 
@@ -39,7 +41,9 @@ class Query:
     date_le: datetime | None = None
     date_lt: datetime | None = None
     statuses: Sequence[str] | None = None  # entity status values (patients: "active"/"inactive")
-    category: str | None = None  # results: "laboratory" | "vital-signs"; medications: "request" | "statement"
+    # results: an observation-category code ("laboratory", "vital-signs", "social-history", "survey",
+    # "exam", ...); medications: "request" | "statement"; allergies: "medication" | "food" | ...
+    category: str | None = None
 
 
 class RecordStore(abc.ABC):

@@ -344,6 +344,20 @@ def test_seed_from_serves_every_mapped_resource_of_the_third_party_files(seeded:
                 served[entity] += len(found)
         for entity in (*NEW_TYPES.values(), "results", "encounters"):
             assert served[entity] == expected[entity], entity
+        # The Data Model surface serves the same outside records (strictly valid).
+        sections: Counter[str] = Counter()
+        for ident in roster["patients"]:
+            summary = client.dm_ok(
+                "seeded",
+                "Clinical Summary",
+                "PatientQuery",
+                Patient={"Identifiers": [{"ID": ident["value"], "IDType": "MR"}]},
+            )
+            sections["problems"] += len(summary["Problems"])
+            sections["allergies"] += len(summary["Allergies"])
+            sections["immunizations"] += len(summary["Immunizations"])
+            sections["procedures"] += len(summary["Procedures"]["Procedures"])
+        assert dict(sections) == {e: expected[e] for e in sections}
     finally:
         client.close()
 
