@@ -492,7 +492,8 @@ def test_data_model_windows_enumerate_every_visit_and_result_of_truth(big: Live)
     for _ in range(500):
         body = big.dm_ok(conn_id, "Results", "Query", LastUpdated={"StartDateTime": cursor})
         orders = body["Orders"]
-        results |= {f"{o['ID']}-{r['Code']}" for o in orders for r in o["Results"]}
+        # A blood pressure panel's components carry the panel's result id in RelatedGroupID.
+        results |= {r["RelatedGroupID"] or f"{o['ID']}-{r['Code']}" for o in orders for r in o["Results"]}
         if len(orders) < page_size:
             break
         cursor = max(o["LastUpdated"] for o in orders)
