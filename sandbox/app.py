@@ -60,11 +60,9 @@ def build_state(
 def _push_renderer(config: SandboxConfig, store: RecordStore, base_url: str):
     """What one change becomes on the wire, in each connection's families
     (``sandbox.webhooks.push_families``)."""
-    from sandbox.fhir.notifications import PULL_ONLY_ENTITIES, render_redox_notification
+    from sandbox.fhir.notifications import render_redox_notification
 
     def fhir_notification(change, conn):  # type: ignore[no-untyped-def]
-        if change.entity in PULL_ONLY_ENTITIES:
-            return []
         base = f"{base_url}/fhir/R4/{conn.slug}/{config.environment}" if base_url else None
         return render_redox_notification(change, conn, base_url=base, detail=conn.webhook_detail)
 

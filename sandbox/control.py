@@ -149,6 +149,14 @@ def routes(state: SandboxState) -> list[BaseRoute]:
                 "now": state.store.now.isoformat(),
                 "counts": state.store.counts(),
                 "live": state.store.counts(live_only=True),
+                # Observation.component entries served (blood pressure panels: two each).
+                "components": {
+                    cid: {"result_components": n} for cid, n in state.store.component_counts().items()
+                },
+                "live_components": {
+                    cid: {"result_components": n}
+                    for cid, n in state.store.component_counts(live_only=True).items()
+                },
                 "webhooks": state.webhooks.stats(),
                 "quota": state.faults.quota_usage(),
             }

@@ -44,7 +44,7 @@ import httpx
 import orjson
 
 from sandbox.config import ConnectionSpec, SandboxConfig
-from sandbox.population.records import Change
+from sandbox.population.records import PULL_ONLY_ENTITIES, Change
 
 log = logging.getLogger("sandbox.webhooks")
 
@@ -100,6 +100,8 @@ def family_renderer(
     def render(change: Change, conn: ConnectionSpec) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for family in push_families(config, conn):
+            if family == "fhir" and change.entity in PULL_ONLY_ENTITIES:
+                continue  # Redox pushes no FHIR notification for these: clients pull them
             rendered = (datamodel_render if family == "datamodel" else fhir_render)(change, conn)
             out.extend(rendered if isinstance(rendered, list) else [rendered] if rendered else [])
         return out

@@ -104,6 +104,9 @@ CLINICAL_STATUS_CODES = {
     "inactive": ("73425007", "Inactive"),
     "resolved": ("413322009", "Resolved"),
     "entered-in-error": (None, "Entered in Error"),
+    "recurrence": ("246455001", "Recurrence"),
+    "relapse": ("263855007", "Relapse phase"),
+    "remission": ("277022003", "Remission phase"),
 }
 IMMUNIZATION_STATUSES = {
     "completed": "Completed",
@@ -115,14 +118,21 @@ PROCEDURE_STATUSES = {
     "in-progress": "active",
     "not-done": "cancelled",
     "entered-in-error": "nullified",
+    "preparation": "new",
+    "on-hold": "held",
+    "stopped": "aborted",
+    "unknown": None,
 }
 ORDER_STATUSES = {
     "active": "Active",
     "completed": "Completed",
     "revoked": "Canceled",
     "entered-in-error": "Entered in Error",
+    "draft": "Draft",
+    "on-hold": "On Hold",
+    "unknown": None,
 }
-ORDER_PRIORITIES = {"routine": "Routine", "urgent": "Urgent", "stat": "Stat"}
+ORDER_PRIORITIES = {"routine": "Routine", "urgent": "Urgent", "asap": "ASAP", "stat": "Stat"}
 ALLERGY_TYPES = {
     ("medication", "allergy"): ("416098002", "Drug allergy"),
     ("medication", "intolerance"): ("59037007", "Drug intolerance"),
@@ -240,10 +250,11 @@ def location_block(loc: Location | None) -> dict[str, Any]:
 
 
 def provider_block(p: Provider | None) -> dict[str, Any]:
+    npi = p.npi if p and p.npi else None  # a provider known without an NPI (outside data)
     return {
-        "NPI": p.npi if p else None,
-        "ID": p.npi if p else None,
-        "IDType": "NPI" if p else None,
+        "NPI": npi,
+        "ID": npi,
+        "IDType": "NPI" if npi else None,
         "FirstName": p.first_name if p else None,
         "LastName": p.last_name if p else None,
         "Credentials": list(p.credentials) if p else [],
@@ -326,13 +337,17 @@ def codeset(c: Coding | None) -> str | None:
 
 def code_description(c: Coding | None) -> dict[str, Any]:
     """``{Code, Codeset, Description}`` (Results, Order, Scheduling)."""
-    return {"Code": c.code if c else None, "Codeset": codeset(c), "Description": c.display if c else None}
+    return {
+        "Code": c.code if c and c.code else None,
+        "Codeset": codeset(c),
+        "Description": c.display if c else None,
+    }
 
 
 def code_system(c: Coding | None) -> dict[str, Any]:
     """``{Code, CodeSystem, CodeSystemName, Name, AltCodes}`` (Medications, Clinical Summary)."""
     return {
-        "Code": c.code if c else None,
+        "Code": c.code if c and c.code else None,
         "CodeSystem": CODE_SYSTEM_OIDS.get(c.system) if c else None,
         "CodeSystemName": codeset(c),
         "Name": c.display if c else None,

@@ -386,9 +386,9 @@ def _encounter_filters(ctx: QueryContext) -> Callable[[EncounterRecord], bool]:
     def keep(e: EncounterRecord) -> bool:
         if classes is not None and e.class_code not in classes:
             return False
-        if facilities and e.location.facility.lower() not in facilities:
+        if facilities and (e.location is None or e.location.facility.lower() not in facilities):
             return False
-        return not departments or e.location.department.lower() in departments
+        return not departments or (e.location is not None and e.location.department.lower() in departments)
 
     return keep
 
@@ -523,7 +523,7 @@ def booked(ctx: QueryContext) -> QueryAnswer:
     def keep(a: AppointmentRecord) -> bool:
         if number not in (None, "") and a.visit_number != str(number):
             return False
-        return not providers or a.provider.npi in providers
+        return not providers or (a.provider is not None and a.provider.npi in providers)
 
     picked: list[AppointmentRecord] = []
     more = False
@@ -760,8 +760,8 @@ def available_slots(ctx: QueryContext) -> QueryAnswer:
         ctx.conn.id, "appointments", date_ge=start - SESSION_LOOKAROUND, date_lt=stop + SESSION_LOOKAROUND
     )
     for a in ctx.store.iter(around):
-        if not isinstance(a, AppointmentRecord):
-            continue
+        if not isinstance(a, AppointmentRecord) or a.provider is None or a.location is None:
+            continue  # slots are offered by a known provider at a known place
         npi = a.provider.npi
         if wanted_providers and npi not in wanted_providers:
             continue

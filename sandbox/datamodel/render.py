@@ -72,6 +72,7 @@ from sandbox.datamodel.blocks import (
 from sandbox.datamodel.conform import conform
 from sandbox.population.records import (
     LOINC,
+    PULL_ONLY_ENTITIES,
     SNOMED,
     AllergyRecord,
     AppointmentRecord,
@@ -242,7 +243,7 @@ def medication_order(m: MedicationRecord) -> dict[str, Any]:
 
 def appointment_info(a: AppointmentRecord) -> list[dict[str, Any]]:
     """The appointment type keeps its code here (``Visit.Type`` is free text)."""
-    info = [{**code_description(a.type), "Value": a.type.code}]
+    info = [{**code_description(a.type), "Value": a.type.code}] if a.type else []
     if a.rescheduled_from:
         info.append(
             {
@@ -263,7 +264,7 @@ def appointment_visit(a: AppointmentRecord) -> dict[str, Any]:
         "Duration": a.duration_minutes,
         "Status": APPOINTMENT_STATUSES[a.status],
         "Reason": a.reason,
-        "Type": a.type.display,
+        "Type": a.type.display if a.type else None,
         "PatientClass": "Outpatient",
         "Instructions": [],
         "AttendingProvider": provider_block(a.provider),
@@ -274,10 +275,10 @@ def appointment_visit(a: AppointmentRecord) -> dict[str, Any]:
         "Equipment": [],
         "Diagnoses": [],
         "Location": {
-            "Type": a.location.type,
-            "Facility": a.location.facility,
-            "Department": a.location.department,
-            "Room": a.location.room,
+            "Type": a.location.type if a.location else None,
+            "Facility": a.location.facility if a.location else None,
+            "Department": a.location.department if a.location else None,
+            "Room": a.location.room if a.location else None,
         },
         "CancelReason": a.cancel_reason,
         "NoShowReason": None,
@@ -487,7 +488,7 @@ def lab_order(o: OrderRecord) -> dict[str, Any]:
         "TransactionDateTime": dm_datetime(o.authored_at),
         "CollectionDateTime": dm_datetime(o.occurrence_at),
         "Status": ORDER_STATUSES[o.status],
-        "Priority": ORDER_PRIORITIES[o.priority],
+        "Priority": ORDER_PRIORITIES.get(o.priority) if o.priority else None,
         "Expiration": None,
         "Comments": None,
         "Notes": [],
@@ -517,10 +518,6 @@ def _order_events(change: Change, conn: ConnectionSpec, patient: PatientRecord |
             Order=lab_order(o),
         )
     ]
-
-
-# Entities the Data Model pushes no event for: clients read them with Clinical Summary queries.
-PULL_ONLY_ENTITIES = frozenset({"problems", "allergies", "immunizations", "procedures", "diagnostic_reports"})
 
 
 def render_event(change: Change, conn: ConnectionSpec, patient: PatientRecord | None = None) -> list[dict]:
@@ -616,7 +613,9 @@ def _cs_encounter(enc: EncounterRecord) -> dict[str, Any]:
                 "Name": enc.location.facility,
                 "Identifiers": [],
             }
-        ],
+        ]
+        if enc.location
+        else [],
         "Diagnosis": reasons,
         "ReasonForVisit": reasons,
         **(
@@ -739,7 +738,7 @@ def _cs_problem(p: ProblemRecord) -> dict[str, Any]:
 
 
 def _cs_allergy(a: AllergyRecord) -> dict[str, Any]:
-    type_code, type_name = ALLERGY_TYPES[(a.category, a.kind)]
+    type_code, type_name = ALLERGY_TYPES.get((a.category, a.kind), ("419199007", "Allergy to substance"))
     severity = _snomed_status(*SEVERITY_CODES[a.severity]) if a.severity else _snomed_status(None, None)  # type: ignore[arg-type]
     reactions = []
     if a.reaction:

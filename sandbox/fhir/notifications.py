@@ -37,10 +37,6 @@ _NAMESPACE = uuid.UUID("3d0c6f7e-5b1a-4f58-9d59-1b8f5c2e7a10")
 _ARRIVING_CLASSES = frozenset({"IMP", "EMER", "OBSENC"})
 
 
-# Entities Redox pushes no notification family for (REDOX-REFERENCE §12.3): clients pull them.
-PULL_ONLY_ENTITIES = frozenset({"problems", "allergies", "immunizations", "procedures", "diagnostic_reports"})
-
-
 def notification_event_name(change: Change) -> str:
     """The ``eventUri`` event of one population change."""
     record, kind = change.record, change.kind

@@ -79,6 +79,10 @@ OBSERVATION_CATEGORY_DISPLAY = {
     "social-history": "Social History",
     "survey": "Survey",
     "exam": "Exam",
+    "imaging": "Imaging",
+    "procedure": "Procedure",
+    "therapy": "Therapy",
+    "activity": "Activity",
 }
 ENCOUNTER_CLASS_DISPLAY = {
     "AMB": "ambulatory",
@@ -165,6 +169,8 @@ def coding(c: Coding) -> dict[str, str]:
 
 
 def concept(c: Coding) -> dict[str, Any]:
+    if not c.code:  # known by its text alone (outside data)
+        return {"text": c.display}
     out: dict[str, Any] = {"coding": [coding(c)]}
     if c.display:
         out["text"] = c.display
@@ -361,8 +367,11 @@ def _omb_extension(url: str, text: str, codes: dict[str, str]) -> dict[str, Any]
 
 
 def render_encounter(r: EncounterRecord, conn: ConnectionSpec) -> dict[str, Any]:
-    located = locations(r.location)
-    contained = [practitioner(r.attending, "attending"), *(res for res, _ in located)]
+    located = locations(r.location) if r.location else []
+    contained = [
+        *([practitioner(r.attending, "attending")] if r.attending else []),
+        *(res for res, _ in located),
+    ]
     identifier = [{"use": "official", "system": ids.visit_system(conn.slug), "value": r.visit_number}]
     if r.account_number:
         identifier.append({"system": ids.account_system(conn.slug), "value": r.account_number})
@@ -381,7 +390,7 @@ def render_encounter(r: EncounterRecord, conn: ConnectionSpec) -> dict[str, Any]
             "code": r.class_code,
             "display": ENCOUNTER_CLASS_DISPLAY[r.class_code],
         },
-        "type": [concept(r.type)],
+        "type": [concept(r.type)] if r.type else [],
         "subject": _patient_reference(r.patient.patient_id),
         "participant": [
             {
@@ -390,9 +399,14 @@ def render_encounter(r: EncounterRecord, conn: ConnectionSpec) -> dict[str, Any]
                 ],
                 "individual": practitioner_reference(r.attending, "attending"),
             }
-        ],
+        ]
+        if r.attending
+        else [],
         "period": period,
     }
+    for key in ("contained", "type", "participant"):
+        if not out[key]:
+            del out[key]
     if r.reason:
         out["reasonCode"] = [concept(r.reason)]
     if r.discharge_disposition:
@@ -431,15 +445,9 @@ def render_observation(r: ResultRecord, conn: ConnectionSpec) -> dict[str, Any]:
         performer.append(practitioner_reference(r.performer, "performer"))
     if r.producer:
         performer.append({"type": "Organization", "display": r.producer})
-    category = {
-        "coding": [
-            {
-                "system": ids.OBSERVATION_CATEGORY,
-                "code": r.category,
-                "display": OBSERVATION_CATEGORY_DISPLAY[r.category],
-            }
-        ]
-    }
+    category_coding = {"system": ids.OBSERVATION_CATEGORY, "code": r.category}
+    if r.category in OBSERVATION_CATEGORY_DISPLAY:
+        category_coding["display"] = OBSERVATION_CATEGORY_DISPLAY[r.category]
     out: dict[str, Any] = {
         "resourceType": "Observation",
         "id": r.id,
@@ -454,7 +462,7 @@ def render_observation(r: ResultRecord, conn: ConnectionSpec) -> dict[str, Any]:
             }
         ],
         "status": r.status,
-        "category": [category],
+        **({"category": [{"coding": [category_coding]}]} if r.category else {}),
         "code": concept(r.code),
         "subject": _patient_reference(r.patient.patient_id),
     }
@@ -545,21 +553,19 @@ def render_condition(r: ProblemRecord, conn: ConnectionSpec) -> dict[str, Any]:
     out["verificationStatus"] = _status_concept(
         ids.CONDITION_VERIFICATION, "entered-in-error" if error else "confirmed"
     )
-    out["category"] = [
-        {
-            "coding": [
-                {
-                    "system": ids.CONDITION_CATEGORY,
-                    "code": "problem-list-item",
-                    "display": "Problem List Item",
-                }
-            ]
-        }
-    ]
-    codings = [coding(r.code)] + ([coding(r.alt_code)] if r.alt_code else [])
+    category_display = {
+        "problem-list-item": "Problem List Item",
+        "encounter-diagnosis": "Encounter Diagnosis",
+    }
+    category = {"system": ids.CONDITION_CATEGORY, "code": r.category}
+    if r.category in category_display:
+        category["display"] = category_display[r.category]
+    out["category"] = [{"coding": [category]}]
+    codings = [coding(c) for c in (r.code, r.alt_code) if c is not None and c.code]
     out["code"] = {"coding": codings, "text": r.code.display or (r.alt_code.display if r.alt_code else "")}
-    if not out["code"]["text"]:
-        del out["code"]["text"]
+    for key in ("coding", "text"):
+        if not out["code"][key]:
+            del out["code"][key]
     out["subject"] = _patient_reference(r.patient.patient_id)
     if r.visit_number:
         out["encounter"] = _visit_reference(conn, r.visit_number)
@@ -582,8 +588,10 @@ def render_allergy(r: AllergyRecord, conn: ConnectionSpec) -> dict[str, Any]:
     out["verificationStatus"] = _status_concept(
         ids.ALLERGY_VERIFICATION, "entered-in-error" if error else "confirmed"
     )
-    out["type"] = r.kind
-    out["category"] = [r.category]
+    if r.kind:
+        out["type"] = r.kind
+    if r.category:
+        out["category"] = [r.category]
     if r.criticality:
         out["criticality"] = r.criticality
     out["code"] = concept(r.substance)
@@ -696,7 +704,8 @@ def render_service_request(r: OrderRecord, conn: ConnectionSpec) -> dict[str, An
     out["status"] = r.status
     out["intent"] = r.intent
     out["category"] = [concept(LAB_PROCEDURE)]
-    out["priority"] = r.priority
+    if r.priority:
+        out["priority"] = r.priority
     out["code"] = concept(r.code)
     out["subject"] = _patient_reference(r.patient.patient_id)
     if r.visit_number:
@@ -781,8 +790,11 @@ def render_medication(r: MedicationRecord, conn: ConnectionSpec) -> dict[str, An
 
 
 def render_appointment(r: AppointmentRecord, conn: ConnectionSpec) -> dict[str, Any]:
-    located = locations(r.location)
-    contained = [practitioner(r.provider, "provider"), *(res for res, _ in located)]
+    located = locations(r.location) if r.location else []
+    contained = [
+        *([practitioner(r.provider, "provider")] if r.provider else []),
+        *(res for res, _ in located),
+    ]
     participant_status = "needs-action" if r.status in ("proposed", "pending") else "accepted"
     participants: list[dict[str, Any]] = [
         {
@@ -790,19 +802,26 @@ def render_appointment(r: AppointmentRecord, conn: ConnectionSpec) -> dict[str, 
             "required": "required",
             "status": participant_status,
         },
-        {
-            "type": [
-                {
-                    "coding": [
-                        {"system": ids.V3_PARTICIPATION_TYPE, "code": "PPRF", "display": "primary performer"}
-                    ]
-                }
-            ],
-            "actor": practitioner_reference(r.provider, "provider"),
-            "required": "required",
-            "status": participant_status,
-        },
     ]
+    if r.provider:
+        participants.append(
+            {
+                "type": [
+                    {
+                        "coding": [
+                            {
+                                "system": ids.V3_PARTICIPATION_TYPE,
+                                "code": "PPRF",
+                                "display": "primary performer",
+                            }
+                        ]
+                    }
+                ],
+                "actor": practitioner_reference(r.provider, "provider"),
+                "required": "required",
+                "status": participant_status,
+            }
+        )
     if located:
         leaf = located[-1][0]
         participants.append(
@@ -812,19 +831,23 @@ def render_appointment(r: AppointmentRecord, conn: ConnectionSpec) -> dict[str, 
                 "status": participant_status,
             }
         )
-    out: dict[str, Any] = {"resourceType": "Appointment", "id": r.id, "meta": meta(r), "contained": contained}
+    out: dict[str, Any] = {"resourceType": "Appointment", "id": r.id, "meta": meta(r)}
+    if contained:
+        out["contained"] = contained
     if r.rescheduled_from:
         out["extension"] = [{"url": ids.RESCHEDULED_FROM_EXTENSION, "valueString": r.rescheduled_from}]
     out["identifier"] = [{"use": "official", "system": ids.visit_system(conn.slug), "value": r.visit_number}]
     out["status"] = r.status
     if r.cancel_reason:
         out["cancelationReason"] = _text_concept(r.cancel_reason)
-    out["appointmentType"] = concept(r.type)
+    if r.type:
+        out["appointmentType"] = concept(r.type)
     if r.reason:
         out["reasonCode"] = [_text_concept(r.reason)]
     out["start"] = instant(r.start_at)
-    out["end"] = instant(r.start_at + timedelta(minutes=r.duration_minutes))
-    out["minutesDuration"] = r.duration_minutes
+    if r.duration_minutes:
+        out["end"] = instant(r.start_at + timedelta(minutes=r.duration_minutes))
+        out["minutesDuration"] = r.duration_minutes
     out["participant"] = participants
     return out
 
@@ -840,7 +863,7 @@ def render_document(r: DocumentRecord, conn: ConnectionSpec) -> dict[str, Any]:
         "resourceType": "DocumentReference",
         "id": r.id,
         "meta": meta(r),
-        "contained": [practitioner(r.author, "author")],
+        "contained": [practitioner(r.author, "author")] if r.author else [],
         "identifier": [{"system": ids.document_system(conn.slug), "value": r.document_id}],
         "status": r.status,
         "docStatus": "final",
@@ -855,7 +878,7 @@ def render_document(r: DocumentRecord, conn: ConnectionSpec) -> dict[str, Any]:
         ],
         "subject": _patient_reference(r.patient.patient_id),
         "date": instant(r.authored_at),
-        "author": [practitioner_reference(r.author, "author")],
+        "author": [practitioner_reference(r.author, "author")] if r.author else [],
         "description": r.title,
         "content": [
             {
@@ -872,6 +895,9 @@ def render_document(r: DocumentRecord, conn: ConnectionSpec) -> dict[str, Any]:
     }
     if r.visit_number:
         out["context"] = {"encounter": [_visit_reference(conn, r.visit_number)]}
+    for key in ("contained", "author"):
+        if not out[key]:
+            del out[key]
     return out
 
 

@@ -137,6 +137,8 @@ REVINCLUDE_TYPES = (
     "ServiceRequest",
 )
 REVINCLUDE_PARAMS = frozenset({"patient", "subject"})
+# Types whose patient reference is `patient` only (FHIR R4 defines no `subject` search for them).
+_NO_SUBJECT_PARAM = frozenset({"AllergyIntolerance", "Immunization", "Appointment"})
 # DocumentReference's top-level elements (FHIR R4): what `_elements` may name.
 DOCUMENT_ELEMENTS = frozenset(
     {
@@ -629,7 +631,8 @@ def _revinclude(values: list[str], conn: ConnectionSpec) -> tuple[str, ...]:
                 continue
             rtype, _, param = item.partition(":")
             target = param.partition(":")[2]
-            if rtype not in REVINCLUDE_TYPES or param.partition(":")[0] not in REVINCLUDE_PARAMS:
+            names = REVINCLUDE_PARAMS - {"subject"} if rtype in _NO_SUBJECT_PARAM else REVINCLUDE_PARAMS
+            if rtype not in REVINCLUDE_TYPES or param.partition(":")[0] not in names:
                 raise SearchError(
                     "parameter '_revinclude' takes * or Type:patient / Type:subject with Type one of "
                     + ", ".join(REVINCLUDE_TYPES)

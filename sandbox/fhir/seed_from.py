@@ -2,10 +2,14 @@
 
 Reads bulk-export NDJSON (one resource per line, e.g. ``Patient.ndjson``, optionally gzipped)
 and Bundle JSON files (Synthea writes transaction/collection bundles whose references are
-``urn:uuid:`` fullUrls), and turns Patient, Encounter, Observation, MedicationRequest,
-MedicationStatement, Appointment and DocumentReference into canonical records — the inverse of
-``sandbox.fhir.render``. Anything that cannot be mapped is skipped and counted by reason; reasons
-never contain values from the files (they may be PHI).
+``urn:uuid:`` fullUrls), and turns every resource type Redox documents a FHIR search for —
+Patient, Encounter, Observation (every category, component-only ones included),
+MedicationRequest, MedicationStatement, Appointment, DocumentReference, Condition,
+AllergyIntolerance, Immunization, Procedure, DiagnosticReport and ServiceRequest — into canonical
+records, the inverse of ``sandbox.fhir.render``. Optional fields that are missing stay missing
+(an Encounter without a type, a practitioner without an NPI are served as they are). What still
+cannot be mapped is skipped and counted by reason, and the counts are logged at start-up;
+reasons never contain values from the files (they may be PHI).
 """
 
 from __future__ import annotations
@@ -26,16 +30,25 @@ import orjson
 from sandbox.config import ConnectionSpec, SandboxConfig
 from sandbox.fhir import identifiers as ids
 from sandbox.fhir.render import format_number
+from sandbox.population.records import CVX as CVX_SYSTEM
 from sandbox.population.records import (
     ENTITIES,
+    ICD10,
+    AllergyRecord,
     AppointmentRecord,
     Coding,
+    Component,
+    DiagnosticReportRecord,
     DocumentRecord,
     EncounterRecord,
+    ImmunizationRecord,
     Location,
     MedicationRecord,
+    OrderRecord,
     PatientRecord,
     PatientRef,
+    ProblemRecord,
+    ProcedureRecord,
     Provider,
     Record,
     ResultRecord,
@@ -98,10 +111,77 @@ _APPOINTMENT_STATUS = {
     "noshow": "noshow",
     "entered-in-error": "entered-in-error",
 }
-# Read only to resolve references (NPIs, medication codes, document content).
+_CONDITION_STATUS = {
+    "active": "active",
+    "recurrence": "recurrence",
+    "relapse": "relapse",
+    "inactive": "inactive",
+    "remission": "remission",
+    "resolved": "resolved",
+}
+_ALLERGY_STATUS = {"active": "active", "inactive": "inactive", "resolved": "resolved"}
+_IMMUNIZATION_STATUS = frozenset({"completed", "not-done", "entered-in-error"})
+_PROCEDURE_STATUS = frozenset(
+    {
+        "preparation",
+        "in-progress",
+        "not-done",
+        "on-hold",
+        "stopped",
+        "completed",
+        "entered-in-error",
+        "unknown",
+    }
+)
+_REPORT_STATUS = frozenset(
+    {
+        "registered",
+        "partial",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "appended",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    }
+)
+_ORDER_STATUS = frozenset(
+    {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
+)
+_ORDER_PRIORITY = frozenset({"routine", "urgent", "asap", "stat"})
+_OBSERVATION_CATEGORIES = (
+    "laboratory",
+    "vital-signs",
+    "social-history",
+    "survey",
+    "exam",
+    "imaging",
+    "procedure",
+    "therapy",
+    "activity",
+)
+# Read only to resolve references (NPIs, medication codes, document content, report results).
 _SUPPORTING_TYPES = frozenset(
     {"Practitioner", "PractitionerRole", "Medication", "Binary", "Location", "Organization"}
 )
+# Types the sandbox serves, by the entity they load into (the order they are loaded in).
+SERVED_TYPES: dict[str, str] = {
+    "Patient": "patients",
+    "Encounter": "encounters",
+    "Observation": "results",
+    "MedicationRequest": "medications",
+    "MedicationStatement": "medications",
+    "Appointment": "appointments",
+    "DocumentReference": "documents",
+    "Condition": "problems",
+    "AllergyIntolerance": "allergies",
+    "Immunization": "immunizations",
+    "Procedure": "procedures",
+    "ServiceRequest": "orders",
+    "DiagnosticReport": "diagnostic_reports",
+}
 _FLAGS = frozenset({"H", "L", "HH", "LL", "A", "N"})
 _SEX = frozenset({"male", "female", "other", "unknown"})
 
@@ -138,14 +218,22 @@ def load_seed_dir(
     """The seeded connection and its records by entity. ``updated_at`` stands in for a missing
     ``meta.lastUpdated`` (default: the sandbox's default clock start)."""
     loaded = read_seed_dir(path, updated_at)
-    kept = sum(len(v) for v in loaded.records.values())
-    log.info(
-        "seed-from: %d records loaded, %d resources skipped%s",
-        kept,
-        sum(loaded.skipped.values()),
-        "".join(f"; {reason}: {n}" for reason, n in sorted(loaded.skipped.items())),
-    )
+    lines = startup_report(loaded)
+    log.info(lines[0])
+    for line in lines[1:]:  # what is lost is worth a warning: shown at the default log level
+        log.warning(line)
     return loaded.connection, loaded.records
+
+
+def startup_report(loaded: SeedLoad) -> list[str]:
+    """What ``--seed-from`` serves and what it cannot, as start-up lines: counts per entity, then
+    one line per reason a resource was not served (resource type and reason only, never values)."""
+    served = ", ".join(f"{entity} {len(records)}" for entity, records in loaded.records.items() if records)
+    lines = [
+        f"seed-from: serving {sum(len(v) for v in loaded.records.values())} records ({served or 'none'})"
+    ]
+    lines += [f"seed-from: not served: {reason}: {n}" for reason, n in sorted(loaded.skipped.items())]
+    return lines
 
 
 def read_seed_dir(path: str | Path, updated_at: datetime | None = None) -> SeedLoad:
@@ -259,6 +347,69 @@ def _first_identifier(resource: dict[str, Any]) -> str | None:
     return None
 
 
+def _codings(concept: Any) -> list[Coding]:
+    if not isinstance(concept, dict):
+        return []
+    return [
+        Coding(str(c.get("system") or ""), str(c["code"]), str(c.get("display") or concept.get("text") or ""))
+        for c in concept.get("coding") or []
+        if isinstance(c, dict) and c.get("code")
+    ]
+
+
+def _text_only(concept: Any) -> Coding | None:
+    """A concept known by its text alone, as a Coding without system and code (rendered back as
+    ``{"text": ...}``)."""
+    text = _text(concept)
+    return Coding("", "", text) if text else None
+
+
+def _status_code(concept: Any) -> str | None:
+    """The code of a status CodeableConcept (clinicalStatus, verificationStatus)."""
+    codings = _codings(concept)
+    return codings[0].code if codings else None
+
+
+def _flag(r: dict[str, Any]) -> str | None:
+    flags = [c.get("code") for i in r.get("interpretation") or [] for c in (i.get("coding") or [])]
+    return next((f for f in flags if f in _FLAGS), None)
+
+
+def _value(r: dict[str, Any]) -> tuple[str, float | None, str | None, str | None, Coding | None]:
+    """(value type, numeric, text, unit, coding) of an Observation's or component's value[x]."""
+    if isinstance(r.get("valueQuantity"), dict) and r["valueQuantity"].get("value") is not None:
+        quantity = r["valueQuantity"]
+        numeric = float(quantity["value"])
+        return "Numeric", numeric, format_number(numeric), quantity.get("code") or quantity.get("unit"), None
+    if r.get("valueInteger") is not None:
+        numeric = float(r["valueInteger"])
+        return "Numeric", numeric, format_number(numeric), None, None
+    if isinstance(r.get("valueCodeableConcept"), dict):
+        concept = r["valueCodeableConcept"]
+        return "Coded Entry", None, _text(concept), None, _coding(concept)
+    for key in ("valueString", "valueDateTime", "valueTime"):
+        if r.get(key) is not None:
+            return "String", None, str(r[key]), None, None
+    if r.get("valueBoolean") is not None:
+        return "String", None, "true" if r["valueBoolean"] else "false", None, None
+    return "String", None, None, None, None
+
+
+def _component(c: dict[str, Any]) -> Component:
+    _, numeric, text, unit, _ = _value(c)
+    ranges = c.get("referenceRange") or [{}]
+    low, high = (ranges[0].get("low") or {}), (ranges[0].get("high") or {})
+    return Component(
+        code=_coding(c.get("code"), "http://loinc.org"),  # type: ignore[arg-type]
+        value_numeric=numeric,
+        value_text=text,
+        unit=unit,
+        reference_low=float(low["value"]) if low.get("value") is not None else None,
+        reference_high=float(high["value"]) if high.get("value") is not None else None,
+        abnormal_flag=_flag(c),
+    )
+
+
 def _version(resource: dict[str, Any]) -> int:
     raw = (resource.get("meta") or {}).get("versionId")
     try:
@@ -280,6 +431,7 @@ class _Loader:
         self.practitioner_npis: dict[str, str] = {}  # Practitioner fullUrl / Type/id -> NPI
         self.patients: dict[str, PatientRecord] = {}  # resource key -> record
         self.visits: dict[str, str] = {}  # Encounter resource key -> visit number
+        self.results: dict[str | None, ResultRecord] = {}  # Observation resource key -> served record
 
     def add(self, full_url: str | None, resource: dict[str, Any]) -> None:
         rtype = resource["resourceType"]
@@ -371,8 +523,15 @@ class _Loader:
                 npi = str(ident["value"])
         if npi is None and isinstance(ref, str) and "identifier=" in ref and ids.NPI in ref:
             npi = ref.rsplit("|", 1)[-1]
-        if not npi:
+        if target is not None and target.get("resourceType") not in (
+            None,
+            "Practitioner",
+            "PractitionerRole",
+        ):
+            return None  # a Patient, Organization ... is not a provider
+        if not npi and target is None and not reference.get("display"):
             return None
+        npi = npi or ""  # a practitioner known without an NPI is served without one
         if target is not None and target.get("name"):
             name = target["name"][0]
             given = (name.get("given") or [""])[0]
@@ -386,7 +545,9 @@ class _Loader:
         first, _, last = display.partition(" ")
         return Provider(npi=npi, first_name=first, last_name=last, credentials=())
 
-    def _location(self, resource: dict[str, Any], references: list[Any], fallback: str | None) -> Location:
+    def _location(
+        self, resource: dict[str, Any], references: list[Any], fallback: str | None
+    ) -> Location | None:
         levels: dict[str, str] = {}
         location_type = None
         for loc in self._contained(resource, "Location"):
@@ -409,7 +570,7 @@ class _Loader:
             elif fallback:
                 levels["facility"] = fallback
             else:
-                raise Skip("no location")
+                return None  # served without a location
         return Location(
             facility=levels["facility"],
             department=levels.get("department", levels["facility"]),
@@ -495,12 +656,10 @@ class _Loader:
         if status is None:
             raise Skip("status has no sandbox equivalent")
         period = r.get("period") or {}
-        start = parse_datetime(period.get("start"))
-        if start is None:
-            raise Skip("no period.start")
-        visit_type = _coding((r.get("type") or [None])[0])
-        if visit_type is None:
-            raise Skip("no type")
+        # An Encounter without a period (allowed in R4) is dated by its end or its last update.
+        base_updated = parse_datetime((r.get("meta") or {}).get("lastUpdated")) or self.updated_at
+        start = parse_datetime(period.get("start")) or parse_datetime(period.get("end")) or base_updated
+        visit_type = _coding((r.get("type") or [None])[0])  # optional: served without one
         attending = next(
             (
                 p
@@ -509,8 +668,6 @@ class _Loader:
             ),
             None,
         )
-        if attending is None:
-            raise Skip("no practitioner with an NPI")
         klass = str((r.get("class") or {}).get("code") or "AMB")
         base = self._base(full_url, r)
         hospitalization = r.get("hospitalization") or {}
@@ -535,21 +692,16 @@ class _Loader:
         )
 
     def observation(self, full_url: str | None, r: dict[str, Any]) -> ResultRecord:
-        categories = {
+        categories = [
             c.get("code")
             for cat in r.get("category") or []
+            if isinstance(cat, dict)
             for c in (cat.get("coding") or [])
-            if isinstance(c, dict)
-        }
-        category = (
-            "laboratory"
-            if "laboratory" in categories
-            else "vital-signs"
-            if "vital-signs" in categories
-            else None
-        )
-        if category is None:
-            raise Skip("category is neither laboratory nor vital-signs")
+            if isinstance(c, dict) and c.get("system") in (None, ids.OBSERVATION_CATEGORY)
+        ]
+        # The first standard category (laboratory, vital-signs, social-history, survey, exam ...);
+        # an Observation without one is served without one.
+        category = next((c for c in categories if c in _OBSERVATION_CATEGORIES), None)
         status = _RESULT_STATUS.get(r.get("status"))
         if status is None:
             raise Skip("status has no sandbox equivalent")
@@ -559,11 +711,9 @@ class _Loader:
         effective = parse_datetime(r.get("effectiveDateTime")) or parse_datetime(
             (r.get("effectivePeriod") or {}).get("start")
         )
-        effective = effective or parse_datetime(r.get("issued"))
+        effective = effective or parse_datetime(r.get("effectiveInstant")) or parse_datetime(r.get("issued"))
         if effective is None:
             raise Skip("no effective time")
-        if "component" in r and not any(k.startswith("value") for k in r):
-            raise Skip("components without a value of its own")
         base = self._base(full_url, r)
         orders = self._contained(r, "ServiceRequest")
         order_id = (
@@ -581,27 +731,20 @@ class _Loader:
             or base["id"]
         )
         panel = (_coding(orders[0].get("code")) if orders else None) or code
-        value_type, numeric, text, unit = "String", None, None, None
-        if isinstance(r.get("valueQuantity"), dict) and r["valueQuantity"].get("value") is not None:
-            quantity = r["valueQuantity"]
-            value_type, numeric = "Numeric", float(quantity["value"])
-            text = format_number(numeric)
-            unit = quantity.get("code") or quantity.get("unit")
-        elif "valueCodeableConcept" in r:
-            value_type, text = "Coded Entry", _text(r["valueCodeableConcept"])
-        elif r.get("valueString") is not None:
-            text = str(r["valueString"])
+        value_type, numeric, text, unit, value_code = _value(r)
         ranges = r.get("referenceRange") or [{}]
         low, high = (ranges[0].get("low") or {}), (ranges[0].get("high") or {})
-        flags = [c.get("code") for i in r.get("interpretation") or [] for c in i.get("coding") or []]
         performer, producer = None, None
         for ref in r.get("performer") or []:
             if not isinstance(ref, dict):
                 continue
             if ref.get("type") == "Organization" or "Organization" in str(ref.get("reference", "")):
-                producer = producer or ref.get("display")
+                producer = producer or ref.get("display") or (self._resolve(ref) or {}).get("name")
             else:
                 performer = performer or self._provider(r, ref)
+        components = tuple(
+            _component(c) for c in r.get("component") or [] if isinstance(c, dict) and _coding(c.get("code"))
+        )
         return ResultRecord(
             **base,
             patient=self._patient_ref(r.get("subject")),
@@ -611,20 +754,290 @@ class _Loader:
             category=category,
             panel=panel,
             code=code,
-            value_type=value_type,
+            value_type=value_type,  # type: ignore[arg-type]
             value_numeric=numeric,
             value_text=text,
             unit=unit or (low.get("code") or high.get("code") or None),
             reference_low=float(low["value"]) if low.get("value") is not None else None,
             reference_high=float(high["value"]) if high.get("value") is not None else None,
             reference_text=ranges[0].get("text"),
-            abnormal_flag=next((f for f in flags if f in _FLAGS), None),
-            status=status,
+            abnormal_flag=_flag(r),  # type: ignore[arg-type]
+            status=status,  # type: ignore[arg-type]
             effective_at=effective,
             issued_at=parse_datetime(r.get("issued")),
             performer=performer,
             producer=producer,
+            components=components,
+            value_code=value_code,
         )
+
+    def condition(self, full_url: str | None, r: dict[str, Any]) -> ProblemRecord:
+        codings = _codings(r.get("code")) or [c for c in (_text_only(r.get("code")),) if c is not None]
+        if not codings:
+            raise Skip("no code")
+        icd = next((c for c in codings if c.system in (ICD10, "http://hl7.org/fhir/sid/icd-10")), None)
+        code = icd or codings[0]
+        alt = next((c for c in codings if c is not code), None)
+        error = _status_code(r.get("verificationStatus")) == "entered-in-error"
+        clinical = _status_code(r.get("clinicalStatus"))
+        abated = parse_datetime(r.get("abatementDateTime")) or parse_datetime(
+            (r.get("abatementPeriod") or {}).get("end")
+        )
+        if error:
+            status = "entered-in-error"
+        elif clinical is None:
+            status = "resolved" if abated else "active"  # clinicalStatus is optional in R4
+        elif clinical in _CONDITION_STATUS:
+            status = _CONDITION_STATUS[clinical]
+        else:
+            raise Skip("clinicalStatus has no sandbox equivalent")
+        base = self._base(full_url, r)
+        recorded = parse_datetime(r.get("recordedDate"))
+        onset = (
+            parse_datetime(r.get("onsetDateTime"))
+            or parse_datetime((r.get("onsetPeriod") or {}).get("start"))
+            or recorded
+            or base["last_updated"]
+        )
+        category = next(
+            (
+                str(c["code"])
+                for cat in r.get("category") or []
+                if isinstance(cat, dict)
+                for c in cat.get("coding") or []
+                if isinstance(c, dict) and c.get("code")
+            ),
+            "problem-list-item",
+        )
+        return ProblemRecord(
+            **base,
+            patient=self._patient_ref(r.get("subject")),
+            visit_number=self._visit(r.get("encounter")),
+            problem_id=_identifier(r, ":ProblemID") or _first_identifier(r) or base["id"],
+            code=code,
+            alt_code=alt,
+            status=status,  # type: ignore[arg-type]
+            onset_at=onset,
+            abated_at=abated,
+            recorded_at=recorded or onset,
+            recorder=self._provider(r, r.get("recorder") or r.get("asserter")),
+            category=category,
+        )
+
+    def allergy(self, full_url: str | None, r: dict[str, Any]) -> AllergyRecord:
+        substance = _coding(r.get("code"))
+        if substance is None:
+            raise Skip("no code")
+        error = _status_code(r.get("verificationStatus")) == "entered-in-error"
+        clinical = _status_code(r.get("clinicalStatus"))
+        if error:
+            status = "entered-in-error"
+        elif clinical is None:
+            status = "active"
+        elif clinical in _ALLERGY_STATUS:
+            status = _ALLERGY_STATUS[clinical]
+        else:
+            raise Skip("clinicalStatus has no sandbox equivalent")
+        base = self._base(full_url, r)
+        onset = parse_datetime(r.get("onsetDateTime")) or parse_datetime(
+            (r.get("onsetPeriod") or {}).get("start")
+        )
+        reaction = next((x for x in r.get("reaction") or [] if isinstance(x, dict)), {})
+        manifestation = _coding(next(iter(reaction.get("manifestation") or []), None))
+        categories = [
+            c for c in r.get("category") or [] if c in ("medication", "food", "environment", "biologic")
+        ]
+        return AllergyRecord(
+            **base,
+            patient=self._patient_ref(r.get("patient")),
+            allergy_id=_identifier(r, ":AllergyID") or _first_identifier(r) or base["id"],
+            substance=substance,
+            kind=r.get("type") if r.get("type") in ("allergy", "intolerance") else None,
+            category=categories[0] if categories else None,
+            criticality=r.get("criticality")
+            if r.get("criticality") in ("low", "high", "unable-to-assess")
+            else None,
+            status=status,  # type: ignore[arg-type]
+            reaction=manifestation,
+            severity=reaction.get("severity")
+            if reaction.get("severity") in ("mild", "moderate", "severe")
+            else None,
+            onset_at=onset,
+            recorded_at=parse_datetime(r.get("recordedDate")) or onset or base["last_updated"],
+            recorder=self._provider(r, r.get("recorder") or r.get("asserter")),
+        )
+
+    def immunization(self, full_url: str | None, r: dict[str, Any]) -> ImmunizationRecord:
+        status = r.get("status")
+        if status not in _IMMUNIZATION_STATUS:
+            raise Skip("status has no sandbox equivalent")
+        vaccine = _coding(r.get("vaccineCode"), CVX_SYSTEM)
+        if vaccine is None:
+            raise Skip("no vaccineCode")
+        base = self._base(full_url, r)
+        # occurrenceString ("January 2012") has no instant: dated by when it was recorded.
+        occurred = (
+            parse_datetime(r.get("occurrenceDateTime"))
+            or parse_datetime(r.get("recorded"))
+            or base["last_updated"]
+        )
+        dose = r.get("doseQuantity") if isinstance(r.get("doseQuantity"), dict) else {}
+        manufacturer = r.get("manufacturer") if isinstance(r.get("manufacturer"), dict) else None
+        maker = None
+        if manufacturer:
+            maker = manufacturer.get("display") or (self._resolve(manufacturer) or {}).get("name")
+        performer = next(
+            (
+                p
+                for p in (
+                    self._provider(r, x.get("actor")) for x in r.get("performer") or [] if isinstance(x, dict)
+                )
+                if p is not None
+            ),
+            None,
+        )
+        return ImmunizationRecord(
+            **base,
+            patient=self._patient_ref(r.get("patient")),
+            visit_number=self._visit(r.get("encounter")),
+            immunization_id=_identifier(r, ":ImmunizationID") or _first_identifier(r) or base["id"],
+            vaccine=vaccine,
+            status=status,  # type: ignore[arg-type]
+            status_reason=_coding(r.get("statusReason")),
+            occurred_at=occurred,
+            recorded_at=parse_datetime(r.get("recorded")) or occurred,
+            lot_number=str(r["lotNumber"]) if r.get("lotNumber") else None,
+            manufacturer=str(maker) if maker else None,
+            route=_coding(r.get("route")),
+            dose_quantity=float(dose["value"]) if dose.get("value") is not None else None,
+            dose_unit=(dose.get("code") or dose.get("unit")) if dose else None,
+            performer=performer,
+        )
+
+    def procedure(self, full_url: str | None, r: dict[str, Any]) -> ProcedureRecord:
+        status = r.get("status")
+        if status not in _PROCEDURE_STATUS:
+            raise Skip("status has no sandbox equivalent")
+        code = _coding(r.get("code"))
+        if code is None:
+            raise Skip("no code")
+        period = r.get("performedPeriod") if isinstance(r.get("performedPeriod"), dict) else {}
+        start = parse_datetime(r.get("performedDateTime")) or parse_datetime(period.get("start"))
+        base = self._base(full_url, r)
+        start = start or parse_datetime(period.get("end")) or base["last_updated"]
+        performer = next(
+            (
+                p
+                for p in (
+                    self._provider(r, x.get("actor")) for x in r.get("performer") or [] if isinstance(x, dict)
+                )
+                if p is not None
+            ),
+            None,
+        )
+        return ProcedureRecord(
+            **base,
+            patient=self._patient_ref(r.get("subject")),
+            visit_number=self._visit(r.get("encounter")),
+            procedure_id=_identifier(r, ":ProcedureID") or _first_identifier(r) or base["id"],
+            code=code,
+            status=status,
+            performed_start=start,
+            performed_end=parse_datetime(period.get("end")),
+            body_site=_coding(next(iter(r.get("bodySite") or []), None)),
+            reason=_coding(next(iter(r.get("reasonCode") or []), None)),
+            performer=performer,
+        )
+
+    def service_request(self, full_url: str | None, r: dict[str, Any]) -> OrderRecord:
+        status = r.get("status")
+        if status not in _ORDER_STATUS:
+            raise Skip("status has no sandbox equivalent")
+        code = _coding(r.get("code"), "http://loinc.org")
+        if code is None:
+            raise Skip("no code")
+        base = self._base(full_url, r)
+        occurrence = parse_datetime(r.get("occurrenceDateTime")) or parse_datetime(
+            (r.get("occurrencePeriod") or {}).get("start")
+        )
+        authored = parse_datetime(r.get("authoredOn")) or occurrence or base["last_updated"]
+        return OrderRecord(
+            **base,
+            patient=self._patient_ref(r.get("subject")),
+            visit_number=self._visit(r.get("encounter")),
+            order_id=_identifier(r, ":OrderID") or _first_identifier(r) or base["id"],
+            code=code,
+            status=status,
+            intent=str(r.get("intent") or "order"),
+            priority=r.get("priority") if r.get("priority") in _ORDER_PRIORITY else None,
+            authored_at=authored,
+            occurrence_at=occurrence or authored,
+            requester=self._provider(r, r.get("requester")),
+            reason=_coding(next(iter(r.get("reasonCode") or []), None)),
+        )
+
+    def diagnostic_report(self, full_url: str | None, r: dict[str, Any]) -> DiagnosticReportRecord:
+        status = r.get("status")
+        if status not in _REPORT_STATUS:
+            raise Skip("status has no sandbox equivalent")
+        code = _coding(r.get("code"), "http://loinc.org")
+        if code is None:
+            raise Skip("no code")
+        effective = (
+            parse_datetime(r.get("effectiveDateTime"))
+            or parse_datetime((r.get("effectivePeriod") or {}).get("start"))
+            or parse_datetime(r.get("issued"))
+        )
+        if effective is None:
+            raise Skip("no effective time")
+        base = self._base(full_url, r)
+        performer, producer = None, None
+        for ref in r.get("performer") or []:
+            if not isinstance(ref, dict):
+                continue
+            if ref.get("type") == "Organization" or "Organization" in str(ref.get("reference", "")):
+                producer = producer or ref.get("display") or (self._resolve(ref) or {}).get("name")
+            else:
+                performer = performer or self._provider(r, ref)
+        # Grouped results: the served Observations the report references (others are not served).
+        results = [self.results.get(self._target_key(ref)) for ref in r.get("result") or []]
+        served = [x for x in results if x is not None]
+        order_id = (
+            _identifier(r, ":OrderID")
+            or next(
+                (
+                    str(b["identifier"]["value"])
+                    for b in r.get("basedOn") or []
+                    if isinstance(b, dict)
+                    and isinstance(b.get("identifier"), dict)
+                    and b["identifier"].get("value")
+                ),
+                None,
+            )
+            or _first_identifier(r)
+            or base["id"]
+        )
+        return DiagnosticReportRecord(
+            **base,
+            patient=self._patient_ref(r.get("subject")),
+            visit_number=self._visit(r.get("encounter")),
+            order_id=order_id,
+            code=code,
+            status=status,
+            effective_at=effective,
+            issued_at=parse_datetime(r.get("issued")),
+            performer=performer,
+            producer=str(producer) if producer else None,
+            result_ids=tuple(x.id for x in served),
+            result_business_ids=tuple(x.result_id for x in served),
+        )
+
+    def _target_key(self, reference: Any) -> str | None:
+        """The loaded resource a reference points at, as the key its record was kept under."""
+        target = self._resolve(reference)
+        if target is None:
+            return None
+        return f"{target['resourceType']}/{target['id']}" if target.get("id") else f"#{id(target)}"
 
     def medication(self, full_url: str | None, r: dict[str, Any]) -> MedicationRecord:
         is_request = r["resourceType"] == "MedicationRequest"
@@ -632,11 +1045,22 @@ class _Loader:
         if status is None:
             raise Skip("status has no sandbox equivalent")
         code = _coding(r.get("medicationCodeableConcept"), "http://www.nlm.nih.gov/research/umls/rxnorm")
-        if code is None and isinstance(r.get("medicationReference"), dict):
-            target = self._resolve(r["medicationReference"])
+        reference = r.get("medicationReference")
+        if code is None and isinstance(reference, dict):
+            ref = str(reference.get("reference") or "")
+            target = (
+                next((c for c in self._contained(r, "Medication") if c.get("id") == ref[1:]), None)
+                if ref.startswith("#")
+                else self._resolve(reference)
+            )
             code = (
                 _coding(target.get("code"), "http://www.nlm.nih.gov/research/umls/rxnorm") if target else None
             )
+            if code is None:  # a medication named only by text is served by its name
+                code = _text_only(target.get("code") if target else None) or _text_only(
+                    {"text": reference.get("display")}
+                )
+        code = code or _text_only(r.get("medicationCodeableConcept"))
         if code is None:
             raise Skip("no medication code")
         dosage = next(iter(r.get("dosageInstruction" if is_request else "dosage") or []), {})
@@ -684,18 +1108,17 @@ class _Loader:
         status = _APPOINTMENT_STATUS.get(r.get("status"))
         if status is None:
             raise Skip("status has no sandbox equivalent")
-        start = parse_datetime(r.get("start"))
+        requested = next((p for p in r.get("requestedPeriod") or [] if isinstance(p, dict)), {})
+        # A proposed appointment may have only a requested period (app-3): it starts then.
+        start = parse_datetime(r.get("start")) or parse_datetime(requested.get("start"))
         if start is None:
-            raise Skip("no start")
+            raise Skip("no start or requestedPeriod")
         end = parse_datetime(r.get("end"))
         minutes = r.get("minutesDuration")
         if minutes is None and end is not None:
             minutes = int((end - start).total_seconds() // 60)
-        if minutes is None:
-            raise Skip("no end or minutesDuration")
+        minutes = minutes or 0  # unknown length: served without end and minutesDuration
         visit_type = _coding(r.get("appointmentType")) or _coding((r.get("serviceType") or [None])[0])
-        if visit_type is None:
-            raise Skip("no appointmentType")
         actors = [
             p.get("actor") for p in r.get("participant") or [] if isinstance(p, dict) and p.get("actor")
         ]
@@ -707,12 +1130,11 @@ class _Loader:
             patient = next(
                 (a for a in actors if (self._resolve(a) or {}).get("resourceType") == "Patient"), None
             )
-        provider = next((p for p in (self._provider(r, a) for a in actors) if p is not None), None)
-        if provider is None:
-            raise Skip("no practitioner with an NPI")
         location_refs = [
             a for a in actors if a.get("type") == "Location" or "Location" in str(a.get("reference", ""))
         ]
+        people = [a for a in actors if a is not patient and not any(a is loc for loc in location_refs)]
+        provider = next((p for p in (self._provider(r, a) for a in people) if p is not None), None)
         base = self._base(full_url, r)
         rescheduled = next(
             (
@@ -766,8 +1188,7 @@ class _Loader:
         author = next(
             (p for p in (self._provider(r, a) for a in r.get("author") or []) if p is not None), None
         )
-        if author is None:
-            raise Skip("no practitioner author with an NPI")
+        # A document without a practitioner author is served without one.
         kinds = {
             str(c.get("code")).lower()
             for cat in r.get("category") or []
@@ -812,18 +1233,30 @@ class _Loader:
                 if full_url:
                     self.visits[full_url] = record.visit_number
         plan = (
-            ("Observation", "results", self.observation),
-            ("MedicationRequest", "medications", self.medication),
-            ("MedicationStatement", "medications", self.medication),
-            ("Appointment", "appointments", self.appointment),
-            ("DocumentReference", "documents", self.document),
+            ("Observation", self.observation),
+            ("MedicationRequest", self.medication),
+            ("MedicationStatement", self.medication),
+            ("Appointment", self.appointment),
+            ("DocumentReference", self.document),
+            ("Condition", self.condition),
+            ("AllergyIntolerance", self.allergy),
+            ("Immunization", self.immunization),
+            ("Procedure", self.procedure),
+            ("ServiceRequest", self.service_request),
+            ("DiagnosticReport", self.diagnostic_report),  # after Observation: it groups them
         )
-        for rtype, entity, convert in plan:
+        for rtype, convert in plan:
+            entity = SERVED_TYPES[rtype]
             for full_url, resource in self.by_type.get(rtype, []):
                 record = self._convert(rtype, lambda u=full_url, r=resource, c=convert: c(u, r))
-                if record is not None:
-                    self._keep(records[entity], record, rtype)
-        served = {"Patient", "Encounter", *(rtype for rtype, _, _ in plan)}
+                if (
+                    record is not None
+                    and self._keep(records[entity], record, rtype)
+                    and rtype == "Observation"
+                ):
+                    key = f"Observation/{resource['id']}" if resource.get("id") else f"#{id(resource)}"
+                    self.results[key] = record
+        served = set(SERVED_TYPES)
         for rtype, resources in self.by_type.items():
             if rtype not in served and rtype not in _SUPPORTING_TYPES:
                 self.skipped[f"{rtype}: resource type not served by the sandbox"] += len(resources)

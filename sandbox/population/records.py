@@ -29,6 +29,9 @@ ENTITIES: tuple[str, ...] = (
     "orders",
 )
 WRITE_ENTITIES: tuple[str, ...] = ("orders", "appointments")
+# Entities Redox pushes no event family for, on either surface (REDOX-REFERENCE §3.5, §12.3):
+# clients pull them (FHIR searches per patient, Clinical Summary queries).
+PULL_ONLY_ENTITIES = frozenset({"problems", "allergies", "immunizations", "procedures", "diagnostic_reports"})
 
 # Code systems, as FHIR URIs, with the Redox Data Model ``Codeset`` name beside each.
 LOINC = "http://loinc.org"
@@ -124,11 +127,11 @@ class EncounterRecord(RecordBase):
     account_number: str | None
     status: Literal["planned", "arrived", "in-progress", "finished", "cancelled", "entered-in-error"]
     class_code: Literal["AMB", "IMP", "EMER", "OBSENC", "VR", "HH"]  # v3 ActCode
-    type: Coding  # CPT or SNOMED visit type
+    type: Coding | None  # CPT or SNOMED visit type (outside data may have none)
     start_at: datetime
     end_at: datetime | None
-    location: Location
-    attending: Provider
+    location: Location | None
+    attending: Provider | None
     reason: Coding | None  # ICD-10
     discharge_disposition: Coding | None
 
@@ -152,7 +155,9 @@ class ResultRecord(RecordBase):
     visit_number: str | None
     order_id: str  # accession / order number (Data Model Orders[].ID)
     result_id: str  # business id "<order_id>-<code>" (FHIR Observation.identifier)
-    category: Literal["laboratory", "vital-signs", "social-history", "survey", "exam"]
+    # FHIR observation-category code (the sandbox generates the first five); None when the source
+    # Observation carries no category.
+    category: str | None
     panel: Coding  # ordered procedure (Data Model Orders[].Procedure), LOINC
     code: Coding  # LOINC of this observation
     value_type: Literal["Numeric", "String", "Coded Entry"]
@@ -201,10 +206,10 @@ class AppointmentRecord(RecordBase):
     ]
     start_at: datetime
     duration_minutes: int
-    type: Coding
+    type: Coding | None
     reason: str | None
-    provider: Provider
-    location: Location
+    provider: Provider | None
+    location: Location | None
     cancel_reason: str | None = None
     rescheduled_from: str | None = None  # old visit number when this one replaced another
 
@@ -219,7 +224,7 @@ class DocumentRecord(RecordBase):
     title: str
     status: Literal["current", "superseded", "entered-in-error"]
     authored_at: datetime
-    author: Provider
+    author: Provider | None
     content_type: str  # "text/plain" or "application/xml"
     content: bytes = field(repr=False, default=b"")  # note text or C-CDA-like XML (deterministic)
 
@@ -233,11 +238,15 @@ class ProblemRecord(RecordBase):
     problem_id: str  # business id (FHIR identifier urn:redox:<slug>:ProblemID)
     code: Coding  # ICD-10-CM
     alt_code: Coding | None  # SNOMED CT equivalent
-    status: Literal["active", "inactive", "resolved", "entered-in-error"]  # clinical status
+    # clinical status (condition-clinical) or entered-in-error
+    status: Literal[
+        "active", "inactive", "resolved", "entered-in-error", "recurrence", "relapse", "remission"
+    ]
     onset_at: datetime
     abated_at: datetime | None
     recorded_at: datetime
     recorder: Provider | None
+    category: str = "problem-list-item"  # condition-category: problem-list-item | encounter-diagnosis
 
 
 @dataclass(slots=True)
@@ -247,8 +256,8 @@ class AllergyRecord(RecordBase):
     patient: PatientRef
     allergy_id: str  # business id (urn:redox:<slug>:AllergyID)
     substance: Coding  # RxNorm (medication) or SNOMED CT (food, environment)
-    kind: Literal["allergy", "intolerance"]
-    category: Literal["medication", "food", "environment"]
+    kind: Literal["allergy", "intolerance"] | None
+    category: Literal["medication", "food", "environment", "biologic"] | None
     criticality: Literal["low", "high", "unable-to-assess"] | None
     status: Literal["active", "inactive", "resolved", "entered-in-error"]  # clinical status
     reaction: Coding | None  # SNOMED manifestation
@@ -286,7 +295,7 @@ class ProcedureRecord(RecordBase):
     visit_number: str | None
     procedure_id: str  # business id (urn:redox:<slug>:ProcedureID)
     code: Coding  # CPT or SNOMED CT
-    status: Literal["in-progress", "completed", "not-done", "entered-in-error"]
+    status: str  # FHIR Procedure.status (generated: in-progress | completed | not-done | entered-in-error)
     performed_start: datetime
     performed_end: datetime | None
     body_site: Coding | None  # SNOMED CT
@@ -302,7 +311,7 @@ class DiagnosticReportRecord(RecordBase):
     visit_number: str | None
     order_id: str  # business id: the lab order (accession) number, as on its results
     code: Coding  # the panel (LOINC)
-    status: Literal["registered", "preliminary", "final", "corrected", "cancelled", "entered-in-error"]
+    status: str  # FHIR DiagnosticReport.status
     effective_at: datetime
     issued_at: datetime | None
     performer: Provider | None
@@ -319,9 +328,9 @@ class OrderRecord(RecordBase):
     visit_number: str | None
     order_id: str  # business id (urn:redox:<slug>:OrderID), the same number its results carry
     code: Coding  # ordered panel (LOINC)
-    status: Literal["active", "completed", "revoked", "entered-in-error"]
+    status: str  # FHIR ServiceRequest.status (generated: active | completed | revoked | entered-in-error)
     intent: str  # "order"
-    priority: Literal["routine", "urgent", "stat"]
+    priority: Literal["routine", "urgent", "asap", "stat"] | None
     authored_at: datetime
     occurrence_at: datetime  # collection time
     requester: Provider | None

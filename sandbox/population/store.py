@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sandbox.population.records import Change, PatientRecord, Record
+from sandbox.population.records import Change, PatientRecord, Record, is_live
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class Query:
     Time bounds are UTC datetimes; ``None`` means unbounded. ``updated_*`` filter on
     ``last_updated``; ``date_*`` filter on the entity's clinical date (encounter
     start, result effective time, medication start, appointment start, document
-    authored time; patients have none). Results are ordered by ``(last_updated, id)``,
+    authored time, problem onset, allergy recorded time, immunization occurrence, procedure
+    start, report effective time, order authored time; patients have none). Results are
+    ordered by ``(last_updated, id)``,
     which stays stable while pages are read.
     """
 
@@ -39,7 +41,9 @@ class Query:
     date_le: datetime | None = None
     date_lt: datetime | None = None
     statuses: Sequence[str] | None = None  # entity status values (patients: "active"/"inactive")
-    category: str | None = None  # results: "laboratory" | "vital-signs"; medications: "request" | "statement"
+    # results: an observation-category code ("laboratory", "vital-signs", "social-history", "survey",
+    # "exam", ...); medications: "request" | "statement"; allergies: "medication" | "food" | ...
+    category: str | None = None
 
 
 class RecordStore(abc.ABC):
@@ -99,6 +103,21 @@ class RecordStore(abc.ABC):
     def counts(self, live_only: bool = False) -> dict[str, dict[str, int]]:
         """``{connection_id: {entity: n}}`` over each connection's entities; ``live_only``
         leaves out cancelled / entered-in-error records and inactive patients."""
+
+    def component_counts(self, live_only: bool = False) -> dict[str, int]:
+        """``{connection_id: n}``: how many ``Observation.component`` entries the connection's
+        results carry (a blood pressure panel has two); ``live_only`` counts live results only.
+        Backends may override this with a column-level version."""
+        out: dict[str, int] = {}
+        for connection_id, entities in self.counts().items():
+            if "results" not in entities:
+                continue
+            out[connection_id] = sum(
+                len(r.components)  # type: ignore[attr-defined]
+                for r in self.iter(Query(connection_id, "results"))
+                if not live_only or is_live(r)
+            )
+        return out
 
     def roster(self, connection_id: str) -> list[str]:
         """The MRN of every patient of the connection (inactive ones included): the patient list

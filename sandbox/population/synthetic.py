@@ -59,6 +59,13 @@ _NOTE_PER_ENCOUNTER, _CDA_PER_PATIENT = 0.4, 0.4
 _OTHER_OBSERVATIONS = 1.0  # social history, survey and exam observations per patient
 _PROBLEMS, _ALLERGIES, _IMMUNIZATIONS, _PROCEDURES = 1.5, 0.7, 2.0, 0.6
 _TWIN_FRACTION = 0.03
+# Business-id codes (ConnCodes attributes) of the entities whose ids encode their row.
+_ID_CODES = {
+    "problems": "problem",
+    "allergies": "allergy",
+    "immunizations": "immunization",
+    "procedures": "procedure",
+}
 _CHANGE_SPLIT = (0.45, 0.45, 0.10)  # new, updated, cancelled
 
 
@@ -398,6 +405,16 @@ class SyntheticPopulation(RecordStore):
             row = codes.med_order.decode(business_id)
         elif entity == "documents":
             row = codes.document.decode(business_id)
+        elif entity in ("problems", "allergies", "immunizations", "procedures"):
+            row = getattr(codes, _ID_CODES[entity]).decode(business_id)
+        elif entity in ("diagnostic_reports", "orders"):
+            # One row per lab order, in order-number order (rows are derived in that order).
+            order_no = codes.lab_order.decode(business_id)
+            if order_no is not None:
+                orders = table.base.order_no
+                a = int(search_sorted(orders, order_no, "left"))
+                if a < len(table) and int(orders[a]) == order_no:
+                    row = a
         elif entity == "results":
             order_id, _, code = business_id.partition("-")
             order_no = codes.lab_order.decode(order_id)
@@ -424,6 +441,23 @@ class SyntheticPopulation(RecordStore):
             }
             snap.counts[live_only] = cached
         return {cid: dict(v) for cid, v in cached.items()}
+
+    def component_counts(self, live_only: bool = False) -> dict[str, int]:
+        # Components come from the analyte alone (panel * 16 + analyte): count them per column.
+        per_item = np.zeros(16 * len(vocab.PANELS), dtype=np.int64)
+        for p, panel in enumerate(vocab.PANELS):
+            for a, analyte in enumerate(panel.analytes):
+                per_item[p * 16 + a] = len(analyte.components)
+        out: dict[str, int] = {}
+        for cid, cs in self._snap.conns.items():
+            table = cs.tables.get("results")
+            if table is None:
+                continue
+            counts = per_item[table.base.item.astype(np.int64)]
+            if live_only:
+                counts = counts[~np.isin(table.index.status, dead_codes("results"))]
+            out[cid] = int(counts.sum())
+        return out
 
     def roster(self, connection_id: str) -> list[str]:
         snap = self._snap

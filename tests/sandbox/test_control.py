@@ -25,7 +25,20 @@ from tests.sandbox.test_server_e2e import (
     wait_until_delivered,
 )
 
-ENTITIES = {"patients", "encounters", "results", "medications", "appointments", "documents"}
+ENTITIES = {
+    "patients",
+    "encounters",
+    "results",
+    "medications",
+    "appointments",
+    "documents",
+    "problems",
+    "allergies",
+    "immunizations",
+    "procedures",
+    "diagnostic_reports",
+    "orders",
+}
 CONNECTION_KEYS = {
     "id",
     "revinclude",

@@ -363,7 +363,8 @@ def test_results_have_loinc_ucum_and_flags_consistent_with_values(pop: Synthetic
     results = shared(pop, CONN, "results")
     categories = Counter(r.category for r in results)
     assert categories["laboratory"] and categories["vital-signs"]
-    vital_codes = {"8867-4", "8480-6", "8462-4", "8310-5", "29463-7", "8302-2", "59408-5", "9279-1"}
+    assert categories["social-history"] and categories["survey"] and categories["exam"]
+    vital_codes = {"8867-4", "85354-9", "8310-5", "29463-7", "8302-2", "59408-5", "9279-1"}
     panels = {r.panel.code for r in results}
     assert {"58410-2", "51990-0", "24331-1", "4548-4", "3016-3"} <= panels
     flags = Counter()
@@ -372,6 +373,13 @@ def test_results_have_loinc_ucum_and_flags_consistent_with_values(pop: Synthetic
         analyte = ANALYTES[r.code.code]
         if r.category == "vital-signs":
             assert r.code.code in vital_codes
+        if analyte.components:  # blood pressure: a component-only Observation
+            assert r.value_numeric is None and r.value_text is None and r.abnormal_flag is None
+            assert [c.code.code for c in r.components] == ["8480-6", "8462-4"]
+            for c, part in zip(r.components, analyte.components, strict=True):
+                assert c.unit == "mm[Hg]" and c.abnormal_flag == numeric_flag(part, c.value_numeric)
+            continue
+        assert not r.components
         if r.value_type == "Numeric":
             assert r.unit == analyte.unit and r.value_numeric is not None
             assert r.abnormal_flag == numeric_flag(analyte, r.value_numeric)

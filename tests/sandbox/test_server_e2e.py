@@ -41,6 +41,12 @@ FHIR_TYPES = (
     "MedicationStatement",
     "Appointment",
     "DocumentReference",
+    "Condition",
+    "AllergyIntolerance",
+    "Immunization",
+    "Procedure",
+    "DiagnosticReport",
+    "ServiceRequest",
 )
 # Which FHIR resource types together hold one truth entity.
 ENTITY_TYPES = {
@@ -50,6 +56,12 @@ ENTITY_TYPES = {
     "medications": ("MedicationRequest", "MedicationStatement"),
     "appointments": ("Appointment",),
     "documents": ("DocumentReference",),
+    "problems": ("Condition",),
+    "allergies": ("AllergyIntolerance",),
+    "immunizations": ("Immunization",),
+    "procedures": ("Procedure",),
+    "diagnostic_reports": ("DiagnosticReport",),
+    "orders": ("ServiceRequest",),
 }
 
 # Key generation is the slow part of a client; every Live client shares these.
@@ -480,7 +492,8 @@ def test_data_model_windows_enumerate_every_visit_and_result_of_truth(big: Live)
     for _ in range(500):
         body = big.dm_ok(conn_id, "Results", "Query", LastUpdated={"StartDateTime": cursor})
         orders = body["Orders"]
-        results |= {f"{o['ID']}-{r['Code']}" for o in orders for r in o["Results"]}
+        # A blood pressure panel's components carry the panel's result id in RelatedGroupID.
+        results |= {r["RelatedGroupID"] or f"{o['ID']}-{r['Code']}" for o in orders for r in o["Results"]}
         if len(orders) < page_size:
             break
         cursor = max(o["LastUpdated"] for o in orders)
