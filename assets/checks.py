@@ -145,12 +145,17 @@ def patients_in_crosswalk(
     ],
     pool=DUCKDB_POOL,
 )
-def child_rows_have_parents(warehouse: WarehouseResource) -> Iterator[AssetCheckResult]:
+def child_rows_have_parents(
+    context: AssetCheckExecutionContext, warehouse: WarehouseResource
+) -> Iterator[AssetCheckResult]:
+    """A run judges the connections it synced (its partition tags)."""
+    judged = run_connections(context.run.tags)
     with read_warehouse(warehouse) as con:
         for child in CHILD_TABLES:
             outcome = (
                 q.rows_without_parent(con, child) if con else q.CheckOutcome(True, {}, "no warehouse yet")
             )
+            outcome = q.judged_only(outcome, judged)
             yield _result(normalized_key(child), PARENT_CHECK, outcome, AssetCheckSeverity.ERROR)
 
 
