@@ -14,7 +14,7 @@ from dagster import AssetKey, AssetSpec, TableColumn, TableColumnDep, TableColum
 from pipelines.analytics import relation_columns
 from pipelines.analytics.views import VIEW_SOURCES
 from pipelines.model import PATIENT_REF, identifiers_schema, published_schema, staged_schema
-from pipelines.model_docs import column_doc
+from pipelines.model_docs import column_doc, type_name
 from pipelines.vocabulary import CROSSWALK_TABLE, ENTITIES
 
 COLUMN_SCHEMA = "dagster/column_schema"
@@ -24,28 +24,14 @@ PATIENT_REF_DOCS = {
 }
 
 
-def _arrow_type(t: pa.DataType) -> str:
-    if pa.types.is_timestamp(t):
-        return "timestamp"
-    if pa.types.is_date(t):
-        return "date"
-    if pa.types.is_floating(t):
-        return "double"
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_boolean(t):
-        return "bool"
-    return "string" if pa.types.is_string(t) else str(t)
-
-
-def _column(doc_table: str, name: str, type_name: str) -> TableColumn:
+def _column(doc_table: str, name: str, column_type: str) -> TableColumn:
     doc = column_doc(doc_table, name)
     description = doc.description if doc else PATIENT_REF_DOCS.get(name)
-    return TableColumn(name=name, type=type_name, description=description)
+    return TableColumn(name=name, type=column_type, description=description)
 
 
 def arrow_table_schema(doc_table: str, schema: pa.Schema) -> TableSchema:
-    return TableSchema(columns=[_column(doc_table, f.name, _arrow_type(f.type)) for f in schema])
+    return TableSchema(columns=[_column(doc_table, f.name, type_name(f.type)) for f in schema])
 
 
 def staged_table_schema(entity: str) -> TableSchema:

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipelines.analytics import ANALYTICS_SCHEMA, ANALYTICS_VIEWS, relation_columns
 from pipelines.model import ENTITY_COLUMNS, LINEAGE, identifiers_schema
-from pipelines.model_docs import LINEAGE_DOCS, TABLE_DOCS, column_doc
+from pipelines.model_docs import LINEAGE_DOCS, TABLE_DOCS, column_doc, type_name
 from pipelines.vocabulary import CROSSWALK_TABLE
 
 README = Path(__file__).resolve().parent.parent / "warehouse" / "README.md"
@@ -31,35 +31,6 @@ def begin_marker(block: str) -> str:
 
 def end_marker(block: str) -> str:
     return f"<!-- END GENERATED {block} -->"
-
-
-def type_name(t: pa.DataType | str) -> str:
-    """A short type name for Arrow types and DuckDB type strings alike."""
-    if isinstance(t, str):
-        s = t.lower()
-        if s.endswith("[]"):
-            return f"list of {type_name(s[:-2])}"
-        return {
-            "varchar": "string",
-            "bigint": "int",
-            "integer": "int",
-            "hugeint": "int",
-            "boolean": "bool",
-            "timestamp with time zone": "timestamp",
-            "date": "date",
-            "double": "double",
-        }.get(s, s)
-    if pa.types.is_timestamp(t):
-        return "timestamp"
-    if pa.types.is_date(t):
-        return "date"
-    if pa.types.is_floating(t):
-        return "double"
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_boolean(t):
-        return "bool"
-    return "string" if pa.types.is_string(t) else str(t)
 
 
 def _cell(text: str) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import pyarrow as pa
+
 from pipelines.analytics.views import VIEW_QUESTIONS
 
 
@@ -1243,6 +1245,36 @@ def column_doc(table: str, column: str) -> ColumnDoc | None:
     if own is not None:
         return own
     return LINEAGE_DOCS.get(column) if table in COLUMN_DOCS else None
+
+
+def type_name(t: pa.DataType | str) -> str:
+    """The short display name of a column type, for Arrow types and DuckDB type strings alike:
+    the README's column tables and the Dagster column schemas show the same names."""
+    if isinstance(t, str):
+        s = t.lower()
+        if s.endswith("[]"):
+            return f"list of {type_name(s[:-2])}"
+        return {
+            "varchar": "string",
+            "bigint": "int",
+            "integer": "int",
+            "hugeint": "int",
+            "boolean": "bool",
+            "timestamp with time zone": "timestamp",
+            "date": "date",
+            "double": "double",
+        }.get(s, s)
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_floating(t):
+        return "double"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_boolean(t):
+        return "bool"
+    return "string" if pa.types.is_string(t) else str(t)
 
 
 def column_comment(doc: ColumnDoc) -> str:
