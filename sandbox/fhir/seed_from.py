@@ -19,7 +19,7 @@ import gzip
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -545,6 +545,28 @@ class _Loader:
         first, _, last = display.partition(" ")
         return Provider(npi=npi, first_name=first, last_name=last, credentials=())
 
+    def _first_provider(self, resource: dict[str, Any], references: Iterable[Any]) -> Provider | None:
+        """The first of ``references`` that is a provider (read lazily: later ones are not looked at)."""
+        return next((p for p in (self._provider(resource, ref) for ref in references) if p is not None), None)
+
+    def _first_performer(self, resource: dict[str, Any]) -> Provider | None:
+        """The first ``performer[].actor`` that is a provider (Immunization, Procedure)."""
+        actors = (x.get("actor") for x in resource.get("performer") or [] if isinstance(x, dict))
+        return self._first_provider(resource, actors)
+
+    def _performer_and_producer(self, resource: dict[str, Any]) -> tuple[Provider | None, Any]:
+        """A result's or report's ``performer`` split in two: the first provider among the people,
+        and the name of the first organization (the producing lab), either one ``None``."""
+        performer, producer = None, None
+        for ref in resource.get("performer") or []:
+            if not isinstance(ref, dict):
+                continue
+            if ref.get("type") == "Organization" or "Organization" in str(ref.get("reference", "")):
+                producer = producer or ref.get("display") or (self._resolve(ref) or {}).get("name")
+            else:
+                performer = performer or self._provider(resource, ref)
+        return performer, producer
+
     def _location(
         self, resource: dict[str, Any], references: list[Any], fallback: str | None
     ) -> Location | None:
@@ -660,14 +682,7 @@ class _Loader:
         base_updated = parse_datetime((r.get("meta") or {}).get("lastUpdated")) or self.updated_at
         start = parse_datetime(period.get("start")) or parse_datetime(period.get("end")) or base_updated
         visit_type = _coding((r.get("type") or [None])[0])  # optional: served without one
-        attending = next(
-            (
-                p
-                for p in (self._provider(r, part.get("individual")) for part in r.get("participant") or [])
-                if p is not None
-            ),
-            None,
-        )
+        attending = self._first_provider(r, (part.get("individual") for part in r.get("participant") or []))
         klass = str((r.get("class") or {}).get("code") or "AMB")
         base = self._base(full_url, r)
         hospitalization = r.get("hospitalization") or {}
@@ -734,14 +749,7 @@ class _Loader:
         value_type, numeric, text, unit, value_code = _value(r)
         ranges = r.get("referenceRange") or [{}]
         low, high = (ranges[0].get("low") or {}), (ranges[0].get("high") or {})
-        performer, producer = None, None
-        for ref in r.get("performer") or []:
-            if not isinstance(ref, dict):
-                continue
-            if ref.get("type") == "Organization" or "Organization" in str(ref.get("reference", "")):
-                producer = producer or ref.get("display") or (self._resolve(ref) or {}).get("name")
-            else:
-                performer = performer or self._provider(r, ref)
+        performer, producer = self._performer_and_producer(r)
         components = tuple(
             _component(c) for c in r.get("component") or [] if isinstance(c, dict) and _coding(c.get("code"))
         )
@@ -886,16 +894,7 @@ class _Loader:
         maker = None
         if manufacturer:
             maker = manufacturer.get("display") or (self._resolve(manufacturer) or {}).get("name")
-        performer = next(
-            (
-                p
-                for p in (
-                    self._provider(r, x.get("actor")) for x in r.get("performer") or [] if isinstance(x, dict)
-                )
-                if p is not None
-            ),
-            None,
-        )
+        performer = self._first_performer(r)
         return ImmunizationRecord(
             **base,
             patient=self._patient_ref(r.get("patient")),
@@ -925,16 +924,7 @@ class _Loader:
         start = parse_datetime(r.get("performedDateTime")) or parse_datetime(period.get("start"))
         base = self._base(full_url, r)
         start = start or parse_datetime(period.get("end")) or base["last_updated"]
-        performer = next(
-            (
-                p
-                for p in (
-                    self._provider(r, x.get("actor")) for x in r.get("performer") or [] if isinstance(x, dict)
-                )
-                if p is not None
-            ),
-            None,
-        )
+        performer = self._first_performer(r)
         return ProcedureRecord(
             **base,
             patient=self._patient_ref(r.get("subject")),
@@ -991,14 +981,7 @@ class _Loader:
         if effective is None:
             raise Skip("no effective time")
         base = self._base(full_url, r)
-        performer, producer = None, None
-        for ref in r.get("performer") or []:
-            if not isinstance(ref, dict):
-                continue
-            if ref.get("type") == "Organization" or "Organization" in str(ref.get("reference", "")):
-                producer = producer or ref.get("display") or (self._resolve(ref) or {}).get("name")
-            else:
-                performer = performer or self._provider(r, ref)
+        performer, producer = self._performer_and_producer(r)
         # Grouped results: the served Observations the report references (others are not served).
         results = [self.results.get(self._target_key(ref)) for ref in r.get("result") or []]
         served = [x for x in results if x is not None]
@@ -1134,7 +1117,7 @@ class _Loader:
             a for a in actors if a.get("type") == "Location" or "Location" in str(a.get("reference", ""))
         ]
         people = [a for a in actors if a is not patient and not any(a is loc for loc in location_refs)]
-        provider = next((p for p in (self._provider(r, a) for a in people) if p is not None), None)
+        provider = self._first_provider(r, people)
         base = self._base(full_url, r)
         rescheduled = next(
             (
@@ -1185,9 +1168,7 @@ class _Loader:
         authored = authored or parse_datetime(((r.get("context") or {}).get("period") or {}).get("start"))
         if authored is None:
             raise Skip("no date")
-        author = next(
-            (p for p in (self._provider(r, a) for a in r.get("author") or []) if p is not None), None
-        )
+        author = self._first_provider(r, r.get("author") or [])
         # A document without a practitioner author is served without one.
         kinds = {
             str(c.get("code")).lower()
