@@ -28,43 +28,49 @@ class WriteOperation:
     legacy_events: dict[str, str] = field(default_factory=dict)
 
 
-ORDER_CREATE = WriteOperation(
-    resource_type="ServiceRequest",
-    name="$servicerequest-create",
-    write_entity="orders",
-    id_system_suffix=":OrderID",
-    event_uri=EVENT_DEFINITION_BASE + "ServiceRequestCreate",
-    event="Order-New",
+# Resource types written back, and the write entity that entitles them (and a search for them by
+# identifier).
+WRITTEN_RESOURCE_TYPES: dict[str, str] = {"ServiceRequest": "orders", "Appointment": "appointments"}
+# The identifier type whose system keys each written resource (``urn:redox:<slug>:<type>``).
+_BUSINESS_ID_TYPES: dict[str, str] = {"ServiceRequest": "OrderID", "Appointment": "VN"}
+
+
+def _operation(
+    resource_type: str,
+    name: str,
+    *,
+    event_definition: str | None = None,
+    event: str | None = None,
+    legacy_events: dict[str, str] | None = None,
+) -> WriteOperation:
+    """A write operation on ``resource_type``: its write entity and business identifier come
+    from the resource type, so the operations of one type cannot disagree on them."""
+    return WriteOperation(
+        resource_type=resource_type,
+        name=name,
+        write_entity=WRITTEN_RESOURCE_TYPES[resource_type],
+        id_system_suffix=":" + _BUSINESS_ID_TYPES[resource_type],
+        event_uri=EVENT_DEFINITION_BASE + event_definition if event_definition else None,
+        event=event,
+        legacy_events=legacy_events or {},
+    )
+
+
+ORDER_CREATE = _operation(
+    "ServiceRequest", "$servicerequest-create", event_definition="ServiceRequestCreate", event="Order-New"
 )
-APPOINTMENT_CREATE = WriteOperation(
-    resource_type="Appointment",
-    name="$appointment-create",
-    write_entity="appointments",
-    id_system_suffix=":VN",
-    event_uri=EVENT_DEFINITION_BASE + "AppointmentCreate",
-    event="Scheduling-New",
+APPOINTMENT_CREATE = _operation(
+    "Appointment", "$appointment-create", event_definition="AppointmentCreate", event="Scheduling-New"
 )
-APPOINTMENT_UPDATE = WriteOperation(
-    resource_type="Appointment",
-    name="$appointment-update",
-    write_entity="appointments",
-    id_system_suffix=":VN",
-    event_uri=EVENT_DEFINITION_BASE + "AppointmentUpdate",
-    event="Scheduling-Reschedule",
+APPOINTMENT_UPDATE = _operation(
+    "Appointment", "$appointment-update", event_definition="AppointmentUpdate", event="Scheduling-Reschedule"
 )
-APPOINTMENT_CANCEL = WriteOperation(
-    resource_type="Appointment",
-    name="$appointment-cancel",
-    write_entity="appointments",
-    id_system_suffix=":VN",
-    event_uri=EVENT_DEFINITION_BASE + "AppointmentCancel",
-    event="Scheduling-Cancel",
+APPOINTMENT_CANCEL = _operation(
+    "Appointment", "$appointment-cancel", event_definition="AppointmentCancel", event="Scheduling-Cancel"
 )
-APPOINTMENT_LEGACY_WRITE = WriteOperation(
-    resource_type="Appointment",
-    name="$write",
-    write_entity="appointments",
-    id_system_suffix=":VN",
+APPOINTMENT_LEGACY_WRITE = _operation(
+    "Appointment",
+    "$write",
     legacy_events={
         "Appointment-New": "Scheduling-New",
         "Appointment-Update": "Scheduling-Reschedule",
@@ -81,8 +87,6 @@ WRITE_OPERATIONS: dict[tuple[str, str], WriteOperation] = {
         APPOINTMENT_LEGACY_WRITE,
     )
 }
-# Resource types written back, and the write entity that entitles a search for them by identifier.
-WRITTEN_RESOURCE_TYPES: dict[str, str] = {"ServiceRequest": "orders", "Appointment": "appointments"}
 
 # Notification event codes pushed to destinations (REDOX-REFERENCE §3.5), by entity and change.
 # Redox's own examples mix ``PatientAdmin-patient-created`` style with
