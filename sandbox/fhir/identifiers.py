@@ -7,6 +7,8 @@ Redox's systems look like ``urn:redox:<destination-slug>:<type>`` (REDOX-REFEREN
 
 from __future__ import annotations
 
+from functools import partial
+
 from sandbox.population.records import NPI_SYSTEM
 
 # The enterprise (person) id is the same system in every connection so a client can link people.
@@ -47,47 +49,29 @@ RESCHEDULED_FROM_EXTENSION = "urn:redox:extension:appointment:oldVisitNumber"
 EVENT_TYPE_SYSTEM = "urn:redox:event-type"
 
 
+def connection_system(slug: str, id_type: str) -> str:
+    """``urn:redox:{slug}:{id_type}``: one connection's identifier system for one identifier type
+    (the only place that spells the shape; ``id_type_of_system`` reads it back)."""
+    return f"urn:redox:{slug}:{id_type}"
+
+
 def patient_system(slug: str, id_type: str) -> str:
     """``urn:redox:{slug}:MR`` and friends; EPI is connection-independent."""
     if id_type == "EPI":
         return ENTERPRISE_SYSTEM
-    return f"urn:redox:{slug}:{id_type}"
+    return connection_system(slug, id_type)
 
 
-def visit_system(slug: str) -> str:
-    return f"urn:redox:{slug}:VN"
-
-
-def account_system(slug: str) -> str:
-    return f"urn:redox:{slug}:AN"
-
-
-def order_system(slug: str) -> str:
-    return f"urn:redox:{slug}:OrderID"
-
-
-def result_system(slug: str) -> str:
-    return f"urn:redox:{slug}:ResultID"
-
-
-def document_system(slug: str) -> str:
-    return f"urn:redox:{slug}:DocumentID"
-
-
-def problem_system(slug: str) -> str:
-    return f"urn:redox:{slug}:ProblemID"
-
-
-def allergy_system(slug: str) -> str:
-    return f"urn:redox:{slug}:AllergyID"
-
-
-def immunization_system(slug: str) -> str:
-    return f"urn:redox:{slug}:ImmunizationID"
-
-
-def procedure_system(slug: str) -> str:
-    return f"urn:redox:{slug}:ProcedureID"
+# The business identifier systems of a connection's records, by record: ``visit_system(slug)``.
+visit_system = partial(connection_system, id_type="VN")
+account_system = partial(connection_system, id_type="AN")
+order_system = partial(connection_system, id_type="OrderID")
+result_system = partial(connection_system, id_type="ResultID")
+document_system = partial(connection_system, id_type="DocumentID")
+problem_system = partial(connection_system, id_type="ProblemID")
+allergy_system = partial(connection_system, id_type="AllergyID")
+immunization_system = partial(connection_system, id_type="ImmunizationID")
+procedure_system = partial(connection_system, id_type="ProcedureID")
 
 
 def id_type_of_system(system: str, slug: str | None = None) -> str | None:
