@@ -30,6 +30,7 @@ import orjson
 from sandbox.config import ConnectionSpec, SandboxConfig
 from sandbox.fhir import identifiers as ids
 from sandbox.fhir.render import format_number
+from sandbox.fhir.search import STATUS_VALUES
 from sandbox.population.records import CVX as CVX_SYSTEM
 from sandbox.population.records import (
     ENTITIES,
@@ -120,36 +121,11 @@ _CONDITION_STATUS = {
     "resolved": "resolved",
 }
 _ALLERGY_STATUS = {"active": "active", "inactive": "inactive", "resolved": "resolved"}
-_IMMUNIZATION_STATUS = frozenset({"completed", "not-done", "entered-in-error"})
-_PROCEDURE_STATUS = frozenset(
-    {
-        "preparation",
-        "in-progress",
-        "not-done",
-        "on-hold",
-        "stopped",
-        "completed",
-        "entered-in-error",
-        "unknown",
-    }
-)
-_REPORT_STATUS = frozenset(
-    {
-        "registered",
-        "partial",
-        "preliminary",
-        "final",
-        "amended",
-        "corrected",
-        "appended",
-        "cancelled",
-        "entered-in-error",
-        "unknown",
-    }
-)
-_ORDER_STATUS = frozenset(
-    {"draft", "active", "on-hold", "revoked", "completed", "entered-in-error", "unknown"}
-)
+# FHIR's status value sets, as the search layer checks them.
+_IMMUNIZATION_STATUS = STATUS_VALUES["Immunization"]
+_PROCEDURE_STATUS = STATUS_VALUES["Procedure"]
+_REPORT_STATUS = STATUS_VALUES["DiagnosticReport"]
+_ORDER_STATUS = STATUS_VALUES["ServiceRequest"]
 _ORDER_PRIORITY = frozenset({"routine", "urgent", "asap", "stat"})
 _OBSERVATION_CATEGORIES = (
     "laboratory",
