@@ -386,6 +386,18 @@ def _component(c: dict[str, Any]) -> Component:
     )
 
 
+def _based_on_identifier(resource: dict[str, Any]) -> str | None:
+    """The first ``basedOn`` logical identifier's value: the order a result or report answers."""
+    return next(
+        (
+            str(b["identifier"]["value"])
+            for b in resource.get("basedOn") or []
+            if isinstance(b, dict) and isinstance(b.get("identifier"), dict) and b["identifier"].get("value")
+        ),
+        None,
+    )
+
+
 def _version(resource: dict[str, Any]) -> int:
     raw = (resource.get("meta") or {}).get("versionId")
     try:
@@ -707,20 +719,7 @@ class _Loader:
             raise Skip("no effective time")
         base = self._base(full_url, r)
         orders = self._contained(r, "ServiceRequest")
-        order_id = (
-            next(
-                (
-                    str(b["identifier"]["value"])
-                    for b in r.get("basedOn") or []
-                    if isinstance(b, dict)
-                    and isinstance(b.get("identifier"), dict)
-                    and b["identifier"].get("value")
-                ),
-                None,
-            )
-            or (orders and _identifier(orders[0], ":OrderID"))
-            or base["id"]
-        )
+        order_id = _based_on_identifier(r) or (orders and _identifier(orders[0], ":OrderID")) or base["id"]
         panel = (_coding(orders[0].get("code")) if orders else None) or code
         value_type, numeric, text, unit, value_code = _value(r)
         ranges = r.get("referenceRange") or [{}]
@@ -961,21 +960,7 @@ class _Loader:
         # Grouped results: the served Observations the report references (others are not served).
         results = [self.results.get(self._target_key(ref)) for ref in r.get("result") or []]
         served = [x for x in results if x is not None]
-        order_id = (
-            _identifier(r, ":OrderID")
-            or next(
-                (
-                    str(b["identifier"]["value"])
-                    for b in r.get("basedOn") or []
-                    if isinstance(b, dict)
-                    and isinstance(b.get("identifier"), dict)
-                    and b["identifier"].get("value")
-                ),
-                None,
-            )
-            or _first_identifier(r)
-            or base["id"]
-        )
+        order_id = _identifier(r, ":OrderID") or _based_on_identifier(r) or _first_identifier(r) or base["id"]
         return DiagnosticReportRecord(
             **base,
             patient=self._patient_ref(r.get("subject")),
