@@ -107,14 +107,30 @@ def provider_label(ref: dict[str, Any] | None) -> str | None:
     return ident.get("value") or ref.get("display")
 
 
-def match_key(code: Any, when: Any, *, instant: bool = False) -> str | None:
+# LOINC codes that name the same measurement: a blood-pressure panel is coded 85354-9 by
+# the FHIR vital-signs profile, 55284-4 by Synthea and many EHRs, 35094-2 by older ones.
+# The Data Model rebuilds a panel from its systolic and diastolic parts and cannot know
+# which code the source used, so the match key treats the three as one.
+SAME_MEASUREMENT = {"55284-4": "85354-9", "35094-2": "85354-9"}
+
+
+def match_key(code: Any, when: Any, *, instant: bool = False, text: Any = None) -> str | None:
     """What identifies a clinical entry when a surface gives it no id: its code and the UTC
     day of its clinical time, as a short digest. Both surfaces compute it the same way, so
     publish can pair a Clinical Summary entry with the FHIR resource for the same record;
     the day (not the instant) because a summary often carries dates only — except for
-    results (``instant``), measured several times a day. None without a code."""
+    results (``instant``), measured several times a day.
+
+    An entry known only by its text (a problem the EHR never coded) is keyed by ``text``,
+    normalized (case and runs of whitespace ignored) and kept apart from codes. None
+    without a code or a text."""
     if code in (None, ""):
-        return None
+        words = " ".join(str(text).split()).casefold() if text not in (None, "") else ""
+        if not words:
+            return None
+        code = f"text:{words}"
+    else:
+        code = SAME_MEASUREMENT.get(str(code), code)
     day = ""
     if isinstance(when, datetime):
         utc = when.astimezone(UTC)

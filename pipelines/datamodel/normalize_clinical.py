@@ -104,7 +104,7 @@ def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
             recorded_at=None,
             recorder=None,
             note=_comment(entry),
-            match_key=match_key(code.code, onset),
+            match_key=match_key(code.code, onset, text=code.display),
         )
         rows.append(row)
     return rows
@@ -151,7 +151,7 @@ def allergy_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
             ended_at=as_ts(entry.get("EndDate")),
             recorded_at=None,
             note=_comment(entry),
-            match_key=match_key(substance.code, None),
+            match_key=match_key(substance.code, None, text=substance.display),
         )
         rows.append(row)
     return rows
@@ -224,7 +224,7 @@ def immunization_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
             dose_unit=as_str(dose.get("Units")),
             performer=None,
             not_given_reason=not_given,
-            match_key=match_key(vaccine.code, when),
+            match_key=match_key(vaccine.code, when, text=vaccine.display),
         )
         rows.append(row)
     return rows
@@ -269,7 +269,7 @@ def vaccination_rows(
             dose_unit=as_str(dose.get("Units")),
             performer=provider_id(entry.get("Provider")),
             not_given_reason=refused,
-            match_key=match_key(vaccine.code, when),
+            match_key=match_key(vaccine.code, when, text=vaccine.display),
         )
         rows.append(row)
     return rows
@@ -313,7 +313,7 @@ def procedure_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list
                 reason_system=None,
                 reason_display=None,
                 note=_comment(entry),
-                match_key=match_key(code.code, when),
+                match_key=match_key(code.code, when, text=code.display),
             )
             rows.append(row)
     return rows
@@ -363,7 +363,7 @@ def plan_of_care_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
                 reason_system=None,
                 reason_display=None,
                 note=_comment(entry),
-                match_key=match_key(code.code, when),
+                match_key=match_key(code.code, when, text=code.display),
             )
             rows.append(row)
     return rows
@@ -407,7 +407,7 @@ def summary_report_rows(section: Any, ctx: EventContext, ref: dict[str, str]) ->
             conclusion=None,
             result_count=len(results) or None,
             result_refs=orjson.dumps(results).decode() if results else None,
-            match_key=match_key(code.code, when),
+            match_key=match_key(code.code, when, text=code.display),
         )
         rows.append(row)
     return rows
@@ -453,7 +453,7 @@ def order_row(
         reason_system=diagnosis.system,
         reason_display=diagnosis.display,
         note="\n".join(n for n in notes if n) or None,
-        match_key=match_key(procedure.code, occurrence or ordered),
+        match_key=match_key(procedure.code, occurrence or ordered, text=procedure.display),
     )
     return row
 

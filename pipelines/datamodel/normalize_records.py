@@ -46,12 +46,23 @@ from pipelines.normalize_common import NormalizationError, match_key
 
 Row = dict[str, Any]
 
-# LOINC panels whose results are vital signs, not laboratory (Results.New carries no category).
-VITAL_SIGNS_PANELS = frozenset({"85353-1", "8716-3", "34565-2", "29274-8", "85354-9"})
 # The blood-pressure panel: FHIR serves it as one Observation whose components are systolic
 # and diastolic; the Data Model lists the two as separate observations of the same time.
+# 85354-9 is the FHIR vital-signs profile's code; 55284-4 (Synthea, many EHRs) and 35094-2
+# name the same panel, and a Results order keeps the one its source used.
 BP_PANEL = Code("85354-9", LOINC, "Blood pressure panel with all children optional")
+BP_PANELS = frozenset({"85354-9", "55284-4", "35094-2"})
 BP_PARTS = ("8480-6", "8462-4")
+# LOINC panels whose results are vital signs, not laboratory (Results.New carries no category).
+VITAL_SIGNS_PANELS = frozenset({"85353-1", "8716-3", "34565-2", "29274-8"}) | BP_PANELS
+# The FHIR vital-signs profile's observations (and the percentiles and pain score US Core and
+# Synthea add): an order that names no panel is a vital sign when all its results are these.
+VITAL_SIGN_CODES = VITAL_SIGNS_PANELS | frozenset(
+    {
+        "9279-1", "8867-4", "2708-6", "59408-5", "8310-5", "8302-2", "8306-3", "9843-4",
+        "8289-1", "29463-7", "39156-5", "59576-9", "77606-2", "72514-3", *BP_PARTS,
+    }
+)  # fmt: skip
 # Observation categories the Data Model does not name, read from the panel's code.
 CATEGORY_BY_PANEL = {
     "72166-2": "social-history",
@@ -215,6 +226,7 @@ def order_result_rows(
         order_id = as_str(order.get("ApplicationOrderID"))
     order_id = _require(order_id, ctx, f"Orders[{position}] has no ID")
     category = order_category(order)
+    report_id = order_id if order_is_report(order) else None
     collected = as_ts(order.get("CollectionDateTime"))
     completed = as_ts(order.get("CompletionDateTime"))
     rows = []
@@ -240,19 +252,37 @@ def order_result_rows(
                 effective_at=collected or result_done or completed,
                 issued_at=result_done or completed,
                 performer=performer,
-                report_id=order_id,
+                report_id=report_id,
                 version_time=as_ts(order.get("LastUpdated")),
             )
         )
-    return fold_blood_pressure(rows, lambda systolic: f"{order_id}-{BP_PANEL.code}")
+    ordered = coded(order.get("Procedure"))
+    panel = ordered if ordered.code in BP_PANELS and ordered.system in (None, LOINC) else BP_PANEL
+    return fold_blood_pressure(rows, lambda systolic: f"{order_id}-{panel.code}", panel)
 
 
 def order_category(order: dict[str, Any]) -> str:
-    """An order's observation category, read from its panel (the Data Model names none)."""
+    """An order's observation category (the Data Model names none): read from its panel, or
+    — an order that names no panel — from its results' codes."""
     panel = coded(order.get("Procedure"))
-    if panel.code in VITAL_SIGNS_PANELS and panel.system in (None, LOINC):
+    if panel.code is not None:
+        if panel.code in VITAL_SIGNS_PANELS and panel.system in (None, LOINC):
+            return "vital-signs"
+        return CATEGORY_BY_PANEL.get(panel.code, "laboratory")
+    codes = {as_str(r.get("Code")) for r in as_list(order.get("Results")) if isinstance(r, dict)}
+    if codes and codes <= VITAL_SIGN_CODES:
         return "vital-signs"
-    return CATEGORY_BY_PANEL.get(panel.code or "", "laboratory")
+    return CATEGORY_BY_PANEL.get(next(iter(codes)), "laboratory") if len(codes) == 1 else "laboratory"
+
+
+def order_is_report(order: dict[str, Any]) -> bool:
+    """Whether a Results order is a diagnostic report: a laboratory order that names what
+    was ordered (``Procedure``). A report is a report *of* something (FHIR's
+    ``DiagnosticReport.code`` is required); an order without a procedure carries
+    observations no order asked for (a FHIR-native EHR's lone Observation), which are
+    results and nothing more. Vital-sign, social-history, survey and exam orders are
+    observations without a report."""
+    return coded(order.get("Procedure")).code is not None and order_category(order) == "laboratory"
 
 
 def order_report_row(
@@ -263,12 +293,12 @@ def order_report_row(
     order_id: str,
     result_rows_of_order: list[Row],
 ) -> Row | None:
-    """The report a laboratory Results order is: the order's procedure (the panel), its
-    status and times, grouping the order's results (``result_refs`` = their result ids).
-    Vital-sign, social-history, survey and exam orders are observations without a report."""
+    """The report a laboratory Results order is (``order_is_report``): the order's procedure
+    (the panel), its status and times, grouping the order's results (``result_refs`` = their
+    result ids). None for an order that is no report."""
     panel = coded(order.get("Procedure"))
     results = [r["result_id"] for r in result_rows_of_order]
-    if order_category(order) != "laboratory":
+    if not order_is_report(order):
         return None
     collected = as_ts(order.get("CollectionDateTime"))
     completed = as_ts(order.get("CompletionDateTime"))
@@ -295,10 +325,13 @@ def order_report_row(
     return row
 
 
-def fold_blood_pressure(rows: list[Row], panel_id: Callable[[Row], str]) -> list[Row]:
+def fold_blood_pressure(
+    rows: list[Row], panel_id: Callable[[Row], str], panel_code: Code = BP_PANEL
+) -> list[Row]:
     """Systolic + diastolic rows of the same time → one blood-pressure panel row (no value
     of its own; the two in ``components``), as FHIR serves it. ``panel_id`` gives the panel
-    row's result id from the systolic row. Rows without a partner stay as they are."""
+    row's result id from the systolic row; ``panel_code`` its code (the order's, when it names a
+    blood-pressure panel). Rows without a partner stay as they are."""
     by_time: dict[Any, dict[str, Row]] = {}
     for row in rows:
         if row["code"] in BP_PARTS:
@@ -314,9 +347,9 @@ def fold_blood_pressure(rows: list[Row], panel_id: Callable[[Row], str]) -> list
         panel.update(
             result_id=panel_id(systolic),
             source_id=panel_id(systolic),
-            code=BP_PANEL.code,
-            code_system=BP_PANEL.system,
-            display=BP_PANEL.display,
+            code=panel_code.code,
+            code_system=panel_code.system or LOINC,
+            display=panel_code.display or BP_PANEL.display,
             value_numeric=None,
             value_text=None,
             value_code=None,
@@ -329,7 +362,7 @@ def fold_blood_pressure(rows: list[Row], panel_id: Callable[[Row], str]) -> list
             abnormal_flag=None,
             component_count=len(components),
             components=orjson.dumps(components).decode(),
-            match_key=match_key(BP_PANEL.code, systolic["effective_at"], instant=True),
+            match_key=match_key(panel_code.code, systolic["effective_at"], instant=True),
         )
         folded[id(systolic)] = panel
         drop.add(id(parts[BP_PARTS[1]]))

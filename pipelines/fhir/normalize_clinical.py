@@ -84,7 +84,7 @@ def normalize_condition(
         recorded_at=parse_ts(resource.get("recordedDate")),
         recorder=R.provider(resource, resource.get("recorder") or resource.get("asserter"), refs),
         note=_notes(resource),
-        match_key=match_key(code.get("code"), onset),
+        match_key=match_key(code.get("code"), onset, text=code.get("display")),
     )
     return row
 
@@ -127,7 +127,7 @@ def normalize_allergy(
         ended_at=None,
         recorded_at=parse_ts(resource.get("recordedDate")),
         note=_notes(resource),
-        match_key=match_key(substance.get("code"), None),
+        match_key=match_key(substance.get("code"), None, text=substance.get("display")),
     )
     return row
 
@@ -165,7 +165,7 @@ def normalize_immunization(
         performer=R.provider(resource, performer.get("actor") if isinstance(performer, dict) else None, refs),
         not_given_reason=_code(resource.get("statusReason")).get("display")
         or _code(resource.get("statusReason")).get("code"),
-        match_key=match_key(vaccine.get("code"), occurred),
+        match_key=match_key(vaccine.get("code"), occurred, text=vaccine.get("display")),
     )
     return row
 
@@ -202,7 +202,7 @@ def normalize_procedure(
         reason_system=reason.get("system"),
         reason_display=reason.get("display"),
         note=_notes(resource),
-        match_key=match_key(code.get("code"), performed),
+        match_key=match_key(code.get("code"), performed, text=code.get("display")),
     )
     return row
 
@@ -252,7 +252,7 @@ def normalize_diagnostic_report(
         conclusion=resource.get("conclusion"),
         result_count=len(results) or None,
         result_refs=orjson.dumps(results).decode() if results else None,
-        match_key=match_key(code.get("code"), effective),
+        match_key=match_key(code.get("code"), effective, text=code.get("display")),
     )
     return row
 
@@ -291,6 +291,6 @@ def normalize_service_request(
         reason_system=reason.get("system"),
         reason_display=reason.get("display"),
         note=_notes(resource),
-        match_key=match_key(code.get("code"), occurrence or authored),
+        match_key=match_key(code.get("code"), occurrence or authored, text=code.get("display")),
     )
     return row

@@ -853,6 +853,8 @@ def order_query(ctx: QueryContext) -> QueryAnswer:
         cache = PatientCache(ctx)
         for r in matches(ctx, "results", patient_ids):
             at = r.issued_at or r.effective_at
+            if not r.has_order:  # an observation no order asked for is no order
+                continue
             if r.order_id in orders or not wanted(r.order_id, r.visit_number, r.panel.code, at):
                 continue
             order = result_order(r)

@@ -194,7 +194,10 @@ def result_entry(r: ResultRecord, related_group: str | None = None) -> dict[str,
 
 
 def result_order(r: ResultRecord) -> dict[str, Any]:
-    """One ``Orders[]`` entry holding this result (its order id, panel and status)."""
+    """One ``Orders[]`` entry holding this result (its order id, panel and status). A result
+    no order asked for (``ResultRecord.has_order``) still needs an order to travel in — Redox
+    requires ``Orders[].ID`` — but it names no ``Procedure``: the sandbox invents no order
+    panel, so a receiver sees the observations and no lab report."""
     dead = r.status in ("cancelled", "entered-in-error")
     return {
         "ID": r.order_id,
@@ -205,7 +208,7 @@ def result_order(r: ResultRecord) -> dict[str, Any]:
         "LastUpdated": dm_datetime(r.last_updated),
         "Notes": [],
         "ResultsStatus": ORDER_RESULTS_STATUSES[r.status],
-        "Procedure": code_description(r.panel),
+        "Procedure": code_description(r.panel if r.has_order else None),
         "Provider": provider_block(None),
         "ResultCopyProviders": [],
         "Status": "Canceled" if dead else "Resulted",

@@ -1198,6 +1198,7 @@ class _Loader:
                 ):
                     key = f"Observation/{resource['id']}" if resource.get("id") else f"#{id(resource)}"
                     self.results[key] = record
+        self._order_reported_results(records["diagnostic_reports"].values())
         served = set(SERVED_TYPES)
         for rtype, resources in self.by_type.items():
             if rtype not in served and rtype not in _SUPPORTING_TYPES:
@@ -1205,6 +1206,22 @@ class _Loader:
         return SeedLoad(
             self.conn, {entity: list(by_id.values()) for entity, by_id in records.items()}, self.skipped
         )
+
+    def _order_reported_results(self, reports: Iterable[DiagnosticReportRecord]) -> None:
+        """A DiagnosticReport is the order its Observations answer: Redox's Data Model sends a
+        lab report as one Results order (``Orders[].ID``, ``Procedure`` = the report's code)
+        with the report's results, and FHIR names that order in each Observation's
+        ``basedOn``. So the results a report groups take its order number and panel (the
+        first report wins for a result two reports share)."""
+        by_id = {r.id: r for r in self.results.values()}
+        claimed: set[str] = set()
+        for report in sorted(reports, key=lambda r: r.id):
+            for result_id in report.result_ids:
+                result = by_id.get(result_id)
+                if result is None or result_id in claimed:
+                    continue
+                claimed.add(result_id)
+                result.order_id, result.panel = report.order_id, report.code
 
     def _convert(self, rtype: str, convert: Any) -> Any:
         try:

@@ -177,6 +177,14 @@ class ResultRecord(RecordBase):
     components: tuple[Component, ...] = ()
     value_code: Coding | None = None  # coded value's coding (SNOMED smoking status), when known
 
+    @property
+    def has_order(self) -> bool:
+        """Whether an order asked for this result. An outside Observation that names no order
+        (no ``basedOn``, no contained ServiceRequest, in no DiagnosticReport) is given its own
+        id as order number by ``--seed-from``; the Data Model then shows it as a Results
+        order that names no procedure, which is no report (see ``datamodel.render``)."""
+        return self.order_id != self.id
+
 
 @dataclass(slots=True)
 class MedicationRecord(RecordBase):

@@ -445,3 +445,115 @@ def test_per_type_searches_use_the_documented_patient_parameter() -> None:
         assert type_search_params(rtype, known, 50)[0] == ("patient", "p1")
     # Without an MR identifier, `patient` (also documented for the three).
     assert type_search_params("Condition", FhirPatientResult(fhir_id="p1"), 50)[0] == ("patient", "p1")
+
+
+# ---- pairing outside data (issue 12: a FHIR-native source's records through both surfaces) ----
+
+
+def _results_query_response(*orders: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "Meta": {
+            "DataModel": "Results",
+            "EventType": "QueryResponse",
+            "EventDateTime": "2026-11-30T08:00:00Z",
+        },
+        "Orders": [{"Patient": {"Identifiers": [{"ID": "MR1", "IDType": "MR"}]}, **o} for o in orders],
+    }
+
+
+def _dm_result(code: str, value: str, when: str) -> dict[str, Any]:
+    return {"Code": code, "Codeset": "LOINC", "Value": value, "ValueType": "Numeric", "Units": "mm[Hg]",
+            "Status": "Final", "CompletionDateTime": when}  # fmt: skip
+
+
+def _unordered(order_id: str, when: str, *results: dict[str, Any]) -> dict[str, Any]:
+    """A Results order that names no procedure: how an Observation no order asked for
+    travels in the Data Model (the sandbox's rendering of a lone outside Observation)."""
+    return {"ID": order_id, "CollectionDateTime": when, "CompletionDateTime": when, "LastUpdated": when,
+            "Status": "Resulted", "ResultsStatus": "Final",
+            "Procedure": {"Code": None, "Codeset": None, "Description": None}, "Results": list(results)}  # fmt: skip
+
+
+def _publish_pair(tmp_path: Path, entity: str, fhir_resources: list[dict[str, Any]], dm_payload: dict) -> Any:
+    fhir = bundle_rows(_fhir_bundle(_fhir_patient(), *fhir_resources), CONN, "responses/f.json", "patients")
+    dm = normalize_datamodel(dm_payload, CONN, "responses/d.json")
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    _stage(con, "fhir", "patients", fhir.rows["patients"])
+    for surface, out in (("fhir", fhir), ("datamodel", dm)):
+        for name in (entity, "diagnostic_reports"):
+            if out.rows[name]:
+                _stage(con, surface, name, out.rows[name])
+    publish_connection(con, CONN)
+    return con
+
+
+def test_a_problem_known_only_by_its_text_is_one_row_across_surfaces(tmp_path: Path) -> None:
+    condition = {
+        "resourceType": "Condition", "id": "c9", "meta": META, "subject": SUBJECT,
+        "code": {"text": "Asthma"}, "onsetDateTime": "2026-11-01",
+    }  # fmt: skip
+    summary = _dm_summary()
+    # The same entry, its text spaced and cased as another EHR screen would show it.
+    summary["Problems"] = [{"Name": "  asthma ", "StartDate": "2026-11-01T00:00:00.000Z"}]
+    summary.pop("Allergies"), summary.pop("Immunizations")
+    with _publish_pair(tmp_path, "problems", [condition], summary) as con:
+        rows = con.execute("SELECT problem_id, source_surface, code, display FROM redox.problems").fetchall()
+    assert rows == [("c9", "both", None, "Asthma")]
+
+
+def test_a_text_match_key_is_deterministic_and_never_meets_a_code() -> None:
+    from pipelines.normalize_common import match_key
+
+    day = datetime(2026, 11, 1, 9, 30, tzinfo=UTC)
+    assert match_key(None, day, text="Chest  Pain") == match_key("", day.date(), text="chest pain")
+    assert match_key(None, day, text="chest pain") != match_key(None, day, text="back pain")
+    assert match_key(None, day, text="chest pain") != match_key("chest pain", day)
+    assert match_key(None, day, text="  ") is None and match_key(None, day) is None
+
+
+def test_a_blood_pressure_panel_pairs_whichever_loinc_code_names_it(tmp_path: Path) -> None:
+    # Synthea and many EHRs code the panel 55284-4; the Data Model rebuilds it from its parts.
+    when = "2026-11-01T09:30:00Z"
+    bp = {
+        "resourceType": "Observation", "id": "bp1", "meta": META, "status": "final", "subject": SUBJECT,
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                  "code": "vital-signs"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "55284-4", "display": "Blood pressure"}]},
+        "effectiveDateTime": when,
+        "component": [
+            {"code": {"coding": [{"system": "http://loinc.org", "code": c}]},
+             "valueQuantity": {"value": v, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}
+            for c, v in (("8480-6", 120), ("8462-4", 80))
+        ],
+    }  # fmt: skip
+    dm = _results_query_response(
+        _unordered("bp1", when, _dm_result("8480-6", "120", when), _dm_result("8462-4", "80", when))
+    )
+    with _publish_pair(tmp_path, "results", [bp], dm) as con:
+        rows = con.execute(
+            "SELECT result_id, source_surface, code, category, component_count FROM redox.results"
+        ).fetchall()
+        reports = con.execute("SELECT count(*) FROM redox.diagnostic_reports").fetchone()[0]
+    assert rows == [("bp1", "both", "55284-4", "vital-signs", 2)]
+    assert reports == 0
+
+
+def test_a_results_order_is_a_report_only_when_it_names_a_laboratory_procedure() -> None:
+    when = "2026-11-01T09:30:00Z"
+    glucose = {**_dm_result("2339-0", "95", when), "Units": "mg/dL"}
+    heart_rate = {**_dm_result("8867-4", "72", when), "Units": "/min"}
+    panel = {**_unordered("ORD7", when, glucose), "Procedure": {"Code": "24323-8", "Codeset": "LOINC"}}
+    out = normalize_datamodel(
+        _results_query_response(
+            panel, _unordered("obs1", when, glucose), _unordered("obs2", when, heart_rate)
+        ),
+        CONN,
+        "responses/d.json",
+    )
+    assert [(r["report_id"], r["order_id"]) for r in out.rows["diagnostic_reports"]] == [("ORD7", "ORD7")]
+    by_order = {r["order_id"]: r for r in out.rows["results"]}
+    assert by_order["ORD7"]["report_id"] == "ORD7"
+    # An order without a procedure holds observations no order asked for: results, no report;
+    # its category comes from its results' codes.
+    assert (by_order["obs1"]["report_id"], by_order["obs1"]["category"]) == (None, "laboratory")
+    assert (by_order["obs2"]["report_id"], by_order["obs2"]["category"]) == (None, "vital-signs")

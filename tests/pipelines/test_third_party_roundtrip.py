@@ -24,16 +24,6 @@ from tests.sandbox.test_clinical_coverage import FIXTURE, file_counts
 SEEDED = "seeded"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "issue 12, open: on outside data the Data Model side is not reconciled with FHIR yet — "
-        "a blood-pressure panel served by Results.Query is staged as a laboratory result and not "
-        "paired with the FHIR vital sign (+32 results), every Results order becomes a "
-        "diagnostic report (167 vs the files' 3), and a problem known only by its text has no "
-        "match key (+1)"
-    ),
-)
 def test_outside_fhir_files_round_trip_into_the_warehouse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -371,3 +371,48 @@ def test_seed_from_lists_what_it_cannot_serve_without_values() -> None:
     assert all("resource type not served by the sandbox" in line for line in lines[1:])
     # Counts only: no names, identifiers or clinical values from the files.
     assert not any(word in "\n".join(lines) for word in ("Johnnie", "Luna", "Chalmers", "Peter"))
+
+
+def test_seed_from_groups_a_reports_results_and_invents_no_order_panel() -> None:
+    """A DiagnosticReport's Observations carry its order number and panel (the Data Model
+    sends a lab report as one Results order); an Observation no order asked for keeps its own
+    id as order number and is flagged as such, so no surface invents an order panel for it."""
+    loaded = read_seed_dir(FIXTURE)
+    results = {r.id: r for r in loaded.records["results"]}
+    reports = loaded.records["diagnostic_reports"]
+    grouped = {rid for report in reports for rid in report.result_ids}
+    assert len(reports) == 3 and len(grouped) == 23
+    for report in reports:
+        for rid in report.result_ids:
+            assert (results[rid].order_id, results[rid].panel) == (report.order_id, report.code)
+            assert results[rid].has_order
+    lone = [r for r in results.values() if r.id not in grouped]
+    assert lone and not any(r.has_order for r in lone)
+
+
+def test_seeded_results_query_sends_reports_as_orders_and_lone_observations_without_a_procedure(
+    seeded: SandboxServer,
+) -> None:
+    client = Live(seeded.url, client_name="seeded-results")
+    try:
+        roster = client.http.get(f"{client.url}/_sandbox/roster", params={"connection": "seeded"}).json()
+        orders = []
+        for ident in roster["patients"]:
+            answer = client.dm_ok(
+                "seeded",
+                "Results",
+                "Query",
+                Patients=[{"Identifiers": [{"ID": ident["value"], "IDType": "MR"}]}],
+            )
+            orders += answer["Orders"]
+    finally:
+        client.close()
+    with_procedure = [o for o in orders if o["Procedure"]["Code"]]
+    # The files' three lab reports (Synthea's two CBCs of 11 results, HL7's f001 with the one
+    # of its results in the folder); every other order is a lone Observation, panel-less.
+    assert sorted((o["Procedure"]["Code"], len(o["Results"])) for o in with_procedure) == [
+        ("58410-2", 1),
+        ("58410-2", 11),
+        ("58410-2", 11),
+    ]
+    assert len(orders) - len(with_procedure) == file_counts(FIXTURE)["results"] - 23
