@@ -11,6 +11,7 @@ that cannot be read at all becomes one quarantine row; the batch goes on.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -39,6 +40,16 @@ log = logging.getLogger(__name__)
 
 BATCH_ROWS = 20_000
 QUARANTINE_BATCH = 1000
+# Entities a surface shows through two queries at once, each query carrying fields the other
+# lacks: a Data Model visit comes from PatientAdmin.VisitQuery (patient class, department; no
+# end time, free-text reason: Redox's VisitQueryResponse defines no more) and from the Clinical
+# Summary's Encounters (end time, coded reason, type, attending, disposition; no class). The
+# staged table keeps one row per record, so two rows of one version (same record, same source
+# time) are merged here, before staging, rather than one replacing the other whole.
+SAME_VERSION_MERGED = frozenset({"encounters"})
+# Versions remembered for that merge: a patient's pages are taken together (live) or close
+# together in fetch order (replay), so a bounded memory finds the twin.
+SAME_VERSION_MEMORY = 50_000
 
 
 # Demographics a patient row carries when it is more than a reference to its patient.
@@ -78,6 +89,8 @@ class EntityBatcher:
         self.rows: list[dict[str, Any]] = []
         self.ingested_at = ingested_at or datetime.now(UTC)
         self.counts = {"rows": 0}
+        # (business key, source time) -> the non-null values of that version seen so far.
+        self.versions: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
         # Where a row whose values do not fit the schema goes (the router's quarantine);
         # without one such a row fails the batch.
         self.on_bad_row: Callable[[dict[str, Any], str], None] | None = None
@@ -98,12 +111,29 @@ class EntityBatcher:
         content_url = extras.get("content_url")
         if self.entity == "documents" and self.landing is not None:
             self._attach_content(row, content, content_url)
+        if self.entity in SAME_VERSION_MERGED:
+            self._merge_same_version(row)
         row["ingested_at"] = self.ingested_at
         row["version_key"] = version_key(
             row.get("source_updated_at"), row.get("raw_ref"), complete=_complete(self.entity, row)
         )
         self.rows.append(row)
         PROGRESS.add(self.connection_id, self.entity)
+
+    def _merge_same_version(self, row: dict[str, Any]) -> None:
+        """Fill ``row``'s nulls from the earlier rows of the same version (see
+        ``SAME_VERSION_MERGED``). The row's own values win; it is fetched later, so it is
+        also the version staging keeps (``version_key``), now holding every field."""
+        key = (row.get(ENTITY_KEY[self.entity]), row.get("source_updated_at"))
+        if key[0] is None or key[1] is None:
+            return
+        known = self.versions.pop(key, {})
+        for column, value in known.items():
+            if row.get(column) is None:
+                row[column] = value
+        self.versions[key] = {c: v for c, v in row.items() if v is not None}
+        if len(self.versions) > SAME_VERSION_MEMORY:
+            self.versions.popitem(last=False)
 
     def _attach_content(self, row: dict[str, Any], content: bytes | None, content_url: str | None) -> None:
         """Store a document's content by hash and record the hash on the row. Content comes

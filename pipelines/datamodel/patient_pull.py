@@ -33,10 +33,15 @@ from pipelines.pull_pages import (
 )
 
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
-# Entities taken from the patient's Clinical Summary. Its encounters, results and panels are
-# left to VisitQuery and Results.Query (they carry the visit numbers and order ids both
-# surfaces share), and its plan-of-care orders (active ones only, no ids) to Order.Query.
-SUMMARY_ENTITIES = frozenset({"medications", "problems", "allergies", "immunizations", "procedures"})
+# Entities taken from the patient's Clinical Summary. Its results and panels are left to
+# Results.Query (it carries the order ids both surfaces share), and its plan-of-care orders
+# (active ones only, no ids) to Order.Query. Its encounters are taken beside VisitQuery's: they
+# carry the visit number, and the end time, coded reason, type, attending and disposition that
+# Redox's VisitQueryResponse does not define (the two rows of a visit are merged before
+# staging: ``pipelines.batches.SAME_VERSION_MERGED``).
+SUMMARY_ENTITIES = frozenset(
+    {"encounters", "medications", "problems", "allergies", "immunizations", "procedures"}
+)
 FUTURE = timedelta(days=3650)
 MAX_WALK = 200  # continuation queries per patient and query: a guard against a stuck cursor
 
@@ -226,7 +231,9 @@ def pull_patient(patient: DuePatient, ctx: DataModelPullContext) -> DataModelPat
             _ask(
                 ctx,
                 {**_meta("Clinical Summary", "PatientQuery"), "Patient": who},
-                next(e for e in ctx.entities if e in from_summary),
+                # Labelled (and landed) under its first clinical-record entity, as before
+                # encounters were also taken from it.
+                min(from_summary - {"encounters"} or from_summary, key=ctx.entities.index),
                 priority,
                 "PatientQueryResponse",
                 frozenset(from_summary),

@@ -30,11 +30,6 @@ from tests.conftest import import_rosters, sandbox_config
 
 EHR = ("northwind-fhir", "lakeside-dm", "riverbend-both")
 DEAD = {"cancelled", "entered-in-error"}
-# Connections whose encounters keep their end time and reason in the model today. The Data Model
-# surface loses both (lakeside-dm's visit queries; on riverbend-both the Data Model version wins
-# the reconciliation): issue 12's field-by-field merge. Values that depend on them are compared
-# here; the full comparison is an xfail test below that starts passing when the model keeps them.
-FAITHFUL_ENCOUNTERS = ("northwind-fhir",)
 HAPPENED = {"arrived", "in-progress", "finished"}
 
 
@@ -152,7 +147,9 @@ def test_patient_summary_one_row_per_person(synced: Synced) -> None:
     assert any(len(w["connections"]) > 1 for w in want.values()), "no person spans connections"
 
 
-def _timeline(s: Synced, los_connections: tuple[str, ...]) -> None:
+def test_encounter_timeline_orders_each_persons_encounters_with_their_length_of_stay(synced: Synced) -> None:
+    # Every connection's end times: the Data Model's come from the Clinical Summary encounters.
+    s = synced
     live = [e for e in s.records["encounters"] if e.status not in DEAD]
     by_person: dict[str, list[Any]] = defaultdict(list)
     for e in live:
@@ -177,17 +174,7 @@ def _timeline(s: Synced, los_connections: tuple[str, ...]) -> None:
     for k, w in want.items():
         g = got[k]
         assert g[:4] == w[:4], k
-        if k[0] in los_connections:
-            assert (g[4] is None) == (w[4] is None) and (w[4] is None or abs(g[4] - w[4]) < 1e-6), k
-
-
-def test_encounter_timeline_orders_each_persons_encounters(synced: Synced) -> None:
-    _timeline(synced, FAITHFUL_ENCOUNTERS)
-
-
-@pytest.mark.xfail(reason="issue 12: the Data Model surface loses encounter end times", strict=False)
-def test_encounter_timeline_length_of_stay_on_every_connection(synced: Synced) -> None:
-    _timeline(synced, EHR)
+        assert (g[4] is None) == (w[4] is None) and (w[4] is None or abs(g[4] - w[4]) < 1e-6), k
 
 
 def _result_order(r: Any) -> tuple:
@@ -292,7 +279,8 @@ def test_appointment_throughput_per_connection_and_day(synced: Synced) -> None:
     assert sum(c["completed"] for c in want.values()) and sum(c["cancelled"] for c in want.values())
 
 
-def _adt(s: Synced, discharge_connections: tuple[str, ...]) -> None:
+def test_adt_census_admissions_discharges_in_house_and_length_of_stay(synced: Synced) -> None:
+    s = synced
     stays = [
         (e.connection_id, e.class_code, utc(e.start_at), utc(e.end_at) if e.status == "finished" else None)
         for e in s.records["encounters"]
@@ -308,15 +296,9 @@ def _adt(s: Synced, discharge_connections: tuple[str, ...]) -> None:
     }
     assert {k for k, g in got.items() if g["admissions"]} == set(adm)
     days = set(adm) | set(dis)
-    assert {k for k in got if k[0] in discharge_connections} == {
-        k for k in days if k[0] in discharge_connections
-    }
+    assert {k for k in got if k[0] in EHR} == days
     for key in days:
         c, k, day = key
-        if c not in discharge_connections:
-            if key in adm:
-                assert got[key]["admissions"] == adm[key], key
-            continue
         g = got[key]
         in_house = sum(
             1
@@ -334,37 +316,21 @@ def _adt(s: Synced, discharge_connections: tuple[str, ...]) -> None:
             assert abs(g["max_length_of_stay_hours"] - max(dis[key])) < 1e-6, key
 
 
-def test_adt_census_admissions_discharges_in_house_and_length_of_stay(synced: Synced) -> None:
-    _adt(synced, FAITHFUL_ENCOUNTERS)
-
-
-@pytest.mark.xfail(reason="issue 12: the Data Model surface loses encounter end times", strict=False)
-def test_adt_census_discharges_on_every_connection(synced: Synced) -> None:
-    _adt(synced, EHR)
-
-
-def _care_gaps(s: Synced, reason_connections: tuple[str, ...]) -> None:
+def test_care_gaps_diabetics_without_a_recent_a1c(synced: Synced) -> None:
+    # Every connection's encounter reasons: the Data Model's codes come from the Clinical Summary.
+    s = synced
     got = rows(s, "select * from analytics.care_gaps")
     as_of = utc(got[0]["as_of"]) if got else datetime.now(UTC)
     cutoff = as_of.replace(year=as_of.year - 1)
-    evidence: dict[str, set[str]] = defaultdict(set)  # person -> connections showing diabetes
-    for e in s.records["encounters"]:
-        if (
-            e.status in HAPPENED
-            and e.reason is not None
-            and e.reason.code.startswith(DIABETES_ICD10_PREFIXES)
-        ):
-            evidence[person_of(s, e)].add(e.connection_id)
-    diabetic = {p for p, conns in evidence.items() if conns & set(reason_connections)}
+    diabetic = {
+        person_of(s, e)
+        for e in s.records["encounters"]
+        if e.status in HAPPENED and e.reason is not None and e.reason.code.startswith(DIABETES_ICD10_PREFIXES)
+    }
     # The problem list, where the model has one, is kept by both surfaces.
-    for pr in _active_problems(s):
-        if pr.code.code.startswith(DIABETES_ICD10_PREFIXES):
-            evidence[person_of(s, pr)].add("problem_list")
-            diabetic.add(person_of(s, pr))
-    # A person whose diabetes only a connection without reasons in the model shows is left out
-    # of the comparison on both sides.
-    unknowable = set(evidence) - diabetic
-    got = [r for r in got if r["person_key"] not in unknowable]
+    diabetic |= {
+        person_of(s, pr) for pr in _active_problems(s) if pr.code.code.startswith(DIABETES_ICD10_PREFIXES)
+    }
     last_a1c: dict[str, datetime] = {}
     for r in s.records["results"]:
         if r.code.code in A1C_LOINC and r.status not in DEAD:
@@ -377,15 +343,6 @@ def _care_gaps(s: Synced, reason_connections: tuple[str, ...]) -> None:
         assert r["gap"] == "hba1c_overdue" and r["order_procedure_code"] == "4548-4"
         assert utc(r["last_a1c_at"]) == last_a1c.get(r["person_key"])
         assert r["connection_id"] in EHR and r["patient_key"].startswith("pk_")
-
-
-def test_care_gaps_diabetics_without_a_recent_a1c(synced: Synced) -> None:
-    _care_gaps(synced, FAITHFUL_ENCOUNTERS)
-
-
-@pytest.mark.xfail(reason="issue 12: the Data Model surface loses encounter reasons", strict=False)
-def test_care_gaps_with_every_connections_reasons(synced: Synced) -> None:
-    _care_gaps(synced, EHR)
 
 
 def test_the_readme_example_queries_run_and_the_care_gap_insert_is_idempotent(synced: Synced) -> None:

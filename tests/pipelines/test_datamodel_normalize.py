@@ -632,6 +632,85 @@ def test_rendered_encounter_matches_the_record(status: str, class_code: str, kin
 
 
 @needs_renderer
+def test_a_pulled_visit_keeps_what_visit_query_and_the_clinical_summary_each_carry() -> None:
+    """Redox's VisitQueryResponse defines no end time and only a free-text reason; the
+    Clinical Summary's Encounters carry both but no patient class. Routed as a patient pull
+    routes them, the staged version of the visit (the later page's row) holds every field."""
+    from pipelines.batches import PageRouter
+    from pipelines.landing import PageContext
+    from sandbox.datamodel.conform import conform
+
+    p = _patient(1)
+    start = NOW - timedelta(days=3)
+    enc = rec.EncounterRecord(
+        connection_id=CONN,
+        id="enc-9",
+        last_updated=NOW - timedelta(hours=1),
+        version=3,
+        patient=_ref(p),
+        visit_number="V0009",
+        account_number="A9",
+        status="finished",
+        class_code="IMP",
+        type=rec.Coding(rec.SNOMED, "183452005", "Emergency hospital admission"),
+        start_at=start,
+        end_at=start + timedelta(hours=30),
+        location=WARD,
+        attending=DOCTOR,
+        reason=rec.Coding(rec.ICD10, "E11.9", "Type 2 diabetes mellitus without complications"),
+        discharge_disposition=rec.Coding(rec.SNOMED, "306689006", "Discharge to home"),
+    )
+    ident = {"Identifiers": [{"ID": p.mrn, "IDType": "MR"}]}
+    visits = conform(
+        {
+            "Meta": {"DataModel": "PatientAdmin", "EventType": "VisitQueryResponse"},
+            "Patients": [{**ident, "Visits": [render.encounter_visit(enc)]}],
+        }
+    )
+    assert "DischargeDateTime" not in visits["Patients"][0]["Visits"][0]  # not in Redox's schema
+    summary = render.clinical_summary(
+        {"DataModel": "Clinical Summary", "EventType": "PatientQueryResponse"},
+        DM_CONN,
+        p,
+        now=NOW,
+        encounters=[enc],
+        results=[],
+        medications=[],
+    )
+    router = PageRouter(CONN, "datamodel")
+    for body, ref, event, entities in (
+        (visits, "raw/a/page-1", "VisitQueryResponse", ("patients", "encounters")),
+        (summary, "raw/a/page-2", "PatientQueryResponse", ("encounters", "problems")),
+    ):
+        router.take_page(body, ref, "encounters", PageContext(event_type=event, entities=entities))
+    staged = [
+        r
+        for t in (getattr(item, "data", item) for item in router.drain(final=True))
+        if "encounter_id" in t.column_names
+        for r in t.to_pylist()
+    ]
+    kept = max(staged, key=lambda r: r["version_key"])  # what staging's dedup keeps
+    assert (kept["encounter_id"], kept["status"], kept["class"], kept["department"]) == (
+        "V0009",
+        "finished",
+        "IMP",
+        WARD.department,
+    )
+    assert (kept["start_at"], kept["end_at"], kept["type_code"], kept["attending_npi"]) == (
+        enc.start_at,
+        enc.end_at,
+        "183452005",
+        DOCTOR.npi,
+    )
+    assert (kept["reason_code"], kept["reason_system"], kept["reason_display"]) == (
+        "E11.9",
+        rec.ICD10,
+        enc.reason.display,
+    )
+    assert kept["discharge_disposition"] == "Discharge to home"
+
+
+@needs_renderer
 @pytest.mark.parametrize(
     ("category", "numeric", "flag", "status", "with_issue"),
     [
