@@ -198,6 +198,11 @@ class SyntheticPopulation(RecordStore):
         if "appointments" in spec.entities:
             who = np.repeat(patients, rng.poisson(_APPOINTMENTS, m))
             rows["appointments"] = generate.gen_appointments(rng, who, hist, now + 90 * DAY, now, hist, True)
+            if enc is not None:
+                # Its own stream, so the rest of the population does not move with it.
+                stream = _rng(self._seed, salt(spec.id, "booked-visits"))
+                booked = _book_visits(stream, enc, 0, now, hist, True)
+                rows["appointments"] = _link_visits(rows["appointments"], booked, enc, 0, 0)
         if "documents" in spec.entities:
             if has_enc:
                 assert enc is not None
@@ -401,6 +406,10 @@ class SyntheticPopulation(RecordStore):
             row = codes.visit.decode(business_id)
         elif entity == "appointments":
             row = codes.appointment.decode(business_id)
+            if row is None:  # the booking a visit fulfils carries the visit's number
+                visit = codes.visit.decode(business_id)
+                if visit is not None:
+                    row = self._builder.appointment_row_of_visit(cs, visit)
         elif entity == "medications":
             row = codes.med_order.decode(business_id)
         elif entity == "documents":
@@ -764,6 +773,30 @@ class SyntheticPopulation(RecordStore):
             kind = "update" if i < len(updated) else "cancel"
             pending.append(_Pending(at, cs.spec.id, entity, row, kind, record_status(before), after))
         return moved, cur
+
+
+def _book_visits(
+    rng: np.random.Generator, enc: Rows, enc_offset: int, now: int, lu_lo, allow_dead: bool
+) -> Rows:
+    """The appointments that encounters imply: the booking each outpatient or virtual visit
+    fulfils and the follow-up each finished stay books (``enc`` starts at table row
+    ``enc_offset``)."""
+    visits = generate.gen_visit_appointments(rng, enc, enc_offset, now, lu_lo)
+    stays = generate.finished_stays(enc)
+    follow_ups = generate.gen_follow_ups(
+        rng, enc.patient[stays], enc.clin[stays] + enc.aux[stays], stays + enc_offset, now, lu_lo, allow_dead
+    )
+    return generate.concat_rows(visits, follow_ups)
+
+
+def _link_visits(independent: Rows, booked: Rows, enc: Rows, enc_offset: int, appt_offset: int) -> Rows:
+    """``independent`` then ``booked`` as one batch of appointment rows (the first is table row
+    ``appt_offset``); each fulfilled-by encounter of ``enc`` gets its appointment row as ``link``."""
+    out = generate.concat_rows(independent, booked)
+    is_visit = booked.item == generate.APPT_VISIT
+    enc.link = np.asarray(enc.link, dtype=np.int64).copy()
+    enc.link[booked.link[is_visit] - enc_offset] = appt_offset + len(independent) + np.flatnonzero(is_visit)
+    return out
 
 
 def _new_items(
