@@ -67,6 +67,7 @@ _ID_CODES = {
     "procedures": "procedure",
 }
 _CHANGE_SPLIT = (0.45, 0.45, 0.10)  # new, updated, cancelled
+_BECAME_VISITS = [STATUS_VALUES["appointments"].index(s) for s in ("arrived", "fulfilled")]
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -199,6 +200,11 @@ class SyntheticPopulation(RecordStore):
             who = np.repeat(patients, rng.poisson(_APPOINTMENTS, m))
             rows["appointments"] = generate.gen_appointments(rng, who, hist, now + 90 * DAY, now, hist, True)
             if enc is not None:
+                # A kept booking is a visit, and visits bring their own bookings below: what stands
+                # alone is what never became a visit (ahead, missed, cancelled).
+                rows["appointments"] = rows["appointments"].take(
+                    np.flatnonzero(~np.isin(rows["appointments"].status, _BECAME_VISITS))
+                )
                 # Its own stream, so the rest of the population does not move with it.
                 stream = _rng(self._seed, salt(spec.id, "booked-visits"))
                 booked = _book_visits(stream, enc, 0, now, hist, True)
