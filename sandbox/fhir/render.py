@@ -404,6 +404,8 @@ def render_encounter(r: EncounterRecord, conn: ConnectionSpec) -> dict[str, Any]
         else [],
         "period": period,
     }
+    if r.appointment_id:
+        out["appointment"] = [{"reference": f"Appointment/{r.appointment_id}"}]
     for key in ("contained", "type", "participant"):
         if not out[key]:
             del out[key]

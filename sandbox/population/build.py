@@ -17,7 +17,7 @@ import numpy as np
 
 from sandbox.config import ConnectionSpec, SandboxConfig
 from sandbox.population import clinical, documents, vocab
-from sandbox.population.generate import ENC_CLASS_CODE, S
+from sandbox.population.generate import APPT_FOLLOW_UP, APPT_VISIT, ENC_CLASS_CODE, S
 from sandbox.population.ids import M48, DecimalCode, HexCode, encode_uuid, mix64, record_key, salt
 from sandbox.population.query import CATEGORY_VALUES, STATUS_VALUES
 from sandbox.population.records import (
@@ -296,6 +296,23 @@ class RecordBuilder:
     def visit_number(self, cs: ConnState, enc_row: int) -> str | None:
         return None if enc_row < 0 else self.codes[cs.spec.id].visit.encode(enc_row)
 
+    def appointment_number(self, cs: ConnState, row: int) -> str:
+        """An appointment's visit number: the booking a visit fulfils shares the visit's number
+        (as in an EHR, where check-in turns the appointment into the encounter); any other
+        booking has its own."""
+        base = cs.tables["appointments"].base
+        if int(base.item[row]) == APPT_VISIT:
+            return self.codes[cs.spec.id].visit.encode(int(base.link[row]))
+        return self.codes[cs.spec.id].appointment.encode(row)
+
+    def appointment_row_of_visit(self, cs: ConnState, enc_row: int) -> int | None:
+        """The appointment row an encounter row fulfils, if any."""
+        enc = cs.tables.get("encounters")
+        if enc is None or "appointments" not in cs.tables or not 0 <= enc_row < len(enc):
+            return None
+        row = int(enc.base.link[enc_row])
+        return row if row >= 0 else None
+
     def result_id(self, cs: ConnState, row: int) -> str:
         base = cs.tables["results"].base
         item = int(base.item[row])
@@ -398,6 +415,7 @@ class RecordBuilder:
         disposition = None
         if status == "finished" and class_code in ("IMP", "OBSENC", "EMER"):
             disposition = _weighted(vocab.DISCHARGE_DISPOSITIONS, rng)
+        appt_row = self.appointment_row_of_visit(cs, row)
         return EncounterRecord(
             **common,
             patient=self.patient_ref(cs, prow),
@@ -412,6 +430,7 @@ class RecordBuilder:
             attending=self._provider(rng),
             reason=reason,
             discharge_disposition=disposition,
+            appointment_id=None if appt_row is None else self.record_id(cs, "appointments", appt_row),
         )
 
     def _build_results(self, snap: Snapshot, cs: ConnState, row: int) -> ResultRecord:
@@ -542,17 +561,29 @@ class RecordBuilder:
         pediatric = (start.date() - person.birth_date).days < 18 * 365
         appt_type = rng.choice(vocab.APPOINTMENT_TYPES)
         reason = "Check up" if appt_type.code == "CHECKUP" else rng.choice(vocab.APPOINTMENT_REASONS)
+        provider = self._provider(rng)
+        location = self._location(cs, "AMB", rng, pediatric)
+        kind = int(base.item[row])
+        if kind == APPT_VISIT:
+            # Booked with the clinician and clinic the visit then took place with.
+            visit = self._build_encounters(snap, cs, int(base.link[row]))
+            provider, location = visit.attending, visit.location
+            if appt_type.code == "FOLLOWUP":
+                appt_type = next(t for t in vocab.APPOINTMENT_TYPES if t.code == "ROUTINE")
+        elif kind == APPT_FOLLOW_UP:
+            appt_type = next(t for t in vocab.APPOINTMENT_TYPES if t.code == "FOLLOWUP")
+            reason = "Follow-up"
         return AppointmentRecord(
             **common,
             patient=self.patient_ref(cs, prow),
-            visit_number=self.codes[cs.spec.id].appointment.encode(row),
+            visit_number=self.appointment_number(cs, row),
             status=status,  # type: ignore[arg-type]
             start_at=start,
             duration_minutes=int(base.aux[row]),
             type=appt_type,
             reason=reason,
-            provider=self._provider(rng),
-            location=self._location(cs, "AMB", rng, pediatric),
+            provider=provider,
+            location=location,
             cancel_reason=rng.choice(vocab.CANCEL_REASONS) if status == "cancelled" else None,
         )
 

@@ -62,6 +62,13 @@ class Anchors:
     enc_class: np.ndarray  # ENC_CLASS_CODE, -1 without encounter
 
 
+def concat_rows(*parts: Rows) -> Rows:
+    """The rows of ``parts`` one after the other."""
+    return Rows(
+        *(np.concatenate([np.asarray(getattr(p, f.name), np.int64) for p in parts]) for f in fields(Rows))
+    )
+
+
 def _rows(n: int, **cols) -> Rows:
     out = {}
     for f in fields(Rows):
@@ -123,7 +130,9 @@ def gen_encounters(
     )
     version = np.where(finished, 2, 1)
     if allow_dead:
-        dead = _dead(rng, n, 0.015, 0.005)
+        # Visits that were booked get cancelled (their appointment says so); an admission or an
+        # ED arrival of the history happened. (``advance`` may still cancel any visit.)
+        dead = np.where(inpatientish, 0, _dead(rng, n, 0.015, 0.005))
         status = np.where(dead == 1, st["cancelled"], np.where(dead == 2, st["entered-in-error"], status))
         version = np.where(dead > 0, version + 1, version)
     lu = np.maximum(lu, start)
@@ -275,12 +284,32 @@ def gen_medications(
 def gen_appointments(
     rng: np.random.Generator, patients: np.ndarray, lo, hi: int, now: int, lu_lo, allow_dead: bool
 ) -> Rows:
-    """Appointments starting in [lo, hi]; ``lu_lo`` bounds when they were booked or last touched."""
-    st = S["appointments"]
+    """Appointments starting in [lo, hi]; ``lu_lo`` bounds when they were booked or last touched.
+    These are the bookings that stand on their own (future visits, no-shows, cancellations);
+    the appointments behind visits and discharges come from :func:`gen_visit_appointments` and
+    :func:`gen_follow_ups`."""
     n = len(patients)
     start = _uniform_int(rng, lo, hi, n)
     start = start - start % (5 * 60)  # slots start on 5-minute marks
     minutes = np.array(vocab.APPOINTMENT_DURATIONS)[rng.integers(0, len(vocab.APPOINTMENT_DURATIONS), size=n)]
+    return _appointments_by_clock(rng, patients, start, minutes, None, now, lu_lo, allow_dead)
+
+
+def _appointments_by_clock(
+    rng: np.random.Generator,
+    patients: np.ndarray,
+    start: np.ndarray,
+    minutes: np.ndarray,
+    booked_at: np.ndarray | None,
+    now: int,
+    lu_lo,
+    allow_dead: bool,
+) -> Rows:
+    """Appointment rows whose status follows the clock: booked (or pending / proposed) ahead,
+    arrived while the slot runs, then fulfilled or a no-show. ``booked_at`` None: booked a
+    random 1-60 days ahead."""
+    st = S["appointments"]
+    n = len(patients)
     future = start > now
     u = rng.random(n)
     future_status = np.where(u < 0.90, st["booked"], np.where(u < 0.95, st["pending"], st["proposed"]))
@@ -288,19 +317,94 @@ def gen_appointments(
     in_clinic = (start <= now) & (start + minutes * 60 > now)
     status = np.where(future, future_status, np.where(in_clinic, st["arrived"], past_status))
     lead = _uniform_int(rng, DAY, 60 * DAY, n)
-    booked_at = np.clip(start - lead, lu_lo, now)
+    if booked_at is None:
+        booked_at = start - lead
+    booked_at = np.clip(booked_at, lu_lo, now)
     after = np.minimum(start + minutes * 60 + _uniform_int(rng, 0, 4 * HOUR, n), now)
     lu = np.where(future | in_clinic, booked_at, after)
     version = np.where(future, 1, 2)
     if allow_dead:
         cancelled = rng.random(n) < np.where(future, 0.05, 0.10)
         status = np.where(cancelled, st["cancelled"], status)
-        lu = np.where(cancelled, np.clip(start - lead // 2, lu_lo, now), lu)
+        cancelled_at = np.maximum(np.minimum(start - lead // 2, now), booked_at)
+        lu = np.where(cancelled, np.clip(cancelled_at, lu_lo, now), lu)
         error = rng.random(n) < 0.005
         status = np.where(error, st["entered-in-error"], status)
         version = np.where(cancelled | error, version + 1, version)
     lu = np.clip(lu, lu_lo, now)
     return _rows(n, patient=patients, clin=start, lu=lu, status=status, version=version, aux=minutes)
+
+
+# Appointment kinds (the ``item`` column of appointment rows; -1: a booking on its own).
+APPT_VISIT = 1  # the booking an outpatient or virtual visit fulfils (``link``: that encounter)
+APPT_FOLLOW_UP = 2  # the clinic follow-up a discharge books (``link``: the stay it follows)
+SCHEDULED_CLASSES = ("AMB", "VR")  # visits that happen because an appointment was booked
+DISCHARGE_CLASSES = ("IMP", "OBSENC", "EMER")  # stays whose discharge books a follow-up
+
+
+def _class_rows(enc: Rows, classes: tuple[str, ...]) -> np.ndarray:
+    return np.flatnonzero(np.isin(enc.category, [ENC_CLASS_CODE[c] for c in classes]))
+
+
+def appointment_status_for_visit(encounter_status: np.ndarray) -> np.ndarray:
+    """The status of the appointment a visit fulfils, from the visit's (encounter) status."""
+    se, sa = S["encounters"], S["appointments"]
+    table = np.full(len(se), sa["booked"], dtype=np.int64)
+    table[se["planned"]] = sa["booked"]
+    table[se["arrived"]] = sa["arrived"]
+    table[se["in-progress"]] = sa["arrived"]
+    table[se["finished"]] = sa["fulfilled"]
+    table[se["cancelled"]] = sa["cancelled"]
+    table[se["entered-in-error"]] = sa["entered-in-error"]
+    return table[np.asarray(encounter_status, dtype=np.int64)]
+
+
+def gen_visit_appointments(rng: np.random.Generator, enc: Rows, enc_offset: int, now: int, lu_lo) -> Rows:
+    """One appointment behind every outpatient (AMB) and virtual (VR) encounter of ``enc``
+    (whose first row is table row ``enc_offset``): same patient and start, the visit's length,
+    and the status the visit has reached (finished -> fulfilled, under way -> arrived,
+    cancelled -> cancelled). ``link`` is the encounter row; the visit shares its number."""
+    st = S["appointments"]
+    local = _class_rows(enc, SCHEDULED_CLASSES)
+    n = len(local)
+    start = enc.clin[local]
+    minutes = np.maximum(5, -(-enc.aux[local] // 60))  # the visit's length, whole minutes
+    status = appointment_status_for_visit(enc.status[local])
+    booked_at = np.clip(start - _uniform_int(rng, HOUR, 45 * DAY, n), lu_lo, now)
+    touched = np.minimum(np.maximum(enc.lu[local], start), now)  # checked in / out with the visit
+    lu = np.where(status == st["booked"], booked_at, np.maximum(touched, booked_at))
+    version = np.select([status == st["fulfilled"], status == st["booked"]], [3, 1], default=2)
+    return _rows(
+        n, patient=enc.patient[local], clin=start, lu=np.clip(lu, lu_lo, now), status=status,
+        version=version, link=local + enc_offset, aux=minutes, item=np.full(n, APPT_VISIT),
+    )  # fmt: skip
+
+
+def gen_follow_ups(
+    rng: np.random.Generator,
+    patients: np.ndarray,
+    discharged: np.ndarray,
+    stay_rows: np.ndarray,
+    now: int,
+    lu_lo,
+    allow_dead: bool,
+) -> Rows:
+    """The clinic follow-up booked at each discharge (``discharged``: seconds), 3-14 days later;
+    its status follows the clock like any booking. ``link`` is the stay it follows."""
+    n = len(patients)
+    start = discharged + _uniform_int(rng, 3 * DAY, 14 * DAY, n)
+    start = start - start % (5 * 60)
+    minutes = np.array((20, 30, 30, 40))[rng.integers(0, 4, size=n)]
+    rows = _appointments_by_clock(rng, patients, start, minutes, discharged, now, lu_lo, allow_dead)
+    rows.link = np.asarray(stay_rows, dtype=np.int64)
+    rows.item = np.full(n, APPT_FOLLOW_UP, dtype=np.int64)
+    return rows
+
+
+def finished_stays(enc: Rows) -> np.ndarray:
+    """Local rows of ``enc`` that are finished hospital, observation or emergency stays."""
+    local = _class_rows(enc, DISCHARGE_CLASSES)
+    return local[enc.status[local] == S["encounters"]["finished"]]
 
 
 def gen_documents(

@@ -134,6 +134,7 @@ class EncounterRecord(RecordBase):
     attending: Provider | None
     reason: Coding | None  # ICD-10
     discharge_disposition: Coding | None
+    appointment_id: str | None = None  # the Appointment (record id) this visit fulfils
 
 
 @dataclass(frozen=True, slots=True)

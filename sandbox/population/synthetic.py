@@ -67,6 +67,7 @@ _ID_CODES = {
     "procedures": "procedure",
 }
 _CHANGE_SPLIT = (0.45, 0.45, 0.10)  # new, updated, cancelled
+_BECAME_VISITS = [STATUS_VALUES["appointments"].index(s) for s in ("arrived", "fulfilled")]
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -198,6 +199,16 @@ class SyntheticPopulation(RecordStore):
         if "appointments" in spec.entities:
             who = np.repeat(patients, rng.poisson(_APPOINTMENTS, m))
             rows["appointments"] = generate.gen_appointments(rng, who, hist, now + 90 * DAY, now, hist, True)
+            if enc is not None:
+                # A kept booking is a visit, and visits bring their own bookings below: what stands
+                # alone is what never became a visit (ahead, missed, cancelled).
+                rows["appointments"] = rows["appointments"].take(
+                    np.flatnonzero(~np.isin(rows["appointments"].status, _BECAME_VISITS))
+                )
+                # Its own stream, so the rest of the population does not move with it.
+                stream = _rng(self._seed, salt(spec.id, "booked-visits"))
+                booked = _book_visits(stream, enc, 0, now, hist, True)
+                rows["appointments"] = _link_visits(rows["appointments"], booked, enc, 0, 0)
         if "documents" in spec.entities:
             if has_enc:
                 assert enc is not None
@@ -401,6 +412,10 @@ class SyntheticPopulation(RecordStore):
             row = codes.visit.decode(business_id)
         elif entity == "appointments":
             row = codes.appointment.decode(business_id)
+            if row is None:  # the booking a visit fulfils carries the visit's number
+                visit = codes.visit.decode(business_id)
+                if visit is not None:
+                    row = self._builder.appointment_row_of_visit(cs, visit)
         elif entity == "medications":
             row = codes.med_order.decode(business_id)
         elif entity == "documents":
@@ -664,6 +679,10 @@ class SyntheticPopulation(RecordStore):
             appts = generate.gen_appointments(rng, who, t1 + 3600, t1 + 60 * DAY, t1, t0 + 1, False)
             # Booked at some moment of this period (not piled up at its start).
             appts.lu = t0 + 1 + np.floor(rng.random(len(appts)) * (t1 - t0)).astype(np.int64)
+            if enc_new is not None:
+                stream = _rng(self._seed, step, salt(spec.id, "booked-visits"))
+                booked = _book_visits(stream, enc_new, enc_offset, t1, t0 + 1, False)
+                appts = _link_visits(appts, booked, enc_new, enc_offset, len(cs.tables["appointments"]))
             new_rows["appointments"] = appts
         if "documents" in cs.tables:
             n = budget["documents"][0]
@@ -673,16 +692,30 @@ class SyntheticPopulation(RecordStore):
             )
 
         # Appending needs the new members first (sort keys read the person of each row).
+        visits_moved: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
         for entity in ENTITIES:
             if entity not in cs.tables:
                 continue
             table = cs.tables[entity]
             n_old = len(table)
             add = new_rows.get(entity, Rows.empty())
-            add.lu = np.clip(add.lu, t0 + 1, t1)
-            moved, cur = self._evolve_table(
-                snap, cs, cs_new, entity, table, rng, step, t0, t1, budget[entity], overrides, pending
+            # The booking a visit fulfils changes with its visit, never on its own.
+            keep_still = (
+                np.flatnonzero(table.base.item == generate.APPT_VISIT) if entity == "appointments" else None
             )
+            moved, cur = self._evolve_table(
+                snap, cs, cs_new, entity, table, rng, step, t0, t1, budget[entity], overrides, pending,
+                exclude=keep_still,
+            )  # fmt: skip
+            if entity == "encounters":
+                visits_moved = (moved, cur)
+            elif entity == "appointments" and visits_moved is not None and len(visits_moved[0]):
+                followed, cur, follow_ups = self._follow_visits(
+                    snap, cs, visits_moved, cur, step, t1, t0 + 1, overrides, pending
+                )
+                moved = np.concatenate([moved, followed]).astype(np.int64)
+                add = generate.concat_rows(add, follow_ups)
+            add.lu = np.clip(add.lu, t0 + 1, t1)
             base = concat(table.base, compact(add)) if len(add) else table.base
             appended = np.arange(n_old, n_old + len(add))
             lu = np.concatenate([cur["lu"], add.lu.astype(np.int32)])
@@ -713,12 +746,16 @@ class SyntheticPopulation(RecordStore):
         budget: tuple[int, int, int],
         overrides: dict,
         pending: list[_Pending],
+        exclude: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Update and cancel existing rows; returns the changed rows and the current columns."""
+        """Update and cancel existing rows (never those in ``exclude``); returns the changed rows
+        and the current columns."""
         _, n_upd, n_cancel = budget
         index = table.index
         cur = {"lu": index.lu, "clin": index.clin, "status": index.status}
         live = np.flatnonzero(~np.isin(index.status, dead_codes(entity)))
+        if exclude is not None and len(exclude):
+            live = np.setdiff1d(live, exclude, assume_unique=True)
         if not len(live) or not (n_upd or n_cancel):
             return np.empty(0, np.int64), cur
         values = STATUS_VALUES[entity]
@@ -764,6 +801,101 @@ class SyntheticPopulation(RecordStore):
             kind = "update" if i < len(updated) else "cancel"
             pending.append(_Pending(at, cs.spec.id, entity, row, kind, record_status(before), after))
         return moved, cur
+
+    def _follow_visits(
+        self,
+        snap: Snapshot,
+        cs: ConnState,
+        visits_moved: tuple[np.ndarray, dict[str, np.ndarray]],
+        cur: dict[str, np.ndarray],
+        step: int,
+        t1: int,
+        lu_lo: int,
+        overrides: dict,
+        pending: list[_Pending],
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], Rows]:
+        """Appointments follow the encounters this advance changed: the booking a visit fulfils
+        takes the visit's new status (arrived, fulfilled, cancelled), and a stay that ended books
+        its clinic follow-up. Returns the appointment rows changed, the current appointment
+        columns and the follow-up rows to append."""
+        enc_rows, enc_cur = visits_moved
+        enc_table = cs.tables["encounters"]
+        values = STATUS_VALUES["appointments"]
+        cur = {k: v.copy() for k, v in cur.items()}
+        was = enc_table.index.status[enc_rows].astype(np.int64)
+        now_status = enc_cur["status"][enc_rows].astype(np.int64)
+        at = enc_cur["lu"][enc_rows].astype(np.int64)
+
+        appt_rows = enc_table.base.link[enc_rows].astype(np.int64)
+        backed = appt_rows >= 0
+        want = generate.appointment_status_for_visit(now_status)
+        change = backed & (want != cur["status"][np.maximum(appt_rows, 0)])
+        followed = []
+        for row, status, when in zip(
+            appt_rows[change].tolist(), want[change].tolist(), at[change].tolist(), strict=True
+        ):
+            base = self._builder.build(snap, cs, "appointments", row, current=False)
+            earlier = snap.overrides.get((cs.spec.id, "appointments", row))
+            before = replace(base, **earlier) if earlier else base
+            new_status = values[status]
+            fields = {
+                "status": new_status,
+                "version": before.version + 1,
+                "last_updated": self._builder.at(when),
+            }
+            if new_status == "cancelled":
+                r = random.Random(mix64(self._seed ^ mix64(salt(cs.spec.id, "visit-cancel") + step)) ^ row)
+                fields["cancel_reason"] = r.choice(vocab.CANCEL_REASONS)
+            after = replace(before, **fields)
+            overrides[(cs.spec.id, "appointments", row)] = record_diff(base, after)
+            cur["lu"][row] = when
+            cur["status"][row] = status
+            kind = "cancel" if new_status in ("cancelled", "entered-in-error") else "update"
+            pending.append(_Pending(when, cs.spec.id, "appointments", row, kind, before.status, after))
+            followed.append(row)
+
+        finished = generate.S["encounters"]["finished"]
+        stay_codes = [generate.ENC_CLASS_CODE[c] for c in generate.DISCHARGE_CLASSES]
+        discharged = (
+            (now_status == finished)
+            & (was != finished)
+            & np.isin(enc_table.base.category[enc_rows], stay_codes)
+        )
+        stays = enc_rows[discharged]
+        follow_ups = generate.gen_follow_ups(
+            _rng(self._seed, step, salt(cs.spec.id, "follow-ups")),
+            enc_table.base.patient[stays].astype(np.int64),
+            at[discharged],
+            stays,
+            t1,
+            lu_lo,
+            False,
+        )
+        return np.asarray(followed, dtype=np.int64), cur, follow_ups
+
+
+def _book_visits(
+    rng: np.random.Generator, enc: Rows, enc_offset: int, now: int, lu_lo, allow_dead: bool
+) -> Rows:
+    """The appointments that encounters imply: the booking each outpatient or virtual visit
+    fulfils and the follow-up each finished stay books (``enc`` starts at table row
+    ``enc_offset``)."""
+    visits = generate.gen_visit_appointments(rng, enc, enc_offset, now, lu_lo)
+    stays = generate.finished_stays(enc)
+    follow_ups = generate.gen_follow_ups(
+        rng, enc.patient[stays], enc.clin[stays] + enc.aux[stays], stays + enc_offset, now, lu_lo, allow_dead
+    )
+    return generate.concat_rows(visits, follow_ups)
+
+
+def _link_visits(independent: Rows, booked: Rows, enc: Rows, enc_offset: int, appt_offset: int) -> Rows:
+    """``independent`` then ``booked`` as one batch of appointment rows (the first is table row
+    ``appt_offset``); each fulfilled-by encounter of ``enc`` gets its appointment row as ``link``."""
+    out = generate.concat_rows(independent, booked)
+    is_visit = booked.item == generate.APPT_VISIT
+    enc.link = np.asarray(enc.link, dtype=np.int64).copy()
+    enc.link[booked.link[is_visit] - enc_offset] = appt_offset + len(independent) + np.flatnonzero(is_visit)
+    return out
 
 
 def _new_items(

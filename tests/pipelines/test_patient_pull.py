@@ -149,8 +149,9 @@ def test_discovery_alone_fills_the_panel_with_the_active_patients(world: dict[st
             active.add(a.patient.patient_id)
         stats = panel_stats(paths, conn_id)
         assert extract.stats.discovered == stats["patients"] > 0
-        if "fhir" in conn.surfaces:
-            assert stats["patients"] >= len({p for p in active}) * 0.99, (conn_id, stats)
+        # Data Model too: the sandbox's visits fulfil bookings and discharges book follow-ups,
+        # so Scheduling.Booked and the census see every recently active patient.
+        assert stats["patients"] >= len(active), (conn_id, conn.surfaces, stats)
         assert stats["pulled"] == stats["patients"], stats
         assert "found_by" in stats and set(stats["found_by"]) <= set(P.FOUND_BY)
 

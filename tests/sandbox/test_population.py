@@ -343,7 +343,8 @@ def test_every_ehr_patient_has_an_encounter_and_volumes_are_plausible(
     assert 3 <= per_patient["encounters"] <= 5
     assert 11 <= per_patient["results"] <= 19
     assert 2 <= per_patient["medications"] <= 4
-    assert 1.4 <= per_patient["appointments"] <= 2.6
+    # ~3 bookings fulfilled by visits, ~0.5 follow-ups of stays, ~0.5 that never became visits.
+    assert 3.5 <= per_patient["appointments"] <= 6
     assert 1.4 <= per_patient["documents"] <= 2.6
 
 
@@ -427,6 +428,110 @@ def test_encounters_medications_appointments_documents_are_coded(pop: SyntheticP
 
 
 # ---------------------------------------------------------------- advance
+
+
+_VISIT_TO_APPOINTMENT = {
+    "planned": "booked",
+    "arrived": "arrived",
+    "in-progress": "arrived",
+    "finished": "fulfilled",
+    "cancelled": "cancelled",
+    "entered-in-error": "entered-in-error",
+}
+
+
+def _assert_visits_are_booked(store: SyntheticPopulation, conn: str, *, moved: bool = False) -> None:
+    """Every outpatient / virtual visit fulfils an appointment (same number, patient, start,
+    length and a status its visit explains), and every finished stay booked a clinic follow-up
+    3-14 days after discharge (``moved``: or later, once ``advance`` may have rescheduled it)."""
+    encounters = everything(store, conn, "encounters")
+    appointments = everything(store, conn, "appointments")
+    by_number = {a.visit_number: a for a in appointments}
+    assert len(by_number) == len(appointments)
+    visits = [e for e in encounters if e.class_code in ("AMB", "VR")]
+    assert visits
+    for e in visits:
+        a = by_number[e.visit_number]
+        assert (a.id, a.patient, a.start_at) == (e.appointment_id, e.patient, e.start_at)
+        assert a.status == _VISIT_TO_APPOINTMENT[e.status], (e.status, a.status)
+        if e.end_at is not None and not moved:  # booked for as long as the visit then took
+            length = -(-int((e.end_at - e.start_at).total_seconds()) // 60)
+            assert a.duration_minutes == max(5, length)
+        assert a.provider == e.attending and a.location == e.location
+        assert store.find_by_business_id(conn, "appointments", e.visit_number) == a
+        assert store.find_by_business_id(conn, "encounters", e.visit_number) == e
+    assert all(e.appointment_id is None for e in encounters if e.class_code not in ("AMB", "VR"))
+    follow_ups = defaultdict(list)
+    for a in appointments:
+        if a.type is not None and a.type.code == "FOLLOWUP" and a.visit_number.startswith("2"):
+            follow_ups[a.patient.patient_id].append(a.start_at)
+    stays = [e for e in encounters if e.class_code in ("IMP", "OBSENC", "EMER") and e.status == "finished"]
+    assert stays
+    latest = timedelta(days=14, minutes=5)
+    for e in stays:
+        assert e.end_at is not None
+        gaps = [t - e.end_at for t in follow_ups[e.patient.patient_id]]
+        assert any(timedelta(days=3) <= g and (moved or g <= latest) for g in gaps), "no follow-up booked"
+
+
+def test_visits_fulfil_appointments_and_discharges_book_follow_ups(pop: SyntheticPopulation) -> None:
+    for conn in ("northwind-fhir", "lakeside-dm", CONN):
+        _assert_visits_are_booked(pop, conn)
+    # The link is on the FHIR surface too: Encounter.appointment names the Appointment.
+    from sandbox.fhir.render import render_encounter
+
+    spec = pop._config.connection(CONN)
+    visit = next(e for e in shared(pop, CONN, "encounters") if e.appointment_id)
+    assert render_encounter(visit, spec)["appointment"] == [
+        {"reference": f"Appointment/{visit.appointment_id}"}
+    ]
+
+
+def test_advance_keeps_bookings_in_step_with_their_visits() -> None:
+    pop = SyntheticPopulation(SandboxConfig(seed=5, patients=250))
+    changes = []
+    for _ in range(4):
+        changes += pop.advance(2, 0.06)
+    _assert_visits_are_booked(pop, CONN, moved=True)
+    followed = [
+        c
+        for c in changes
+        if c.entity == "appointments" and c.kind != "new" and c.previous_status == "arrived"
+    ]
+    assert any(c.record.status == "fulfilled" for c in followed)
+    assert any(
+        c.entity == "appointments" and c.kind == "new" and c.record.start_at <= pop.now for c in changes
+    )
+
+
+@pytest.mark.parametrize(("patients", "seed"), [(300, 37), (300, 41), (1000, 42)])
+def test_patient_free_queries_find_every_recently_active_patient(patients: int, seed: int) -> None:
+    """What a client can learn without a roster (REDOX-REFERENCE "Decisions"): Data Model
+    Scheduling.Booked over [now-30d, now+90d] plus the census; FHIR adds Encounter by date. Each
+    finds every patient the truth calls active since now-30d."""
+    store = SyntheticPopulation(SandboxConfig(seed=seed, patients=patients))
+    since, horizon = store.now - timedelta(days=30), store.now + timedelta(days=90)
+    for spec in store._config.connections:
+        if spec.kind != "ehr":
+            continue
+
+        def who(entity: str, conn: str = spec.id, **window) -> set[str]:
+            return {r.patient.patient_id for r in store.iter(Query(conn, entity, **window))}
+
+        census = {
+            e.patient.patient_id
+            for e in store.iter(Query(spec.id, "encounters"))
+            if e.status in ("arrived", "in-progress")
+        }
+        booked = who("appointments", date_ge=since, date_lt=horizon)
+        found = (
+            booked | census
+            if spec.surfaces == ("datamodel",)
+            else booked | census | who("encounters", date_ge=since)
+        )
+        active = who("encounters", date_ge=since) | who("appointments", date_ge=since)
+        assert len(active) == store.active_patients(spec.id, since)
+        assert active <= found, (spec.id, len(active - found))
 
 
 def test_advance_creates_updates_and_cancels_in_time_order() -> None:
