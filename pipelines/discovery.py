@@ -39,7 +39,10 @@ from pipelines.pull_pages import (
 )
 from pipelines.sync_context import DEFAULT_DISCOVER_DAYS as DEFAULT_DISCOVER_DAYS  # re-exported
 
-DEFAULT_HORIZON_DAYS = 90  # booked appointments this far ahead make a patient active
+# Booked appointments this far ahead make a patient active. Clinics book a quarter or so ahead
+# and reschedules push bookings further, so the horizon is twice that: a patient booked five
+# months out is still someone the organization sees.
+DEFAULT_HORIZON_DAYS = 180
 MIN_SPLIT = timedelta(minutes=1)
 MAX_WALK = 500
 # server now -> [start, end) of the discovery window (end None: open, up to now / the horizon)
