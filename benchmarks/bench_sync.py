@@ -205,16 +205,27 @@ def connect(url: str, directory: Path, *, lift_quota: bool = True) -> Path:
     return path
 
 
-def import_rosters(url: str, config: Path, warehouse: Path, directory: Path) -> dict[str, int]:
-    """Each EHR connection's roster imported as a user imports their own (``GET
-    /_sandbox/roster`` -> CSV -> ``panel add``'s path) -> panel patients per connection."""
-    from pipelines.panel_cli import import_sandbox_rosters
+def import_rosters(
+    url: str, config: Path, warehouse: Path, directory: Path, only: list[str] | None = None
+) -> dict[str, int]:
+    """Each EHR connection's roster (or those in ``only``) imported as a user imports their
+    own: ``GET /_sandbox/roster`` -> CSV -> ``panel add``'s path (what ``redox-elt demo`` does
+    through ``import_sandbox_rosters``) -> panel patients per connection."""
+    from pipelines.panel_cli import fetch_sandbox_roster, import_roster
     from resources.settings import load_settings
 
+    settings = load_settings(str(config))
     directory.mkdir(parents=True, exist_ok=True)
     warehouse.parent.mkdir(parents=True, exist_ok=True)
-    done = import_sandbox_rosters(url, load_settings(str(config)), warehouse, directory)
-    return {conn_id: r.added + r.already for conn_id, r in done.items()}
+    out = {}
+    for conn in settings.connections:
+        if conn.kind != "ehr" or (only is not None and conn.id not in only):
+            continue
+        roster = directory / f"roster-{conn.id}.csv"
+        fetch_sandbox_roster(url, conn.id, roster)
+        done = import_roster(warehouse, conn.id, roster, settings=settings)
+        out[conn.id] = done.added + done.already
+    return out
 
 
 # ---- child processes: each lane runs alone so its peak RSS is its own -----------------------
@@ -544,19 +555,23 @@ CHILD_LANES = {"sync": child_sync, "rest_api": child_rest_api, "limit": child_li
 
 
 def warehouse_counts(warehouse: Path) -> dict[str, dict[str, int]]:
+    """Rows per connection and entity in the published model (``redox.<entity>``)."""
+    from pipelines.publish import model_schema
+
     out: dict[str, dict[str, int]] = {}
     with duckdb.connect(str(warehouse), read_only=True) as con:
+        schema = model_schema(con)
         tables = {
             r[0]
             for r in con.execute(
-                "select table_name from information_schema.tables where table_schema = 'redox'"
+                "select table_name from information_schema.tables where table_schema = ?", [schema]
             ).fetchall()
         }
         for entity in ENTITIES:
             if entity not in tables:
                 continue
             for conn, n in con.execute(
-                f"select connection_id, count(*) from redox.{entity} group by 1"
+                f"select connection_id, count(*) from {schema}.{entity} group by 1"
             ).fetchall():
                 out.setdefault(conn, {})[entity] = n
     return out
@@ -572,6 +587,16 @@ def truth_diffs(truth: dict[str, Any], got: dict[str, dict[str, int]], ehr: list
     }
 
 
+def only_connections(ehr: list[str], only: list[str] | None) -> list[str]:
+    """The EHR connections to sync: all, or those ``--connections`` names (each must exist)."""
+    if not only:
+        return ehr
+    unknown = sorted(set(only) - set(ehr))
+    if unknown:
+        raise SystemExit(f"--connections: not an EHR connection of the sandbox: {unknown}")
+    return [c for c in ehr if c in only]
+
+
 def rate(rows: int, seconds: float) -> float:
     return round(rows / seconds, 1) if seconds > 0 else 0.0
 
@@ -581,7 +606,9 @@ def per_100k(seconds: float, rows: int) -> float | None:
     return round(seconds * 100_000 / rows, 2) if rows else None
 
 
-def bench_size(patients: int, seed: int, workdir: Path, lanes: set[str]) -> dict[str, Any]:
+def bench_size(
+    patients: int, seed: int, workdir: Path, lanes: set[str], only: list[str] | None = None
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "mode": "open",
         "patients": patients,
@@ -599,10 +626,11 @@ def bench_size(patients: int, seed: int, workdir: Path, lanes: set[str]) -> dict
         config = connect(sandbox.url, workdir)
         with httpx.Client(timeout=30) as http:
             meta = http.get(f"{sandbox.url}/_sandbox/connections").json()
-        ehr = [c["id"] for c in meta["connections"] if c.get("kind", "ehr") == "ehr"]
+        ehr = only_connections([c["id"] for c in meta["connections"] if c.get("kind", "ehr") == "ehr"], only)
+        result["connections_synced"] = ehr
         warehouse = workdir / "wh" / "redox.duckdb"
         started = time.perf_counter()
-        result["panel"] = import_rosters(sandbox.url, config, warehouse, workdir / "rosters")
+        result["panel"] = import_rosters(sandbox.url, config, warehouse, workdir / "rosters", ehr)
         result["roster_import_s"] = round(time.perf_counter() - started, 2)
         # The clinical network answers after an emulated 150 ms per call (a remote network, by
         # design): it is latency-bound and timed on its own, after the EHR connections it asks about.
@@ -904,12 +932,7 @@ def bench_quota(
         document = yaml.safe_load(config.read_text())
         with httpx.Client(timeout=30) as http:
             meta = http.get(f"{sandbox.url}/_sandbox/connections").json()
-        ehr = [c["id"] for c in meta["connections"] if c.get("kind", "ehr") == "ehr"]
-        if only:
-            unknown = sorted(set(only) - set(ehr))
-            if unknown:
-                raise SystemExit(f"--connections: not an EHR connection of the sandbox: {unknown}")
-            ehr = [c for c in ehr if c in only]
+        ehr = only_connections([c["id"] for c in meta["connections"] if c.get("kind", "ehr") == "ehr"], only)
         result["connections_synced"] = ehr
         result["sandbox"]["quota"] = meta.get("quota")
         result["sandbox"]["search_policy"] = "redox"
@@ -921,11 +944,7 @@ def bench_quota(
         budget = budget_for(config)
         warehouse = workdir / "wh" / "redox.duckdb"
         started = time.perf_counter()
-        panel = {
-            c: n
-            for c, n in import_rosters(sandbox.url, config, warehouse, workdir / "rosters").items()
-            if c in ehr
-        }
+        panel = import_rosters(sandbox.url, config, warehouse, workdir / "rosters", ehr)
         result["panel"] = panel
         result["roster_import_s"] = round(time.perf_counter() - started, 2)
         print(f"[{patients}] rosters {panel}", flush=True)
@@ -1081,7 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         "--connections",
         nargs="+",
         default=None,
-        help="--quota real: sync only these EHR connections (default: all three)",
+        help="sync only these EHR connections (default: all three); every roster is imported",
     )
     parser.add_argument(
         "--max-runs", type=int, default=60, help="--quota real: most sync runs per phase (default 60)"
@@ -1114,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
                 journal.unlink(missing_ok=True)
                 result = bench_quota(patients, args.seed, workdir, args.max_runs, args.connections, journal)
             else:
-                result = bench_size(patients, args.seed, workdir, set(args.lanes))
+                result = bench_size(patients, args.seed, workdir, set(args.lanes), args.connections)
                 target = out / f"open-{patients}.json"
             result["command"] = " ".join(["python", "benchmarks/bench_sync.py", *(argv or sys.argv[1:])])
             target.write_text(json.dumps(result, indent=1) + "\n")
