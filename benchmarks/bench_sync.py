@@ -1,31 +1,46 @@
-"""Benchmark the extraction pipeline end to end against sandbox populations, next to two
-reference lanes on the same FHIR endpoints (issue 4, "Benchmark"). A script, not a test.
+"""Benchmark the extraction pipeline end to end against sandbox populations: under Redox's
+real quota (issue 9) and, with the quota lifted, for throughput next to two reference lanes
+(issue 4, "Benchmark"). A script, not a test.
 
-    python benchmarks/bench_sync.py --patients 10000 100000 --out benchmarks/results
+    python benchmarks/bench_sync.py --quota real --patients 1000 --out benchmarks/results
+    python benchmarks/bench_sync.py --patients 10000 --lanes limit --out benchmarks/results
     python benchmarks/bench_sync.py --profile 2000 --out /tmp/bench-profile   # cProfile a sync
 
-For each population size:
+Both modes run ``redox-elt sandbox serve`` in a subprocess, onboard the way ``redox-elt
+sandbox connect`` does, and import each synced connection's roster the way ``redox-elt panel
+add`` does (``GET /_sandbox/roster`` -> CSV -> the panel): the pipeline finds patients only
+through its panel, as against real Redox.
 
-1. ``redox-elt sandbox serve`` runs in a subprocess with the default connections, except that
-   the emulated request quota (``quota_requests`` per ``quota_window_s``) is lifted, so the numbers
-   measure this pipeline rather than Redox's quota. The connection config comes from the
-   onboarding API (what ``redox-elt sandbox connect`` does) with a high ``max_rps`` per connection
-   so the client's throttle starts (and stays) out of the way.
-2. **pipeline lane**: a full sync (``run_sync``, what ``redox-elt sync`` runs, minus the progress
+``--quota real`` (results ``quota-real-N.json``, plus ``quota-real-N.runs.jsonl`` written as
+each run ends): the strict sandbox (``search_policy: redox``) with its default quota (7,500
+requests per rolling 5 minutes per client) and the connections file exactly as ``sandbox
+connect`` wrote it (shared budget 6,750 per 300 s, ``max_rps`` 23.75). The full sync is
+``run_sync`` repeated as a scheduler would run it: a run defers the patients the budget cannot
+cover, the next starts once a fifth of the budget is free, until a run defers nobody. Then
+``POST /_sandbox/advance {"days": 1, "change_fraction": 0.01}`` and the incremental the same
+way. Reported per phase: requests (the sync's own counters and the audit trail), per panel
+patient and connection split into per-patient queries / document contents / discovery, HTTP
+statuses (429s), wall time against the quota-bound minimum, the warehouse against
+``/_sandbox/truth``.
+
+``--quota lifted`` (the default; results ``open-N.json``): ``search_policy: open`` (not how
+Redox behaves: whole types enumerable with ``_lastUpdated``), no quota in the sandbox and the
+client's budget and ``max_rps`` raised out of the way.
+
+1. **pipeline lane**: a full sync (``run_sync``, what ``redox-elt sync`` runs, minus the progress
    bar) in a child process that reports its per-connection stage times and its own peak RSS
    (``ru_maxrss``). Rows = the sum of ``redox.<entity>`` rows; the warehouse is compared with
-   ``/_sandbox/truth`` for every EHR connection.
-3. **incremental**: ``POST /_sandbox/advance {"days": 1, "change_fraction": 0.01}``, a second sync
+   ``/_sandbox/truth`` for every synced EHR connection. The pipeline still pulls per patient
+   (it has no other path), so the open policy changes nothing for it.
+2. **incremental**: ``POST /_sandbox/advance {"days": 1, "change_fraction": 0.01}``, a second sync
    into the same warehouse, its time as a share of the full sync, and truth again.
-4. **rest_api lane**: dlt's generic ``rest_api`` source on the FHIR-only connection's searches
+3. **rest_api lane**: dlt's generic ``rest_api`` source on the FHIR-only connection's searches
    (``POST {Type}/_search``, form-encoded, following the Bundle ``next`` links) into its own DuckDB.
-5. **limit lane**: the same searches fetched raw with httpx (no parsing), the bytes written to
+4. **limit lane**: the same searches fetched raw with httpx (no parsing), the bytes written to
    files, then DuckDB ``read_json_auto`` over those files into one table per resource type.
 
-Lanes 4 and 5 and the pipeline's ``northwind-fhir`` connection read the same endpoints with the
-same page size, so their rows/s compare like for like. Every result records the machine's
-load average (other work may share the machine). Only counts and timings are printed, never
-record content.
+Every result records the machine's load average (other work may share the machine). Only
+counts and timings are printed, never record content.
 """
 
 from __future__ import annotations
@@ -1100,7 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
         "--connections",
         nargs="+",
         default=None,
-        help="sync only these EHR connections (default: all three); every roster is imported",
+        help="sync (and import the rosters of) only these EHR connections (default: all three)",
     )
     parser.add_argument(
         "--max-runs", type=int, default=60, help="--quota real: most sync runs per phase (default 60)"
