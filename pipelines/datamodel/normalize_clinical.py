@@ -74,6 +74,33 @@ def _id(kind: str, ref: dict[str, str], code: Code, when: Any) -> str:
     )
 
 
+_AT = object()  # ``_entry_row``'s default match time: the row's clinical time
+
+
+def _entry_row(
+    ctx: EventContext,
+    ref: dict[str, str],
+    id_column: str,
+    record_id: str,
+    code: Code,
+    at: Any,
+    /,
+    *,
+    key_at: Any = _AT,
+    **fields: Any,
+) -> Row:
+    """The row every section entry makes: its lineage (record id, clinical time ``at``), the
+    patient reference, the record's id under ``id_column``, the entity's ``fields``, and the
+    cross-surface ``match_key`` (code or text, and ``key_at`` — by default ``at``). The leading
+    arguments are positional-only: ``fields`` holds columns such as ``code`` too."""
+    row = ctx.lineage(record_id, at)
+    row.update(ref)
+    row[id_column] = record_id
+    row.update(fields)
+    row["match_key"] = match_key(code.code, at if key_at is _AT else key_at, text=code.display)
+    return row
+
+
 def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Row]:
     """``Problems[]`` (and ``ResolvedProblems[]``) → problems."""
     rows = []
@@ -85,10 +112,13 @@ def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
         ended = as_ts(entry.get("EndDate"))
         status = problem_status(entry.get("Status"))
         problem_id = _id("problem", ref, code, onset)
-        row = ctx.lineage(problem_id, onset)
-        row.update(ref)
-        row.update(
-            problem_id=problem_id,
+        row = _entry_row(
+            ctx,
+            ref,
+            "problem_id",
+            problem_id,
+            code,
+            onset,
             encounter_id=None,
             category=coded(entry.get("Category")).display or coded(entry.get("Category")).code,
             code=code.code,
@@ -104,7 +134,6 @@ def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
             recorded_at=None,
             recorder=None,
             note=_comment(entry),
-            match_key=match_key(code.code, onset, text=code.display),
         )
         rows.append(row)
     return rows
@@ -125,10 +154,14 @@ def allergy_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
         )
         allergy_type = coded(entry.get("Type"))
         allergy_id = _id("allergy", ref, substance, onset)
-        row = ctx.lineage(allergy_id, onset)
-        row.update(ref)
-        row.update(
-            allergy_id=allergy_id,
+        row = _entry_row(
+            ctx,
+            ref,
+            "allergy_id",
+            allergy_id,
+            substance,
+            onset,
+            key_at=None,
             category=_allergy_category(allergy_type),
             allergy_type=_allergy_kind(allergy_type),
             substance_code=substance.code,
@@ -151,7 +184,6 @@ def allergy_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
             ended_at=as_ts(entry.get("EndDate")),
             recorded_at=None,
             note=_comment(entry),
-            match_key=match_key(substance.code, None, text=substance.display),
         )
         rows.append(row)
     return rows
@@ -203,10 +235,13 @@ def immunization_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
         dose = as_dict(entry.get("Dose"))
         not_given = as_str(entry.get("ReasonNotGiven"))
         immunization_id = _id("immunization", ref, vaccine, when)
-        row = ctx.lineage(immunization_id, when)
-        row.update(ref)
-        row.update(
-            immunization_id=immunization_id,
+        row = _entry_row(
+            ctx,
+            ref,
+            "immunization_id",
+            immunization_id,
+            vaccine,
+            when,
             encounter_id=None,
             status=immunization_status(entry.get("Status")) or ("not-done" if not_given else "completed"),
             status_source=as_str(entry.get("Status")),
@@ -224,7 +259,6 @@ def immunization_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
             dose_unit=as_str(dose.get("Units")),
             performer=None,
             not_given_reason=not_given,
-            match_key=match_key(vaccine.code, when, text=vaccine.display),
         )
         rows.append(row)
     return rows
@@ -248,10 +282,13 @@ def vaccination_rows(
         order_id = as_str(as_dict(entry.get("Order")).get("ID"))
         immunization_id = order_id or _id("immunization", ref, vaccine, when)
         manufacturer = product.get("Manufacturer")
-        row = ctx.lineage(immunization_id, when)
-        row.update(ref)
-        row.update(
-            immunization_id=immunization_id,
+        row = _entry_row(
+            ctx,
+            ref,
+            "immunization_id",
+            immunization_id,
+            vaccine,
+            when,
             encounter_id=encounter_id,
             status="not-done" if refused else "completed",
             status_source=None,
@@ -269,7 +306,6 @@ def vaccination_rows(
             dose_unit=as_str(dose.get("Units")),
             performer=provider_id(entry.get("Provider")),
             not_given_reason=refused,
-            match_key=match_key(vaccine.code, when, text=vaccine.display),
         )
         rows.append(row)
     return rows
@@ -292,10 +328,13 @@ def procedure_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list
             when = as_ts(entry.get("DateTime"))
             site = coded(entry.get("TargetSite"))
             procedure_id = _id(f"procedure-{category}", ref, code, when)
-            row = ctx.lineage(procedure_id, when)
-            row.update(ref)
-            row.update(
-                procedure_id=procedure_id,
+            row = _entry_row(
+                ctx,
+                ref,
+                "procedure_id",
+                procedure_id,
+                code,
+                when,
                 encounter_id=None,
                 category=category,
                 code=code.code,
@@ -313,7 +352,6 @@ def procedure_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list
                 reason_system=None,
                 reason_display=None,
                 note=_comment(entry),
-                match_key=match_key(code.code, when, text=code.display),
             )
             rows.append(row)
     return rows
@@ -342,10 +380,13 @@ def plan_of_care_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
                 continue
             when = as_ts(entry.get("DateTime"))
             order_id = _id(f"plan-{category}", ref, code, when)
-            row = ctx.lineage(order_id, when)
-            row.update(ref)
-            row.update(
-                order_id=order_id,
+            row = _entry_row(
+                ctx,
+                ref,
+                "order_id",
+                order_id,
+                code,
+                when,
                 encounter_id=None,
                 category=category,
                 code=code.code,
@@ -363,7 +404,6 @@ def plan_of_care_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
                 reason_system=None,
                 reason_display=None,
                 note=_comment(entry),
-                match_key=match_key(code.code, when, text=code.display),
             )
             rows.append(row)
     return rows
@@ -389,10 +429,13 @@ def summary_report_rows(section: Any, ctx: EventContext, ref: dict[str, str]) ->
         when = min(times) if times else None
         report_id = summary_report_id(ref, code, when)
         results = [summary_result_id(ref, code.code, o) for o in observations]
-        row = ctx.lineage(report_id, when)
-        row.update(ref)
-        row.update(
-            report_id=report_id,
+        row = _entry_row(
+            ctx,
+            ref,
+            "report_id",
+            report_id,
+            code,
+            when,
             encounter_id=None,
             order_id=None,
             category="LAB",
@@ -407,7 +450,6 @@ def summary_report_rows(section: Any, ctx: EventContext, ref: dict[str, str]) ->
             conclusion=None,
             result_count=len(results) or None,
             result_refs=orjson.dumps(results).decode() if results else None,
-            match_key=match_key(code.code, when, text=code.display),
         )
         rows.append(row)
     return rows
@@ -431,10 +473,14 @@ def order_row(
     stated = order_status(order.get("Status"))
     status = "revoked" if event == "Cancel" else (stated or "active")
     notes = [as_str(n) for n in as_list(order.get("Notes"))] + [as_str(order.get("Comments"))]
-    row = ctx.lineage(order_id, as_ts(order.get("LastUpdated")) or ordered)
-    row.update(ref)
-    row.update(
-        order_id=order_id,
+    row = _entry_row(
+        ctx,
+        ref,
+        "order_id",
+        order_id,
+        procedure,
+        as_ts(order.get("LastUpdated")) or ordered,
+        key_at=occurrence or ordered,
         encounter_id=encounter_id,
         category=None,
         code=procedure.code,
@@ -453,7 +499,6 @@ def order_row(
         reason_system=diagnosis.system,
         reason_display=diagnosis.display,
         note="\n".join(n for n in notes if n) or None,
-        match_key=match_key(procedure.code, occurrence or ordered, text=procedure.display),
     )
     return row
 
