@@ -17,6 +17,7 @@ the source's word in ``status_source`` beside the FHIR value.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,6 +75,23 @@ def _id(kind: str, ref: dict[str, str], code: Code, when: Any) -> str:
     )
 
 
+class _SectionIds:
+    """Ids for one section's entries, which carry none: derived from (patient, code, time).
+    Two entries alike in all three — the same procedure twice in one visit — are told apart
+    by their place among those twins (the first keeps the plain id, the n-th gets ``n`` in its
+    digest), which holds while the summary lists them in the same order, as it does."""
+
+    def __init__(self, ref: dict[str, str]) -> None:
+        self.ref = ref
+        self.seen: Counter[str] = Counter()
+
+    def __call__(self, kind: str, code: Code, when: Any) -> str:
+        plain = _id(kind, self.ref, code, when)
+        self.seen[plain] += 1
+        nth = self.seen[plain]
+        return plain if nth == 1 else derived_id(kind, plain, nth)
+
+
 _AT = object()  # ``_entry_row``'s default match time: the row's clinical time
 
 
@@ -104,6 +122,7 @@ def _entry_row(
 def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Row]:
     """``Problems[]`` (and ``ResolvedProblems[]``) → problems."""
     rows = []
+    ids = _SectionIds(ref)
     for entry in _entries(section):
         code = coded(entry)
         if not _has_code(code):
@@ -111,7 +130,7 @@ def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
         onset = as_ts(entry.get("StartDate"))
         ended = as_ts(entry.get("EndDate"))
         status = problem_status(entry.get("Status"))
-        problem_id = _id("problem", ref, code, onset)
+        problem_id = ids("problem", code, onset)
         row = _entry_row(
             ctx,
             ref,
@@ -142,6 +161,7 @@ def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
 def allergy_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Row]:
     """``Allergies[]`` → allergies (the substance is the allergy's code)."""
     rows = []
+    ids = _SectionIds(ref)
     for entry in _entries(section):
         substance = coded(entry.get("Substance"))
         if not _has_code(substance):
@@ -153,7 +173,7 @@ def allergy_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
             (severity(r.get("Severity")) for r in reactions if severity(r.get("Severity"))), None
         )
         allergy_type = coded(entry.get("Type"))
-        allergy_id = _id("allergy", ref, substance, onset)
+        allergy_id = ids("allergy", substance, onset)
         row = _entry_row(
             ctx,
             ref,
@@ -225,6 +245,7 @@ def _allergy_kind(kind: Code) -> str | None:
 def immunization_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Row]:
     """Clinical Summary ``Immunizations[]`` → immunizations."""
     rows = []
+    ids = _SectionIds(ref)
     for entry in _entries(section):
         product = as_dict(entry.get("Product"))
         vaccine = coded(product)
@@ -234,7 +255,7 @@ def immunization_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
         route = coded(entry.get("Route"))
         dose = as_dict(entry.get("Dose"))
         not_given = as_str(entry.get("ReasonNotGiven"))
-        immunization_id = _id("immunization", ref, vaccine, when)
+        immunization_id = ids("immunization", vaccine, when)
         row = _entry_row(
             ctx,
             ref,
@@ -270,6 +291,7 @@ def vaccination_rows(
     """Vaccination data model ``Vaccinations[]`` → immunizations; the order id is the key
     when the entry carries one."""
     rows = []
+    ids = _SectionIds(ref)
     for entry in _entries(section):
         product = as_dict(entry.get("Product"))
         vaccine = coded(product)
@@ -280,7 +302,7 @@ def vaccination_rows(
         dose = as_dict(entry.get("Dose"))
         refused = as_str(entry.get("RefusalReason"))
         order_id = as_str(as_dict(entry.get("Order")).get("ID"))
-        immunization_id = order_id or _id("immunization", ref, vaccine, when)
+        immunization_id = order_id or ids("immunization", vaccine, when)
         manufacturer = product.get("Manufacturer")
         row = _entry_row(
             ctx,
@@ -320,6 +342,7 @@ def procedure_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list
     procedure / observation / act) → procedures, the sub-list named in ``category``."""
     block = as_dict(section)
     rows = []
+    ids = _SectionIds(ref)
     for key, category in PROCEDURE_KINDS:
         for entry in _entries(block.get(key)):
             code = coded(entry)
@@ -327,7 +350,7 @@ def procedure_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list
                 continue
             when = as_ts(entry.get("DateTime"))
             site = coded(entry.get("TargetSite"))
-            procedure_id = _id(f"procedure-{category}", ref, code, when)
+            procedure_id = ids(f"procedure-{category}", code, when)
             row = _entry_row(
                 ctx,
                 ref,
@@ -373,13 +396,14 @@ def plan_of_care_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
     Planned medications are medications, not orders (see ``plan_medication_rows``)."""
     block = as_dict(section)
     rows = []
+    ids = _SectionIds(ref)
     for key, category in PLAN_KINDS:
         for entry in _entries(block.get(key)):
             code = coded(entry if key != "Supplies" else entry.get("Product") or entry)
             if not _has_code(code):
                 continue
             when = as_ts(entry.get("DateTime"))
-            order_id = _id(f"plan-{category}", ref, code, when)
+            order_id = ids(f"plan-{category}", code, when)
             row = _entry_row(
                 ctx,
                 ref,
