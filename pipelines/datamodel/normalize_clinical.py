@@ -17,6 +17,7 @@ the source's word in ``status_source`` beside the FHIR value.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,9 +75,54 @@ def _id(kind: str, ref: dict[str, str], code: Code, when: Any) -> str:
     )
 
 
+class _SectionIds:
+    """Ids for one section's entries, which carry none: derived from (patient, code, time).
+    Two entries alike in all three — the same procedure twice in one visit — are told apart
+    by their place among those twins (the first keeps the plain id, the n-th gets ``n`` in its
+    digest), which holds while the summary lists them in the same order, as it does."""
+
+    def __init__(self, ref: dict[str, str]) -> None:
+        self.ref = ref
+        self.seen: Counter[str] = Counter()
+
+    def __call__(self, kind: str, code: Code, when: Any) -> str:
+        plain = _id(kind, self.ref, code, when)
+        self.seen[plain] += 1
+        nth = self.seen[plain]
+        return plain if nth == 1 else derived_id(kind, plain, nth)
+
+
+_AT = object()  # ``_entry_row``'s default match time: the row's clinical time
+
+
+def _entry_row(
+    ctx: EventContext,
+    ref: dict[str, str],
+    id_column: str,
+    record_id: str,
+    code: Code,
+    at: Any,
+    /,
+    *,
+    key_at: Any = _AT,
+    **fields: Any,
+) -> Row:
+    """The row every section entry makes: its lineage (record id, clinical time ``at``), the
+    patient reference, the record's id under ``id_column``, the entity's ``fields``, and the
+    cross-surface ``match_key`` (code or text, and ``key_at`` — by default ``at``). The leading
+    arguments are positional-only: ``fields`` holds columns such as ``code`` too."""
+    row = ctx.lineage(record_id, at)
+    row.update(ref)
+    row[id_column] = record_id
+    row.update(fields)
+    row["match_key"] = match_key(code.code, at if key_at is _AT else key_at, text=code.display)
+    return row
+
+
 def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Row]:
     """``Problems[]`` (and ``ResolvedProblems[]``) → problems."""
     rows = []
+    ids = _SectionIds(ref)
     for entry in _entries(section):
         code = coded(entry)
         if not _has_code(code):
@@ -84,11 +130,14 @@ def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
         onset = as_ts(entry.get("StartDate"))
         ended = as_ts(entry.get("EndDate"))
         status = problem_status(entry.get("Status"))
-        problem_id = _id("problem", ref, code, onset)
-        row = ctx.lineage(problem_id, onset)
-        row.update(ref)
-        row.update(
-            problem_id=problem_id,
+        problem_id = ids("problem", code, onset)
+        row = _entry_row(
+            ctx,
+            ref,
+            "problem_id",
+            problem_id,
+            code,
+            onset,
             encounter_id=None,
             category=coded(entry.get("Category")).display or coded(entry.get("Category")).code,
             code=code.code,
@@ -104,7 +153,6 @@ def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
             recorded_at=None,
             recorder=None,
             note=_comment(entry),
-            match_key=match_key(code.code, onset, text=code.display),
         )
         rows.append(row)
     return rows
@@ -113,6 +161,7 @@ def problem_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
 def allergy_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Row]:
     """``Allergies[]`` → allergies (the substance is the allergy's code)."""
     rows = []
+    ids = _SectionIds(ref)
     for entry in _entries(section):
         substance = coded(entry.get("Substance"))
         if not _has_code(substance):
@@ -124,11 +173,15 @@ def allergy_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
             (severity(r.get("Severity")) for r in reactions if severity(r.get("Severity"))), None
         )
         allergy_type = coded(entry.get("Type"))
-        allergy_id = _id("allergy", ref, substance, onset)
-        row = ctx.lineage(allergy_id, onset)
-        row.update(ref)
-        row.update(
-            allergy_id=allergy_id,
+        allergy_id = ids("allergy", substance, onset)
+        row = _entry_row(
+            ctx,
+            ref,
+            "allergy_id",
+            allergy_id,
+            substance,
+            onset,
+            key_at=None,
             category=_allergy_category(allergy_type),
             allergy_type=_allergy_kind(allergy_type),
             substance_code=substance.code,
@@ -151,7 +204,6 @@ def allergy_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[R
             ended_at=as_ts(entry.get("EndDate")),
             recorded_at=None,
             note=_comment(entry),
-            match_key=match_key(substance.code, None, text=substance.display),
         )
         rows.append(row)
     return rows
@@ -193,6 +245,7 @@ def _allergy_kind(kind: Code) -> str | None:
 def immunization_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list[Row]:
     """Clinical Summary ``Immunizations[]`` → immunizations."""
     rows = []
+    ids = _SectionIds(ref)
     for entry in _entries(section):
         product = as_dict(entry.get("Product"))
         vaccine = coded(product)
@@ -202,11 +255,14 @@ def immunization_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
         route = coded(entry.get("Route"))
         dose = as_dict(entry.get("Dose"))
         not_given = as_str(entry.get("ReasonNotGiven"))
-        immunization_id = _id("immunization", ref, vaccine, when)
-        row = ctx.lineage(immunization_id, when)
-        row.update(ref)
-        row.update(
-            immunization_id=immunization_id,
+        immunization_id = ids("immunization", vaccine, when)
+        row = _entry_row(
+            ctx,
+            ref,
+            "immunization_id",
+            immunization_id,
+            vaccine,
+            when,
             encounter_id=None,
             status=immunization_status(entry.get("Status")) or ("not-done" if not_given else "completed"),
             status_source=as_str(entry.get("Status")),
@@ -224,7 +280,6 @@ def immunization_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
             dose_unit=as_str(dose.get("Units")),
             performer=None,
             not_given_reason=not_given,
-            match_key=match_key(vaccine.code, when, text=vaccine.display),
         )
         rows.append(row)
     return rows
@@ -236,6 +291,7 @@ def vaccination_rows(
     """Vaccination data model ``Vaccinations[]`` → immunizations; the order id is the key
     when the entry carries one."""
     rows = []
+    ids = _SectionIds(ref)
     for entry in _entries(section):
         product = as_dict(entry.get("Product"))
         vaccine = coded(product)
@@ -246,12 +302,15 @@ def vaccination_rows(
         dose = as_dict(entry.get("Dose"))
         refused = as_str(entry.get("RefusalReason"))
         order_id = as_str(as_dict(entry.get("Order")).get("ID"))
-        immunization_id = order_id or _id("immunization", ref, vaccine, when)
+        immunization_id = order_id or ids("immunization", vaccine, when)
         manufacturer = product.get("Manufacturer")
-        row = ctx.lineage(immunization_id, when)
-        row.update(ref)
-        row.update(
-            immunization_id=immunization_id,
+        row = _entry_row(
+            ctx,
+            ref,
+            "immunization_id",
+            immunization_id,
+            vaccine,
+            when,
             encounter_id=encounter_id,
             status="not-done" if refused else "completed",
             status_source=None,
@@ -269,7 +328,6 @@ def vaccination_rows(
             dose_unit=as_str(dose.get("Units")),
             performer=provider_id(entry.get("Provider")),
             not_given_reason=refused,
-            match_key=match_key(vaccine.code, when, text=vaccine.display),
         )
         rows.append(row)
     return rows
@@ -284,6 +342,7 @@ def procedure_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list
     procedure / observation / act) → procedures, the sub-list named in ``category``."""
     block = as_dict(section)
     rows = []
+    ids = _SectionIds(ref)
     for key, category in PROCEDURE_KINDS:
         for entry in _entries(block.get(key)):
             code = coded(entry)
@@ -291,11 +350,14 @@ def procedure_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list
                 continue
             when = as_ts(entry.get("DateTime"))
             site = coded(entry.get("TargetSite"))
-            procedure_id = _id(f"procedure-{category}", ref, code, when)
-            row = ctx.lineage(procedure_id, when)
-            row.update(ref)
-            row.update(
-                procedure_id=procedure_id,
+            procedure_id = ids(f"procedure-{category}", code, when)
+            row = _entry_row(
+                ctx,
+                ref,
+                "procedure_id",
+                procedure_id,
+                code,
+                when,
                 encounter_id=None,
                 category=category,
                 code=code.code,
@@ -313,7 +375,6 @@ def procedure_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> list
                 reason_system=None,
                 reason_display=None,
                 note=_comment(entry),
-                match_key=match_key(code.code, when, text=code.display),
             )
             rows.append(row)
     return rows
@@ -335,17 +396,21 @@ def plan_of_care_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
     Planned medications are medications, not orders (see ``plan_medication_rows``)."""
     block = as_dict(section)
     rows = []
+    ids = _SectionIds(ref)
     for key, category in PLAN_KINDS:
         for entry in _entries(block.get(key)):
             code = coded(entry if key != "Supplies" else entry.get("Product") or entry)
             if not _has_code(code):
                 continue
             when = as_ts(entry.get("DateTime"))
-            order_id = _id(f"plan-{category}", ref, code, when)
-            row = ctx.lineage(order_id, when)
-            row.update(ref)
-            row.update(
-                order_id=order_id,
+            order_id = ids(f"plan-{category}", code, when)
+            row = _entry_row(
+                ctx,
+                ref,
+                "order_id",
+                order_id,
+                code,
+                when,
                 encounter_id=None,
                 category=category,
                 code=code.code,
@@ -363,7 +428,6 @@ def plan_of_care_rows(section: Any, ctx: EventContext, ref: dict[str, str]) -> l
                 reason_system=None,
                 reason_display=None,
                 note=_comment(entry),
-                match_key=match_key(code.code, when, text=code.display),
             )
             rows.append(row)
     return rows
@@ -389,10 +453,13 @@ def summary_report_rows(section: Any, ctx: EventContext, ref: dict[str, str]) ->
         when = min(times) if times else None
         report_id = summary_report_id(ref, code, when)
         results = [summary_result_id(ref, code.code, o) for o in observations]
-        row = ctx.lineage(report_id, when)
-        row.update(ref)
-        row.update(
-            report_id=report_id,
+        row = _entry_row(
+            ctx,
+            ref,
+            "report_id",
+            report_id,
+            code,
+            when,
             encounter_id=None,
             order_id=None,
             category="LAB",
@@ -407,7 +474,6 @@ def summary_report_rows(section: Any, ctx: EventContext, ref: dict[str, str]) ->
             conclusion=None,
             result_count=len(results) or None,
             result_refs=orjson.dumps(results).decode() if results else None,
-            match_key=match_key(code.code, when, text=code.display),
         )
         rows.append(row)
     return rows
@@ -431,10 +497,14 @@ def order_row(
     stated = order_status(order.get("Status"))
     status = "revoked" if event == "Cancel" else (stated or "active")
     notes = [as_str(n) for n in as_list(order.get("Notes"))] + [as_str(order.get("Comments"))]
-    row = ctx.lineage(order_id, as_ts(order.get("LastUpdated")) or ordered)
-    row.update(ref)
-    row.update(
-        order_id=order_id,
+    row = _entry_row(
+        ctx,
+        ref,
+        "order_id",
+        order_id,
+        procedure,
+        as_ts(order.get("LastUpdated")) or ordered,
+        key_at=occurrence or ordered,
         encounter_id=encounter_id,
         category=None,
         code=procedure.code,
@@ -453,7 +523,6 @@ def order_row(
         reason_system=diagnosis.system,
         reason_display=diagnosis.display,
         note="\n".join(n for n in notes if n) or None,
-        match_key=match_key(procedure.code, occurrence or ordered, text=procedure.display),
     )
     return row
 

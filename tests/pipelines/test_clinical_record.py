@@ -557,3 +557,22 @@ def test_a_results_order_is_a_report_only_when_it_names_a_laboratory_procedure()
     # its category comes from its results' codes.
     assert (by_order["obs1"]["report_id"], by_order["obs1"]["category"]) == (None, "laboratory")
     assert (by_order["obs2"]["report_id"], by_order["obs2"]["category"]) == (None, "vital-signs")
+
+
+def test_twin_summary_entries_are_two_rows_with_ids_stable_across_resends() -> None:
+    # A Clinical Summary entry has no id: one is derived from (patient, code, time). The same
+    # procedure done twice at one time is two entries alike in all three; both must be kept.
+    summary = _summary(
+        EXAMPLES / "clinicalsummary/patient_query_response/clinicalsummary-patientqueryresponse.json"
+    )
+    procedures = summary["Procedures"]["Procedures"]
+    xray = next(p for p in procedures if p.get("Description") == "Chest X-Ray" or "X-Ray" in str(p))
+    procedures.append(json.loads(json.dumps(xray)))
+
+    def ids() -> list[str]:
+        out = normalize_datamodel(json.loads(json.dumps(summary)), "lakeside-dm")
+        return [p["procedure_id"] for p in out.rows["procedures"] if p["display"] == "Chest X-Ray"]
+
+    first = ids()
+    assert len(first) == 2 and len(set(first)) == 2, "twin entries keep one row each"
+    assert ids() == first, "a re-sent summary derives the same ids"
