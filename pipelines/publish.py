@@ -281,20 +281,31 @@ def _staged_with_patient(con: duckdb.DuckDBPyConnection, entity: str, union: str
                                    ORDER BY s.source_updated_at DESC NULLS LAST, s.ingested_at DESC) = 1"""
 
 
-def _paired_keys(latest: str, key: str) -> str:
+# Visits and bookings share their visit number across surfaces, but a FHIR Encounter or
+# Appointment that arrives without identifiers (an EHR's omission, or a defect) is known there
+# only by its logical id: a lone FHIR record of a patient then pairs with the lone Data Model
+# record of the same start instant, and takes the visit number (the business key) from it.
+VISIT_MATCH = {
+    "encounters": "strftime(l.start_at, '%Y-%m-%dT%H:%M:%S')",
+    "appointments": "strftime(l.start_at, '%Y-%m-%dT%H:%M:%S')",
+}
+
+
+def _paired_keys(latest: str, key: str, match: str = "l.match_key") -> str:
     """Records that carry no business id both surfaces share (a Clinical Summary entry has
-    no id at all) are paired on (patient, ``match_key``): among the records of a patient
-    seen on one surface only, the n-th Data Model record with a match key takes the key of
-    the n-th FHIR record with the same match key. Everything else keeps its own key."""
+    no id at all) are paired on (patient, ``match``, by default the staged ``match_key``):
+    among the records of a patient seen on one surface only, the n-th Data Model record
+    takes the key of the n-th FHIR record with the same match (or, for visits, the other way
+    round: see ``VISIT_MATCH``). Everything else keeps its own key."""
     return f"""WITH k AS (
             SELECT connection_id, "{key}" AS bk, count(DISTINCT source_surface) AS n
             FROM {latest} GROUP BY ALL),
         lone AS (
-            SELECT l.connection_id, l.source_surface, l."{key}" AS bk, l.patient_key, l.match_key,
-                   row_number() OVER (PARTITION BY l.connection_id, l.source_surface, l.patient_key, l.match_key
+            SELECT l.connection_id, l.source_surface, l."{key}" AS bk, l.patient_key, {match} AS match_key,
+                   row_number() OVER (PARTITION BY l.connection_id, l.source_surface, l.patient_key, {match}
                                       ORDER BY coalesce(l.source_updated_at, {_EPOCH}), l."{key}") AS nth
             FROM {latest} l JOIN k ON k.connection_id = l.connection_id AND k.bk = l."{key}"
-            WHERE k.n = 1 AND l.match_key IS NOT NULL AND l.patient_key IS NOT NULL)
+            WHERE k.n = 1 AND {match} IS NOT NULL AND l.patient_key IS NOT NULL)
         SELECT d.connection_id, d.bk AS dm_key, f.bk AS fhir_key
         FROM lone d JOIN lone f
           ON f.connection_id = d.connection_id AND f.patient_key = d.patient_key
@@ -316,6 +327,13 @@ def _merged_entity_sql(con: duckdb.DuckDBPyConnection, entity: str) -> str | Non
             FROM latest l LEFT JOIN pairs p
               ON l.source_surface = 'datamodel' AND p.connection_id = l.connection_id AND p.dm_key = l."{key}" """
         return f"""WITH latest AS ({latest}), pairs AS ({_paired_keys("latest", key)}), keyed AS ({keyed})
+            {_field_merge("keyed", f'"{key}"', merge_columns)}"""
+    if entity in VISIT_MATCH:
+        keyed = f"""SELECT l.* REPLACE (coalesce(p.dm_key, l."{key}") AS "{key}")
+            FROM latest l LEFT JOIN pairs p
+              ON l.source_surface = 'fhir' AND p.connection_id = l.connection_id AND p.fhir_key = l."{key}" """
+        pairs = _paired_keys("latest", key, VISIT_MATCH[entity])
+        return f"""WITH latest AS ({latest}), pairs AS ({pairs}), keyed AS ({keyed})
             {_field_merge("keyed", f'"{key}"', merge_columns)}"""
     if entity == "medications":
         keyed = f"""SELECT l.* REPLACE (coalesce(p.order_key, l."{key}") AS "{key}")

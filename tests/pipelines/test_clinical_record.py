@@ -576,3 +576,24 @@ def test_twin_summary_entries_are_two_rows_with_ids_stable_across_resends() -> N
     first = ids()
     assert len(first) == 2 and len(set(first)) == 2, "twin entries keep one row each"
     assert ids() == first, "a re-sent summary derives the same ids"
+
+
+def test_a_booking_fhir_sends_without_identifiers_pairs_on_its_start_and_keeps_the_visit_number(
+    tmp_path: Path,
+) -> None:
+    # The FHIR copy lost its identifiers (only its logical id is left); the Data Model copy has
+    # the visit number. Same patient, same start: one appointment, keyed by the visit number.
+    start = "2026-11-02T09:30:00Z"
+    appointment = {
+        "resourceType": "Appointment", "id": "a-logical-7", "meta": META, "status": "booked",
+        "start": start, "minutesDuration": 30,
+        "participant": [{"actor": SUBJECT, "status": "accepted"}],
+    }  # fmt: skip
+    booking = {
+        "Meta": {"DataModel": "Scheduling", "EventType": "New", "EventDateTime": "2026-11-01T12:00:00Z"},
+        "Patient": {"Identifiers": [{"ID": "MR1", "IDType": "MR"}]},
+        "Visit": {"VisitNumber": "VN-42", "VisitDateTime": start, "Duration": 30, "Status": "Scheduled"},
+    }
+    with _publish_pair(tmp_path, "appointments", [appointment], booking) as con:
+        rows = con.execute("SELECT appointment_id, source_surface FROM redox.appointments").fetchall()
+    assert rows == [("VN-42", "both")]
